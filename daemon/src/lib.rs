@@ -1,1 +1,240 @@
-pub fn placeholder() {}
+//! miniapp-brokerd: the local daemon between a superapp host and its mini app renderers.
+//!
+//! A renderer's call flows `services` → `registry` (who is calling) → `version` (v1/v2/v3) →
+//! `api/<name>` (default or delegate) → `platform` or `host_link` → back. [`start`] is the
+//! embedding API the CLI, the demo and the tests use: it binds the socket, opens the store and
+//! serves until [`Server::shutdown`].
+
+pub mod api;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod host_link;
+pub mod limits;
+pub mod platform;
+pub mod registry;
+pub mod services;
+pub mod store;
+pub mod tokens;
+pub mod transport;
+pub mod user;
+pub mod version;
+
+use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+
+use miniapp_broker_proto::v1::{
+    admin_server::AdminServer, exchange_server::ExchangeServer, host_server::HostServer, open_api_server::OpenApiServer,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use crate::{
+    clock::{Clock, ManualClock, SystemClock},
+    config::Config,
+    error::StartError,
+    version::ApiVersion,
+};
+use crate::{
+    broker::{Broker, Stats},
+    host_link::HostLink,
+    limits::RateLimits,
+    platform::embedded::EmbeddedPlatform,
+    registry::AppRegistry,
+    store::Store,
+    tokens::HostToken,
+    user::CurrentUser,
+};
+
+/// How often expired codes and idle rate buckets are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long a graceful shutdown may take before connections are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Server {
+    broker: Arc<Broker>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    token_file: PathBuf,
+}
+
+impl Server {
+    /// The socket path (Unix) or pipe name (Windows) clients connect to.
+    pub fn address(&self) -> &str {
+        &self.broker.listen_address
+    }
+
+    /// The host token, for in-process hosts (the demo, tests). Real hosts read the token file.
+    pub fn host_token(&self) -> &str {
+        self.broker.host_token.reveal()
+    }
+
+    /// Where the host token file is.
+    pub fn token_file(&self) -> &std::path::Path {
+        &self.token_file
+    }
+
+    /// The shared state, for tests that inspect it.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// A token that stops the server when cancelled (signal handlers use it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.broker.shutdown.clone()
+    }
+
+    /// Stops accepting, ends every stream with a clear status, fails calls still waiting, and
+    /// waits (up to a few seconds) for connections to close.
+    pub async fn shutdown(self) {
+        self.broker.shutdown.cancel();
+        self.wait().await;
+    }
+
+    /// Serves until the shutdown token is cancelled, then finishes as [`Server::shutdown`] does.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.broker.shutdown.cancelled() => {}
+            result = &mut self.task => {
+                if let Ok(Err(e)) = result { warn!(error = %e, "server stopped"); }
+                return;
+            }
+        }
+        if let Some(host) = self.broker.host.current() {
+            self.broker.host.retire(&host);
+        }
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+            Ok(_) => info!("daemon stopped"),
+            Err(_) => {
+                warn!("connections still open after the shutdown grace period; dropping them");
+                self.task.abort();
+            }
+        }
+    }
+}
+
+/// Starts a daemon with the real clock.
+pub async fn start(config: Config) -> Result<Server, StartError> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// Starts a daemon whose platform reads time from `clock` (tests move it instead of sleeping).
+pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
+    transport::create_private_dir(&data_dir)
+        .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+    let token_file = config.host.token_file.clone().unwrap_or_else(|| data_dir.join("host.token"));
+    let host_token = HostToken::load_or_create(&token_file)
+        .map_err(|source| StartError::DataDir { path: token_file.display().to_string(), source })?;
+    let db_path = data_dir.join("broker.db");
+    let store = Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
+    let platform = Arc::new(EmbeddedPlatform::new(
+        store.clone(),
+        clock.clone(),
+        config.apps.clone(),
+        config.sessions.code_ttl_secs,
+        config.sessions.lifetime_secs,
+    )?);
+
+    let listener = match transport::systemd_listener()? {
+        Some(listener) => listener,
+        None => transport::bind(&config.socket.clone().unwrap_or_else(transport::default_address)).await?,
+    };
+
+    let broker = Arc::new(Broker {
+        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance),
+        host: Arc::new(HostLink::new(config.call_timeout(), Duration::from_millis(config.host.grace_ms))),
+        user: CurrentUser::default(),
+        platform: platform.clone(),
+        store,
+        rates: RateLimits::new(&config.limits),
+        payments: Default::default(),
+        clock,
+        host_token,
+        stats: Stats::default(),
+        started: Instant::now(),
+        shutdown: CancellationToken::new(),
+        listen_address: listener.address.clone(),
+        config,
+    });
+
+    tokio::spawn(sweep(broker.clone(), platform));
+    let task = tokio::spawn(serve(broker.clone(), listener));
+    info!(
+        address = %broker.listen_address,
+        token_file = %token_file.display(),
+        store = broker.store.location(),
+        default_api_version = broker.config.default_api_version.as_str(),
+        "miniapp-brokerd listening"
+    );
+    Ok(Server { broker, task, token_file })
+}
+
+/// The platform's default data dir: `$XDG_DATA_HOME/miniapp-broker` (Linux), the platform's
+/// local data dir elsewhere.
+pub fn default_data_dir() -> PathBuf {
+    #[cfg(windows)]
+    let base = std::env::var_os("LOCALAPPDATA").map(PathBuf::from);
+    #[cfg(not(windows))]
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
+    base.unwrap_or_else(std::env::temp_dir).join("miniapp-broker")
+}
+
+async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(), tonic::transport::Error> {
+    let limit = broker.config.limits.max_message_bytes;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<OpenApiServer<services::open_api::OpenApiService>>().await;
+    health_reporter.set_serving::<HostServer<services::host::HostService>>().await;
+    health_reporter.set_serving::<ExchangeServer<services::exchange::ExchangeService>>().await;
+    health_reporter.set_serving::<AdminServer<services::admin::AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(miniapp_broker_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+
+    let open_api = OpenApiServer::new(services::open_api::OpenApiService::new(broker.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let host = HostServer::new(services::host::HostService::new(broker.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let exchange = ExchangeServer::new(services::exchange::ExchangeService::new(broker.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let admin = AdminServer::new(services::admin::AdminService::new(broker.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    let incoming = transport::incoming(listener, broker.config.limits.max_connections as usize);
+    let shutdown = broker.shutdown.clone();
+    tonic::transport::Server::builder()
+        .add_service(open_api)
+        .add_service(host)
+        .add_service(exchange)
+        .add_service(admin)
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                platform.sweep();
+                broker.rates.sweep();
+            }
+            _ = broker.shutdown.cancelled() => return,
+        }
+    }
+}

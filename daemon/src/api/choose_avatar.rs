@@ -1,0 +1,12 @@
+//! wx.chooseAvatar. v1: delegated. v2: the profile's avatar. v3: once getAuthCode grants
+//! SCOPE_AVATAR. (An avatar is shown to the user anyway, so it goes to the renderer in clear.)
+
+use miniapp_broker_proto::{Api, v1::ChooseAvatarResponse};
+
+use super::profile;
+use crate::{broker::Broker, error::ApiError, registry::AppInstance, version::ApiVersion};
+
+pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<ChooseAvatarResponse, ApiError> {
+    let (_, avatar_url) = profile::value(b, inst, version, Api::ChooseAvatar, "avatar", |p| p.avatar_url).await?;
+    Ok(ChooseAvatarResponse { err_msg: Api::ChooseAvatar.ok_msg(), avatar_url })
+}

@@ -1,0 +1,124 @@
+//! The open APIs: for each, the decision "default or delegate", its parameters, and the default
+//! implementation where the daemon has one. One file per API; `auth_code` is v3's getAuthCode
+//! step, `profile` the signed-in user's data, `payments` the idempotency shared by both payments.
+
+mod auth_code;
+mod check_session;
+mod choose_avatar;
+mod get_email;
+mod get_nick_name;
+mod get_phone_number;
+mod get_user_info;
+mod get_user_profile;
+mod login;
+pub mod payments;
+mod profile;
+mod request_midas_payment_game_item;
+mod request_payment;
+
+use std::sync::Arc;
+
+use miniapp_broker_proto::{
+    Api,
+    api::ApiCall,
+    v1::{self, ApiRequest, ApiResponse, api_request::Api as Req, delegate_call},
+};
+
+use crate::{
+    broker::Broker,
+    error::ApiError,
+    host_link::{Expect, HostAnswer},
+    registry::AppInstance,
+    version::ApiVersion,
+};
+
+/// How a call is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The host answers (v1, or an API without a default).
+    Delegate,
+    /// The daemon answers (v2/v3 defaults).
+    Default,
+    /// The host answers, once per idempotency key.
+    Payment,
+}
+
+/// The route of `api` in an instance running `version`.
+pub fn route(api: Api, version: ApiVersion) -> Route {
+    if api.is_payment() {
+        Route::Payment
+    } else if version == ApiVersion::V1 || !api.has_default() {
+        Route::Delegate
+    } else {
+        Route::Default
+    }
+}
+
+/// Checks a request's parameters before anything else happens; returns its API.
+pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
+    match request.api.as_ref() {
+        None => return Err(ApiError::InvalidParams("the request names no API".into())),
+        Some(Req::GetUserProfile(r)) => get_user_profile::validate(r)?,
+        Some(Req::RequestPayment(r)) => request_payment::validate(r)?,
+        Some(Req::RequestMidasPaymentGameItem(r)) => request_midas_payment_game_item::validate(r)?,
+        Some(_) => {}
+    }
+    request.api().ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))
+}
+
+/// Answers one call in an instance running `version`.
+pub async fn handle(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersion, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    let api = validate(&request)?;
+    match route(api, version) {
+        Route::Delegate => delegate(b, inst, version, api, request).await,
+        Route::Default => run_default(b, inst, version, request).await,
+        Route::Payment => payments::run(b, inst, version, api, request).await,
+    }
+}
+
+/// Runs the daemon's default implementation of a validated request.
+pub async fn run_default(b: &Broker, inst: &AppInstance, version: ApiVersion, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    let req = request.api.ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))?;
+    Ok(match req {
+        Req::Login(_) => v1::LoginRequest::wrap_response(login::default(b, inst, version).await?),
+        Req::CheckSession(_) => v1::CheckSessionRequest::wrap_response(check_session::default(b, inst).await?),
+        Req::GetPhoneNumber(_) => v1::GetPhoneNumberRequest::wrap_response(get_phone_number::default(b, inst, version).await?),
+        Req::GetEmail(_) => v1::GetEmailRequest::wrap_response(get_email::default(b, inst, version).await?),
+        Req::ChooseAvatar(_) => v1::ChooseAvatarRequest::wrap_response(choose_avatar::default(b, inst, version).await?),
+        Req::GetNickName(_) => v1::GetNickNameRequest::wrap_response(get_nick_name::default(b, inst, version).await?),
+        other => return Err(ApiError::Internal(format!("{} has no default implementation", ApiRequest { api: Some(other) }.api().map(Api::name).unwrap_or("?")))),
+    })
+}
+
+/// Forwards a call to the host and waits for its answer.
+pub async fn delegate(b: &Broker, inst: &AppInstance, version: ApiVersion, api: Api, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    let app = Broker::app_info(inst, Some(version));
+    match b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await? {
+        HostAnswer::Api(mut resp) => {
+            resp.stamp_ok();
+            Ok(resp)
+        }
+        _ => Err(ApiError::HostProtocol("unexpected answer type".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_follow_the_seed_table() {
+        for api in Api::ALL {
+            assert_eq!(route(api, ApiVersion::V1) == Route::Default, false, "{api} in v1");
+            let expected = if api.is_payment() {
+                Route::Payment
+            } else if api.has_default() {
+                Route::Default
+            } else {
+                Route::Delegate
+            };
+            assert_eq!(route(api, ApiVersion::V2), expected, "{api} in v2");
+            assert_eq!(route(api, ApiVersion::V3), expected, "{api} in v3");
+        }
+    }
+}

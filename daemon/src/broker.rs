@@ -1,0 +1,161 @@
+//! The broker: the shared state of a running daemon, and the one path every renderer call takes,
+//! whichever surface it arrived on: authenticate → limits → version → api → platform or host.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use miniapp_broker_proto::v1::{
+    ApiRequest, ApiResponse, AppInfo, RendererCall, RendererReply, SignedInUser, renderer_reply,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    api,
+    clock::Clock,
+    config::Config,
+    error::ApiError,
+    host_link::{HostLink, ReplyPermit, ReplyTo},
+    limits::RateLimits,
+    platform::Platform,
+    registry::{AppInstance, AppRegistry},
+    store::Store,
+    tokens::HostToken,
+    user::CurrentUser,
+    version::{self, ApiVersion},
+};
+
+/// Counters for status output.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub calls_total: AtomicU64,
+    pub renderer_streams: AtomicU32,
+    pub next_stream: AtomicU64,
+}
+
+/// Everything a running daemon shares between its services.
+pub struct Broker {
+    pub config: Config,
+    pub registry: AppRegistry,
+    pub host: Arc<HostLink>,
+    pub user: CurrentUser,
+    pub platform: Arc<dyn Platform>,
+    pub store: Arc<Store>,
+    pub rates: RateLimits,
+    pub payments: api::payments::InFlight,
+    pub clock: Arc<dyn Clock>,
+    pub host_token: HostToken,
+    pub stats: Stats,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+    pub listen_address: String,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("listen_address", &self.listen_address).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// The AppInfo a host sees with a delegate call.
+    pub fn app_info(instance: &AppInstance, version: Option<ApiVersion>) -> AppInfo {
+        AppInfo {
+            app_id: instance.app_id.to_string(),
+            instance_id: instance.instance_id.to_string(),
+            api_version: version.map(|v| v.as_str().to_owned()).unwrap_or_default(),
+        }
+    }
+
+    /// Rate limit, then an in-flight slot.
+    fn admit(&self, instance: &Arc<AppInstance>) -> Result<crate::registry::CallSlot, ApiError> {
+        self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
+        self.rates.check(&instance.app_id)?;
+        instance.begin_call()
+    }
+
+    /// One call, answered when it completes (typed unary RPCs and Invoke).
+    pub async fn call(self: &Arc<Self>, instance: &Arc<AppInstance>, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let slot = self.admit(instance)?;
+        let version = version::resolve(self, instance).await?;
+        let result = api::handle(self, instance, version, request).await;
+        drop(slot);
+        result
+    }
+
+    /// One call from a renderer stream; the answer goes out through `permit`. Calls the host
+    /// answers are forwarded without a task of their own, and v2 defaults are answered inline;
+    /// anything that may wait (v3's getAuthCode, payments, a first call that resolves the version)
+    /// runs on its own task so the stream keeps flowing.
+    pub async fn call_streamed(self: &Arc<Self>, instance: &Arc<AppInstance>, call: RendererCall, permit: ReplyPermit, stream: u64) {
+        let id = call.id;
+        let request = call.request.unwrap_or_default();
+        let fail = |permit: ReplyPermit, api: &str, e: ApiError| {
+            permit.send(Ok(RendererReply { id, outcome: Some(renderer_reply::Outcome::Failure(e.to_failure(api))) }));
+        };
+        let api = match api::validate(&request) {
+            Ok(api) => api,
+            Err(e) => return fail(permit, "unknown", e),
+        };
+        let slot = match self.admit(instance) {
+            Ok(slot) => slot,
+            Err(e) => return fail(permit, api.name(), e),
+        };
+        let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
+        match resolved.map(|v| (v, api::route(api, v))) {
+            Some((v, api::Route::Delegate)) => {
+                let app = Broker::app_info(instance, Some(v));
+                self.host.forward(app, request, api, ReplyTo::Stream { permit, id }, stream, slot).await;
+            }
+            Some((ApiVersion::V2, api::Route::Default)) => {
+                let outcome = api::run_default(self, instance, ApiVersion::V2, request).await;
+                drop(slot);
+                permit.send(Ok(reply(id, api, outcome)));
+            }
+            _ => {
+                let broker = self.clone();
+                let instance = instance.clone();
+                tokio::spawn(async move {
+                    let outcome = match version::resolve(&broker, &instance).await {
+                        Ok(v) => api::handle(&broker, &instance, v, request).await,
+                        Err(e) => Err(e),
+                    };
+                    drop(slot);
+                    permit.send(Ok(reply(id, api, outcome)));
+                });
+            }
+        }
+    }
+
+    /// The host pushed a (possibly new) signed-in user.
+    pub async fn set_user(&self, user: SignedInUser) {
+        let signed_in = !user.uid.is_empty();
+        if let Some(previous) = self.user.set(user) {
+            info!(signed_in, "signed-in user changed; ending the previous user's sessions");
+            if let Err(e) = self.platform.user_changed(&previous).await {
+                warn!(error = %e, "could not end the previous user's sessions");
+            }
+        }
+    }
+
+    /// Closes an app instance: revokes its token, fails its calls.
+    pub fn close_app(&self, instance_id: &str) -> Option<usize> {
+        let instance = self.registry.close(instance_id)?;
+        let cancelled = self.host.cancel_instance(instance_id);
+        info!(app_id = %instance.app_id, instance = instance_id, cancelled, "app instance closed");
+        Some(cancelled)
+    }
+}
+
+fn reply(id: u64, api: miniapp_broker_proto::Api, outcome: Result<ApiResponse, ApiError>) -> RendererReply {
+    let outcome = match outcome {
+        Ok(resp) => renderer_reply::Outcome::Ok(resp),
+        Err(e) => renderer_reply::Outcome::Failure(e.failure(api)),
+    };
+    RendererReply { id, outcome: Some(outcome) }
+}

@@ -1,0 +1,234 @@
+//! The daemon's settings: a TOML file (every key documented in `miniapp-brokerd.example.toml`),
+//! overridden by command-line flags. Every field has a default, so an empty file is a valid config.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::version::ApiVersion;
+
+/// Everything `serve` needs to know.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where to listen. Unix: a socket path (default `$XDG_RUNTIME_DIR/miniapp-broker/brokerd.sock`);
+    /// Windows: a pipe name (default `miniapp-brokerd`).
+    pub socket: Option<PathBuf>,
+    /// Where the database and the host token live (default: `$XDG_DATA_HOME/miniapp-broker`).
+    pub data_dir: Option<PathBuf>,
+    /// Keep everything in memory; nothing is written to disk except the host token file.
+    pub ephemeral: bool,
+    /// The version an app instance gets when neither its app.json nor the host chooses one.
+    pub default_api_version: ApiVersion,
+    pub host: HostConfig,
+    pub limits: LimitsConfig,
+    pub sessions: SessionConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    /// Per-app settings, keyed by app id.
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// How the daemon treats its host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// How long a delegate call may take before the renderer gets a timeout.
+    pub call_timeout_ms: u64,
+    /// How long a call that arrives while no host is connected waits for one (0: fail at once).
+    pub grace_ms: u64,
+    /// How long a connected host has to send Hello.
+    pub hello_timeout_ms: u64,
+    /// Where the host token file lives (default: `<data_dir>/host.token`).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Protection against a misbehaving app or a flood of connections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest gRPC message, decoded or encoded, in bytes.
+    pub max_message_bytes: usize,
+    /// Calls one app instance may have in flight at once.
+    pub max_calls_in_flight_per_instance: u32,
+    /// Sustained calls per second per app id (all its instances together).
+    pub calls_per_second_per_app: u32,
+    /// Burst above the sustained rate.
+    pub burst_per_app: u32,
+    /// Renderer streams (`OpenApi.Session`) open at once, over all apps.
+    pub max_renderer_streams: u32,
+    /// Connections open at once, over everything.
+    pub max_connections: u32,
+}
+
+/// The embedded platform's session rules.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// How long a login session lives (checkSession fails after it).
+    pub lifetime_secs: u64,
+    /// How long a one-time code may wait to be exchanged (the design fixes 5 minutes).
+    pub code_ttl_secs: u64,
+}
+
+/// The embedded database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `"normal"`: durable across a daemon crash (WAL, the default). `"full"`: also across power loss.
+    pub synchronous: String,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An env-filter directive, overridden by `RUST_LOG`.
+    pub filter: String,
+    /// `"text"` or `"json"`.
+    pub format: String,
+}
+
+/// One app's settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// Apps in the same union group get the same `unionid` for a user.
+    pub union_group: Option<String>,
+    /// The backend secret for Exchange, provisioned from config (else `Admin.RegisterApp`).
+    pub secret: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: None,
+            data_dir: None,
+            ephemeral: false,
+            default_api_version: ApiVersion::V2,
+            host: HostConfig::default(),
+            limits: LimitsConfig::default(),
+            sessions: SessionConfig::default(),
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+            apps: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { call_timeout_ms: 30_000, grace_ms: 0, hello_timeout_ms: 5_000, token_file: None }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 64 * 1024,
+            max_calls_in_flight_per_instance: 64,
+            calls_per_second_per_app: 2_000,
+            burst_per_app: 4_000,
+            max_renderer_streams: 10_000,
+            max_connections: 10_240,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300 }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { synchronous: "normal".into() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { filter: "info".into(), format: "text".into() }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and enumerations.
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.store.synchronous.as_str(), "normal" | "full") {
+            return Err(format!("store.synchronous must be \"normal\" or \"full\", not {:?}", self.store.synchronous));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(format!("log.format must be \"text\" or \"json\", not {:?}", self.log.format));
+        }
+        if self.host.call_timeout_ms == 0 {
+            return Err("host.call_timeout_ms must be above 0".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.limits.max_calls_in_flight_per_instance == 0
+            || self.limits.calls_per_second_per_app == 0
+            || self.limits.max_renderer_streams == 0
+            || self.limits.max_connections == 0
+        {
+            return Err("limits must be above 0".into());
+        }
+        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 {
+            return Err("sessions.* must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// A config for tests and the demo: in memory, with the socket in `dir`.
+    pub fn ephemeral_in(dir: &std::path::Path) -> Config {
+        Config {
+            socket: Some(dir.join("brokerd.sock")),
+            data_dir: Some(dir.to_path_buf()),
+            ephemeral: true,
+            ..Config::default()
+        }
+    }
+
+    pub(crate) fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.host.call_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_example_file_is_a_valid_config_with_the_defaults() {
+        let example = include_str!("../../miniapp-brokerd.example.toml");
+        let parsed = Config::from_toml(example).unwrap();
+        let mut expected = Config::default();
+        expected.apps.insert("wxdemo0000000001".into(), AppConfig { union_group: Some("demo".into()), secret: None });
+        assert_eq!(parsed, expected, "the example documents the defaults");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::from_toml("sockett = \"/x\"").is_err());
+        assert!(Config::from_toml("default_api_version = \"v4\"").is_err());
+        assert!(Config::from_toml("[store]\nsynchronous = \"off\"").is_err());
+        assert!(Config::from_toml("").is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_a_config_or_an_error(text in ".{0,200}") {
+            let _ = Config::from_toml(&text);
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The host link: the one registered host's stream and the calls waiting on it.
+//!
+//! Each delegate call gets an id and an entry in the session's call table (a sharded map, no global
+//! lock), then goes out on the host stream. The host's answer removes the entry and is delivered
+//! where the entry says: to a waiting unary call (a oneshot), or straight into the renderer's
+//! stream through a reply slot reserved when the call arrived, so no task sits between the host's
+//! answer and the renderer's write. Removing the entry is the single point where a call ends, so
+//! every call gets exactly one answer: the host's, a timeout (the sweeper), a cancellation (the
+//! renderer or its app went away), or "host disconnected" (the stream ended).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use miniapp_broker_proto::{
+    Api,
+    v1::{
+        ApiRequest, ApiResponse, AppInfo, CancelCall, DaemonMessage, DelegateCall, DelegateMethod, DelegateResult,
+        GetAuthCodeResponse, Hello, OpenApiVersionResponse, ProtocolNotice, RendererReply, daemon_message,
+        delegate_call, delegate_result, renderer_reply,
+    },
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::Status;
+use tracing::{debug, warn};
+
+use crate::{error::ApiError, registry::CallSlot};
+
+/// What the daemon writes to the host stream.
+pub type HostSender = mpsc::Sender<Result<DaemonMessage, Status>>;
+/// What the daemon writes to a renderer stream.
+pub type ReplySender = mpsc::Sender<Result<RendererReply, Status>>;
+/// Room for one reply on a renderer stream, reserved when the call arrives.
+pub type ReplyPermit = mpsc::OwnedPermit<Result<RendererReply, Status>>;
+
+/// Which answer a call expects: an open API's, or one of the host-only methods'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Api(Api),
+    AuthCode,
+    Version,
+}
+
+impl Expect {
+    pub fn method(self) -> DelegateMethod {
+        match self {
+            Expect::Api(api) => api.method(),
+            Expect::AuthCode => DelegateMethod::GetAuthCode,
+            Expect::Version => DelegateMethod::OpenApiVersion,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Expect::Api(api) => api.name(),
+            Expect::AuthCode => "getAuthCode",
+            Expect::Version => "openApiVersion",
+        }
+    }
+}
+
+/// The host's successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostAnswer {
+    Api(ApiResponse),
+    AuthCode(GetAuthCodeResponse),
+    Version(OpenApiVersionResponse),
+}
+
+/// Where a call's answer goes.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// A task awaits it (unary calls, and the daemon's own getAuthCode/openApiVersion calls).
+    Wait(oneshot::Sender<Result<HostAnswer, ApiError>>),
+    /// Straight into a renderer stream, as the reply to the renderer's call `id`.
+    Stream { permit: ReplyPermit, id: u64 },
+}
+
+/// One call waiting for the host.
+#[derive(Debug)]
+pub struct Pending {
+    reply: ReplyTo,
+    expect: Expect,
+    deadline: Instant,
+    started: Instant,
+    instance: Arc<str>,
+    /// The renderer stream the call came from (0: none).
+    stream: u64,
+    /// Holds the instance's in-flight slot until the answer is delivered.
+    _slot: Option<CallSlot>,
+}
+
+impl Pending {
+    pub fn new(reply: ReplyTo, expect: Expect, instance: Arc<str>, stream: u64, slot: Option<CallSlot>) -> Self {
+        let now = Instant::now();
+        // The deadline is set when the call is registered (see `HostSession::register`).
+        Pending { reply, expect, deadline: now, started: now, instance, stream, _slot: slot }
+    }
+
+    /// Delivers the call's one answer.
+    fn finish(self, call_id: u64, outcome: Result<HostAnswer, ApiError>) {
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        match &outcome {
+            Ok(_) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, "delegate call answered"),
+            Err(e) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, reason = e.reason(), "delegate call failed"),
+        }
+        match self.reply {
+            ReplyTo::Wait(tx) => {
+                let _ = tx.send(outcome);
+            }
+            ReplyTo::Stream { permit, id } => {
+                let api = match self.expect {
+                    Expect::Api(api) => api,
+                    // Only open-API calls are forwarded onto renderer streams.
+                    Expect::AuthCode | Expect::Version => Api::Login,
+                };
+                let outcome = match outcome {
+                    Ok(HostAnswer::Api(mut resp)) => {
+                        resp.stamp_ok();
+                        renderer_reply::Outcome::Ok(resp)
+                    }
+                    Ok(_) => renderer_reply::Outcome::Failure(
+                        ApiError::HostProtocol("unexpected answer type".into()).failure(api),
+                    ),
+                    Err(e) => renderer_reply::Outcome::Failure(e.failure(api)),
+                };
+                permit.send(Ok(RendererReply { id, outcome: Some(outcome) }));
+            }
+        }
+    }
+}
+
+/// One connected host: what it implements, its stream, and the calls waiting on it.
+#[derive(Debug)]
+pub struct HostSession {
+    pub id: u64,
+    pub name: String,
+    methods: u32,
+    tx: HostSender,
+    calls: DashMap<u64, Pending>,
+    next_call: AtomicU64,
+    closed: AtomicBool,
+    wake_sweeper: Notify,
+    call_timeout: Duration,
+}
+
+impl HostSession {
+    /// Whether the host registered `method` in its Hello.
+    pub fn implements(&self, method: DelegateMethod) -> bool {
+        let bit = method as i32;
+        (0..32).contains(&bit) && self.methods & (1 << bit) != 0
+    }
+
+    /// The methods the host registered, for status output.
+    pub fn methods(&self) -> Vec<DelegateMethod> {
+        (1..32).filter_map(|b| DelegateMethod::try_from(b).ok()).filter(|m| self.implements(*m)).collect()
+    }
+
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Puts a call in the table and returns its id. If the session closed meanwhile, the call
+    /// fails with "host disconnected" at once.
+    fn register(&self, mut pending: Pending) -> Option<u64> {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        pending.deadline = pending.started + self.call_timeout;
+        self.calls.insert(id, pending);
+        // `close` sets the flag before draining, so either it sees this entry or we see the flag.
+        if self.closed.load(Ordering::SeqCst) {
+            self.fail(id, ApiError::HostGone);
+            return None;
+        }
+        self.wake_sweeper.notify_one();
+        Some(id)
+    }
+
+    /// Sends a registered call to the host.
+    async fn send(&self, id: u64, app: AppInfo, request: delegate_call::Request) {
+        let call = DelegateCall {
+            call_id: id,
+            app: Some(app),
+            deadline_ms: self.call_timeout.as_millis() as u32,
+            request: Some(request),
+        };
+        let message = DaemonMessage { msg: Some(daemon_message::Msg::Call(call)) };
+        if self.tx.send(Ok(message)).await.is_err() {
+            self.fail(id, ApiError::HostGone);
+        }
+    }
+
+    /// Ends call `id` with `error`, if it is still waiting. Returns whether it was.
+    fn fail(&self, id: u64, error: ApiError) -> bool {
+        match self.calls.remove(&id) {
+            Some((_, pending)) => {
+                pending.finish(id, Err(error));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails a call and tells the host to stop working on it.
+    fn abandon(&self, id: u64, error: ApiError, reason: &str) -> bool {
+        let failed = self.fail(id, error);
+        if failed {
+            let cancel = DaemonMessage {
+                msg: Some(daemon_message::Msg::Cancel(CancelCall { call_id: id, reason: reason.to_owned() })),
+            };
+            // Advisory: if the host's queue is full it will answer, and the answer is dropped.
+            if self.tx.try_send(Ok(cancel)).is_err() {
+                debug!(call_id = id, "cancellation not sent: host queue full or closed");
+            }
+        }
+        failed
+    }
+
+    /// Fails (and cancels on the host) every call that `matches`; returns how many.
+    fn abandon_where(&self, matches: impl Fn(&Pending) -> bool, error: ApiError, reason: &str) -> usize {
+        let ids: Vec<u64> = self.calls.iter().filter(|e| matches(e.value())).map(|e| *e.key()).collect();
+        ids.into_iter().filter(|id| self.abandon(*id, error.clone(), reason)).count()
+    }
+
+    /// Handles one DelegateResult from the host.
+    pub fn on_result(&self, result: DelegateResult) {
+        let call_id = result.call_id;
+        let Some((_, pending)) = self.calls.remove(&call_id) else {
+            warn!(call_id, "host answered an unknown, cancelled or already answered call; dropped");
+            self.notice(call_id, "unknown, cancelled or already answered call id; the answer was dropped");
+            return;
+        };
+        use delegate_result::Outcome;
+        let outcome = match (result.outcome, pending.expect) {
+            (Some(Outcome::Api(resp)), Expect::Api(api)) if resp.api() == Some(api) => Ok(HostAnswer::Api(resp)),
+            (Some(Outcome::GetAuthCode(a)), Expect::AuthCode) => Ok(HostAnswer::AuthCode(a)),
+            (Some(Outcome::OpenApiVersion(v)), Expect::Version) => Ok(HostAnswer::Version(v)),
+            (Some(Outcome::Error(e)), _) => Err(ApiError::Host(e)),
+            (Some(Outcome::Cancelled(_)), _) => Err(ApiError::UserCancelled),
+            (other, expect) => {
+                let got = match other {
+                    None => "no outcome".to_owned(),
+                    Some(Outcome::Api(r)) => format!("a {} result", r.api().map(Api::name).unwrap_or("empty")),
+                    Some(Outcome::GetAuthCode(_)) => "a getAuthCode result".to_owned(),
+                    Some(Outcome::OpenApiVersion(_)) => "an openApiVersion result".to_owned(),
+                    Some(_) => "an unexpected result".to_owned(),
+                };
+                let message = format!("host answered {} with {got}", expect.label());
+                warn!(call_id, method = expect.label(), "host answered with the wrong result type");
+                self.notice(call_id, &message);
+                Err(ApiError::HostProtocol(message))
+            }
+        };
+        pending.finish(call_id, outcome);
+    }
+
+    /// Tells the host it sent something the daemon refused.
+    pub fn notice(&self, call_id: u64, message: &str) {
+        let notice = DaemonMessage {
+            msg: Some(daemon_message::Msg::Notice(ProtocolNotice { call_id, message: message.to_owned() })),
+        };
+        let _ = self.tx.try_send(Ok(notice));
+    }
+
+    /// Marks the session closed and fails every waiting call with "host disconnected".
+    fn close(&self) -> usize {
+        self.closed.store(true, Ordering::SeqCst);
+        let ids: Vec<u64> = self.calls.iter().map(|e| *e.key()).collect();
+        let failed = ids.into_iter().filter(|id| self.fail(*id, ApiError::HostGone)).count();
+        self.wake_sweeper.notify_one();
+        failed
+    }
+
+    /// Fails calls past their deadline, until the session closes. Sleeps while no call waits.
+    async fn sweep_deadlines(self: Arc<Self>) {
+        let tick = (self.call_timeout / 20).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.calls.is_empty() {
+                self.wake_sweeper.notified().await;
+                continue;
+            }
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let expired = self.abandon_where(|p| p.deadline <= now, ApiError::Timeout, "deadline exceeded");
+            if expired > 0 {
+                warn!(host_session = self.id, expired, "delegate calls timed out");
+            }
+        }
+    }
+}
+
+/// The daemon's side of the host connection: at most one active [`HostSession`].
+#[derive(Debug)]
+pub struct HostLink {
+    current: ArcSwapOption<HostSession>,
+    slot_taken: AtomicBool,
+    sessions: AtomicU64,
+    ready: Notify,
+    call_timeout: Duration,
+    grace: Duration,
+}
+
+/// Proof that this connection holds the one host slot; released on drop.
+#[derive(Debug)]
+pub struct HostSlot(Arc<HostLink>);
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        self.0.slot_taken.store(false, Ordering::SeqCst);
+    }
+}
+
+impl HostLink {
+    pub fn new(call_timeout: Duration, grace: Duration) -> Self {
+        HostLink {
+            current: ArcSwapOption::empty(),
+            slot_taken: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+            ready: Notify::new(),
+            call_timeout,
+            grace,
+        }
+    }
+
+    /// The connected host, if any.
+    pub fn current(&self) -> Option<Arc<HostSession>> {
+        self.current.load_full()
+    }
+
+    /// The id of the connected host session (0: none). Versions learned from a host are tagged
+    /// with it, so a new host is asked again.
+    pub fn current_id(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |s| s.id)
+    }
+
+    /// Takes the one host slot, or `None` while another host is connected.
+    pub fn reserve(self: &Arc<Self>) -> Option<HostSlot> {
+        self.slot_taken
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| HostSlot(self.clone()))
+    }
+
+    /// Builds the session for a host that said Hello. It takes calls once [`publish`](Self::publish)ed.
+    pub fn prepare(&self, _slot: &HostSlot, hello: &Hello, tx: HostSender) -> Arc<HostSession> {
+        let methods = hello
+            .methods
+            .iter()
+            .filter(|m| (1..32).contains(*m))
+            .fold(0u32, |acc, m| acc | 1 << *m);
+        Arc::new(HostSession {
+            id: self.sessions.fetch_add(1, Ordering::SeqCst) + 1,
+            name: hello.host_name.chars().take(64).collect(),
+            methods,
+            tx,
+            calls: DashMap::new(),
+            next_call: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            wake_sweeper: Notify::new(),
+            call_timeout: self.call_timeout,
+        })
+    }
+
+    /// Makes `session` the host that calls go to, and starts its deadline sweeper.
+    pub fn publish(&self, session: &Arc<HostSession>) {
+        tokio::spawn(session.clone().sweep_deadlines());
+        self.current.store(Some(session.clone()));
+        self.ready.notify_waiters();
+    }
+
+    /// Removes `session` (its stream ended) and fails its waiting calls; returns how many.
+    pub fn retire(&self, session: &Arc<HostSession>) -> usize {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
+            self.current.store(None);
+        }
+        session.close()
+    }
+
+    /// The connected host, waiting up to the configured grace period for one.
+    pub async fn wait_current(&self) -> Result<Arc<HostSession>, ApiError> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        if self.grace.is_zero() {
+            return Err(ApiError::NoHost);
+        }
+        let deadline = tokio::time::Instant::now() + self.grace;
+        loop {
+            let ready = self.ready.notified();
+            if let Some(s) = self.current() {
+                return Ok(s);
+            }
+            if tokio::time::timeout_at(deadline, ready).await.is_err() {
+                return self.current().ok_or(ApiError::NoHost);
+            }
+        }
+    }
+
+    /// Sends a call to the host and waits for its answer. Dropping the future (the renderer gave
+    /// up) cancels the call on the host.
+    pub async fn call(
+        &self,
+        app: AppInfo,
+        request: delegate_call::Request,
+        expect: Expect,
+    ) -> Result<HostAnswer, ApiError> {
+        let session = self.wait_current().await?;
+        let method = expect.method();
+        if !session.implements(method) {
+            return Err(ApiError::NotImplementedByHost(method));
+        }
+        let (tx, rx) = oneshot::channel();
+        let instance: Arc<str> = app.instance_id.as_str().into();
+        let Some(id) = session.register(Pending::new(ReplyTo::Wait(tx), expect, instance, 0, None)) else {
+            return Err(ApiError::HostGone);
+        };
+        let guard = CancelOnDrop { session: &session, id };
+        session.send(id, app, request).await;
+        let outcome = rx.await.unwrap_or(Err(ApiError::Internal("call dropped without an answer".into())));
+        std::mem::forget(guard);
+        outcome
+    }
+
+    /// Forwards a renderer-stream call to the host; the answer goes straight into the renderer's
+    /// stream. Never waits for the answer.
+    pub async fn forward(
+        &self,
+        app: AppInfo,
+        request: ApiRequest,
+        api: Api,
+        reply: ReplyTo,
+        stream: u64,
+        slot: CallSlot,
+    ) {
+        let instance: Arc<str> = app.instance_id.as_str().into();
+        let pending = Pending::new(reply, Expect::Api(api), instance, stream, Some(slot));
+        let session = match self.wait_current().await {
+            Ok(s) if s.implements(api.method()) => s,
+            Ok(_) => return pending.finish(0, Err(ApiError::NotImplementedByHost(api.method()))),
+            Err(e) => return pending.finish(0, Err(e)),
+        };
+        if let Some(id) = session.register(pending) {
+            session.send(id, app, delegate_call::Request::Api(request)).await;
+        }
+    }
+
+    /// A renderer stream closed: cancel its calls on the host.
+    pub fn cancel_stream(&self, stream: u64) -> usize {
+        self.current().map_or(0, |s| {
+            s.abandon_where(|p| p.stream == stream, ApiError::Cancelled("renderer went away"), "renderer went away")
+        })
+    }
+
+    /// An app instance closed: fail and cancel its calls.
+    pub fn cancel_instance(&self, instance_id: &str) -> usize {
+        self.current().map_or(0, |s| {
+            s.abandon_where(|p| &*p.instance == instance_id, ApiError::Cancelled("app instance closed"), "app instance closed")
+        })
+    }
+
+    pub fn calls_in_flight(&self) -> usize {
+        self.current().map_or(0, |s| s.calls_in_flight())
+    }
+}
+
+/// Cancels a waiting call on the host if the waiting future is dropped before the answer.
+struct CancelOnDrop<'a> {
+    session: &'a HostSession,
+    id: u64,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.session.abandon(self.id, ApiError::Cancelled("renderer went away"), "renderer went away");
+    }
+}

@@ -1,0 +1,141 @@
+//! `Admin`: the operator's surface (the CLI's status, apps, sessions, grants, revoke and app
+//! registration), gated by the host token.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use miniapp_broker_proto::{
+    api::scope,
+    v1::{self, admin_server::Admin},
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::{check_app_id, require_host_token};
+use crate::broker::Broker;
+
+/// The `Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Arc<Broker>,
+}
+
+impl AdminService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AdminService { broker }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn filter(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, r: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let b = &self.broker;
+        let host = b.host.current();
+        Ok(Response::new(v1::StatusResponse {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_ms: b.started.elapsed().as_millis() as u64,
+            host_connected: host.is_some(),
+            host_name: host.as_ref().map(|h| h.name.clone()).unwrap_or_default(),
+            host_methods: host
+                .as_ref()
+                .map(|h| h.methods().iter().map(|m| m.as_str_name().to_owned()).collect())
+                .unwrap_or_default(),
+            user_signed_in: b.user.get().is_some(),
+            apps: b.registry.len() as u32,
+            calls_in_flight: b.host.calls_in_flight() as u64,
+            renderer_streams: b.stats.renderer_streams.load(Ordering::Relaxed),
+            default_api_version: b.config.default_api_version.as_str().to_owned(),
+            listen_address: b.listen_address.clone(),
+            store: b.store.location().to_owned(),
+            calls_total: b.stats.calls_total.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn list_apps(&self, r: Request<v1::ListAppsRequest>) -> Result<Response<v1::ListAppsResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let apps = self
+            .broker
+            .registry
+            .list()
+            .into_iter()
+            .map(|i| {
+                let (version, source) = i.version_label();
+                v1::AppInstanceInfo {
+                    instance_id: i.instance_id.to_string(),
+                    app_id: i.app_id.to_string(),
+                    api_version: version.to_owned(),
+                    version_source: source.to_owned(),
+                    calls_in_flight: i.calls_in_flight() as u64,
+                    launched_at_ms: i.launched_at_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListAppsResponse { apps }))
+    }
+
+    async fn list_sessions(&self, r: Request<v1::ListSessionsRequest>) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let app_id = r.into_inner().app_id;
+        let rows = self.broker.store.list_sessions(filter(&app_id)).map_err(internal)?;
+        let sessions = rows
+            .into_iter()
+            .map(|s| v1::SessionInfo {
+                openid: self.broker.platform.openid(&s.app_id, &s.uid),
+                app_id: s.app_id,
+                uid: s.uid,
+                created_at_ms: s.created_at_ms,
+                expires_at_ms: s.expires_at_ms,
+            })
+            .collect();
+        Ok(Response::new(v1::ListSessionsResponse { sessions }))
+    }
+
+    async fn list_grants(&self, r: Request<v1::ListGrantsRequest>) -> Result<Response<v1::ListGrantsResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let q = r.into_inner();
+        let rows = self.broker.store.list_grants(filter(&q.app_id), filter(&q.uid)).map_err(internal)?;
+        let grants = rows
+            .into_iter()
+            .map(|g| v1::Grant { app_id: g.app_id, uid: g.uid, scope: g.scope, granted_at_ms: g.granted_at_ms })
+            .collect();
+        Ok(Response::new(v1::ListGrantsResponse { grants }))
+    }
+
+    async fn revoke_grants(&self, r: Request<v1::RevokeGrantsRequest>) -> Result<Response<v1::RevokeGrantsResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let q = r.into_inner();
+        check_app_id(&q.app_id)?;
+        if !q.scope.is_empty() && !scope::ALL.contains(&q.scope.as_str()) {
+            return Err(Status::invalid_argument(format!("unknown scope; expected one of {}", scope::ALL.join(", "))));
+        }
+        let uid = match filter(&q.uid) {
+            Some(uid) => uid.to_owned(),
+            None => self
+                .broker
+                .user
+                .get()
+                .map(|u| u.uid.clone())
+                .ok_or_else(|| Status::invalid_argument("no uid given and no user signed in"))?,
+        };
+        let revoked = self.broker.store.revoke_grants(&q.app_id, &uid, filter(&q.scope)).map_err(internal)?;
+        info!(app_id = %q.app_id, scope = %q.scope, revoked, "grants revoked");
+        Ok(Response::new(v1::RevokeGrantsResponse { revoked: revoked as u32 }))
+    }
+
+    async fn register_app(&self, r: Request<v1::RegisterAppRequest>) -> Result<Response<v1::RegisterAppResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let q = r.into_inner();
+        check_app_id(&q.app_id)?;
+        let secret = self.broker.platform.register_app(&q.app_id, q.rotate).await.map_err(internal)?;
+        info!(app_id = %q.app_id, created = secret.is_some(), rotate = q.rotate, "app registered");
+        Ok(Response::new(v1::RegisterAppResponse { created: secret.is_some(), secret: secret.unwrap_or_default() }))
+    }
+}

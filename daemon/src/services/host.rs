@@ -1,0 +1,137 @@
+//! `Host`: the superapp shell's surface. `Connect` runs the host link (Hello, then answers and
+//! user pushes); `LaunchApp` / `CloseApp` manage app instances and their launch tokens.
+
+use std::{sync::Arc, time::Duration};
+
+use miniapp_broker_proto::v1::{
+    self, DaemonMessage, DelegateMethod, HostMessage, Welcome, daemon_message, host_message, host_server::Host,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use super::{check_app_id, require_host_token};
+use crate::{
+    broker::Broker,
+    host_link::{HostSlot, HostSender},
+    version::{AppJson, VersionSource},
+};
+
+/// How many messages may wait on their way to the host before senders wait.
+const HOST_QUEUE: usize = 4096;
+
+/// The `Host` service.
+#[derive(Debug, Clone)]
+pub struct HostService {
+    broker: Arc<Broker>,
+}
+
+impl HostService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        HostService { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl Host for HostService {
+    type ConnectStream = ReceiverStream<Result<DaemonMessage, Status>>;
+
+    async fn connect(&self, r: Request<Streaming<HostMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let slot = self
+            .broker
+            .host
+            .reserve()
+            .ok_or_else(|| Status::already_exists("another host is connected; one host at a time"))?;
+        let (tx, rx) = mpsc::channel(HOST_QUEUE);
+        tokio::spawn(run_host(self.broker.clone(), slot, r.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn launch_app(&self, r: Request<v1::LaunchAppRequest>) -> Result<Response<v1::LaunchAppResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let v1::LaunchAppRequest { app_id, app_json } = r.into_inner();
+        check_app_id(&app_id)?;
+        let app_json = AppJson::parse(&app_json).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (instance, launch_token) = self.broker.registry.launch(&app_id, app_json, self.broker.clock.now_ms());
+        if let Some(v) = instance.app_json.api_version {
+            instance.set_version(v, VersionSource::AppJson, 0);
+            if v == crate::version::ApiVersion::V3
+                && self.broker.host.current().is_some_and(|h| !h.implements(DelegateMethod::GetAuthCode))
+            {
+                warn!(app_id, "app.json asks for v3 but the host does not implement getAuthCode; its defaults will fail");
+            }
+        }
+        let (api_version, version_source) = instance.version_label();
+        info!(app_id, instance = %instance.instance_id, api_version, "app instance launched");
+        Ok(Response::new(v1::LaunchAppResponse {
+            instance_id: instance.instance_id.to_string(),
+            launch_token,
+            api_version: api_version.to_owned(),
+            version_source: version_source.to_owned(),
+        }))
+    }
+
+    async fn close_app(&self, r: Request<v1::CloseAppRequest>) -> Result<Response<v1::CloseAppResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let instance_id = r.into_inner().instance_id;
+        let cancelled = self
+            .broker
+            .close_app(&instance_id)
+            .ok_or_else(|| Status::not_found("no such app instance"))?;
+        Ok(Response::new(v1::CloseAppResponse { cancelled_calls: cancelled as u32 }))
+    }
+}
+
+/// One host connection, from Hello to the end of its stream.
+async fn run_host(broker: Arc<Broker>, slot: HostSlot, mut inbound: Streaming<HostMessage>, tx: HostSender) {
+    let hello_timeout = Duration::from_millis(broker.config.host.hello_timeout_ms);
+    let hello = match tokio::time::timeout(hello_timeout, inbound.message()).await {
+        Ok(Ok(Some(HostMessage { msg: Some(host_message::Msg::Hello(hello)) }))) => hello,
+        Ok(Ok(Some(_))) => {
+            let _ = tx.send(Err(Status::failed_precondition("the host's first message must be Hello"))).await;
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded("no Hello within the hello timeout"))).await;
+            return;
+        }
+        Ok(_) => return,
+    };
+    if let Some(user) = hello.user.clone() {
+        broker.set_user(user).await;
+    }
+    let session = broker.host.prepare(&slot, &hello, tx.clone());
+    let welcome = Welcome {
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        default_api_version: broker.config.default_api_version.as_str().to_owned(),
+        host_session: session.id,
+    };
+    if tx.send(Ok(DaemonMessage { msg: Some(daemon_message::Msg::Welcome(welcome)) })).await.is_err() {
+        return;
+    }
+    broker.host.publish(&session);
+    let methods: Vec<&str> = session.methods().iter().map(|m| m.as_str_name()).collect();
+    info!(host_session = session.id, host_name = %session.name, ?methods, "host connected");
+
+    let reason = loop {
+        let message = tokio::select! {
+            m = inbound.message() => m,
+            _ = broker.shutdown.cancelled() => break "daemon shutting down",
+        };
+        match message {
+            Ok(Some(HostMessage { msg: Some(host_message::Msg::Result(result)) })) => session.on_result(result),
+            Ok(Some(HostMessage { msg: Some(host_message::Msg::User(user)) })) => broker.set_user(user).await,
+            Ok(Some(HostMessage { msg: Some(host_message::Msg::Hello(_)) })) => {
+                session.notice(0, "Hello was already received; ignored")
+            }
+            Ok(Some(HostMessage { msg: None })) => session.notice(0, "empty HostMessage; ignored"),
+            Ok(None) => break "host closed its stream",
+            Err(_) => break "host stream broke",
+        }
+    };
+    let failed = broker.host.retire(&session);
+    drop(slot);
+    info!(host_session = session.id, reason, failed_calls = failed, "host disconnected");
+}

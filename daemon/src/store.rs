@@ -1,0 +1,275 @@
+//! The embedded database: sessions, grants, app secrets, payment outcomes and the daemon secret.
+//!
+//! SQLite (bundled, so nothing is needed from the system) in WAL mode: a write that returned is on
+//! disk for any later reader, and survives the daemon being killed. Writes are short and few
+//! (a login, a grant, a payment), so one connection behind a mutex serves them without a thread hop.
+//! The in-memory mode (`ephemeral`) runs the same SQL against `:memory:`.
+
+use std::{
+    path::Path,
+    sync::{Mutex, MutexGuard},
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::StoreError;
+
+/// One stored login session of (app, user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub app_id: String,
+    pub uid: String,
+    pub session_key: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// One scope a user granted an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub app_id: String,
+    pub uid: String,
+    pub scope: String,
+    pub granted_at_ms: u64,
+}
+
+/// The recorded outcome of a payment: `ok` with an encoded ApiResponse, else an encoded ApiFailure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRow {
+    pub ok: bool,
+    pub body: Vec<u8>,
+}
+
+/// The database handle shared by the platform, the API layer and the admin service.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+    location: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app_id, uid));
+CREATE INDEX IF NOT EXISTS sessions_uid ON sessions (uid);
+CREATE TABLE IF NOT EXISTS grants (
+    app_id TEXT NOT NULL, uid TEXT NOT NULL, scope TEXT NOT NULL, granted_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app_id, uid, scope));
+CREATE TABLE IF NOT EXISTS app_secrets (app_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS payments (
+    app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
+    ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app_id, idempotency_key));
+";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
+    pub fn open(path: Option<&Path>, synchronous_full: bool) -> Result<Store, StoreError> {
+        let (conn, location) = match path {
+            Some(p) => (Connection::open(p)?, p.display().to_string()),
+            None => (Connection::open_in_memory()?, ":memory:".to_owned()),
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn: Mutex::new(conn), location })
+    }
+
+    /// Where the data lives, for status output.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent; keep serving.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The daemon's 32-byte secret (keys openid and unionid), created on first use.
+    pub fn daemon_secret(&self, fresh: impl FnOnce() -> [u8; 32]) -> Result<[u8; 32], StoreError> {
+        let conn = self.conn();
+        let existing: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'daemon_secret'", [], |r| r.get(0)).optional()?;
+        if let Some(bytes) = existing.filter(|b| b.len() == 32) {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(&bytes);
+            return Ok(out);
+        }
+        let secret = fresh();
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('daemon_secret', ?1)", params![&secret[..]])?;
+        Ok(secret)
+    }
+
+    pub fn upsert_session(&self, row: &SessionRow) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5",
+            )?
+            .execute(params![row.app_id, row.uid, row.session_key, row.created_at_ms as i64, row.expires_at_ms as i64])?;
+        Ok(())
+    }
+
+    pub fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT app_id, uid, session_key, created_at_ms, expires_at_ms FROM sessions WHERE app_id = ?1 AND uid = ?2",
+            )?
+            .query_row(params![app_id, uid], session_row)
+            .optional()?)
+    }
+
+    /// Ends every session of `uid` (the host signed out or switched users).
+    pub fn delete_sessions_of(&self, uid: &str) -> Result<usize, StoreError> {
+        Ok(self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?)
+    }
+
+    pub fn list_sessions(&self, app_id: Option<&str>) -> Result<Vec<SessionRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT app_id, uid, session_key, created_at_ms, expires_at_ms FROM sessions
+             WHERE ?1 IS NULL OR app_id = ?1 ORDER BY app_id, uid",
+        )?;
+        let rows = stmt.query_map(params![app_id], session_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The scopes `uid` granted `app_id`.
+    pub fn granted_scopes(&self, app_id: &str, uid: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT scope FROM grants WHERE app_id = ?1 AND uid = ?2 ORDER BY scope")?;
+        let rows = stmt.query_map(params![app_id, uid], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn add_grants(&self, app_id: &str, uid: &str, scopes: &[String], now_ms: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for scope in scopes {
+                stmt.execute(params![app_id, uid, scope, now_ms as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn list_grants(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT app_id, uid, scope, granted_at_ms FROM grants
+             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
+        )?;
+        let rows = stmt
+            .query_map(params![app_id, uid], |r| {
+                Ok(GrantRow { app_id: r.get(0)?, uid: r.get(1)?, scope: r.get(2)?, granted_at_ms: r.get::<_, i64>(3)? as u64 })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Revokes one scope, or every scope when `scope` is `None`; returns how many.
+    pub fn revoke_grants(&self, app_id: &str, uid: &str, scope: Option<&str>) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND (?3 IS NULL OR scope = ?3)",
+            params![app_id, uid, scope],
+        )?)
+    }
+
+    pub fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT secret_hash FROM app_secrets WHERE app_id = ?1")?
+            .query_row(params![app_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Stores an app's secret hash; with `replace` false an existing one is kept. Returns whether
+    /// it was written.
+    pub fn set_app_secret_hash(&self, app_id: &str, hash: &[u8], replace: bool) -> Result<bool, StoreError> {
+        let sql = if replace {
+            "INSERT OR REPLACE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
+        } else {
+            "INSERT OR IGNORE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
+        };
+        Ok(self.conn().execute(sql, params![app_id, hash])? == 1)
+    }
+
+    pub fn payment(&self, app_id: &str, key: &str) -> Result<Option<PaymentRow>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT ok, body FROM payments WHERE app_id = ?1 AND idempotency_key = ?2")?
+            .query_row(params![app_id, key], |r| Ok(PaymentRow { ok: r.get::<_, i64>(0)? != 0, body: r.get(1)? }))
+            .optional()?)
+    }
+
+    /// Records a payment's outcome; the first record for a key wins.
+    pub fn record_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
+        Ok(())
+    }
+
+    /// How many payment outcomes are recorded (status, tests).
+    pub fn payment_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM payments", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+}
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        app_id: r.get(0)?,
+        uid: r.get(1)?,
+        session_key: r.get(2)?,
+        created_at_ms: r.get::<_, i64>(3)? as u64,
+        expires_at_ms: r.get::<_, i64>(4)? as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let secret = {
+            let store = Store::open(Some(&path), false).unwrap();
+            let s = store.daemon_secret(|| [7; 32]).unwrap();
+            store.upsert_session(&SessionRow { app_id: "a".into(), uid: "u".into(), session_key: "k".into(), created_at_ms: 1, expires_at_ms: 2 }).unwrap();
+            store.add_grants("a", "u", &["SCOPE_EMAIL".into()], 3).unwrap();
+            store.record_payment("a", "key", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 4).unwrap();
+            s
+        };
+        let store = Store::open(Some(&path), false).unwrap();
+        assert_eq!(store.daemon_secret(|| [9; 32]).unwrap(), secret);
+        assert_eq!(store.session("a", "u").unwrap().unwrap().session_key, "k");
+        assert_eq!(store.granted_scopes("a", "u").unwrap(), vec!["SCOPE_EMAIL".to_string()]);
+        assert_eq!(store.payment("a", "key").unwrap(), Some(PaymentRow { ok: true, body: vec![1] }));
+    }
+
+    #[test]
+    fn the_first_payment_record_wins_and_revoke_counts() {
+        let store = Store::open(None, false).unwrap();
+        store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 1).unwrap();
+        store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![2] }, 2).unwrap();
+        assert!(store.payment("a", "k").unwrap().unwrap().ok);
+        store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
+        assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);
+        assert_eq!(store.revoke_grants("a", "u", None).unwrap(), 1);
+    }
+}

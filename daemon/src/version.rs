@@ -1,0 +1,221 @@
+//! Open-API versions (v1, v2, v3) and how an app instance gets one.
+//!
+//! Resolution, once per instance: `apiVersion` in app.json wins; else the host's `openApiVersion`
+//! answer for the instance; else the daemon's configured default. An instance answers every API
+//! with the one version it resolved (no mixing); a version that came from a host is re-asked when a
+//! new host connects.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// The seed's three implementation solutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ApiVersion {
+    /// Every API is implemented by the host.
+    V1,
+    /// The daemon answers login, checkSession and the user-information APIs itself from the
+    /// signed-in user the host pushed.
+    V2,
+    /// As v2, but each default first asks the host's getAuthCode ("mutual trust").
+    V3,
+}
+
+impl ApiVersion {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V1 => "v1",
+            ApiVersion::V2 => "v2",
+            ApiVersion::V3 => "v3",
+        }
+    }
+
+    pub(crate) const fn to_u8(self) -> u8 {
+        match self {
+            ApiVersion::V1 => 1,
+            ApiVersion::V2 => 2,
+            ApiVersion::V3 => 3,
+        }
+    }
+
+    pub(crate) const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ApiVersion::V1),
+            2 => Some(ApiVersion::V2),
+            3 => Some(ApiVersion::V3),
+            _ => None,
+        }
+    }
+}
+
+/// An `apiVersion` that is not "v1", "v2" or "v3".
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("invalid apiVersion {0:?}: expected \"v1\", \"v2\" or \"v3\"")]
+pub struct InvalidVersion(pub String);
+
+impl FromStr for ApiVersion {
+    type Err = InvalidVersion;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "v1" => Ok(ApiVersion::V1),
+            "v2" => Ok(ApiVersion::V2),
+            "v3" => Ok(ApiVersion::V3),
+            other => Err(InvalidVersion(other.chars().take(32).collect())),
+        }
+    }
+}
+
+impl TryFrom<String> for ApiVersion {
+    type Error = InvalidVersion;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ApiVersion> for String {
+    fn from(v: ApiVersion) -> String {
+        v.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an instance's version came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionSource {
+    AppJson,
+    Host,
+    Default,
+}
+
+impl VersionSource {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            VersionSource::AppJson => "app.json",
+            VersionSource::Host => "host",
+            VersionSource::Default => "default",
+        }
+    }
+}
+
+/// The parts of app.json the daemon reads. Everything else in it is the mini app's business.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppJson {
+    pub api_version: Option<ApiVersion>,
+}
+
+/// Why an app.json was refused at launch.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AppJsonError {
+    #[error("app.json is not a JSON object")]
+    NotAnObject,
+    #[error("app.json: {0}")]
+    Syntax(String),
+    #[error("app.json: apiVersion must be a string")]
+    VersionType,
+    #[error("app.json: {0}")]
+    Version(#[from] InvalidVersion),
+}
+
+impl AppJson {
+    /// Reads app.json text; empty text is an app.json with no settings.
+    pub fn parse(text: &str) -> Result<AppJson, AppJsonError> {
+        if text.trim().is_empty() {
+            return Ok(AppJson::default());
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| AppJsonError::Syntax(e.to_string()))?;
+        let obj = value.as_object().ok_or(AppJsonError::NotAnObject)?;
+        let api_version = match obj.get("apiVersion") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.parse()?),
+            Some(_) => return Err(AppJsonError::VersionType),
+        };
+        Ok(AppJson { api_version })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn app_json_version_is_read_and_checked() {
+        assert_eq!(AppJson::parse(r#"{"apiVersion":"v3","pages":[]}"#).unwrap().api_version, Some(ApiVersion::V3));
+        assert_eq!(AppJson::parse("").unwrap().api_version, None);
+        assert_eq!(AppJson::parse("{}").unwrap().api_version, None);
+        assert!(matches!(AppJson::parse(r#"{"apiVersion":"v4"}"#), Err(AppJsonError::Version(_))));
+        assert_eq!(AppJson::parse(r#"{"apiVersion":2}"#), Err(AppJsonError::VersionType));
+        assert_eq!(AppJson::parse("[]"), Err(AppJsonError::NotAnObject));
+    }
+
+    proptest! {
+        #[test]
+        fn app_json_never_panics(text in ".{0,200}") {
+            let _ = AppJson::parse(&text);
+        }
+
+        #[test]
+        fn only_three_versions_parse(s in "[a-zA-Z0-9]{0,4}") {
+            let ok = s.parse::<ApiVersion>().is_ok();
+            prop_assert_eq!(ok, matches!(s.as_str(), "v1" | "v2" | "v3"));
+        }
+    }
+}
+
+/// The version of `inst`, resolving it on first use (once: concurrent first calls wait for one
+/// answer). A version learned from a host that has since been replaced is asked again.
+pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInstance) -> Result<ApiVersion, crate::error::ApiError> {
+    use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
+
+    use crate::host_link::{Expect, HostAnswer};
+
+    if let Some((v, _)) = inst.resolved(b.host.current_id()) {
+        return Ok(v);
+    }
+    let _one_at_a_time = inst.resolving.lock().await;
+    let host = b.host.current();
+    let host_id = host.as_ref().map_or(0, |h| h.id);
+    if let Some((v, _)) = inst.resolved(host_id) {
+        return Ok(v);
+    }
+    if let Some(v) = inst.app_json.api_version {
+        inst.set_version(v, VersionSource::AppJson, 0);
+        return Ok(v);
+    }
+    let default = b.config.default_api_version;
+    let asked = match host {
+        Some(h) if h.implements(DelegateMethod::OpenApiVersion) => {
+            let app = crate::broker::Broker::app_info(inst, None);
+            let request = delegate_call::Request::OpenApiVersion(OpenApiVersionRequest {});
+            match b.host.call(app, request, Expect::Version).await {
+                Ok(HostAnswer::Version(answer)) => match answer.version.parse::<ApiVersion>() {
+                    Ok(v) => Some((v, h.id)),
+                    Err(e) => {
+                        tracing::warn!(app_id = %inst.app_id, error = %e, "host's openApiVersion answer is invalid; using the default");
+                        None
+                    }
+                },
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion failed; using the default");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (version, source, from_host) = match asked {
+        Some((v, host_id)) => (v, VersionSource::Host, host_id),
+        None => (default, VersionSource::Default, 0),
+    };
+    inst.set_version(version, source, from_host);
+    tracing::info!(app_id = %inst.app_id, instance = %inst.instance_id, version = version.as_str(), source = source.as_str(), "api version resolved");
+    Ok(version)
+}
