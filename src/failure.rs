@@ -38,6 +38,26 @@ impl ApiFailure {
     }
 }
 
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (errno {})", self.err_msg, self.errno)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
+impl ApiFailure {
+    /// Whether the user cancelled on the host (`"<api>:fail cancel"`).
+    pub fn is_cancel(&self) -> bool {
+        self.err_msg.ends_with(":fail cancel")
+    }
+
+    /// The gRPC status code of the failure.
+    pub fn code(&self) -> Code {
+        Code::from_i32(self.grpc_code)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
