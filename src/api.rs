@@ -166,6 +166,24 @@ impl v1::ApiResponse {
         })
     }
 
+    /// The `err_msg` of whichever arm is set ("" when none is).
+    pub fn err_msg(&self) -> &str {
+        use api_response::Api as R;
+        match self.api.as_ref() {
+            Some(R::Login(r)) => &r.err_msg,
+            Some(R::CheckSession(r)) => &r.err_msg,
+            Some(R::GetPhoneNumber(r)) => &r.err_msg,
+            Some(R::GetEmail(r)) => &r.err_msg,
+            Some(R::ChooseAvatar(r)) => &r.err_msg,
+            Some(R::GetNickName(r)) => &r.err_msg,
+            Some(R::GetUserInfo(r)) => &r.err_msg,
+            Some(R::GetUserProfile(r)) => &r.err_msg,
+            Some(R::RequestPayment(r)) => &r.err_msg,
+            Some(R::RequestMidasPaymentGameItem(r)) => &r.err_msg,
+            None => "",
+        }
+    }
+
     /// Sets the `err_msg` of whichever arm is set to `"<api>:ok"`, so a host need not.
     pub fn stamp_ok(&mut self) {
         use api_response::Api as R;

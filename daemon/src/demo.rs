@@ -1,1 +1,187 @@
-//! placeholder
+//! `miniapp-brokerd demo`: the whole product in one command. It starts a daemon in memory on a
+//! temporary socket, connects the dev-host (with a demo profile that refuses one v3 scope) and a
+//! renderer as separate connections, calls every open API in v1, v2 and v3, exchanges the codes as
+//! an app backend would, and prints one line per call.
+
+use std::{sync::Arc, time::Duration};
+
+use miniapp_broker_client::{
+    RendererClient,
+    connect,
+    proto::{
+        api::{Api, scope},
+        v1::{
+            self, ApiRequest, ApiResponse, api_request, api_response, exchange_client::ExchangeClient,
+        },
+    },
+};
+
+use crate::{Config, config::AppConfig, dev_host};
+
+/// The demo app's id.
+pub const DEMO_APP: &str = "wxdemo0000000001";
+
+/// A valid request for `api`, as a mini program would make it (payments get fresh order fields).
+pub fn sample_request(api: Api) -> ApiRequest {
+    use api_request::Api as R;
+    let nonce = connect_nonce();
+    let request = match api {
+        Api::Login => R::Login(v1::LoginRequest { timeout: 0 }),
+        Api::CheckSession => R::CheckSession(v1::CheckSessionRequest {}),
+        Api::GetPhoneNumber => R::GetPhoneNumber(v1::GetPhoneNumberRequest {}),
+        Api::GetEmail => R::GetEmail(v1::GetEmailRequest {}),
+        Api::ChooseAvatar => R::ChooseAvatar(v1::ChooseAvatarRequest {}),
+        Api::GetNickName => R::GetNickName(v1::GetNickNameRequest {}),
+        Api::GetUserInfo => R::GetUserInfo(v1::GetUserInfoRequest { with_credentials: false, lang: "en".into() }),
+        Api::GetUserProfile => {
+            R::GetUserProfile(v1::GetUserProfileRequest { desc: "show your name on the scoreboard".chars().take(30).collect(), lang: "en".into() })
+        }
+        Api::RequestPayment => R::RequestPayment(v1::RequestPaymentRequest {
+            time_stamp: "1700000000".into(),
+            nonce_str: nonce.clone(),
+            package: format!("prepay_id=wx{nonce}"),
+            sign_type: "RSA".into(),
+            pay_sign: format!("sig-{nonce}"),
+            idempotency_key: String::new(),
+        }),
+        Api::RequestMidasPaymentGameItem => R::RequestMidasPaymentGameItem(v1::RequestMidasPaymentGameItemRequest {
+            sign_data: serde_json::json!({
+                "offerId": "1450000000", "buyQuantity": 1, "env": 0, "currencyType": "CNY",
+                "productId": "gem-pack-10", "goodsPrice": 600, "outTradeNo": format!("order-{nonce}"),
+                "mode": "short_series_goods",
+            })
+            .to_string(),
+            pay_sig: format!("paysig-{nonce}"),
+            signature: format!("signature-{nonce}"),
+            idempotency_key: String::new(),
+        }),
+    };
+    ApiRequest { api: Some(request) }
+}
+
+fn connect_nonce() -> String {
+    miniapp_broker_client::renderer::new_payment_key()
+}
+
+/// The code a login / getPhoneNumber / getEmail answer carries, if any.
+fn code_of(response: &ApiResponse) -> Option<&str> {
+    use api_response::Api as A;
+    match response.api.as_ref()? {
+        A::Login(r) => Some(&r.code),
+        A::GetPhoneNumber(r) => Some(&r.code),
+        A::GetEmail(r) => Some(&r.code),
+        _ => None,
+    }
+}
+
+/// The demo host's profile: the dev-host with a demo user that refuses the nickname scope.
+pub fn demo_profile() -> dev_host::DevHostConfig {
+    dev_host::DevHostConfig {
+        name: "demo-host".into(),
+        user: dev_host::DevUser {
+            uid: "demo-user-1".into(),
+            nick_name: "Demo User".into(),
+            avatar_url: "https://example.invalid/avatar/demo-user-1.png".into(),
+            phone_number: "+86 138 0013 8000".into(),
+            email: "demo-user-1@example.invalid".into(),
+        },
+        refuse: vec![scope::NICKNAME.into()],
+        ..Default::default()
+    }
+}
+
+/// Runs the demo; `Ok(true)` when every line is `:ok` or an expected failure.
+pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let dir = tempfile::Builder::new().prefix("miniapp-broker-demo").tempdir()?;
+    let mut config = Config::ephemeral_in(dir.path());
+    config.apps.insert(DEMO_APP.into(), AppConfig { union_group: Some("demo".into()), secret: None });
+    let server = crate::start(config).await?;
+    let address = server.address().to_owned();
+    println!("daemon   listening on {address} (in memory; host token in {})", server.token_file().display());
+
+    let profile = demo_profile();
+    let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {})).connect().await?;
+    println!("host     {:?} connected, user {} signed in, refuses {}", profile.name, profile.user.uid, scope::NICKNAME);
+    let secret = host.register_app(DEMO_APP, false).await?.secret;
+    println!("backend  app {DEMO_APP} registered; its secret goes to the app's backend");
+    let mut exchange = ExchangeClient::new(connect::channel(&address).await?);
+
+    let (mut ok, mut expected, mut unexpected) = (0, 0, 0);
+    println!();
+    println!("{:<8} {:<28} errMsg", "version", "api");
+    for version in ["v1", "v2", "v3"] {
+        let launched = host.launch_app(DEMO_APP, &format!(r#"{{"apiVersion":"{version}"}}"#)).await?;
+        let renderer = RendererClient::connect(&address, &launched.launch_token).await?;
+        let mut codes = Vec::new();
+        for api in Api::ALL {
+            let outcome = tokio::time::timeout(Duration::from_secs(10), renderer.call_request(sample_request(api))).await;
+            let (err_msg, good, note) = match outcome {
+                Err(_) => (format!("{}:fail no answer within 10s", api.name()), false, ""),
+                Ok(Ok(response)) => {
+                    if let Some(code) = code_of(&response) {
+                        codes.push((api, code.to_owned()));
+                    }
+                    (response.err_msg().to_owned(), true, "")
+                }
+                Ok(Err(failure)) => {
+                    let refused = version == "v3" && api == Api::GetNickName && failure.err_msg.contains(scope::NICKNAME);
+                    (failure.err_msg, refused, if refused { "   (expected: the demo host refuses SCOPE_NICKNAME)" } else { "" })
+                }
+            };
+            match (good, note.is_empty()) {
+                (true, true) => ok += 1,
+                (true, false) => expected += 1,
+                (false, _) => unexpected += 1,
+            }
+            println!("{version:<8} {:<28} {err_msg}{note}", api.name());
+        }
+        renderer.close().await;
+        host.close_app(&launched.instance_id).await?;
+
+        // The app's backend redeems what the renderer got. v1 codes are the host's own business.
+        if version == "v1" {
+            continue;
+        }
+        for (api, code) in codes {
+            let redeem = v1::RedeemCodeRequest { app_id: DEMO_APP.into(), secret: secret.clone(), code: code.clone() };
+            let line = match api {
+                Api::Login => exchange
+                    .code2_session(v1::Code2SessionRequest { app_id: DEMO_APP.into(), secret: secret.clone(), code })
+                    .await
+                    .map(|r| {
+                        let r = r.into_inner();
+                        let auth = if r.auth_code.is_empty() { String::new() } else { format!(" authCode={}…", prefix(&r.auth_code)) };
+                        format!("openid={} unionid={} session_key={}…{auth}", r.openid, r.unionid, prefix(&r.session_key))
+                    }),
+                Api::GetPhoneNumber => exchange.get_phone_number(redeem).await.map(|r| format!("phoneNumber={}", r.into_inner().phone_number)),
+                Api::GetEmail => exchange.get_email(redeem).await.map(|r| format!("email={}", r.into_inner().email)),
+                _ => continue,
+            };
+            let name = match api {
+                Api::Login => "code2Session",
+                Api::GetPhoneNumber => "getPhoneNumber",
+                _ => "getEmail",
+            };
+            match line {
+                Ok(line) => {
+                    ok += 1;
+                    println!("{version:<8} {:<28} {line}", format!("exchange.{name}"));
+                }
+                Err(status) => {
+                    unexpected += 1;
+                    println!("{version:<8} {:<28} FAILED {}", format!("exchange.{name}"), status.message());
+                }
+            }
+        }
+    }
+
+    host.disconnect();
+    server.shutdown().await;
+    println!();
+    println!("demo: {ok} ok, {expected} expected failure, {unexpected} unexpected");
+    Ok(unexpected == 0 && expected == 1)
+}
+
+fn prefix(s: &str) -> &str {
+    &s[..s.len().min(8)]
+}

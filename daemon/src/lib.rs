@@ -10,6 +10,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod dev_host;
 pub mod error;
 pub mod host_link;
 pub mod limits;

@@ -1,1 +1,521 @@
-fn main() {}
+//! `miniapp-brokerd`: serve (the default), the demo, the dev-host, and the operator's commands
+//! (`status`, `apps`, `sessions`, `grants`, `revoke`, `register-app`), which talk to the running
+//! daemon's Admin service over its socket with the host token.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use clap::{Args, Parser, Subcommand};
+use miniapp_broker_client::{
+    connect,
+    proto::{metadata, v1, v1::admin_client::AdminClient},
+};
+use miniapp_brokerd::{ApiVersion, Config, dev_host};
+use tonic::{Code, Request, transport::Channel};
+
+#[derive(Parser, Debug)]
+#[command(name = "miniapp-brokerd", version, about = "The local daemon between a superapp host and its mini app renderers")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve until SIGINT/SIGTERM (the default when no command is given).
+    Serve(ServeArgs),
+    /// Start a daemon in memory with a demo host and renderer; call every API in v1, v2 and v3.
+    Demo,
+    /// Whether a host is connected, the apps, versions, calls in flight, uptime.
+    Status(AdminArgs),
+    /// The running app instances and their resolved versions.
+    Apps(AdminArgs),
+    /// Login sessions in the store.
+    Sessions {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// The v3 scopes users granted apps.
+    Grants {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        uid: Option<String>,
+    },
+    /// Revoke granted scopes: the next v3 call asks the user again.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        app: String,
+        /// Default: the signed-in user.
+        #[arg(long)]
+        uid: Option<String>,
+        /// Default: every scope.
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Create (or with --rotate, replace) an app's backend secret for the Exchange service.
+    RegisterApp {
+        #[command(flatten)]
+        admin: AdminArgs,
+        app_id: String,
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Act as the host: a simulated superapp with a signed-in user, for developing mini apps.
+    DevHost(DevHostArgs),
+}
+
+/// Flags of `serve`; each overrides the config file.
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// Config file (default: $XDG_CONFIG_HOME/miniapp-broker/config.toml, if present).
+    #[arg(long, env = "MINIAPP_BROKERD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Socket path (Unix) or pipe name (Windows).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Where the database and the host token live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep sessions, grants and payments in memory only.
+    #[arg(long)]
+    ephemeral: bool,
+    /// v1, v2 or v3: for apps whose app.json and host choose none.
+    #[arg(long)]
+    default_api_version: Option<ApiVersion>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// How an operator command finds the daemon and its host token.
+#[derive(Args, Debug, Clone)]
+struct AdminArgs {
+    #[arg(long, env = "MINIAPP_BROKERD_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The host token file (default: <data dir>/host.token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DevHostArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The dev-host profile (see dev-host.example.toml); default: a built-in user.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Launch these app ids and print their launch tokens for your renderer.
+    #[arg(long = "launch")]
+    launch: Vec<String>,
+    /// The app.json to launch them with.
+    #[arg(long, default_value = "{}")]
+    app_json: String,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("miniapp-brokerd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            None => serve(cli.serve).await,
+            Some(Command::Serve(args)) => serve(args).await,
+            Some(Command::Demo) => demo().await,
+            Some(Command::Status(a)) => status(&a).await,
+            Some(Command::Apps(a)) => apps(&a).await,
+            Some(Command::Sessions { admin, app }) => sessions(&admin, app).await,
+            Some(Command::Grants { admin, app, uid }) => grants(&admin, app, uid).await,
+            Some(Command::Revoke { admin, app, uid, scope }) => revoke(&admin, app, uid, scope).await,
+            Some(Command::RegisterApp { admin, app_id, rotate }) => register_app(&admin, app_id, rotate).await,
+            Some(Command::DevHost(args)) => dev_host(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("miniapp-brokerd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `$XDG_CONFIG_HOME/miniapp-broker/config.toml` (Linux), `%APPDATA%\miniapp-broker\config.toml`.
+fn default_config_path() -> Option<PathBuf> {
+    #[cfg(windows)]
+    let base = std::env::var_os("APPDATA").map(PathBuf::from);
+    #[cfg(not(windows))]
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    base.map(|b| b.join("miniapp-broker").join("config.toml"))
+}
+
+/// The config file named, else the default one if it exists, else the defaults.
+fn load_config(path: Option<&Path>) -> Result<Config, BoxError> {
+    let (path, required) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => match default_config_path() {
+            Some(p) => (p, false),
+            None => return Ok(Config::default()),
+        },
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Config::from_toml(&text).map_err(|e| format!("config {}: {e}", path.display()).into()),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(format!("config {}: {e}", path.display()).into()),
+    }
+}
+
+fn init_logs(config: &Config, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json || config.log.format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
+    let mut config = load_config(args.config.as_deref())?;
+    if args.socket.is_some() {
+        config.socket = args.socket;
+    }
+    if args.data_dir.is_some() {
+        config.data_dir = args.data_dir;
+    }
+    config.ephemeral |= args.ephemeral;
+    if let Some(v) = args.default_api_version {
+        config.default_api_version = v;
+    }
+    init_logs(&config, args.log_json);
+    let server = miniapp_brokerd::start(config).await?;
+    eprintln!("miniapp-brokerd: listening on {}; host token in {}", server.address(), server.token_file().display());
+    notify_ready();
+
+    let stop = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        stop.cancel();
+    });
+    server.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells systemd (Type=notify) the socket accepts; a no-op elsewhere.
+fn notify_ready() {
+    #[cfg(unix)]
+    if let Err(e) = sd_notify::notify(true, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn demo() -> Result<ExitCode, BoxError> {
+    let ok = miniapp_brokerd::demo::run().await?;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The socket and host token an operator command uses.
+struct Target {
+    address: String,
+    token_file: PathBuf,
+}
+
+fn target(a: &AdminArgs) -> Result<Target, BoxError> {
+    let config = load_config(a.config.as_deref())?;
+    let address = a
+        .socket
+        .clone()
+        .or(config.socket.clone())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(connect::default_address);
+    let token_file = a
+        .token_file
+        .clone()
+        .or(config.host.token_file.clone())
+        .unwrap_or_else(|| config.data_dir.clone().unwrap_or_else(miniapp_brokerd::default_data_dir).join("host.token"));
+    Ok(Target { address, token_file })
+}
+
+fn read_token(t: &Target) -> Result<String, BoxError> {
+    std::fs::read_to_string(&t.token_file)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| format!("cannot read the host token {}: {e} (is the daemon's data dir elsewhere? pass --token-file)", t.token_file.display()).into())
+}
+
+async fn admin(t: &Target) -> Result<(AdminClient<Channel>, String), BoxError> {
+    let token = read_token(t)?;
+    let channel = connect::channel(&t.address)
+        .await
+        .map_err(|_| format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address))?;
+    Ok((AdminClient::new(channel), token))
+}
+
+fn authorized<T>(token: &str, message: T) -> Result<Request<T>, BoxError> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(token).parse()?);
+    Ok(r)
+}
+
+fn explain(t: &Target, s: tonic::Status) -> BoxError {
+    match s.code() {
+        Code::Unauthenticated => format!("the daemon at {} refused the host token in {}: {}", t.address, t.token_file.display(), s.message()).into(),
+        Code::Unavailable => format!("no daemon is listening at {} ({})", t.address, s.message()).into(),
+        _ => format!("{}: {}", s.code(), s.message()).into(),
+    }
+}
+
+fn print_json(value: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+}
+
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    if rows.is_empty() {
+        println!("(none)");
+    }
+    for row in rows {
+        line(row);
+    }
+}
+
+fn ago(ms_since_epoch: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    human(now.saturating_sub(ms_since_epoch))
+}
+
+fn human(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let s = c.status(authorized(&token, v1::StatusRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner();
+    let apps = c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
+    if a.json {
+        print_json(serde_json::json!({
+            "daemonVersion": s.daemon_version, "uptimeMs": s.uptime_ms, "listenAddress": s.listen_address,
+            "store": s.store, "hostConnected": s.host_connected, "hostName": s.host_name, "hostMethods": s.host_methods,
+            "userSignedIn": s.user_signed_in, "defaultApiVersion": s.default_api_version, "apps": s.apps,
+            "callsInFlight": s.calls_in_flight, "callsTotal": s.calls_total, "rendererStreams": s.renderer_streams,
+            "instances": apps.iter().map(app_json).collect::<Vec<_>>(),
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let host = if s.host_connected { format!("connected ({}), {} delegate methods", s.host_name, s.host_methods.len()) } else { "not connected".into() };
+    println!("daemon            miniapp-brokerd {} at {}", s.daemon_version, s.listen_address);
+    println!("uptime            {}", human(s.uptime_ms));
+    println!("store             {}", s.store);
+    println!("host              {host}");
+    println!("user              {}", if s.user_signed_in { "signed in" } else { "signed out" });
+    println!("default version   {}", s.default_api_version);
+    println!("calls             {} in flight, {} total", s.calls_in_flight, s.calls_total);
+    println!("renderer streams  {}", s.renderer_streams);
+    println!();
+    print_apps(&apps);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn app_json(i: &v1::AppInstanceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "instanceId": i.instance_id, "appId": i.app_id, "apiVersion": i.api_version,
+        "versionSource": i.version_source, "callsInFlight": i.calls_in_flight, "launchedAtMs": i.launched_at_ms,
+    })
+}
+
+fn print_apps(apps: &[v1::AppInstanceInfo]) {
+    let rows = apps
+        .iter()
+        .map(|i| {
+            let version = if i.api_version.is_empty() { "(unresolved)".to_owned() } else { format!("{} ({})", i.api_version, i.version_source) };
+            vec![i.app_id.clone(), i.instance_id.clone(), version, i.calls_in_flight.to_string(), ago(i.launched_at_ms)]
+        })
+        .collect();
+    print_table(&["app", "instance", "version", "in flight", "up"], rows);
+}
+
+async fn apps(a: &AdminArgs) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let apps = c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
+    if a.json {
+        print_json(apps.iter().map(app_json).collect());
+    } else {
+        print_apps(&apps);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let request = v1::ListSessionsRequest { app_id: app.unwrap_or_default() };
+    let rows = c.list_sessions(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().sessions;
+    if a.json {
+        print_json(
+            rows.iter()
+                .map(|s| serde_json::json!({"appId": s.app_id, "uid": s.uid, "openid": s.openid, "createdAtMs": s.created_at_ms, "expiresAtMs": s.expires_at_ms}))
+                .collect(),
+        );
+    } else {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let rows = rows
+            .iter()
+            .map(|s| vec![s.app_id.clone(), s.uid.clone(), s.openid.clone(), ago(s.created_at_ms), human(s.expires_at_ms.saturating_sub(now))])
+            .collect();
+        print_table(&["app", "uid", "openid", "age", "expires in"], rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let request = v1::ListGrantsRequest { app_id: app.unwrap_or_default(), uid: uid.unwrap_or_default() };
+    let rows = c.list_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().grants;
+    if a.json {
+        print_json(
+            rows.iter()
+                .map(|g| serde_json::json!({"appId": g.app_id, "uid": g.uid, "scope": g.scope, "grantedAtMs": g.granted_at_ms}))
+                .collect(),
+        );
+    } else {
+        let rows = rows.iter().map(|g| vec![g.app_id.clone(), g.uid.clone(), g.scope.clone(), ago(g.granted_at_ms)]).collect();
+        print_table(&["app", "uid", "scope", "granted"], rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revoke(a: &AdminArgs, app: String, uid: Option<String>, scope: Option<String>) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let request = v1::RevokeGrantsRequest { app_id: app, uid: uid.unwrap_or_default(), scope: scope.unwrap_or_default() };
+    let revoked = c.revoke_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().revoked;
+    if a.json {
+        print_json(serde_json::json!({ "revoked": revoked }));
+    } else {
+        println!("revoked {revoked} grant(s)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn register_app(a: &AdminArgs, app_id: String, rotate: bool) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let request = v1::RegisterAppRequest { app_id: app_id.clone(), rotate };
+    let r = c.register_app(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner();
+    if a.json {
+        print_json(serde_json::json!({ "appId": app_id, "created": r.created, "secret": r.secret }));
+    } else if r.created {
+        println!("secret for {app_id} (shown once; give it to the app's backend):\n{}", r.secret);
+    } else {
+        println!("{app_id} already has a secret; pass --rotate to replace it");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
+    let t = target(&args.admin)?;
+    let profile = match &args.profile {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("profile {}: {e}", p.display()))?;
+            dev_host::DevHostConfig::from_toml(&text).map_err(|e| format!("profile {}: {e}", p.display()))?
+        }
+        None => dev_host::DevHostConfig::default(),
+    };
+    let token = read_token(&t)?;
+    let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
+    let host = dev_host::builder(&t.address, &token, &profile, printer)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to the daemon at {} as host: {e}", t.address))?;
+    println!(
+        "dev-host connected to {} as {:?}; user {:?} signed in; payments {}; scopes {}{}",
+        t.address,
+        profile.name,
+        profile.user.uid,
+        profile.payments,
+        profile.scopes,
+        if profile.refuse.is_empty() { String::new() } else { format!(" (refusing {})", profile.refuse.join(", ")) }
+    );
+    for app_id in &args.launch {
+        let launched = host.launch_app(app_id, &args.app_json).await.map_err(|s| format!("launch {app_id}: {}", s.message()))?;
+        let version = if launched.api_version.is_empty() { "asked on first call".to_owned() } else { format!("{} ({})", launched.api_version, launched.version_source) };
+        println!("launched {app_id}: instance {} version {version}", launched.instance_id);
+        println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
+    }
+    println!("answering delegate calls; Ctrl-C to stop");
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = host.closed() => {
+            eprintln!("dev-host: the daemon closed the host link");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    host.disconnect();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,268 @@
+//! A host simulator: answers every delegate method from a profile in a TOML file, the way the
+//! WeChat devtools simulator stands in for the real app. The demo runs it with a built-in profile;
+//! `miniapp-brokerd dev-host` runs it for a mini app developer who has no superapp at hand.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use miniapp_broker_client::{
+    HostBuilder, HostFailure,
+    proto::{
+        api::scope,
+        v1::{
+            AppInfo, CheckSessionRequest, CheckSessionResponse, ChooseAvatarRequest, ChooseAvatarResponse, GetAuthCodeRequest,
+            GetAuthCodeResponse, GetEmailRequest, GetEmailResponse, GetNickNameRequest, GetNickNameResponse,
+            GetPhoneNumberRequest, GetPhoneNumberResponse, GetUserInfoRequest, GetUserInfoResponse, GetUserProfileRequest,
+            GetUserProfileResponse, LoginRequest, LoginResponse, RequestMidasPaymentGameItemRequest,
+            RequestMidasPaymentGameItemResponse, RequestPaymentRequest, RequestPaymentResponse, SignedInUser, UserInfo,
+            UserProfile,
+        },
+    },
+};
+use serde::{Deserialize, Serialize};
+
+/// The dev-host's settings (`dev-host --profile FILE`). Every key is optional.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevHostConfig {
+    /// The name the host gives the daemon.
+    pub name: String,
+    /// The signed-in user; an empty uid means signed out.
+    pub user: DevUser,
+    /// What requestPayment and requestMidasPaymentGameItem answer: "ok", "fail" or "cancel".
+    pub payments: String,
+    /// v3 scopes: "auto" grants every scope not in `refuse`; "ask" asks on the terminal.
+    pub scopes: String,
+    /// Scopes always refused (with the reason "user refused").
+    pub refuse: Vec<String>,
+    /// The openApiVersion answer for apps whose app.json sets none; empty: not implemented.
+    pub open_api_version: String,
+}
+
+/// The user the dev-host signs in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevUser {
+    pub uid: String,
+    pub nick_name: String,
+    pub avatar_url: String,
+    pub phone_number: String,
+    pub email: String,
+}
+
+impl Default for DevHostConfig {
+    fn default() -> Self {
+        DevHostConfig {
+            name: "dev-host".into(),
+            user: DevUser::default(),
+            payments: "ok".into(),
+            scopes: "auto".into(),
+            refuse: Vec::new(),
+            open_api_version: String::new(),
+        }
+    }
+}
+
+impl Default for DevUser {
+    fn default() -> Self {
+        DevUser {
+            uid: "dev-user-1".into(),
+            nick_name: "Dev User".into(),
+            avatar_url: "https://example.invalid/avatar/dev-user-1.png".into(),
+            phone_number: "+86 138 0000 0000".into(),
+            email: "dev-user-1@example.invalid".into(),
+        }
+    }
+}
+
+impl DevHostConfig {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let config: DevHostConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if !matches!(config.payments.as_str(), "ok" | "fail" | "cancel") {
+            return Err(format!("payments must be \"ok\", \"fail\" or \"cancel\", not {:?}", config.payments));
+        }
+        if !matches!(config.scopes.as_str(), "auto" | "ask") {
+            return Err(format!("scopes must be \"auto\" or \"ask\", not {:?}", config.scopes));
+        }
+        if let Some(bad) = config.refuse.iter().find(|s| !scope::ALL.contains(&s.as_str())) {
+            return Err(format!("unknown scope {bad:?} in refuse; expected one of {}", scope::ALL.join(", ")));
+        }
+        if !matches!(config.open_api_version.as_str(), "" | "v1" | "v2" | "v3") {
+            return Err(format!("open_api_version must be \"v1\", \"v2\", \"v3\" or empty, not {:?}", config.open_api_version));
+        }
+        Ok(config)
+    }
+
+    /// The user as the host pushes it.
+    pub fn signed_in_user(&self) -> SignedInUser {
+        let u = &self.user;
+        SignedInUser {
+            uid: u.uid.clone(),
+            profile: Some(UserProfile {
+                nick_name: u.nick_name.clone(),
+                avatar_url: u.avatar_url.clone(),
+                phone_number: u.phone_number.clone(),
+                email: u.email.clone(),
+            }),
+        }
+    }
+}
+
+/// Where the dev-host reports each delegate call (the terminal for `dev-host`, nothing for the demo).
+pub type Printer = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Asks the terminal whether to grant a scope (`scopes = "ask"`); one question at a time.
+static ASK: Mutex<()> = Mutex::new(());
+
+fn ask_terminal(app_id: &str, scope: &str) -> bool {
+    use std::io::{BufRead, Write};
+    let _one_at_a_time = ASK.lock().unwrap_or_else(|e| e.into_inner());
+    eprint!("dev-host: grant {scope} to {app_id}? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        return false;
+    }
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+fn hex_code(prefix: &str) -> String {
+    let bytes: [u8; 16] = rand::random();
+    let mut s = String::with_capacity(prefix.len() + 32);
+    s.push_str(prefix);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn user_info(u: &DevUser) -> UserInfo {
+    UserInfo {
+        nick_name: u.nick_name.clone(),
+        avatar_url: u.avatar_url.clone(),
+        gender: 0,
+        country: String::new(),
+        province: String::new(),
+        city: String::new(),
+        language: "en".into(),
+    }
+}
+
+fn raw_data(info: &UserInfo) -> String {
+    serde_json::json!({ "nickName": info.nick_name, "avatarUrl": info.avatar_url, "gender": info.gender, "language": info.language })
+        .to_string()
+}
+
+fn payment_outcome<T: Default>(policy: &str) -> Result<T, HostFailure> {
+    match policy {
+        "ok" => Ok(T::default()),
+        "cancel" => Err(HostFailure::cancelled()),
+        _ => Err(HostFailure::error("DevHostPaymentDomain", -2, "payment declined by dev-host")),
+    }
+}
+
+/// A host builder that answers every delegate method from `config`, reporting each call to `print`.
+pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printer) -> HostBuilder {
+    let cfg = Arc::new(config.clone());
+    let note = move |print: &Printer, app: &AppInfo, what: &str| {
+        print(format!("delegate {what:<28} app={} instance={} version={}", app.app_id, app.instance_id, app.api_version))
+    };
+    let mut b = HostBuilder::new(address, token).name(&config.name).user(config.signed_in_user());
+
+    macro_rules! on {
+        ($req:ty, $name:literal, |$cfg:ident| $body:expr) => {{
+            let (cfg, print) = (cfg.clone(), print.clone());
+            b = b.handle(move |app, _req: $req| {
+                note(&print, &app, $name);
+                let $cfg = cfg.clone();
+                async move {
+                    let _ = &$cfg;
+                    $body
+                }
+            });
+        }};
+    }
+    on!(LoginRequest, "login", |c| Ok(LoginResponse { code: hex_code("devhost-"), ..Default::default() }));
+    on!(CheckSessionRequest, "checkSession", |c| Ok(CheckSessionResponse::default()));
+    on!(GetPhoneNumberRequest, "getPhoneNumber", |c| Ok(GetPhoneNumberResponse {
+        code: hex_code("devhost-phone-"),
+        ..Default::default()
+    }));
+    on!(GetEmailRequest, "getEmail", |c| Ok(GetEmailResponse { code: hex_code("devhost-email-"), ..Default::default() }));
+    on!(ChooseAvatarRequest, "chooseAvatar", |c| Ok(ChooseAvatarResponse {
+        avatar_url: c.user.avatar_url.clone(),
+        ..Default::default()
+    }));
+    on!(GetNickNameRequest, "getNickName", |c| Ok(GetNickNameResponse {
+        nick_name: c.user.nick_name.clone(),
+        ..Default::default()
+    }));
+    on!(GetUserInfoRequest, "getUserInfo", |c| {
+        let info = user_info(&c.user);
+        Ok(GetUserInfoResponse { raw_data: raw_data(&info), user_info: Some(info), ..Default::default() })
+    });
+    on!(GetUserProfileRequest, "getUserProfile", |c| {
+        let info = user_info(&c.user);
+        Ok(GetUserProfileResponse { raw_data: raw_data(&info), user_info: Some(info), ..Default::default() })
+    });
+    on!(RequestPaymentRequest, "requestPayment", |c| payment_outcome::<RequestPaymentResponse>(&c.payments));
+    on!(RequestMidasPaymentGameItemRequest, "requestMidasPaymentGameItem", |c| {
+        payment_outcome::<RequestMidasPaymentGameItemResponse>(&c.payments)
+    });
+
+    {
+        let (cfg, print) = (cfg.clone(), print.clone());
+        b = b.get_auth_code(move |app, req: GetAuthCodeRequest| {
+            note(&print, &app, &format!("getAuthCode({})", req.api));
+            let cfg = cfg.clone();
+            async move {
+                let mut answer = GetAuthCodeResponse { auth_code: hex_code("devhost-auth-"), ..Default::default() };
+                let mut refused = BTreeMap::new();
+                for s in &req.scopes {
+                    let granted = if cfg.refuse.contains(s) {
+                        false
+                    } else if cfg.scopes == "ask" && !req.previously_granted.contains(s) {
+                        let (app_id, s2) = (app.app_id.clone(), s.clone());
+                        tokio::task::spawn_blocking(move || ask_terminal(&app_id, &s2)).await.unwrap_or(false)
+                    } else {
+                        true
+                    };
+                    if granted {
+                        answer.auth_success_scopes.push(s.clone());
+                    } else {
+                        refused.insert(s.clone(), "user refused".to_owned());
+                    }
+                }
+                answer.auth_error_scopes = refused.into_iter().collect();
+                Ok(answer)
+            }
+        });
+    }
+    if !config.open_api_version.is_empty() {
+        let (version, print) = (config.open_api_version.clone(), print.clone());
+        b = b.open_api_version(move |app| {
+            note(&print, &app, "openApiVersion");
+            let version = version.clone();
+            async move { Ok(version) }
+        });
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_profile_parses_and_bad_values_are_refused() {
+        let example = include_str!("../../dev-host.example.toml");
+        let parsed = DevHostConfig::from_toml(example).unwrap();
+        assert_eq!(parsed.refuse, vec![scope::NICKNAME.to_owned()]);
+        assert!(DevHostConfig::from_toml("payments = \"maybe\"").is_err());
+        assert!(DevHostConfig::from_toml("refuse = [\"SCOPE_X\"]").is_err());
+        assert!(DevHostConfig::from_toml("open_api_version = \"v9\"").is_err());
+        assert_eq!(DevHostConfig::from_toml("").unwrap(), DevHostConfig::default());
+    }
+}
