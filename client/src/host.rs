@@ -329,6 +329,9 @@ async fn drive(
     closed: watch::Sender<bool>,
 ) {
     let running: Arc<DashMap<u64, AbortHandle>> = Arc::new(DashMap::new());
+    // Handlers still working hold the stream's sender: when this driver ends, or is aborted
+    // because the client was dropped, they must go too, or the stream would stay open.
+    let _abort_running = AbortAll(running.clone());
     loop {
         let message = match inbound.message().await {
             Ok(Some(message)) => message,
@@ -385,10 +388,18 @@ async fn drive(
             Some(daemon_message::Msg::Welcome(_)) | None => {}
         }
     }
-    for entry in running.iter() {
-        entry.value().abort();
-    }
     let _ = closed.send(true);
+}
+
+/// Aborts every running handler task when dropped.
+struct AbortAll(Arc<DashMap<u64, AbortHandle>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for entry in self.0.iter() {
+            entry.value().abort();
+        }
+    }
 }
 
 async fn answer(tx: &mpsc::Sender<HostMessage>, call_id: u64, outcome: Outcome) {
