@@ -291,10 +291,17 @@ fn read_token(t: &Target) -> Result<String, BoxError> {
 }
 
 async fn admin(t: &Target) -> Result<(AdminClient<Channel>, String), BoxError> {
-    let token = read_token(t)?;
+    // Connect first: with no daemon running there is usually no token file either, and "no daemon"
+    // is the message that helps.
     let channel = connect::channel(&t.address)
         .await
         .map_err(|_| format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address))?;
+    // Under socket activation this connection may be what starts the daemon, and the daemon creates
+    // the token file as it starts: wait for an answer (health is not token-gated) before reading it.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), health.check(request)).await;
+    let token = read_token(t)?;
     Ok((AdminClient::new(channel), token))
 }
 
@@ -487,7 +494,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         }
         None => dev_host::DevHostConfig::default(),
     };
-    let token = read_token(&t)?;
+    let (_, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
     let host = dev_host::builder(&t.address, &token, &profile, printer)
         .connect()
