@@ -23,10 +23,10 @@ impl ApiFailure {
     /// Reads the failure back out of a status; a status that carries none (a transport error, an
     /// authentication refusal) becomes a failure with the status's own code and message.
     pub fn from_status(status: &Status) -> ApiFailure {
-        if let Ok(failure) = ApiFailure::decode(status.details()) {
-            if !failure.err_msg.is_empty() {
-                return failure;
-            }
+        if let Ok(failure) = ApiFailure::decode(status.details())
+            && !failure.err_msg.is_empty()
+        {
+            return failure;
         }
         ApiFailure {
             err_msg: status.message().to_owned(),

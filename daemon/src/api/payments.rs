@@ -7,7 +7,10 @@
 //! or the other. A call that never reached the host (no host, method not implemented, limits)
 //! records nothing: the key is still unspent. A call the host took but never answered (it
 //! disconnected, the deadline passed) is recorded as "payment outcome unknown": the host has seen
-//! the key and must reconcile, and it will never see it again.
+//! the key and must reconcile, and it will never see it again. The record is written ahead, before
+//! the host can see the key, as "outcome unknown" and replaced by the outcome: a daemon that dies
+//! mid-payment answers a retry after its restart with "outcome unknown", never with a second
+//! payment.
 
 use std::sync::Arc;
 
@@ -70,7 +73,7 @@ fn key_of(request: &ApiRequest) -> String {
 
 /// What a retry finds.
 enum Found {
-    Recorded(Outcome),
+    Recorded(Box<Outcome>),
     Joined(oneshot::Receiver<Outcome>),
     Leader,
 }
@@ -89,8 +92,9 @@ pub async fn run(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersion, 
             Found::Joined(rx)
         }
         Entry::Vacant(vacant) => match b.store.payment(&inst.app_id, &key)? {
-            Some(row) => Found::Recorded(replay(api, &row)),
+            Some(row) => Found::Recorded(Box::new(replay(api, &row))),
             None => {
+                b.store.record_payment(&inst.app_id, &key, api.name(), &written_ahead(api), b.clock.now_ms())?;
                 vacant.insert(Vec::new());
                 Found::Leader
             }
@@ -99,7 +103,7 @@ pub async fn run(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersion, 
     match found {
         Found::Recorded(outcome) => {
             info!(app_id = %inst.app_id, api = api.name(), "payment retry answered from the record");
-            outcome
+            *outcome
         }
         Found::Joined(rx) => rx.await.unwrap_or(Err(ApiError::Internal("payment leader vanished".into()))),
         Found::Leader => {
@@ -132,14 +136,27 @@ fn settle(b: &Broker, app_id: &str, key: &str, api: Api, outcome: Outcome) -> Ou
     let row = match &outcome {
         Ok(resp) => PaymentRow { ok: true, body: resp.encode_to_vec() },
         Err(e) if reached_host(e) => PaymentRow { ok: false, body: e.failure(api).encode_to_vec() },
-        Err(_) => return outcome,
+        Err(_) => {
+            // Never reached the host: drop the record written ahead, so a retry may pay.
+            if let Err(e) = b.store.forget_payment(app_id, key) {
+                warn!(app_id, api = api.name(), error = %e, "could not drop the payment's write-ahead record");
+            }
+            return outcome;
+        }
     };
-    if let Err(e) = b.store.record_payment(app_id, key, api.name(), &row, b.clock.now_ms()) {
+    if let Err(e) = b.store.settle_payment(app_id, key, api.name(), &row, b.clock.now_ms()) {
         warn!(app_id, api = api.name(), error = %e, "could not record a payment outcome");
         return Err(ApiError::Internal("could not record the payment outcome".into()));
     }
     info!(app_id, api = api.name(), ok = row.ok, "payment outcome recorded");
     outcome
+}
+
+/// The record a payment has while the host may be working on it: what a retry gets if the daemon
+/// dies before the outcome replaces it.
+fn written_ahead(api: Api) -> PaymentRow {
+    let unknown = ApiError::PaymentOutcomeUnknown("the daemon stopped while the payment was in flight".into());
+    PaymentRow { ok: false, body: unknown.failure(api).encode_to_vec() }
 }
 
 /// Whether a failure means the host saw the key (so it is spent).

@@ -123,6 +123,7 @@ fn peer_info(io: &LocalStream) -> PeerInfo {
         Ok(creds) => PeerInfo {
             pid: creds.pid().map(|p| p as u32),
             #[cfg(unix)]
+            #[allow(clippy::unnecessary_cast)] // uid_t is u32 on Linux, not everywhere
             uid: creds.euid().map(|u| u as u32),
             #[cfg(not(unix))]
             uid: None,
