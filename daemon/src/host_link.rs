@@ -414,6 +414,18 @@ impl HostLink {
         expect: Expect,
     ) -> Result<HostAnswer, ApiError> {
         let session = self.wait_current().await?;
+        Self::call_on(&session, app, request, expect).await
+    }
+
+    /// As [`call`](Self::call), but on `session` only: if that host is gone the call fails with
+    /// "host disconnected" instead of going to its successor (a version must be tagged with the
+    /// host that chose it).
+    pub async fn call_on(
+        session: &Arc<HostSession>,
+        app: AppInfo,
+        request: delegate_call::Request,
+        expect: Expect,
+    ) -> Result<HostAnswer, ApiError> {
         let method = expect.method();
         if !session.implements(method) {
             return Err(ApiError::NotImplementedByHost(method));
@@ -423,7 +435,7 @@ impl HostLink {
         let Some(id) = session.register(Pending::new(ReplyTo::Wait(tx), expect, instance, 0, None)) else {
             return Err(ApiError::HostGone);
         };
-        let guard = CancelOnDrop { session: &session, id };
+        let guard = CancelOnDrop { session, id };
         session.send(id, app, request).await;
         let outcome = rx.await.unwrap_or(Err(ApiError::Internal("call dropped without an answer".into())));
         std::mem::forget(guard);

@@ -223,6 +223,23 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
+    pub fn settle_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
+        Ok(())
+    }
+
+    /// Drops a payment's record (the payment never reached the host; its key is unspent).
+    pub fn forget_payment(&self, app_id: &str, key: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM payments WHERE app_id = ?1 AND idempotency_key = ?2", params![app_id, key])?;
+        Ok(())
+    }
+
     /// How many payment outcomes are recorded (status, tests).
     pub fn payment_count(&self) -> Result<u64, StoreError> {
         Ok(self.conn().query_row("SELECT COUNT(*) FROM payments", [], |r| r.get::<_, i64>(0))? as u64)

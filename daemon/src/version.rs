@@ -166,6 +166,55 @@ mod tests {
             let ok = s.parse::<ApiVersion>().is_ok();
             prop_assert_eq!(ok, matches!(s.as_str(), "v1" | "v2" | "v3"));
         }
+
+        #[test]
+        fn app_json_reads_the_version_among_any_other_keys(
+            v in 0usize..3,
+            others in prop::collection::btree_map("[a-zA-Z]{1,10}", json_value(), 0..6),
+        ) {
+            let version = [ApiVersion::V1, ApiVersion::V2, ApiVersion::V3][v];
+            let mut obj: serde_json::Map<String, serde_json::Value> = others.into_iter().collect();
+            obj.insert("apiVersion".into(), version.as_str().into());
+            let text = serde_json::Value::Object(obj).to_string();
+            prop_assert_eq!(AppJson::parse(&text), Ok(AppJson { api_version: Some(version) }));
+        }
+
+        #[test]
+        fn app_json_of_any_json_is_accepted_exactly_when_valid(
+            mut value in json_value(),
+            version in proptest::option::of(prop_oneof![json_value(), "v[0-9]".prop_map(serde_json::Value::from)]),
+        ) {
+            if let (serde_json::Value::Object(obj), Some(v)) = (&mut value, version) {
+                obj.insert("apiVersion".into(), v);
+            }
+            let valid = match &value {
+                serde_json::Value::Object(obj) => match obj.get("apiVersion") {
+                    None | Some(serde_json::Value::Null) => true,
+                    Some(serde_json::Value::String(s)) => s.parse::<ApiVersion>().is_ok(),
+                    Some(_) => false,
+                },
+                _ => false,
+            };
+            prop_assert_eq!(AppJson::parse(&value.to_string()).is_ok(), valid);
+        }
+    }
+
+    /// Any JSON value, nested a few levels.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 }
 
@@ -180,21 +229,29 @@ pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInsta
         return Ok(v);
     }
     let _one_at_a_time = inst.resolving.lock().await;
-    let host = b.host.current();
+    if let Some(v) = inst.app_json.api_version {
+        inst.set_version(v, VersionSource::AppJson, 0);
+        return Ok(v);
+    }
+    // While a host restarts, wait (up to the grace period) for the next one: its answer, not the
+    // default, is what the instance should run with.
+    let host = b.host.wait_current().await.ok();
     let host_id = host.as_ref().map_or(0, |h| h.id);
     if let Some((v, _)) = inst.resolved(host_id) {
         return Ok(v);
     }
-    if let Some(v) = inst.app_json.api_version {
-        inst.set_version(v, VersionSource::AppJson, 0);
-        return Ok(v);
+    // A version an earlier host chose is never swapped for the default because no host could be
+    // asked again: the call fails, and the next one asks.
+    let chosen_by_a_host = inst.version_label().1 == VersionSource::Host.as_str();
+    if host.is_none() && chosen_by_a_host {
+        return Err(crate::error::ApiError::NoHost);
     }
     let default = b.config.default_api_version;
     let asked = match host {
         Some(h) if h.implements(DelegateMethod::OpenApiVersion) => {
             let app = crate::broker::Broker::app_info(inst, None);
             let request = delegate_call::Request::OpenApiVersion(OpenApiVersionRequest {});
-            match b.host.call(app, request, Expect::Version).await {
+            match crate::host_link::HostLink::call_on(&h, app, request, Expect::Version).await {
                 Ok(HostAnswer::Version(answer)) => match answer.version.parse::<ApiVersion>() {
                     Ok(v) => Some((v, h.id)),
                     Err(e) => {
@@ -203,6 +260,12 @@ pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInsta
                     }
                 },
                 Ok(_) => None,
+                // The host went away (or never answered) before it chose: not a choice of the
+                // default. Nothing is cached; the next call asks again.
+                Err(e @ (crate::error::ApiError::HostGone | crate::error::ApiError::Timeout | crate::error::ApiError::Cancelled(_))) => {
+                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion failed; using the default");
                     None
