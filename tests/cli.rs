@@ -561,3 +561,58 @@ async fn the_first_status_starts_an_on_demand_daemon() {
     let status = daemon.stop().await;
     assert!(status.success(), "exit {status}");
 }
+
+/// What `grpcurl -unix ... list` and a health probe do: server reflection names every service the
+/// contract defines (and can describe their files), and health checking reports each one serving.
+#[tokio::test]
+async fn reflection_and_health_serve_standard_tools() {
+    use tokio_stream::StreamExt as _;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+
+    let daemon = support::Daemon::start().await;
+    let channel = connect::channel(&daemon.address()).await.expect("channel");
+
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("miniapp.broker.v1.OpenApi".into()),
+    ]
+    .map(|m| ServerReflectionRequest { host: String::new(), message_request: Some(m) });
+    let mut answers = within("reflection", reflection.server_reflection_info(tokio_stream::iter(requests)))
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    let Some(Ok(first)) = within("list", answers.next()).await else { panic!("no list answer") };
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("not a list: {first:?}") };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    for expected in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "miniapp.broker.v1.Admin",
+        "miniapp.broker.v1.Exchange",
+        "miniapp.broker.v1.Host",
+        "miniapp.broker.v1.OpenApi",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+    let Some(Ok(second)) = within("describe", answers.next()).await else { panic!("no describe answer") };
+    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else { panic!("not files: {second:?}") };
+    assert!(!files.file_descriptor_proto.is_empty(), "OpenApi's file is described");
+
+    let mut health = HealthClient::new(channel);
+    for service in ["", "miniapp.broker.v1.OpenApi", "miniapp.broker.v1.Host"] {
+        let answer = within("health", health.check(HealthCheckRequest { service: service.into() }))
+            .await
+            .unwrap_or_else(|s| panic!("health {service:?}: {s}"))
+            .into_inner();
+        assert_eq!(answer.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = within("health", health.check(HealthCheckRequest { service: "no.such.Service".into() })).await;
+    assert_eq!(unknown.expect_err("unknown service").code(), tonic::Code::NotFound);
+    daemon.stop().await;
+}
