@@ -168,4 +168,179 @@ mod tests {
             prop_assert_eq!(p.pay_sign, sign);
         }
     }
+
+    // Every API's params: a typed request written as the params object a mini program passes
+    // (plus keys the bridge must ignore) parses back to the same request.
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,24}"
+    }
+
+    /// Any JSON value, nested a few levels (deep nesting has its own property).
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Any typed request of any API, every field arbitrary.
+    fn any_request() -> impl Strategy<Value = v1::ApiRequest> {
+        prop_oneof![
+            any::<u32>().prop_map(|timeout| v1::LoginRequest { timeout }.into_request()),
+            Just(v1::CheckSessionRequest {}.into_request()),
+            Just(v1::GetPhoneNumberRequest {}.into_request()),
+            Just(v1::GetEmailRequest {}.into_request()),
+            Just(v1::ChooseAvatarRequest {}.into_request()),
+            Just(v1::GetNickNameRequest {}.into_request()),
+            (any::<bool>(), text()).prop_map(|(with_credentials, lang)| v1::GetUserInfoRequest { with_credentials, lang }.into_request()),
+            (text(), text()).prop_map(|(desc, lang)| v1::GetUserProfileRequest { desc, lang }.into_request()),
+            (text(), text(), text(), text(), text(), text()).prop_map(|(time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key)| {
+                v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }.into_request()
+            }),
+            (text(), text(), text(), text()).prop_map(|(sign_data, pay_sig, signature, idempotency_key)| {
+                v1::RequestMidasPaymentGameItemRequest { sign_data, pay_sig, signature, idempotency_key }.into_request()
+            }),
+        ]
+    }
+
+    /// The params object a mini program would pass for `req`.
+    fn params_of(req: &v1::ApiRequest) -> Value {
+        use v1::api_request::Api as A;
+        match req.api.as_ref().expect("a request") {
+            A::Login(r) => serde_json::to_value(r),
+            A::CheckSession(r) => serde_json::to_value(r),
+            A::GetPhoneNumber(r) => serde_json::to_value(r),
+            A::GetEmail(r) => serde_json::to_value(r),
+            A::ChooseAvatar(r) => serde_json::to_value(r),
+            A::GetNickName(r) => serde_json::to_value(r),
+            A::GetUserInfo(r) => serde_json::to_value(r),
+            A::GetUserProfile(r) => serde_json::to_value(r),
+            A::RequestPayment(r) => serde_json::to_value(r),
+            A::RequestMidasPaymentGameItem(r) => serde_json::to_value(r),
+        }
+        .expect("requests serialize")
+    }
+
+    fn user_info() -> impl Strategy<Value = Option<v1::UserInfo>> {
+        proptest::option::of((text(), text(), 0u32..3, text()).prop_map(|(nick_name, avatar_url, gender, city)| v1::UserInfo {
+            nick_name,
+            avatar_url,
+            gender,
+            city,
+            ..Default::default()
+        }))
+    }
+
+    /// Any successful answer of any API.
+    fn any_response() -> impl Strategy<Value = v1::ApiResponse> {
+        prop_oneof![
+            (text(), text()).prop_map(|(err_msg, code)| v1::LoginRequest::wrap_response(v1::LoginResponse { err_msg, code })),
+            text().prop_map(|err_msg| v1::CheckSessionRequest::wrap_response(v1::CheckSessionResponse { err_msg })),
+            (text(), text()).prop_map(|(err_msg, code)| v1::GetPhoneNumberRequest::wrap_response(v1::GetPhoneNumberResponse { err_msg, code })),
+            (text(), text()).prop_map(|(err_msg, code)| v1::GetEmailRequest::wrap_response(v1::GetEmailResponse { err_msg, code })),
+            (text(), text()).prop_map(|(err_msg, avatar_url)| v1::ChooseAvatarRequest::wrap_response(v1::ChooseAvatarResponse { err_msg, avatar_url })),
+            (text(), text()).prop_map(|(err_msg, nick_name)| v1::GetNickNameRequest::wrap_response(v1::GetNickNameResponse { err_msg, nick_name })),
+            (text(), user_info(), text(), text()).prop_map(|(err_msg, user_info, raw_data, signature)| {
+                v1::GetUserInfoRequest::wrap_response(v1::GetUserInfoResponse { err_msg, user_info, raw_data, signature, ..Default::default() })
+            }),
+            (text(), user_info(), text(), text()).prop_map(|(err_msg, user_info, encrypted_data, iv)| {
+                v1::GetUserProfileRequest::wrap_response(v1::GetUserProfileResponse { err_msg, user_info, encrypted_data, iv, ..Default::default() })
+            }),
+            text().prop_map(|err_msg| v1::RequestPaymentRequest::wrap_response(v1::RequestPaymentResponse { err_msg })),
+            text().prop_map(|err_msg| {
+                v1::RequestMidasPaymentGameItemRequest::wrap_response(v1::RequestMidasPaymentGameItemResponse { err_msg })
+            }),
+        ]
+    }
+
+    /// Reads a success object back into the typed answer of `api`.
+    fn response_from_json(api: Api, value: Value) -> v1::ApiResponse {
+        fn read<T: ApiCall>(value: Value) -> v1::ApiResponse
+        where
+            T::Response: DeserializeOwned,
+        {
+            T::wrap_response(serde_json::from_value(value).expect("a success object reads back"))
+        }
+        match api {
+            Api::Login => read::<v1::LoginRequest>(value),
+            Api::CheckSession => read::<v1::CheckSessionRequest>(value),
+            Api::GetPhoneNumber => read::<v1::GetPhoneNumberRequest>(value),
+            Api::GetEmail => read::<v1::GetEmailRequest>(value),
+            Api::ChooseAvatar => read::<v1::ChooseAvatarRequest>(value),
+            Api::GetNickName => read::<v1::GetNickNameRequest>(value),
+            Api::GetUserInfo => read::<v1::GetUserInfoRequest>(value),
+            Api::GetUserProfile => read::<v1::GetUserProfileRequest>(value),
+            Api::RequestPayment => read::<v1::RequestPaymentRequest>(value),
+            Api::RequestMidasPaymentGameItem => read::<v1::RequestMidasPaymentGameItemRequest>(value),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_api_round_trips_through_its_params(
+            req in any_request(),
+            ignored in prop::collection::btree_map("zz[a-z]{0,6}|success|fail|complete", json_value(), 0..4),
+        ) {
+            let api = req.api().unwrap();
+            let mut params = params_of(&req);
+            for (key, value) in ignored {
+                params[key.as_str()] = value;
+            }
+            prop_assert_eq!(request_from_json(api, &params.to_string()), Ok(req));
+        }
+
+        #[test]
+        fn any_json_value_parses_or_is_refused_cleanly(api in 0usize..10, value in json_value()) {
+            let api = Api::ALL[api];
+            match request_from_json(api, &value.to_string()) {
+                Ok(req) => prop_assert_eq!(req.api(), Some(api)),
+                Err(JsonError::NotAnObject) => prop_assert!(!value.is_object()),
+                Err(JsonError::Invalid(_)) => prop_assert!(value.is_object()),
+                Err(JsonError::TooDeep) => prop_assert!(false, "nested at most 5 deep"),
+            }
+        }
+
+        #[test]
+        fn nesting_is_refused_exactly_beyond_max_depth(api in 0usize..10, n in 0usize..80, arrays in any::<bool>()) {
+            let (open, close) = if arrays { ("[", "]") } else { ("{\"k\":", "}") };
+            let params = format!("{{\"zz\":{}1{}}}", open.repeat(n), close.repeat(n));
+            let result = request_from_json(Api::ALL[api], &params);
+            if n + 1 > MAX_DEPTH {
+                prop_assert_eq!(result, Err(JsonError::TooDeep));
+            } else {
+                prop_assert!(result.is_ok(), "{} deep: {:?}", n + 1, result);
+            }
+        }
+
+        #[test]
+        fn answers_round_trip_through_the_success_object(resp in any_response()) {
+            let value = response_to_json(&resp);
+            prop_assert_eq!(value["errMsg"].as_str(), Some(resp.err_msg()));
+            prop_assert_eq!(response_from_json(resp.api().unwrap(), value), resp);
+        }
+
+        #[test]
+        fn failures_keep_err_msg_errno_and_the_host_error(err_msg in text(), errno in any::<i64>(), host in proptest::option::of((text(), any::<i64>(), text()))) {
+            let failure = v1::ApiFailure {
+                err_msg: err_msg.clone(),
+                errno,
+                host_error: host.map(|(domain, code, message)| v1::HostError { domain, code, message }),
+                ..Default::default()
+            };
+            let value = failure_to_json(&failure);
+            prop_assert_eq!(value["errMsg"].as_str(), Some(err_msg.as_str()));
+            prop_assert_eq!(value["errno"].as_i64(), Some(errno));
+            prop_assert_eq!(value.get("hostError").is_some(), failure.host_error.is_some());
+        }
+    }
 }

@@ -64,6 +64,17 @@ struct Mux {
     tx: mpsc::Sender<RendererCall>,
     pending: DashMap<u64, oneshot::Sender<Result<ApiResponse, ApiFailure>>>,
     alive: AtomicBool,
+    /// The task reading replies. It holds the stream (and, through `Mux`, its sender) open, so
+    /// dropping the client aborts it: the daemon then sees the renderer go away.
+    reader: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(reader) = self.mux.get_mut().take().as_ref().and_then(|mux| mux.reader.get()) {
+            reader.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for RendererClient {
@@ -102,7 +113,10 @@ impl RendererClient {
     }
 
     fn with_channel(channel: Channel, launch_token: &str) -> RendererClient {
-        let token = MetadataValue::try_from(launch_token).unwrap_or_else(|_| MetadataValue::from_static("invalid"));
+        let mut token = MetadataValue::try_from(launch_token).unwrap_or_else(|_| MetadataValue::from_static("invalid"));
+        // Never indexed by HPACK: the token is a secret, and the daemon keeps no copy of it in its
+        // per-connection header table.
+        token.set_sensitive(true);
         let client = OpenApiClient::new(channel).max_decoding_message_size(16 << 20);
         RendererClient {
             inner: Arc::new(Inner { client, token, mux: Mutex::new(None), next_id: AtomicU64::new(1) }),
@@ -176,8 +190,9 @@ impl RendererClient {
             .await
             .map_err(|s| status_failure(api, &s))?
             .into_inner();
-        let mux = Arc::new(Mux { tx, pending: DashMap::new(), alive: AtomicBool::new(true) });
-        tokio::spawn(read_replies(mux.clone(), replies));
+        let mux = Arc::new(Mux { tx, pending: DashMap::new(), alive: AtomicBool::new(true), reader: Default::default() });
+        let reader = tokio::spawn(read_replies(mux.clone(), replies));
+        let _ = mux.reader.set(reader.abort_handle());
         *slot = Some(mux.clone());
         Ok(mux)
     }
@@ -318,6 +333,15 @@ async fn read_replies(mux: Arc<Mux>, mut replies: Streaming<RendererReply>) {
                     errno: 1007,
                     grpc_code: end.0 as i32,
                     reason: "unauthenticated".into(),
+                    host_error: None,
+                },
+                // The daemon refused what this stream sent (a message over its size limit): final,
+                // a retry would send the same thing again.
+                code @ (Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument) => ApiFailure {
+                    err_msg: format!("unknown:fail {}", end.1),
+                    errno: 1005,
+                    grpc_code: code as i32,
+                    reason: format!("{code:?}"),
                     host_error: None,
                 },
                 code => transport_failure("unknown", code, &end.1),

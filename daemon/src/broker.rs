@@ -20,7 +20,7 @@ use crate::{
     clock::Clock,
     config::Config,
     error::ApiError,
-    host_link::{HostLink, ReplyPermit, ReplyTo},
+    host_link::{Deferred, HostLink, ReplyPermit, ReplyTo},
     limits::RateLimits,
     platform::Platform,
     registry::{AppInstance, AppRegistry},
@@ -89,18 +89,29 @@ impl Broker {
     }
 
     /// One call from a renderer stream; the answer goes out through `permit`. Calls the host
-    /// answers are forwarded without a task of their own, and v2 defaults are answered inline;
-    /// anything that may wait (v3's getAuthCode, payments, a first call that resolves the version)
-    /// runs on its own task so the stream keeps flowing.
-    pub async fn call_streamed(self: &Arc<Self>, instance: &Arc<AppInstance>, call: RendererCall, permit: ReplyPermit, stream: u64) {
+    /// answers are written to the host's queue right here, from the stream's own task, without
+    /// waiting; v2 defaults are answered by the returned future, which the stream's task awaits
+    /// before it reads the next call (as it awaits a forward whose host queue is full); anything
+    /// that may wait longer (v3's getAuthCode, payments, a first call that resolves the version)
+    /// runs on its own task so the stream keeps flowing. Returning the waiting part instead of
+    /// being `async` keeps the stream task small while it is idle.
+    pub fn call_streamed(
+        self: &Arc<Self>,
+        instance: &Arc<AppInstance>,
+        call: RendererCall,
+        permit: ReplyPermit,
+        stream: u64,
+    ) -> Option<Deferred> {
         let id = call.id;
         let request = call.request.unwrap_or_default();
         let fail = |permit: ReplyPermit, api: &str, e: ApiError| {
             permit.send(Ok(RendererReply { id, outcome: Some(renderer_reply::Outcome::Failure(e.to_failure(api))) }));
+            None
         };
         let api = match api::validate(&request) {
             Ok(api) => api,
-            Err(e) => return fail(permit, "unknown", e),
+            // Name the API the request is for ("requestPayment:fail ..."), as the other surfaces do.
+            Err(e) => return fail(permit, request.api().map_or("unknown", |a| a.name()), e),
         };
         let slot = match self.admit(instance) {
             Ok(slot) => slot,
@@ -110,12 +121,16 @@ impl Broker {
         match resolved.map(|v| (v, api::route(api, v))) {
             Some((v, api::Route::Delegate)) => {
                 let app = Broker::app_info(instance, Some(v));
-                self.host.forward(app, request, api, ReplyTo::Stream { permit, id }, stream, slot).await;
+                let reply = ReplyTo::Stream { permit, id };
+                self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
             }
             Some((ApiVersion::V2, api::Route::Default)) => {
-                let outcome = api::run_default(self, instance, ApiVersion::V2, request).await;
-                drop(slot);
-                permit.send(Ok(reply(id, api, outcome)));
+                let (broker, instance) = (self.clone(), instance.clone());
+                Some(Box::pin(async move {
+                    let outcome = api::run_default(&broker, &instance, ApiVersion::V2, request).await;
+                    drop(slot);
+                    permit.send(Ok(reply(id, api, outcome)));
+                }))
             }
             _ => {
                 let broker = self.clone();
@@ -128,6 +143,7 @@ impl Broker {
                     drop(slot);
                     permit.send(Ok(reply(id, api, outcome)));
                 });
+                None
             }
         }
     }

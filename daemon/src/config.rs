@@ -225,10 +225,122 @@ mod tests {
         assert!(Config::from_toml("").is_ok());
     }
 
+    fn path() -> impl Strategy<Value = Option<PathBuf>> {
+        proptest::option::of("/[a-zA-Z0-9 ._-]{1,20}(/[a-zA-Z0-9 ._-]{1,12}){0,3}".prop_map(PathBuf::from))
+    }
+
+    /// Any config `validate` accepts (TOML integers are i64, so values stay below 2^40).
+    fn any_valid_config() -> impl Strategy<Value = Config> {
+        let host = (1u64..1 << 40, 0u64..1 << 40, 0u64..1 << 40, path())
+            .prop_map(|(call_timeout_ms, grace_ms, hello_timeout_ms, token_file)| HostConfig { call_timeout_ms, grace_ms, hello_timeout_ms, token_file });
+        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32..).prop_map(
+            |(max_message_bytes, max_calls_in_flight_per_instance, calls_per_second_per_app, burst_per_app, max_renderer_streams, max_connections)| {
+                LimitsConfig {
+                    max_message_bytes,
+                    max_calls_in_flight_per_instance,
+                    calls_per_second_per_app,
+                    burst_per_app,
+                    max_renderer_streams,
+                    max_connections,
+                }
+            },
+        );
+        let sessions = (1u64..1 << 40, 1u64..1 << 40).prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
+        let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}")).prop_map(|(union_group, secret)| AppConfig { union_group, secret });
+        (
+            (path(), path(), any::<bool>(), prop_oneof![Just(ApiVersion::V1), Just(ApiVersion::V2), Just(ApiVersion::V3)]),
+            host,
+            limits,
+            sessions,
+            prop_oneof![Just("normal"), Just("full")],
+            (".{0,24}", prop_oneof![Just("text"), Just("json")]),
+            prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
+        )
+            .prop_map(|((socket, data_dir, ephemeral, default_api_version), host, limits, sessions, synchronous, (filter, format), apps)| Config {
+                socket,
+                data_dir,
+                ephemeral,
+                default_api_version,
+                host,
+                limits,
+                sessions,
+                store: StoreConfig { synchronous: synchronous.into() },
+                log: LogConfig { filter, format: format.into() },
+                apps,
+            })
+    }
+
+    /// A line of config-shaped TOML: a known section and key with a plausible or hostile value.
+    fn config_line() -> impl Strategy<Value = (&'static str, &'static str, String)> {
+        const KEYS: &[(&str, &str)] = &[
+            ("", "socket"),
+            ("", "data_dir"),
+            ("", "ephemeral"),
+            ("", "default_api_version"),
+            ("host", "call_timeout_ms"),
+            ("host", "grace_ms"),
+            ("host", "hello_timeout_ms"),
+            ("host", "token_file"),
+            ("limits", "max_message_bytes"),
+            ("limits", "max_calls_in_flight_per_instance"),
+            ("limits", "calls_per_second_per_app"),
+            ("limits", "burst_per_app"),
+            ("limits", "max_renderer_streams"),
+            ("limits", "max_connections"),
+            ("sessions", "lifetime_secs"),
+            ("sessions", "code_ttl_secs"),
+            ("store", "synchronous"),
+            ("log", "filter"),
+            ("log", "format"),
+            ("apps.wxa", "union_group"),
+            ("apps.wxa", "secret"),
+            ("limits", "max_sockets"),
+        ];
+        let value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            (-3i64..70_000).prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<f64>().prop_map(|f| toml::Value::Float(f).to_string()),
+            prop_oneof![Just("v1"), Just("v3"), Just("v4"), Just("normal"), Just("full"), Just("off"), Just("text"), Just("json")]
+                .prop_map(|s| format!("\"{s}\"")),
+            ".{0,16}".prop_map(|s| toml::Value::String(s).to_string()),
+            Just("[1, \"a\"]".to_owned()),
+        ];
+        (proptest::sample::select(KEYS), value).prop_map(|((section, key), value)| (section, key, value))
+    }
+
     proptest! {
         #[test]
         fn any_text_is_a_config_or_an_error(text in ".{0,200}") {
             let _ = Config::from_toml(&text);
+        }
+
+        #[test]
+        fn any_valid_config_round_trips_through_toml(config in any_valid_config()) {
+            let text = toml::to_string(&config).expect("a config serializes");
+            prop_assert_eq!(Config::from_toml(&text), Ok(config));
+        }
+
+        #[test]
+        fn config_shaped_text_is_refused_cleanly_or_valid(lines in prop::collection::vec(config_line(), 0..12)) {
+            let mut sections: BTreeMap<&str, Vec<(&str, String)>> = BTreeMap::new();
+            for (section, key, value) in lines {
+                sections.entry(section).or_default().push((key, value));
+            }
+            let mut text = String::new();
+            for (section, entries) in sections {
+                if !section.is_empty() {
+                    text.push_str(&format!("[{section}]\n"));
+                }
+                for (key, value) in entries {
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+            // Whatever is accepted is a valid config that survives being written back out.
+            if let Ok(config) = Config::from_toml(&text) {
+                let again = toml::to_string(&config).expect("an accepted config serializes");
+                prop_assert_eq!(Config::from_toml(&again), Ok(config));
+            }
         }
     }
 }

@@ -265,4 +265,56 @@ mod tests {
         assert!(DevHostConfig::from_toml("open_api_version = \"v9\"").is_err());
         assert_eq!(DevHostConfig::from_toml("").unwrap(), DevHostConfig::default());
     }
+
+    use proptest::prelude::*;
+
+    /// Any profile `from_toml` accepts.
+    fn any_valid_profile() -> impl Strategy<Value = DevHostConfig> {
+        let user = (".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}")
+            .prop_map(|(uid, nick_name, avatar_url, phone_number, email)| DevUser { uid, nick_name, avatar_url, phone_number, email });
+        (
+            ".{0,16}",
+            user,
+            prop_oneof![Just("ok"), Just("fail"), Just("cancel")],
+            prop_oneof![Just("auto"), Just("ask")],
+            proptest::sample::subsequence(scope::ALL.to_vec(), 0..=scope::ALL.len()),
+            prop_oneof![Just(""), Just("v1"), Just("v2"), Just("v3")],
+        )
+            .prop_map(|(name, user, payments, scopes, refuse, open_api_version)| DevHostConfig {
+                name,
+                user,
+                payments: payments.into(),
+                scopes: scopes.into(),
+                refuse: refuse.into_iter().map(str::to_owned).collect(),
+                open_api_version: open_api_version.into(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_a_profile_or_an_error(text in ".{0,200}") {
+            let _ = DevHostConfig::from_toml(&text);
+        }
+
+        #[test]
+        fn valid_profiles_round_trip_through_toml(profile in any_valid_profile()) {
+            let text = toml::to_string(&profile).expect("a profile serializes");
+            prop_assert_eq!(DevHostConfig::from_toml(&text), Ok(profile));
+        }
+
+        #[test]
+        fn only_the_documented_values_are_accepted(
+            payments in "ok|fail|cancel|[a-z]{0,6}",
+            scopes in "auto|ask|[a-z]{0,4}",
+            refuse in "SCOPE_(EMAIL|AVATAR|NICKNAME|PHONE_NUMBER|[A-Z]{0,5})",
+            version in "v?[0-9]?",
+        ) {
+            let text = format!("payments = {payments:?}\nscopes = {scopes:?}\nrefuse = [{refuse:?}]\nopen_api_version = {version:?}\n");
+            let valid = matches!(payments.as_str(), "ok" | "fail" | "cancel")
+                && matches!(scopes.as_str(), "auto" | "ask")
+                && scope::ALL.contains(&refuse.as_str())
+                && matches!(version.as_str(), "" | "v1" | "v2" | "v3");
+            prop_assert_eq!(DevHostConfig::from_toml(&text).is_ok(), valid);
+        }
+    }
 }

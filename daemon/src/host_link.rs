@@ -9,10 +9,14 @@
 //! renderer or its app went away), or "host disconnected" (the stream ended).
 
 use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -26,7 +30,8 @@ use miniapp_broker_proto::{
         delegate_call, delegate_result, renderer_reply,
     },
 };
-use tokio::sync::{Notify, mpsc, oneshot};
+use futures::{Stream, task::AtomicWaker};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -34,10 +39,10 @@ use crate::{error::ApiError, registry::CallSlot};
 
 /// What the daemon writes to the host stream.
 pub type HostSender = mpsc::Sender<Result<DaemonMessage, Status>>;
-/// What the daemon writes to a renderer stream.
-pub type ReplySender = mpsc::Sender<Result<RendererReply, Status>>;
-/// Room for one reply on a renderer stream, reserved when the call arrives.
-pub type ReplyPermit = mpsc::OwnedPermit<Result<RendererReply, Status>>;
+/// The part of a streamed call that has to wait (the host's queue is full, or no host is
+/// connected yet within the grace period), for the renderer stream's task to await. The common
+/// case needs none: the call is written to the host's queue without waiting.
+pub type Deferred = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Which answer a call expects: an open API's, or one of the host-only methods'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +110,12 @@ impl Pending {
 
     /// Delivers the call's one answer.
     fn finish(self, call_id: u64, outcome: Result<HostAnswer, ApiError>) {
-        let latency_us = self.started.elapsed().as_micros() as u64;
-        match &outcome {
-            Ok(_) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, "delegate call answered"),
-            Err(e) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, reason = e.reason(), "delegate call failed"),
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let latency_us = self.started.elapsed().as_micros() as u64;
+            match &outcome {
+                Ok(_) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, "delegate call answered"),
+                Err(e) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, reason = e.reason(), "delegate call failed"),
+            }
         }
         match self.reply {
             ReplyTo::Wait(tx) => {
@@ -181,17 +188,42 @@ impl HostSession {
         Some(id)
     }
 
-    /// Sends a registered call to the host.
-    async fn send(&self, id: u64, app: AppInfo, request: delegate_call::Request) {
+    fn call_message(&self, id: u64, app: AppInfo, request: delegate_call::Request) -> DaemonMessage {
         let call = DelegateCall {
             call_id: id,
             app: Some(app),
             deadline_ms: self.call_timeout.as_millis() as u32,
             request: Some(request),
         };
-        let message = DaemonMessage { msg: Some(daemon_message::Msg::Call(call)) };
+        DaemonMessage { msg: Some(daemon_message::Msg::Call(call)) }
+    }
+
+    /// Sends a registered call to the host.
+    async fn send(&self, id: u64, app: AppInfo, request: delegate_call::Request) {
+        let message = self.call_message(id, app, request);
         if self.tx.send(Ok(message)).await.is_err() {
             self.fail(id, ApiError::HostGone);
+        }
+    }
+
+    /// Sends a registered call to the host from the caller's task, without waiting when the
+    /// host's queue has room; when it is full, returns the send for the caller to await (a
+    /// renderer stream then stops reading calls until the host catches up).
+    fn send_now(self: &Arc<Self>, id: u64, app: AppInfo, request: delegate_call::Request) -> Option<Deferred> {
+        match self.tx.try_send(Ok(self.call_message(id, app, request))) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let session = self.clone();
+                Some(Box::pin(async move {
+                    if session.tx.send(message).await.is_err() {
+                        session.fail(id, ApiError::HostGone);
+                    }
+                }))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.fail(id, ApiError::HostGone);
+                None
+            }
         }
     }
 
@@ -442,27 +474,51 @@ impl HostLink {
         outcome
     }
 
-    /// Forwards a renderer-stream call to the host; the answer goes straight into the renderer's
-    /// stream. Never waits for the answer.
-    pub async fn forward(
-        &self,
+    /// Forwards a renderer-stream call to the host, from the renderer stream's own task: the call
+    /// is registered and written to the host's queue right here, and the answer goes straight
+    /// into the renderer's stream. Never waits for the answer; returns what is left to wait for
+    /// only when the host's queue is full or no host is connected yet (see [`Deferred`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        self: &Arc<Self>,
         app: AppInfo,
+        instance: Arc<str>,
         request: ApiRequest,
         api: Api,
         reply: ReplyTo,
         stream: u64,
         slot: CallSlot,
-    ) {
-        let instance: Arc<str> = app.instance_id.as_str().into();
+    ) -> Option<Deferred> {
         let pending = Pending::new(reply, Expect::Api(api), instance, stream, Some(slot));
-        let session = match self.wait_current().await {
-            Ok(s) if s.implements(api.method()) => s,
-            Ok(_) => return pending.finish(0, Err(ApiError::NotImplementedByHost(api.method()))),
-            Err(e) => return pending.finish(0, Err(e)),
-        };
-        if let Some(id) = session.register(pending) {
-            session.send(id, app, delegate_call::Request::Api(request)).await;
+        match self.current() {
+            Some(session) => Self::dispatch(&session, pending, app, request, api),
+            None if self.grace.is_zero() => {
+                pending.finish(0, Err(ApiError::NoHost));
+                None
+            }
+            None => {
+                let link = self.clone();
+                Some(Box::pin(async move {
+                    match link.wait_current().await {
+                        Ok(session) => {
+                            if let Some(rest) = Self::dispatch(&session, pending, app, request, api) {
+                                rest.await;
+                            }
+                        }
+                        Err(e) => pending.finish(0, Err(e)),
+                    }
+                }))
+            }
         }
+    }
+
+    fn dispatch(session: &Arc<HostSession>, pending: Pending, app: AppInfo, request: ApiRequest, api: Api) -> Option<Deferred> {
+        if !session.implements(api.method()) {
+            pending.finish(0, Err(ApiError::NotImplementedByHost(api.method())));
+            return None;
+        }
+        let id = session.register(pending)?;
+        session.send_now(id, app, delegate_call::Request::Api(request))
     }
 
     /// A renderer stream closed: cancel its calls on the host.
@@ -493,5 +549,180 @@ struct CancelOnDrop<'a> {
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         self.session.abandon(self.id, ApiError::Cancelled("renderer went away"), "renderer went away");
+    }
+}
+
+/// A renderer stream's replies: a bounded queue whose room is reserved when a call arrives, filled
+/// later by whichever task has the answer (the host link's, usually), and read by the stream's
+/// response body. tokio's mpsc channel does the same, but costs ~800 bytes per stream up front (a
+/// cache-padded channel and a first block of 32 slots); an idle renderer stream keeps this one at
+/// ~150. Each reply is boxed, so the queue's own buffer stays a few pointers.
+struct ReplyQueue {
+    room: Semaphore,
+    items: std::sync::Mutex<VecDeque<Box<Result<RendererReply, Status>>>>,
+    reader: AtomicWaker,
+    /// The sender and the reserved, not yet used permits. The stream ends when this reaches 0 and
+    /// the queue is empty.
+    writers: AtomicUsize,
+}
+
+impl ReplyQueue {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<Result<RendererReply, Status>>>> {
+        self.items.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn pop(&self) -> Option<Result<RendererReply, Status>> {
+        let item = self.items().pop_front()?;
+        self.room.add_permits(1);
+        Some(*item)
+    }
+
+    fn writer_done(&self) {
+        self.writers.fetch_sub(1, Ordering::AcqRel);
+        self.reader.wake();
+    }
+}
+
+/// A renderer stream's reply queue with room for `capacity` replies: the writing half (its
+/// session task's) and the stream the response body reads.
+pub fn reply_queue(capacity: usize) -> (ReplySender, ReplyStream) {
+    let queue = Arc::new(ReplyQueue {
+        room: Semaphore::new(capacity),
+        items: std::sync::Mutex::new(VecDeque::new()),
+        reader: AtomicWaker::new(),
+        writers: AtomicUsize::new(1),
+    });
+    (ReplySender(queue.clone()), ReplyStream(queue))
+}
+
+/// Reserves room for replies on a renderer stream.
+pub struct ReplySender(Arc<ReplyQueue>);
+
+/// The renderer stream's response body went away: nobody reads replies any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyQueueClosed;
+
+impl ReplySender {
+    /// Waits for room for one reply.
+    pub async fn reserve(&self) -> Result<ReplyPermit, ReplyQueueClosed> {
+        self.0.room.acquire().await.map_err(|_| ReplyQueueClosed)?.forget();
+        self.0.writers.fetch_add(1, Ordering::AcqRel);
+        Ok(ReplyPermit { queue: self.0.clone(), used: false })
+    }
+}
+
+impl Drop for ReplySender {
+    fn drop(&mut self) {
+        self.0.writer_done();
+    }
+}
+
+/// Room for one reply on a renderer stream, reserved when the call arrived. Sending never waits;
+/// dropping it unused gives the room back.
+pub struct ReplyPermit {
+    queue: Arc<ReplyQueue>,
+    used: bool,
+}
+
+impl std::fmt::Debug for ReplyPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyPermit").finish_non_exhaustive()
+    }
+}
+
+impl ReplyPermit {
+    /// Queues the reply (dropped if the stream is gone).
+    pub fn send(mut self, reply: Result<RendererReply, Status>) {
+        self.used = true;
+        if !self.queue.room.is_closed() {
+            self.queue.items().push_back(Box::new(reply));
+        }
+    }
+}
+
+impl Drop for ReplyPermit {
+    fn drop(&mut self) {
+        if !self.used {
+            self.queue.room.add_permits(1);
+        }
+        self.queue.writer_done();
+    }
+}
+
+/// The replies of a renderer stream, in the order they were sent; ends once the sender and every
+/// permit are gone.
+pub struct ReplyStream(Arc<ReplyQueue>);
+
+impl Stream for ReplyStream {
+    type Item = Result<RendererReply, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let queue = &self.0;
+        if let Some(reply) = queue.pop() {
+            return Poll::Ready(Some(reply));
+        }
+        queue.reader.register(cx.waker());
+        if let Some(reply) = queue.pop() {
+            return Poll::Ready(Some(reply));
+        }
+        if queue.writers.load(Ordering::Acquire) == 0 {
+            // A writer queues before it counts itself out, so a last reply is visible here.
+            return Poll::Ready(queue.pop());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        self.0.room.close();
+        self.0.items().clear();
+    }
+}
+
+impl std::fmt::Debug for ReplyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyStream").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn reply(id: u64) -> Result<RendererReply, Status> {
+        Ok(RendererReply { id, outcome: None })
+    }
+
+    #[tokio::test]
+    async fn replies_arrive_in_order_and_the_stream_ends_with_its_last_writer() {
+        let (tx, mut rx) = reply_queue(2);
+        let first = tx.reserve().await.unwrap();
+        let second = tx.reserve().await.unwrap();
+        // Full: a third reservation waits until a reply is read.
+        assert!(futures::poll!(Box::pin(tx.reserve())).is_pending());
+        second.send(reply(2));
+        first.send(reply(1));
+        assert_eq!(rx.next().await.unwrap().unwrap().id, 2);
+        let third = tx.reserve().await.unwrap();
+        drop(tx);
+        assert_eq!(rx.next().await.unwrap().unwrap().id, 1);
+        // An outstanding permit keeps the stream open; its reply is the last.
+        assert!(futures::poll!(rx.next()).is_pending());
+        third.send(Err(Status::unavailable("bye")));
+        assert_eq!(rx.next().await.unwrap().unwrap_err().code(), tonic::Code::Unavailable);
+        assert!(rx.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn unused_room_comes_back_and_a_dropped_stream_refuses_writers() {
+        let (tx, rx) = reply_queue(1);
+        drop(tx.reserve().await.unwrap());
+        let permit = tx.reserve().await.expect("the unused permit gave its room back");
+        drop(rx);
+        permit.send(reply(1));
+        assert_eq!(tx.reserve().await.unwrap_err(), ReplyQueueClosed);
     }
 }

@@ -201,9 +201,8 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
         .build_v1()
         .expect("the embedded descriptor set is valid");
 
-    let open_api = OpenApiServer::new(services::open_api::OpenApiService::new(broker.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    // The generated server, with the Session stream's buffers sized for idle renderers.
+    let open_api = services::open_api::OpenApiRoutes::new(broker.clone(), limit);
     let host = HostServer::new(services::host::HostService::new(broker.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);

@@ -121,4 +121,86 @@ mod tests {
             assert_eq!(route(api, ApiVersion::V3), expected, "{api} in v3");
         }
     }
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// signData as a hostile bridge may send it: text, or an object whose required keys hold
+    /// anything.
+    fn sign_data() -> impl Strategy<Value = String> {
+        let field = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+            Just(json!([1])),
+        ];
+        prop_oneof![
+            ".{0,40}",
+            prop::collection::btree_map(
+                prop_oneof![Just("mode"), Just("currencyType"), Just("productId"), Just("outTradeNo"), Just("buyQuantity"), Just("goodsPrice"), Just("env")],
+                field,
+                0..7,
+            )
+            .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()).to_string()),
+        ]
+    }
+
+    fn any_request() -> impl Strategy<Value = ApiRequest> {
+        let s = || ".{0,12}";
+        prop_oneof![
+            Just(ApiRequest { api: None }),
+            Just(v1::LoginRequest { timeout: 0 }.into_request()),
+            (s(), s()).prop_map(|(desc, lang)| v1::GetUserProfileRequest { desc, lang }.into_request()),
+            ("[0-9a-z ]{0,12}", s(), s(), prop_oneof![Just("MD5".to_owned()), Just("RSA".to_owned()), s().boxed()], s(), s())
+                .prop_map(|(time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key)| {
+                    v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }.into_request()
+                }),
+            (sign_data(), s(), s(), s()).prop_map(|(sign_data, pay_sig, signature, idempotency_key)| {
+                v1::RequestMidasPaymentGameItemRequest { sign_data, pay_sig, signature, idempotency_key }.into_request()
+            }),
+        ]
+    }
+
+    proptest! {
+        /// The daemon's own checks (payment fields, signData, desc) never panic, accept only what
+        /// names an API, and refuse only as invalid parameters.
+        #[test]
+        fn validation_is_total(request in any_request()) {
+            match validate(&request) {
+                Ok(api) => prop_assert_eq!(Some(api), request.api()),
+                Err(e) => prop_assert!(matches!(e, ApiError::InvalidParams(_)), "{e:?}"),
+            }
+        }
+
+        #[test]
+        fn well_formed_payments_pass(
+            ts in "[0-9]{1,12}",
+            nonce in "[A-Za-z0-9]{1,32}",
+            sign_type in prop_oneof![Just("MD5"), Just("HMAC-SHA256"), Just("RSA")],
+            quantity in 1u64..1000,
+            price in 1u64..1_000_000,
+        ) {
+            let payment = v1::RequestPaymentRequest {
+                time_stamp: ts,
+                nonce_str: nonce.clone(),
+                package: format!("prepay_id={nonce}"),
+                sign_type: sign_type.into(),
+                pay_sign: "sig".into(),
+                idempotency_key: String::new(),
+            };
+            prop_assert_eq!(validate(&payment.into_request()), Ok(Api::RequestPayment));
+            let data = json!({
+                "mode": "short_series_goods", "currencyType": "CNY", "productId": "p", "outTradeNo": nonce,
+                "buyQuantity": quantity, "goodsPrice": price,
+            });
+            let midas = v1::RequestMidasPaymentGameItemRequest {
+                sign_data: data.to_string(),
+                pay_sig: "ps".into(),
+                signature: "s".into(),
+                idempotency_key: String::new(),
+            };
+            prop_assert_eq!(validate(&midas.into_request()), Ok(Api::RequestMidasPaymentGameItem));
+        }
+    }
 }

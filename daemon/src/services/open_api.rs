@@ -2,20 +2,37 @@
 //! `Session` stream all authenticate by launch token and end in [`Broker::call`] or
 //! [`Broker::call_streamed`].
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    convert::Infallible,
+    marker::PhantomData,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+};
 
 use miniapp_broker_proto::{
     Api,
     api::ApiCall,
     json, metadata,
-    v1::{self, open_api_server::OpenApi},
+    v1::{
+        self,
+        open_api_server::{OpenApi, OpenApiServer},
+    },
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{
+    Request, Response, Status, Streaming,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::{Body, BoxFuture, Service, StdError, http},
+    metadata::MetadataMap,
+    server::NamedService,
+};
 use tracing::{debug, info};
 
-use crate::{broker::Broker, error::ApiError, registry::AppInstance};
+use crate::{
+    broker::Broker,
+    error::ApiError,
+    host_link::{ReplyStream, reply_queue},
+    registry::AppInstance,
+};
 
 /// How many answers a renderer stream may have queued before the daemon stops reading its calls.
 const STREAM_REPLY_CAPACITY: usize = 256;
@@ -114,7 +131,7 @@ impl OpenApi for OpenApiService {
         }))
     }
 
-    type SessionStream = ReceiverStream<Result<v1::RendererReply, Status>>;
+    type SessionStream = ReplyStream;
 
     async fn session(&self, r: Request<Streaming<v1::RendererCall>>) -> Unary<Self::SessionStream> {
         let instance = self.instance(r.metadata())?;
@@ -128,37 +145,174 @@ impl OpenApi for OpenApiService {
             )));
         }
         let stream_id = broker.stats.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(STREAM_REPLY_CAPACITY);
+        let (tx, rx) = reply_queue(STREAM_REPLY_CAPACITY);
         let mut inbound = r.into_inner();
         debug!(app_id = %instance.app_id, instance = %instance.instance_id, stream = stream_id, "renderer stream opened");
         tokio::spawn(async move {
             let _guard = guard;
+            // Made once, not per call: each registers a waiter with its token.
+            let closed = instance.closed();
+            let stopping = broker.shutdown.cancelled();
+            tokio::pin!(closed, stopping);
             let end = loop {
+                // Room for the answer first, then the call: a call is never held while the
+                // renderer's replies are backed up, and the stream's final status has its room.
+                let Ok(permit) = tx.reserve().await else { break None };
+                // Biased: a call read after the instance closed (or the daemon began stopping)
+                // must not be served.
                 let message = tokio::select! {
+                    biased;
+                    _ = &mut closed => break Some((Status::unauthenticated("app instance closed"), permit)),
+                    _ = &mut stopping => break Some((Status::unavailable("daemon shutting down"), permit)),
                     m = inbound.message() => m,
-                    _ = instance.closed() => break Some(Status::unauthenticated("app instance closed")),
-                    _ = broker.shutdown.cancelled() => break Some(Status::unavailable("daemon shutting down")),
                 };
                 let call = match message {
                     Ok(Some(call)) => call,
                     Ok(None) => break None,
                     Err(status) => {
+                        // A message the daemon refused to read (larger than limits.max_message_bytes,
+                        // undecodable) ends the stream with that status, so the renderer learns why
+                        // instead of seeing a silent close; after a broken connection nobody reads it.
                         debug!(stream = stream_id, code = ?status.code(), "renderer stream error");
-                        break None;
+                        break Some((status, permit));
                     }
                 };
-                let Ok(permit) = tx.clone().reserve_owned().await else { break None };
-                broker.call_streamed(&instance, call, permit, stream_id).await;
+                if let Some(rest) = broker.call_streamed(&instance, call, permit, stream_id) {
+                    rest.await;
+                }
             };
             let cancelled = broker.host.cancel_stream(stream_id);
-            if let Some(status) = end {
-                let _ = tx.send(Err(status)).await;
+            if let Some((status, permit)) = end {
+                permit.send(Err(status));
             }
             if cancelled > 0 {
                 info!(app_id = %instance.app_id, stream = stream_id, cancelled, "renderer went away; its host calls were cancelled");
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
+    }
+}
+
+/// The `OpenApi` service as the daemon serves it: the generated server, except that the `Session`
+/// stream is served with small codec buffers. The generated code gives every stream an 8 KiB
+/// encode and an 8 KiB decode buffer for its whole life; an idle renderer stream holds them while
+/// it waits, and renderer calls and replies are a few hundred bytes. The buffers grow when a larger
+/// message comes, so nothing else changes: same limits, no compression, same errors.
+#[derive(Debug, Clone)]
+pub struct OpenApiRoutes {
+    generated: OpenApiServer<OpenApiService>,
+    service: Arc<OpenApiService>,
+    max_message_bytes: usize,
+}
+
+const SESSION_PATH: &str = "/miniapp.broker.v1.OpenApi/Session";
+
+/// Initial size of a Session stream's encode and decode buffers.
+const SESSION_BUFFER_BYTES: usize = 128;
+/// tonic's default: how much encoded data a stream buffers before it yields to the connection.
+const SESSION_YIELD_BYTES: usize = 32 * 1024;
+
+impl OpenApiRoutes {
+    pub fn new(broker: Arc<Broker>, max_message_bytes: usize) -> Self {
+        let service = Arc::new(OpenApiService::new(broker));
+        let generated = OpenApiServer::from_arc(service.clone())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        OpenApiRoutes { generated, service, max_message_bytes }
+    }
+}
+
+impl NamedService for OpenApiRoutes {
+    const NAME: &'static str = <OpenApiServer<OpenApiService> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for OpenApiRoutes
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != SESSION_PATH {
+            return self.generated.call(request);
+        }
+        let method = SessionMethod(self.service.clone());
+        let limit = Some(self.max_message_bytes);
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(SessionCodec).apply_max_message_size_config(limit, limit);
+            Ok(grpc.streaming(method, request).await)
+        })
+    }
+}
+
+struct SessionMethod(Arc<OpenApiService>);
+
+impl tonic::server::StreamingService<v1::RendererCall> for SessionMethod {
+    type Response = v1::RendererReply;
+    type ResponseStream = <OpenApiService as OpenApi>::SessionStream;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<v1::RendererCall>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.session(request).await })
+    }
+}
+
+/// Protobuf for the Session stream, as the generated code's codec does it, with small buffers.
+#[derive(Debug, Clone, Copy, Default)]
+struct SessionCodec;
+
+impl Codec for SessionCodec {
+    type Encode = v1::RendererReply;
+    type Decode = v1::RendererCall;
+    type Encoder = SmallBuffers<v1::RendererReply>;
+    type Decoder = SmallBuffers<v1::RendererCall>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        SmallBuffers(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SmallBuffers(PhantomData)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SmallBuffers<T>(PhantomData<T>);
+
+impl<T: prost::Message> Encoder for SmallBuffers<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // EncodeBuf grows as needed, so encoding cannot run out of room.
+        item.encode(buf).expect("an EncodeBuf grows as needed");
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES)
+    }
+}
+
+impl<T: prost::Message + Default> Decoder for SmallBuffers<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<T>, Status> {
+        // An undecodable message is INTERNAL, as with the generated code's codec.
+        T::decode(buf).map(Some).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES)
     }
 }
 
