@@ -135,7 +135,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("miniapp-brokerd: cannot start the runtime: {e}");
@@ -163,6 +163,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Two worker threads (one on a one-CPU machine), unless `TOKIO_WORKER_THREADS` says otherwise.
+/// A call costs the daemon a few microseconds, so more workers would only add cross-thread
+/// wake-ups and memory (docs/benchmarks.md compares 1, 2 and a current-thread runtime); the second
+/// keeps renderers served while the other waits on a store write.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(cpus.clamp(1, 2));
+    }
+    builder.enable_all().build()
 }
 
 /// `$XDG_CONFIG_HOME/miniapp-broker/config.toml` (Linux), `%APPDATA%\miniapp-broker\config.toml`.

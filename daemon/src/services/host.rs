@@ -115,10 +115,13 @@ async fn run_host(broker: Arc<Broker>, slot: HostSlot, mut inbound: Streaming<Ho
     let methods: Vec<&str> = session.methods().iter().map(|m| m.as_str_name()).collect();
     info!(host_session = session.id, host_name = %session.name, ?methods, "host connected");
 
+    // Made once, not per message: each registers a waiter with the token.
+    let stopping = broker.shutdown.cancelled();
+    tokio::pin!(stopping);
     let reason = loop {
         let message = tokio::select! {
             m = inbound.message() => m,
-            _ = broker.shutdown.cancelled() => break "daemon shutting down",
+            _ = &mut stopping => break "daemon shutting down",
         };
         match message {
             Ok(Some(HostMessage { msg: Some(host_message::Msg::Result(result)) })) => session.on_result(result),
