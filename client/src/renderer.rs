@@ -134,14 +134,15 @@ impl RendererClient {
     /// Payments get an idempotency key here if they carry none, and keep it across the retries
     /// this client makes while the daemon is unreachable, so a payment never happens twice.
     pub async fn call<T: ApiCall>(&self, request: T) -> Result<T::Response, ApiFailure> {
-        let request = with_payment_key(request.into_request());
-        let response = self.call_request(request).await?;
+        let response = self.call_request(request.into_request()).await?;
         T::unwrap_response(response)
             .ok_or_else(|| transport_failure(T::API.name(), Code::Internal, "answer of the wrong type"))
     }
 
-    /// Calls with an already built [`ApiRequest`] over the stream.
+    /// Calls with an already built [`ApiRequest`] over the stream. A payment without an
+    /// idempotency key gets a fresh one here, kept across this call's own reconnect retries.
     pub async fn call_request(&self, request: ApiRequest) -> Result<ApiResponse, ApiFailure> {
+        let request = with_payment_key(request);
         let api = request.api().map(Api::name).unwrap_or("unknown");
         let mut backoff = Backoff::default();
         let deadline = tokio::time::Instant::now() + RECONNECT_BUDGET;

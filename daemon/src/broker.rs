@@ -9,8 +9,9 @@ use std::{
     time::Instant,
 };
 
-use miniapp_broker_proto::v1::{
-    ApiRequest, ApiResponse, AppInfo, RendererCall, RendererReply, SignedInUser, renderer_reply,
+use miniapp_broker_proto::{
+    Api,
+    v1::{ApiRequest, ApiResponse, AppInfo, RendererCall, RendererReply, SignedInUser, renderer_reply},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -81,10 +82,13 @@ impl Broker {
 
     /// One call, answered when it completes (typed unary RPCs and Invoke).
     pub async fn call(self: &Arc<Self>, instance: &Arc<AppInstance>, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let started = log_start();
+        let api = request.api();
         let slot = self.admit(instance)?;
         let version = version::resolve(self, instance).await?;
         let result = api::handle(self, instance, version, request).await;
         drop(slot);
+        log_answer(started, instance, api, Some(version), &result);
         result
     }
 
@@ -127,8 +131,10 @@ impl Broker {
             Some((ApiVersion::V2, api::Route::Default)) => {
                 let (broker, instance) = (self.clone(), instance.clone());
                 Some(Box::pin(async move {
+                    let started = log_start();
                     let outcome = api::run_default(&broker, &instance, ApiVersion::V2, request).await;
                     drop(slot);
+                    log_answer(started, &instance, Some(api), Some(ApiVersion::V2), &outcome);
                     permit.send(Ok(reply(id, api, outcome)));
                 }))
             }
@@ -136,11 +142,13 @@ impl Broker {
                 let broker = self.clone();
                 let instance = instance.clone();
                 tokio::spawn(async move {
-                    let outcome = match version::resolve(&broker, &instance).await {
-                        Ok(v) => api::handle(&broker, &instance, v, request).await,
-                        Err(e) => Err(e),
+                    let started = log_start();
+                    let (version, outcome) = match version::resolve(&broker, &instance).await {
+                        Ok(v) => (Some(v), api::handle(&broker, &instance, v, request).await),
+                        Err(e) => (None, Err(e)),
                     };
                     drop(slot);
+                    log_answer(started, &instance, Some(api), version, &outcome);
                     permit.send(Ok(reply(id, api, outcome)));
                 });
                 None
@@ -174,4 +182,29 @@ fn reply(id: u64, api: miniapp_broker_proto::Api, outcome: Result<ApiResponse, A
         Err(e) => renderer_reply::Outcome::Failure(e.failure(api)),
     };
     RendererReply { id, outcome: Some(outcome) }
+}
+
+/// The start of a call, when debug logs are on (no clock read otherwise).
+fn log_start() -> Option<Instant> {
+    tracing::enabled!(tracing::Level::DEBUG).then(Instant::now)
+}
+
+/// One debug line per answered call: app, instance, API, version, latency and, on failure, the
+/// reason (never parameters or results: they may hold codes or user data). Delegate calls on a
+/// renderer stream are logged by the host link instead, with their call id.
+fn log_answer(
+    started: Option<Instant>,
+    instance: &AppInstance,
+    api: Option<Api>,
+    version: Option<ApiVersion>,
+    outcome: &Result<ApiResponse, ApiError>,
+) {
+    let Some(started) = started else { return };
+    let latency_us = started.elapsed().as_micros() as u64;
+    let api = api.map_or("unknown", Api::name);
+    let version = version.map_or("unresolved", ApiVersion::as_str);
+    match outcome {
+        Ok(_) => tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, "call answered"),
+        Err(e) => tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, reason = e.reason(), "call failed"),
+    }
 }

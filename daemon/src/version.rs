@@ -140,6 +140,71 @@ impl AppJson {
     }
 }
 
+/// The version of `inst`, resolving it on first use (once: concurrent first calls wait for one
+/// answer). A version learned from a host that has since been replaced is asked again.
+pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInstance) -> Result<ApiVersion, crate::error::ApiError> {
+    use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
+
+    use crate::host_link::{Expect, HostAnswer};
+
+    if let Some((v, _)) = inst.resolved(b.host.current_id()) {
+        return Ok(v);
+    }
+    let _one_at_a_time = inst.resolving.lock().await;
+    if let Some(v) = inst.app_json.api_version {
+        inst.set_version(v, VersionSource::AppJson, 0);
+        return Ok(v);
+    }
+    // While a host restarts, wait (up to the grace period) for the next one: its answer, not the
+    // default, is what the instance should run with.
+    let host = b.host.wait_current().await.ok();
+    let host_id = host.as_ref().map_or(0, |h| h.id);
+    if let Some((v, _)) = inst.resolved(host_id) {
+        return Ok(v);
+    }
+    // A version an earlier host chose is never swapped for the default because no host could be
+    // asked again: the call fails, and the next one asks.
+    let chosen_by_a_host = inst.version_label().1 == VersionSource::Host.as_str();
+    if host.is_none() && chosen_by_a_host {
+        return Err(crate::error::ApiError::NoHost);
+    }
+    let default = b.config.default_api_version;
+    let asked = match host {
+        Some(h) if h.implements(DelegateMethod::OpenApiVersion) => {
+            let app = crate::broker::Broker::app_info(inst, None);
+            let request = delegate_call::Request::OpenApiVersion(OpenApiVersionRequest {});
+            match crate::host_link::HostLink::call_on(&h, app, request, Expect::Version).await {
+                Ok(HostAnswer::Version(answer)) => match answer.version.parse::<ApiVersion>() {
+                    Ok(v) => Some((v, h.id)),
+                    Err(e) => {
+                        tracing::warn!(app_id = %inst.app_id, error = %e, "host's openApiVersion answer is invalid; using the default");
+                        None
+                    }
+                },
+                Ok(_) => None,
+                // The host went away (or never answered) before it chose: not a choice of the
+                // default. Nothing is cached; the next call asks again.
+                Err(e @ (crate::error::ApiError::HostGone | crate::error::ApiError::Timeout | crate::error::ApiError::Cancelled(_))) => {
+                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion failed; using the default");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (version, source, from_host) = match asked {
+        Some((v, host_id)) => (v, VersionSource::Host, host_id),
+        None => (default, VersionSource::Default, 0),
+    };
+    inst.set_version(version, source, from_host);
+    tracing::info!(app_id = %inst.app_id, instance = %inst.instance_id, version = version.as_str(), source = source.as_str(), "api version resolved");
+    Ok(version)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,69 +281,4 @@ mod tests {
             ]
         })
     }
-}
-
-/// The version of `inst`, resolving it on first use (once: concurrent first calls wait for one
-/// answer). A version learned from a host that has since been replaced is asked again.
-pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInstance) -> Result<ApiVersion, crate::error::ApiError> {
-    use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
-
-    use crate::host_link::{Expect, HostAnswer};
-
-    if let Some((v, _)) = inst.resolved(b.host.current_id()) {
-        return Ok(v);
-    }
-    let _one_at_a_time = inst.resolving.lock().await;
-    if let Some(v) = inst.app_json.api_version {
-        inst.set_version(v, VersionSource::AppJson, 0);
-        return Ok(v);
-    }
-    // While a host restarts, wait (up to the grace period) for the next one: its answer, not the
-    // default, is what the instance should run with.
-    let host = b.host.wait_current().await.ok();
-    let host_id = host.as_ref().map_or(0, |h| h.id);
-    if let Some((v, _)) = inst.resolved(host_id) {
-        return Ok(v);
-    }
-    // A version an earlier host chose is never swapped for the default because no host could be
-    // asked again: the call fails, and the next one asks.
-    let chosen_by_a_host = inst.version_label().1 == VersionSource::Host.as_str();
-    if host.is_none() && chosen_by_a_host {
-        return Err(crate::error::ApiError::NoHost);
-    }
-    let default = b.config.default_api_version;
-    let asked = match host {
-        Some(h) if h.implements(DelegateMethod::OpenApiVersion) => {
-            let app = crate::broker::Broker::app_info(inst, None);
-            let request = delegate_call::Request::OpenApiVersion(OpenApiVersionRequest {});
-            match crate::host_link::HostLink::call_on(&h, app, request, Expect::Version).await {
-                Ok(HostAnswer::Version(answer)) => match answer.version.parse::<ApiVersion>() {
-                    Ok(v) => Some((v, h.id)),
-                    Err(e) => {
-                        tracing::warn!(app_id = %inst.app_id, error = %e, "host's openApiVersion answer is invalid; using the default");
-                        None
-                    }
-                },
-                Ok(_) => None,
-                // The host went away (or never answered) before it chose: not a choice of the
-                // default. Nothing is cached; the next call asks again.
-                Err(e @ (crate::error::ApiError::HostGone | crate::error::ApiError::Timeout | crate::error::ApiError::Cancelled(_))) => {
-                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion failed; using the default");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
-    let (version, source, from_host) = match asked {
-        Some((v, host_id)) => (v, VersionSource::Host, host_id),
-        None => (default, VersionSource::Default, 0),
-    };
-    inst.set_version(version, source, from_host);
-    tracing::info!(app_id = %inst.app_id, instance = %inst.instance_id, version = version.as_str(), source = source.as_str(), "api version resolved");
-    Ok(version)
 }
