@@ -18,7 +18,7 @@ pub enum JsonError {
     #[error("params must be a JSON object")]
     NotAnObject,
     /// The object does not fit the API (a wrong type, bad syntax).
-    #[error("invalid params: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// Arrays and objects nested deeper than [`MAX_DEPTH`].
     #[error("params nested deeper than {MAX_DEPTH} levels")]

@@ -44,7 +44,11 @@ use miniapp_broker_client::{
 };
 use miniapp_brokerd::demo::sample_request;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use support::{Daemon, user, within};
+use support::{
+    Daemon,
+    errno::{EXHAUSTED, HOST_GONE, NO_HOST, OUTCOME_UNKNOWN, SESSION_EXPIRED, TIMEOUT, USER_CANCEL},
+    user, within,
+};
 use tokio::sync::watch;
 
 /// The default seed; `CHAOS_SEED` overrides it.
@@ -61,15 +65,6 @@ const ANSWER_BOUND: Duration = Duration::from_millis(2 * (GRACE_MS + CALL_TIMEOU
 /// Attempts per logical payment (the first and its retries with the same key).
 const PAYMENT_ATTEMPTS: usize = 3;
 const UID: &str = "u-chaos";
-
-/// errno of each ending a renderer may see here (see docs/errors.md).
-const NO_HOST: i64 = 1004;
-const HOST_GONE: i64 = 1005;
-const TIMEOUT: i64 = 1006;
-const EXHAUSTED: i64 = 1008;
-const SESSION_EXPIRED: i64 = 1011;
-const OUTCOME_UNKNOWN: i64 = 1013;
-const USER_CANCEL: i64 = 1014;
 
 /// What the hosts saw, shared by every host incarnation (the "host's database").
 #[derive(Default)]

@@ -37,7 +37,10 @@ use miniapp_broker_client::{
     },
 };
 use miniapp_brokerd::demo::sample_request;
-use support::{user, within};
+use support::{
+    errno::{OUTCOME_UNKNOWN, USER_CANCEL},
+    user, within,
+};
 
 const UID: &str = "u-crash";
 const V2_APPS: usize = 6;
@@ -49,8 +52,6 @@ const HELD: usize = 3;
 const MIN_SESSIONS: usize = 120;
 const MIN_GRANTS: usize = 20;
 const MIN_PAYMENTS: usize = 120;
-const USER_CANCEL: i64 = 1014;
-const OUTCOME_UNKNOWN: i64 = 1013;
 
 /// The daemon as a child process; killed when dropped, so a failing test leaves nothing behind.
 struct ChildDaemon {

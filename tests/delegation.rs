@@ -10,7 +10,7 @@ mod support;
 use std::{sync::Arc, time::Instant};
 
 use miniapp_broker_client::{
-    ApiFailure, HostBuilder, HostClientError, HostFailure, RendererClient, connect,
+    HostBuilder, HostClientError, HostFailure, RendererClient, connect,
     proto::{
         Api,
         api::ApiCall,
@@ -23,7 +23,7 @@ use miniapp_broker_client::{
 };
 use miniapp_brokerd::demo::sample_request;
 use serde_json::json;
-use support::{Daemon, launch, until, user, within};
+use support::{Daemon, assert_failure, launch, until, user, within};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tonic::{Code, Request};
 
@@ -108,16 +108,6 @@ fn answering_host(builder: HostBuilder, seen: &Seen) -> HostBuilder {
     let b = answer::<v1::GetUserProfileRequest>(b, seen.clone());
     let b = answer::<v1::RequestPaymentRequest>(b, seen.clone());
     answer::<v1::RequestMidasPaymentGameItemRequest>(b, seen.clone())
-}
-
-/// Asserts a failure's errMsg, errno, gRPC code and reason, and that no host error rode along.
-#[track_caller]
-fn assert_failure(f: &ApiFailure, err_msg: &str, errno: i64, code: Code, reason: &str) {
-    assert_eq!(f.err_msg, err_msg, "errMsg of {f:?}");
-    assert_eq!(f.errno, errno, "errno of {f:?}");
-    assert_eq!(f.code(), code, "gRPC code of {f:?}");
-    assert_eq!(f.reason, reason, "reason of {f:?}");
-    assert_eq!(f.host_error, None, "no host error in {f:?}");
 }
 
 /// A getUserInfo request whose `lang` tags it, so a handler can tell calls apart.

@@ -23,7 +23,7 @@ use miniapp_broker_client::{
 };
 use miniapp_brokerd::{ApiVersion, Config, config::AppConfig, demo::sample_request};
 use prost::Message;
-use support::{Daemon, T0_MS, launch, until, user, within};
+use support::{Daemon, assert_failure, T0_MS, launch, until, user, within};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tonic::{Code, Status, transport::Channel};
 
@@ -158,15 +158,6 @@ fn refusal(status: Status) -> (Code, i32, String) {
     let error = ExchangeError::decode(status.details()).expect("the details hold an ExchangeError");
     assert_eq!(status.message(), format!("errcode {}: {}", error.errcode, error.errmsg));
     (status.code(), error.errcode, error.errmsg)
-}
-
-#[track_caller]
-fn assert_failure(f: &ApiFailure, err_msg: &str, errno: i64, code: Code, reason: &str) {
-    assert_eq!(f.err_msg, err_msg, "errMsg of {f:?}");
-    assert_eq!(f.errno, errno, "errno of {f:?}");
-    assert_eq!(f.code(), code, "gRPC code of {f:?}");
-    assert_eq!(f.reason, reason, "reason of {f:?}");
-    assert_eq!(f.host_error, None, "no host error in {f:?}");
 }
 
 /// Waits until the daemon has applied the user the host pushed ("" for signed out).

@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use miniapp_broker_client::{
     HostBuilder, HostClient, RendererClient,
-    proto::v1::{LaunchAppResponse, SignedInUser, UserProfile},
+    proto::v1::{ApiFailure, LaunchAppResponse, SignedInUser, UserProfile},
 };
 use miniapp_brokerd::{Config, ManualClock, Server};
 use tempfile::TempDir;
@@ -99,4 +99,25 @@ pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         }
     })
     .await
+}
+
+/// The daemon's errno values the tests name (docs/errors.md; `daemon/src/error.rs` is the source).
+pub mod errno {
+    pub const NO_HOST: i64 = 1004;
+    pub const HOST_GONE: i64 = 1005;
+    pub const TIMEOUT: i64 = 1006;
+    pub const EXHAUSTED: i64 = 1008;
+    pub const SESSION_EXPIRED: i64 = 1011;
+    pub const OUTCOME_UNKNOWN: i64 = 1013;
+    pub const USER_CANCEL: i64 = 1014;
+}
+
+/// Asserts a failure's errMsg, errno, gRPC code and reason, and that no host error rode along.
+#[track_caller]
+pub fn assert_failure(f: &ApiFailure, err_msg: &str, errno: i64, code: tonic::Code, reason: &str) {
+    assert_eq!(f.err_msg, err_msg, "errMsg of {f:?}");
+    assert_eq!(f.errno, errno, "errno of {f:?}");
+    assert_eq!(f.code(), code, "gRPC code of {f:?}");
+    assert_eq!(f.reason, reason, "reason of {f:?}");
+    assert_eq!(f.host_error, None, "no host error in {f:?}");
 }
