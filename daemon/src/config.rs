@@ -99,6 +99,32 @@ pub struct AppConfig {
     pub secret: Option<String>,
 }
 
+/// The platform's per-user directory for `kind` ("data" or "config"), with `miniapp-broker` below
+/// it: `$XDG_DATA_HOME` / `$XDG_CONFIG_HOME` (or their `~/.local/share`, `~/.config` defaults) on
+/// Unix; `%LOCALAPPDATA%` / `%APPDATA%` on Windows.
+fn user_dir(xdg_var: &str, home_default: &str, windows_var: &str) -> Option<PathBuf> {
+    let base = if cfg!(windows) {
+        std::env::var_os(windows_var).map(PathBuf::from)
+    } else {
+        std::env::var_os(xdg_var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_default)))
+    };
+    base.map(|b| b.join("miniapp-broker"))
+}
+
+/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`.
+pub fn default_data_dir() -> PathBuf {
+    user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA").unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
+}
+
+/// Where `serve` and the operator commands look for a config file when none is named:
+/// `$XDG_CONFIG_HOME/miniapp-broker/config.toml`.
+pub fn default_config_path() -> Option<PathBuf> {
+    user_dir("XDG_CONFIG_HOME", ".config", "APPDATA").map(|d| d.join("config.toml"))
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

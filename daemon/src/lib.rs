@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 pub use crate::{
     clock::{Clock, ManualClock, SystemClock},
-    config::Config,
+    config::{Config, default_config_path, default_data_dir},
     error::StartError,
     version::ApiVersion,
 };
@@ -173,19 +173,6 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         "miniapp-brokerd listening"
     );
     Ok(Server { broker, task, token_file })
-}
-
-/// The platform's default data dir: `$XDG_DATA_HOME/miniapp-broker` (Linux), the platform's
-/// local data dir elsewhere.
-pub fn default_data_dir() -> PathBuf {
-    #[cfg(windows)]
-    let base = std::env::var_os("LOCALAPPDATA").map(PathBuf::from);
-    #[cfg(not(windows))]
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
-    base.unwrap_or_else(std::env::temp_dir).join("miniapp-broker")
 }
 
 async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(), tonic::transport::Error> {

@@ -13,7 +13,7 @@ use miniapp_broker_client::{
     connect,
     proto::{metadata, v1, v1::admin_client::AdminClient},
 };
-use miniapp_brokerd::{ApiVersion, Config, dev_host};
+use miniapp_brokerd::{ApiVersion, Config, default_config_path, dev_host};
 use tonic::{Code, Request, transport::Channel};
 
 #[derive(Parser, Debug)]
@@ -176,18 +176,6 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(cpus.clamp(1, 2));
     }
     builder.enable_all().build()
-}
-
-/// `$XDG_CONFIG_HOME/miniapp-broker/config.toml` (Linux), `%APPDATA%\miniapp-broker\config.toml`.
-fn default_config_path() -> Option<PathBuf> {
-    #[cfg(windows)]
-    let base = std::env::var_os("APPDATA").map(PathBuf::from);
-    #[cfg(not(windows))]
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
-    base.map(|b| b.join("miniapp-broker").join("config.toml"))
 }
 
 /// The config file named, else the default one if it exists, else the defaults.

@@ -212,24 +212,23 @@ impl Store {
             .optional()?)
     }
 
-    /// Records a payment's outcome; the first record for a key wins.
+    /// Records a payment's outcome; the first record for a key wins (the write-ahead record that
+    /// says the host is about to see the key).
     pub fn record_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
-        self.conn()
-            .prepare_cached(
-                "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
-        Ok(())
+        self.write_payment("INSERT OR IGNORE", app_id, key, api, row, now_ms)
     }
 
     /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
     pub fn settle_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+        self.write_payment("INSERT OR REPLACE", app_id, key, api, row, now_ms)
+    }
+
+    fn write_payment(&self, insert: &'static str, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+        let sql = format!(
+            "{insert} INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        );
         self.conn()
-            .prepare_cached(
-                "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
+            .prepare_cached(&sql)?
             .execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
         Ok(())
     }
