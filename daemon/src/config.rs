@@ -241,6 +241,28 @@ mod tests {
         let mut expected = Config::default();
         expected.apps.insert("wxdemo0000000001".into(), AppConfig { union_group: Some("demo".into()), secret: None });
         assert_eq!(parsed, expected, "the example documents the defaults");
+
+        // Every key, optional ones included (commented out), appears in the example.
+        let mut all = expected.clone();
+        all.socket = Some("/s".into());
+        all.data_dir = Some("/d".into());
+        all.host.token_file = Some("/t".into());
+        all.apps.insert("x".into(), AppConfig { union_group: Some("g".into()), secret: Some("s".into()) });
+        let toml::Value::Table(table) = toml::Value::try_from(&all).unwrap() else { panic!("a table") };
+        let mut keys = Vec::new();
+        for (key, value) in &table {
+            match value {
+                toml::Value::Table(section) if key == "apps" => {
+                    section.values().for_each(|app| keys.extend(app.as_table().unwrap().keys().cloned()))
+                }
+                toml::Value::Table(section) => keys.extend(section.keys().cloned()),
+                _ => keys.push(key.clone()),
+            }
+        }
+        for key in keys {
+            let documented = example.lines().any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{key} =")));
+            assert!(documented, "{key} is missing from miniapp-brokerd.example.toml");
+        }
     }
 
     #[test]
