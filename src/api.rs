@@ -98,12 +98,7 @@ impl Api {
     pub const fn has_default(self) -> bool {
         matches!(
             self,
-            Api::Login
-                | Api::CheckSession
-                | Api::GetPhoneNumber
-                | Api::GetEmail
-                | Api::ChooseAvatar
-                | Api::GetNickName
+            Api::Login | Api::CheckSession | Api::GetPhoneNumber | Api::GetEmail | Api::ChooseAvatar | Api::GetNickName
         )
     }
 

@@ -70,7 +70,11 @@ mod tests {
             errno: -1001,
             grpc_code: Code::FailedPrecondition as i32,
             reason: "host_error".into(),
-            host_error: Some(HostError { domain: "TCMPPLoginErrorDomain".into(), code: -1001, message: "app not login".into() }),
+            host_error: Some(HostError {
+                domain: "TCMPPLoginErrorDomain".into(),
+                code: -1001,
+                message: "app not login".into(),
+            }),
         };
         let status = failure.clone().into_status();
         assert_eq!(status.code(), Code::FailedPrecondition);

@@ -80,9 +80,7 @@ fn check_depth(text: &str) -> Result<(), JsonError> {
 }
 
 fn parse<T: ApiCall + DeserializeOwned>(params: &str) -> Result<v1::ApiRequest, JsonError> {
-    serde_json::from_str::<T>(params)
-        .map(ApiCall::into_request)
-        .map_err(|e| JsonError::Invalid(e.to_string()))
+    serde_json::from_str::<T>(params).map(ApiCall::into_request).map_err(|e| JsonError::Invalid(e.to_string()))
 }
 
 /// The object a mini program's `success` callback receives, e.g. `{"errMsg":"login:ok","code":"…"}`.
@@ -134,10 +132,7 @@ mod tests {
     fn garbage_is_refused_clearly() {
         assert_eq!(request_from_json(Api::Login, "[1]"), Err(JsonError::NotAnObject));
         assert!(matches!(request_from_json(Api::Login, "{"), Err(JsonError::Invalid(_))));
-        assert!(matches!(
-            request_from_json(Api::RequestPayment, r#"{"timeStamp":12}"#),
-            Err(JsonError::Invalid(_))
-        ));
+        assert!(matches!(request_from_json(Api::RequestPayment, r#"{"timeStamp":12}"#), Err(JsonError::Invalid(_))));
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(request_from_json(Api::Login, &deep), Err(JsonError::TooDeep));
         let shallow = r#"{"x":[[["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["]]]}"#;
@@ -202,11 +197,18 @@ mod tests {
             Just(v1::GetEmailRequest {}.into_request()),
             Just(v1::ChooseAvatarRequest {}.into_request()),
             Just(v1::GetNickNameRequest {}.into_request()),
-            (any::<bool>(), text()).prop_map(|(with_credentials, lang)| v1::GetUserInfoRequest { with_credentials, lang }.into_request()),
+            (any::<bool>(), text()).prop_map(|(with_credentials, lang)| v1::GetUserInfoRequest {
+                with_credentials,
+                lang
+            }
+            .into_request()),
             (text(), text()).prop_map(|(desc, lang)| v1::GetUserProfileRequest { desc, lang }.into_request()),
-            (text(), text(), text(), text(), text(), text()).prop_map(|(time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key)| {
-                v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }.into_request()
-            }),
+            (text(), text(), text(), text(), text(), text()).prop_map(
+                |(time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key)| {
+                    v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }
+                        .into_request()
+                }
+            ),
             (text(), text(), text(), text()).prop_map(|(sign_data, pay_sig, signature, idempotency_key)| {
                 v1::RequestMidasPaymentGameItemRequest { sign_data, pay_sig, signature, idempotency_key }.into_request()
             }),
@@ -232,33 +234,51 @@ mod tests {
     }
 
     fn user_info() -> impl Strategy<Value = Option<v1::UserInfo>> {
-        proptest::option::of((text(), text(), 0u32..3, text()).prop_map(|(nick_name, avatar_url, gender, city)| v1::UserInfo {
-            nick_name,
-            avatar_url,
-            gender,
-            city,
-            ..Default::default()
+        proptest::option::of((text(), text(), 0u32..3, text()).prop_map(|(nick_name, avatar_url, gender, city)| {
+            v1::UserInfo { nick_name, avatar_url, gender, city, ..Default::default() }
         }))
     }
 
     /// Any successful answer of any API.
     fn any_response() -> impl Strategy<Value = v1::ApiResponse> {
         prop_oneof![
-            (text(), text()).prop_map(|(err_msg, code)| v1::LoginRequest::wrap_response(v1::LoginResponse { err_msg, code })),
+            (text(), text())
+                .prop_map(|(err_msg, code)| v1::LoginRequest::wrap_response(v1::LoginResponse { err_msg, code })),
             text().prop_map(|err_msg| v1::CheckSessionRequest::wrap_response(v1::CheckSessionResponse { err_msg })),
-            (text(), text()).prop_map(|(err_msg, code)| v1::GetPhoneNumberRequest::wrap_response(v1::GetPhoneNumberResponse { err_msg, code })),
-            (text(), text()).prop_map(|(err_msg, code)| v1::GetEmailRequest::wrap_response(v1::GetEmailResponse { err_msg, code })),
-            (text(), text()).prop_map(|(err_msg, avatar_url)| v1::ChooseAvatarRequest::wrap_response(v1::ChooseAvatarResponse { err_msg, avatar_url })),
-            (text(), text()).prop_map(|(err_msg, nick_name)| v1::GetNickNameRequest::wrap_response(v1::GetNickNameResponse { err_msg, nick_name })),
+            (text(), text()).prop_map(|(err_msg, code)| v1::GetPhoneNumberRequest::wrap_response(
+                v1::GetPhoneNumberResponse { err_msg, code }
+            )),
+            (text(), text())
+                .prop_map(|(err_msg, code)| v1::GetEmailRequest::wrap_response(v1::GetEmailResponse { err_msg, code })),
+            (text(), text()).prop_map(|(err_msg, avatar_url)| v1::ChooseAvatarRequest::wrap_response(
+                v1::ChooseAvatarResponse { err_msg, avatar_url }
+            )),
+            (text(), text()).prop_map(|(err_msg, nick_name)| v1::GetNickNameRequest::wrap_response(
+                v1::GetNickNameResponse { err_msg, nick_name }
+            )),
             (text(), user_info(), text(), text()).prop_map(|(err_msg, user_info, raw_data, signature)| {
-                v1::GetUserInfoRequest::wrap_response(v1::GetUserInfoResponse { err_msg, user_info, raw_data, signature, ..Default::default() })
+                v1::GetUserInfoRequest::wrap_response(v1::GetUserInfoResponse {
+                    err_msg,
+                    user_info,
+                    raw_data,
+                    signature,
+                    ..Default::default()
+                })
             }),
             (text(), user_info(), text(), text()).prop_map(|(err_msg, user_info, encrypted_data, iv)| {
-                v1::GetUserProfileRequest::wrap_response(v1::GetUserProfileResponse { err_msg, user_info, encrypted_data, iv, ..Default::default() })
+                v1::GetUserProfileRequest::wrap_response(v1::GetUserProfileResponse {
+                    err_msg,
+                    user_info,
+                    encrypted_data,
+                    iv,
+                    ..Default::default()
+                })
             }),
             text().prop_map(|err_msg| v1::RequestPaymentRequest::wrap_response(v1::RequestPaymentResponse { err_msg })),
             text().prop_map(|err_msg| {
-                v1::RequestMidasPaymentGameItemRequest::wrap_response(v1::RequestMidasPaymentGameItemResponse { err_msg })
+                v1::RequestMidasPaymentGameItemRequest::wrap_response(v1::RequestMidasPaymentGameItemResponse {
+                    err_msg,
+                })
             }),
         ]
     }

@@ -17,7 +17,6 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of `proto/`, served by gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/miniapp_broker_v1_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/miniapp_broker_v1_descriptor.bin"));
 
 pub use api::Api;

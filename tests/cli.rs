@@ -47,10 +47,7 @@ fn clean(c: &mut Command, dir: &Path) {
     for var in ["MINIAPP_BROKERD_CONFIG", "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         c.env_remove(var);
     }
-    c.env("XDG_CONFIG_HOME", dir.join("config"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    c.env("XDG_CONFIG_HOME", dir.join("config")).env("RUST_LOG", "info").stdin(Stdio::null()).kill_on_drop(true);
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -142,7 +139,8 @@ impl Brokerd {
         all.push("--json");
         let out = self.run(&all).await;
         assert!(out.status.success(), "{all:?} failed: {}", text(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{all:?} printed no JSON ({e}): {}", text(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{all:?} printed no JSON ({e}): {}", text(&out.stdout)))
     }
 
     /// Runs `args`, which must succeed, and returns its stdout.
@@ -192,15 +190,21 @@ async fn operator_mistakes_get_clear_refusals() {
     // (what, socket, token file, expected on stderr)
     let cases: [(&str, &Path, &Path, String); 4] = [
         ("no daemon, token present", &nowhere, &daemon.token_file, format!("no daemon is listening at {nowhere_s}")),
-        ("no daemon, no token file (fresh machine)", &nowhere, &missing_token, format!("no daemon is listening at {nowhere_s}")),
+        (
+            "no daemon, no token file (fresh machine)",
+            &nowhere,
+            &missing_token,
+            format!("no daemon is listening at {nowhere_s}"),
+        ),
         ("daemon, wrong token", &daemon.socket, &wrong_token, "refused the host token".to_owned()),
         ("daemon, missing token file", &daemon.socket, &missing_token, "cannot read the host token".to_owned()),
     ];
     for (what, socket, token, expected) in cases {
         for command in ["status", "apps", "grants"] {
-            let out = within(what, bin(dir).arg(command).arg("--socket").arg(socket).arg("--token-file").arg(token).output())
-                .await
-                .unwrap();
+            let out =
+                within(what, bin(dir).arg(command).arg("--socket").arg(socket).arg("--token-file").arg(token).output())
+                    .await
+                    .unwrap();
             let stderr = text(&out.stderr);
             assert!(!out.status.success(), "{what}: `{command}` must fail");
             assert!(stderr.contains(&expected), "{what}: `{command}` stderr {stderr:?} lacks {expected:?}");
@@ -255,7 +259,10 @@ async fn status_apps_sessions_grants_revoke_register_app() {
     assert_eq!(apps[0]["apiVersion"], "v3");
     assert_eq!(apps[0]["versionSource"], "app.json");
     let table = daemon.ok(&["apps"]).await;
-    assert!(table.lines().any(|l| l.starts_with(APP) && l.contains(&launched.instance_id) && l.contains("v3 (app.json)")), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with(APP) && l.contains(&launched.instance_id) && l.contains("v3 (app.json)")),
+        "{table}"
+    );
     let s = daemon.json(&["status"]).await;
     assert_eq!((s["apps"].clone(), s["instances"][0]["appId"].clone()), (1.into(), APP.into()), "{s}");
 
@@ -340,14 +347,20 @@ impl DevHost {
             }
         }
         assert!(seen[0].starts_with(&format!("dev-host connected to {}", daemon.address())), "{seen:?}");
-        assert!(seen[0].contains("user \"dev-user-1\" signed in") && seen[0].contains("refusing SCOPE_NICKNAME"), "{seen:?}");
+        assert!(
+            seen[0].contains("user \"dev-user-1\" signed in") && seen[0].contains("refusing SCOPE_NICKNAME"),
+            "{seen:?}"
+        );
         assert!(seen.iter().any(|l| l.starts_with(&format!("launched {app_id}: instance "))), "{seen:?}");
         DevHost { child, lines, launch_token: launch_token.expect("a MINIAPP_LAUNCH_TOKEN line") }
     }
 
     /// The next line the dev-host prints, which must report a delegate call.
     async fn next_delegate(&mut self) -> String {
-        let line = within("dev-host prints the delegate call", self.lines.next_line()).await.unwrap().expect("dev-host still running");
+        let line = within("dev-host prints the delegate call", self.lines.next_line())
+            .await
+            .unwrap()
+            .expect("dev-host still running");
         assert!(line.starts_with("delegate "), "{line}");
         line
     }
@@ -373,11 +386,14 @@ async fn dev_host_answers_a_v1_apps_delegate_calls() {
     let login = within("v1 login", renderer.call(v1::LoginRequest::default())).await.expect("login ok");
     assert_eq!(login.err_msg, "login:ok");
     assert!(login.code.starts_with("devhost-"), "the dev-host's code: {}", login.code);
-    let info = within("v1 getUserInfo", renderer.call(v1::GetUserInfoRequest { with_credentials: false, lang: "en".into() }))
-        .await
-        .expect("getUserInfo ok");
+    let info =
+        within("v1 getUserInfo", renderer.call(v1::GetUserInfoRequest { with_credentials: false, lang: "en".into() }))
+            .await
+            .expect("getUserInfo ok");
     assert_eq!(info.user_info.map(|u| u.nick_name).as_deref(), Some("Dev User"));
-    let paid = within("v1 requestPayment", renderer.call_request(sample_request(Api::RequestPayment))).await.expect("payment ok");
+    let paid = within("v1 requestPayment", renderer.call_request(sample_request(Api::RequestPayment)))
+        .await
+        .expect("payment ok");
     assert_eq!(paid.err_msg(), "requestPayment:ok");
 
     for api in ["login", "getUserInfo", "requestPayment"] {
@@ -432,7 +448,10 @@ async fn demo_runs_with_nothing_unexpected() {
     let summary = stdout.lines().last().unwrap_or_default();
     assert!(summary.starts_with("demo: ") && summary.ends_with(", 1 expected failure, 0 unexpected"), "{summary}");
     for version in ["v1", "v2", "v3"] {
-        assert!(stdout.lines().any(|l| l.starts_with(version) && l.contains("login:ok")), "{version} login line:\n{stdout}");
+        assert!(
+            stdout.lines().any(|l| l.starts_with(version) && l.contains("login:ok")),
+            "{version} login line:\n{stdout}"
+        );
     }
 }
 
@@ -488,12 +507,8 @@ async fn serve_takes_a_socket_activated_listener_and_notifies_readiness() {
         notify.ready(&mut child, &dir.path().join("daemon.log")).await;
 
         let (serving, unused) = if activated { (&activated_path, &own_path) } else { (&own_path, &activated_path) };
-        let mut daemon = Brokerd {
-            child,
-            socket: serving.clone(),
-            token_file: dir.path().join("data/host.token"),
-            dir,
-        };
+        let mut daemon =
+            Brokerd { child, socket: serving.clone(), token_file: dir.path().join("data/host.token"), dir };
         let s = daemon.json(&["status"]).await;
         assert_eq!(s["listenAddress"], serving.display().to_string(), "LISTEN_PID={listen_pid:?}: {s}");
         if !activated {
@@ -503,12 +518,17 @@ async fn serve_takes_a_socket_activated_listener_and_notifies_readiness() {
         // A host and a renderer talk through whichever socket the daemon serves.
         let host = match early_host {
             Some(early) => within("early host", early).await.unwrap().expect("the early host is served"),
-            None => HostBuilder::new(&daemon.address(), &daemon.token()).user(user("u-sd")).connect().await.expect("host connects"),
+            None => HostBuilder::new(&daemon.address(), &daemon.token())
+                .user(user("u-sd"))
+                .connect()
+                .await
+                .expect("host connects"),
         };
         host_published(&host).await;
         assert_eq!(daemon.json(&["status"]).await["hostConnected"], true);
         let launched = support::launch(&host, "wxactivated00001", r#"{"apiVersion":"v2"}"#).await;
-        let renderer = RendererClient::connect(&daemon.address(), &launched.launch_token).await.expect("renderer connects");
+        let renderer =
+            RendererClient::connect(&daemon.address(), &launched.launch_token).await.expect("renderer connects");
         let login = within("login", renderer.call(v1::LoginRequest::default())).await.expect("login ok");
         assert_eq!(login.err_msg, "login:ok");
         renderer.close().await;
@@ -569,8 +589,8 @@ async fn reflection_and_health_serve_standard_tools() {
     use tokio_stream::StreamExt as _;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse,
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
 
     let daemon = support::Daemon::start().await;
@@ -587,7 +607,9 @@ async fn reflection_and_health_serve_standard_tools() {
         .expect("reflection answers")
         .into_inner();
     let Some(Ok(first)) = within("list", answers.next()).await else { panic!("no list answer") };
-    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("not a list: {first:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("not a list: {first:?}")
+    };
     let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
     for expected in [
@@ -601,7 +623,9 @@ async fn reflection_and_health_serve_standard_tools() {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
     let Some(Ok(second)) = within("describe", answers.next()).await else { panic!("no describe answer") };
-    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else { panic!("not files: {second:?}") };
+    let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+        panic!("not files: {second:?}")
+    };
     assert!(!files.file_descriptor_proto.is_empty(), "OpenApi's file is described");
 
     let mut health = HealthClient::new(channel);

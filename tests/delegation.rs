@@ -50,12 +50,17 @@ fn host_answer(api: Api) -> ApiResponse {
     let arm = match api {
         Api::Login => R::Login(v1::LoginResponse { err_msg: String::new(), code: "host-login-code".into() }),
         Api::CheckSession => R::CheckSession(v1::CheckSessionResponse { err_msg: String::new() }),
-        Api::GetPhoneNumber => R::GetPhoneNumber(v1::GetPhoneNumberResponse { err_msg: String::new(), code: "host-phone-code".into() }),
-        Api::GetEmail => R::GetEmail(v1::GetEmailResponse { err_msg: String::new(), code: "host-email-code".into() }),
-        Api::ChooseAvatar => {
-            R::ChooseAvatar(v1::ChooseAvatarResponse { err_msg: String::new(), avatar_url: "https://example.invalid/host.png".into() })
+        Api::GetPhoneNumber => {
+            R::GetPhoneNumber(v1::GetPhoneNumberResponse { err_msg: String::new(), code: "host-phone-code".into() })
         }
-        Api::GetNickName => R::GetNickName(v1::GetNickNameResponse { err_msg: String::new(), nick_name: "host-nick".into() }),
+        Api::GetEmail => R::GetEmail(v1::GetEmailResponse { err_msg: String::new(), code: "host-email-code".into() }),
+        Api::ChooseAvatar => R::ChooseAvatar(v1::ChooseAvatarResponse {
+            err_msg: String::new(),
+            avatar_url: "https://example.invalid/host.png".into(),
+        }),
+        Api::GetNickName => {
+            R::GetNickName(v1::GetNickNameResponse { err_msg: String::new(), nick_name: "host-nick".into() })
+        }
         Api::GetUserInfo => R::GetUserInfo(v1::GetUserInfoResponse {
             err_msg: String::new(),
             user_info: Some(info("info")),
@@ -117,7 +122,11 @@ fn tagged_user_info(tag: &str) -> v1::GetUserInfoRequest {
 
 /// A host whose getUserInfo handler reports that it started, then never answers. When the daemon
 /// cancels the call the client drops the handler's future, which reports that too.
-fn stuck_host(builder: HostBuilder, started: mpsc::UnboundedSender<String>, dropped: mpsc::UnboundedSender<String>) -> HostBuilder {
+fn stuck_host(
+    builder: HostBuilder,
+    started: mpsc::UnboundedSender<String>,
+    dropped: mpsc::UnboundedSender<String>,
+) -> HostBuilder {
     builder.handle(move |_app, req: v1::GetUserInfoRequest| {
         let _ = started.send(req.lang.clone());
         let on_drop = ReportDrop(dropped.clone(), req.lang);
@@ -143,7 +152,9 @@ fn without_key(mut request: ApiRequest) -> ApiRequest {
     use miniapp_broker_client::proto::v1::api_request::Api as R;
     match request.api.as_mut() {
         Some(R::RequestPayment(r)) => assert_eq!(std::mem::take(&mut r.idempotency_key).len(), 32, "a fresh key"),
-        Some(R::RequestMidasPaymentGameItem(r)) => assert_eq!(std::mem::take(&mut r.idempotency_key).len(), 32, "a fresh key"),
+        Some(R::RequestMidasPaymentGameItem(r)) => {
+            assert_eq!(std::mem::take(&mut r.idempotency_key).len(), 32, "a fresh key")
+        }
         _ => {}
     }
     request
@@ -160,9 +171,8 @@ async fn every_api_is_delegated_in_v1_and_answered_with_the_hosts_fields() {
 
     for api in Api::ALL {
         let sent = sample_request(api);
-        let got = within(api.name(), renderer.call_request(sent.clone()))
-            .await
-            .unwrap_or_else(|f| panic!("{api}: {f}"));
+        let got =
+            within(api.name(), renderer.call_request(sent.clone())).await.unwrap_or_else(|f| panic!("{api}: {f}"));
         assert_eq!(got, stamped(api), "{api}: the renderer gets the host's fields");
         assert_eq!(got.err_msg(), format!("{}:ok", api.name()));
 
@@ -184,7 +194,9 @@ async fn a_host_error_reaches_the_renderer_unchanged_on_every_surface() {
         .handle(|_app, _req: v1::LoginRequest| async {
             Err::<v1::LoginResponse, _>(HostFailure::error("TCMPPLoginErrorDomain", -1001, "app not login"))
         })
-        .handle(|_app, _req: v1::RequestPaymentRequest| async { Err::<v1::RequestPaymentResponse, _>(HostFailure::cancelled()) })
+        .handle(|_app, _req: v1::RequestPaymentRequest| async {
+            Err::<v1::RequestPaymentResponse, _>(HostFailure::cancelled())
+        })
         .connect()
         .await
         .expect("host connects");
@@ -231,7 +243,13 @@ async fn a_method_the_host_did_not_register_fails_at_once() {
     let streamed = within("getUserInfo", renderer.call(tagged_user_info("x"))).await.unwrap_err();
     let unary = within("unary getUserInfo", renderer.call_unary(tagged_user_info("x"))).await.unwrap_err();
     for f in [&streamed, &unary] {
-        assert_failure(f, "getUserInfo:fail getUserInfo not implemented by host", 1003, Code::Unimplemented, "not_implemented_by_host");
+        assert_failure(
+            f,
+            "getUserInfo:fail getUserInfo not implemented by host",
+            1003,
+            Code::Unimplemented,
+            "not_implemented_by_host",
+        );
     }
     let json = within("invoke", renderer.invoke_json("getNickName", &json!({}))).await.unwrap_err();
     assert_eq!(json, json!({"errMsg": "getNickName:fail getNickName not implemented by host", "errno": 1003}));
@@ -468,7 +486,9 @@ async fn the_json_bridge_and_the_unary_rpcs_take_the_same_path() {
         ("1700000000", "n0nce", "prepay_id=wx42", "RSA", "sig-42")
     );
 
-    let result = within("invoke getUserInfo", renderer.invoke_json("wx.getUserInfo", &json!({"lang": "zh_CN"}))).await.expect("ok");
+    let result = within("invoke getUserInfo", renderer.invoke_json("wx.getUserInfo", &json!({"lang": "zh_CN"})))
+        .await
+        .expect("ok");
     assert_eq!(result["errMsg"], "getUserInfo:ok");
     assert_eq!(result["userInfo"]["nickName"], "info-nick");
     assert_eq!(result["userInfo"]["gender"], 2);
@@ -532,4 +552,35 @@ async fn one_renderer_stream_takes_answers_out_of_order() {
     // Both travelled on one stream.
     let status = host.admin().status(host.authorize(v1::StatusRequest {})).await.expect("status").into_inner();
     assert_eq!(status.renderer_streams, 1);
+}
+
+#[tokio::test]
+async fn closing_a_renderer_fails_its_pending_calls_and_cancels_them_on_the_host() {
+    // A deadline far beyond `within`'s bound: the answer can only come from the close.
+    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = 120_000).await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
+    let app = launch(&host, APP_A, V1).await;
+    let renderer = daemon.renderer(&app.launch_token).await;
+
+    let pending = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.call(tagged_user_info("closed")).await }
+    });
+    assert_eq!(within("the host has the call", started.recv()).await.as_deref(), Some("closed"));
+    renderer.close().await;
+    let failure = within("the pending call after close", pending).await.expect("task").unwrap_err();
+    assert_eq!(
+        (failure.code(), failure.errno, failure.reason.as_str()),
+        (Code::Cancelled, 1007, "cancelled"),
+        "{failure:?}"
+    );
+    // The daemon saw the stream end and told the host to stop.
+    assert_eq!(within("cancel reaches the host", dropped.recv()).await.as_deref(), Some("closed"));
+    until("no call left in the daemon", || daemon.server.broker().host.calls_in_flight() == 0).await;
+
+    // The client is still usable: the next call opens a new stream.
+    let next = within("a call after close", renderer.call(v1::CheckSessionRequest {})).await.unwrap_err();
+    assert_eq!(next.err_msg, "checkSession:fail checkSession not implemented by host");
 }

@@ -195,7 +195,10 @@ struct RawRenderer {
 impl RawRenderer {
     async fn open(channel: &Channel, token: &str) -> Result<RawRenderer, Status> {
         let (tx, rx) = mpsc::channel(16);
-        let rx = OpenApiClient::new(channel.clone()).session(as_renderer(ReceiverStream::new(rx), token)).await?.into_inner();
+        let rx = OpenApiClient::new(channel.clone())
+            .session(as_renderer(ReceiverStream::new(rx), token))
+            .await?
+            .into_inner();
         Ok(RawRenderer { tx, rx })
     }
 
@@ -374,12 +377,8 @@ async fn snapshot(t: &Target) -> Snapshot {
         .expect("sessions")
         .into_inner()
         .sessions;
-    let grants = admin
-        .list_grants(as_host(v1::ListGrantsRequest::default(), &token))
-        .await
-        .expect("grants")
-        .into_inner()
-        .grants;
+    let grants =
+        admin.list_grants(as_host(v1::ListGrantsRequest::default(), &token)).await.expect("grants").into_inner().grants;
     let broker = t.d.server.broker();
     Snapshot {
         status,
@@ -695,26 +694,58 @@ fn cases() -> Vec<Case> {
         row("empty launch token (Invoke)", On::Main, vec![st(Code::Unauthenticated, MISSING_TOKEN)], |c, _| {
             Box::pin(async move { vec![of_status(&c.main.invoke("", "login", "{}").await.unwrap_err())] })
         }),
-        row("garbage launch token without a dot (Invoke)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, _| {
-            Box::pin(async move { vec![of_status(&c.main.invoke("garbage", "login", "{}").await.unwrap_err())] })
-        }),
-        row("garbage launch token with a dot (Session stream)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, _| {
-            Box::pin(async move { vec![of_status(&RawRenderer::open(&c.main.channel, "not.atoken").await.err().unwrap())] })
-        }),
-        row("valid instance id, wrong secret (unary)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, _| {
-            Box::pin(async move {
-                let forged = format!("{}.{}", c.a.id, "A".repeat(c.a.secret().len()));
-                let e = c.main.open_api().check_session(as_renderer(v1::CheckSessionRequest {}, &forged)).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        }),
-        row("other app's instance id with this app's secret (unary)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, _| {
-            Box::pin(async move {
-                let forged = format!("{}.{}", c.b.id, c.a.secret());
-                let e = c.main.open_api().check_session(as_renderer(v1::CheckSessionRequest {}, &forged)).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        }),
+        row(
+            "garbage launch token without a dot (Invoke)",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_TOKEN)],
+            |c, _| {
+                Box::pin(async move { vec![of_status(&c.main.invoke("garbage", "login", "{}").await.unwrap_err())] })
+            },
+        ),
+        row(
+            "garbage launch token with a dot (Session stream)",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_status(&RawRenderer::open(&c.main.channel, "not.atoken").await.err().unwrap())]
+                })
+            },
+        ),
+        row(
+            "valid instance id, wrong secret (unary)",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    let forged = format!("{}.{}", c.a.id, "A".repeat(c.a.secret().len()));
+                    let e = c
+                        .main
+                        .open_api()
+                        .check_session(as_renderer(v1::CheckSessionRequest {}, &forged))
+                        .await
+                        .unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        ),
+        row(
+            "other app's instance id with this app's secret (unary)",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    let forged = format!("{}.{}", c.b.id, c.a.secret());
+                    let e = c
+                        .main
+                        .open_api()
+                        .check_session(as_renderer(v1::CheckSessionRequest {}, &forged))
+                        .await
+                        .unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        ),
         row(
             "other app's launch token acts only for that app (A's session is out of reach)",
             On::Main,
@@ -722,14 +753,21 @@ fn cases() -> Vec<Case> {
             |c, _| {
                 Box::pin(async move {
                     // A is logged in (the context did it); B's token is B's, whoever holds it.
-                    let e = c.main.open_api().check_session(as_renderer(v1::CheckSessionRequest {}, &c.b.token)).await.unwrap_err();
+                    let e = c
+                        .main
+                        .open_api()
+                        .check_session(as_renderer(v1::CheckSessionRequest {}, &c.b.token))
+                        .await
+                        .unwrap_err();
                     vec![of_unary(&e)]
                 })
             },
         ),
         row("closed app's launch token (unary)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, p| {
             Box::pin(async move {
-                vec![of_status(&c.main.open_api().login(as_renderer(v1::LoginRequest::default(), &p.token)).await.unwrap_err())]
+                vec![of_status(
+                    &c.main.open_api().login(as_renderer(v1::LoginRequest::default(), &p.token)).await.unwrap_err(),
+                )]
             })
         })
         .setup(closed_app),
@@ -737,25 +775,48 @@ fn cases() -> Vec<Case> {
             Box::pin(async move { vec![of_status(&c.main.invoke(&p.token, "login", "{}").await.unwrap_err())] })
         })
         .setup(closed_app),
-        row("closed app's launch token (Session stream)", On::Main, vec![st(Code::Unauthenticated, INVALID_TOKEN)], |c, p| {
-            Box::pin(async move { vec![of_status(&RawRenderer::open(&c.main.channel, &p.token).await.err().unwrap())] })
-        })
+        row(
+            "closed app's launch token (Session stream)",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_TOKEN)],
+            |c, p| {
+                Box::pin(
+                    async move { vec![of_status(&RawRenderer::open(&c.main.channel, &p.token).await.err().unwrap())] },
+                )
+            },
+        )
         .setup(closed_app),
         // --- host token -----------------------------------------------------------------------
-        row("Host.Connect with a wrong host token", On::Main, vec![st(Code::Unauthenticated, INVALID_HOST_TOKEN)], |c, _| {
-            Box::pin(async move {
-                let (_tx, rx) = mpsc::channel::<HostMessage>(1);
-                let e = GrpcHost::new(c.main.channel.clone()).connect(as_host(ReceiverStream::new(rx), "wrong-token")).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        }),
-        row("Host.Connect without a host token", On::Main, vec![st(Code::Unauthenticated, MISSING_HOST_TOKEN)], |c, _| {
-            Box::pin(async move {
-                let (_tx, rx) = mpsc::channel::<HostMessage>(1);
-                let e = GrpcHost::new(c.main.channel.clone()).connect(Request::new(ReceiverStream::new(rx))).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        }),
+        row(
+            "Host.Connect with a wrong host token",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_HOST_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    let (_tx, rx) = mpsc::channel::<HostMessage>(1);
+                    let e = GrpcHost::new(c.main.channel.clone())
+                        .connect(as_host(ReceiverStream::new(rx), "wrong-token"))
+                        .await
+                        .unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        ),
+        row(
+            "Host.Connect without a host token",
+            On::Main,
+            vec![st(Code::Unauthenticated, MISSING_HOST_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    let (_tx, rx) = mpsc::channel::<HostMessage>(1);
+                    let e = GrpcHost::new(c.main.channel.clone())
+                        .connect(Request::new(ReceiverStream::new(rx)))
+                        .await
+                        .unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        ),
         row(
             "a second host reusing the token while one is connected",
             On::Main,
@@ -763,7 +824,8 @@ fn cases() -> Vec<Case> {
             |c, _| {
                 Box::pin(async move {
                     let (tx, rx) = mpsc::channel::<HostMessage>(1);
-                    let hello = v1::Hello { methods: every_method(), host_name: "usurper".into(), user: Some(user("evil")) };
+                    let hello =
+                        v1::Hello { methods: every_method(), host_name: "usurper".into(), user: Some(user("evil")) };
                     tx.send(HostMessage { msg: Some(host_message::Msg::Hello(hello)) }).await.unwrap();
                     let e = GrpcHost::new(c.main.channel.clone())
                         .connect(as_host(ReceiverStream::new(rx), &c.main.d.token()))
@@ -808,12 +870,20 @@ fn cases() -> Vec<Case> {
                 until("host gone", || broker.host.current().is_none()).await;
             })
         }),
-        row("Admin.Status with a wrong host token", On::Main, vec![st(Code::Unauthenticated, INVALID_HOST_TOKEN)], |c, _| {
-            Box::pin(async move {
-                let e = AdminClient::new(c.main.channel.clone()).status(as_host(v1::StatusRequest {}, "nope")).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        }),
+        row(
+            "Admin.Status with a wrong host token",
+            On::Main,
+            vec![st(Code::Unauthenticated, INVALID_HOST_TOKEN)],
+            |c, _| {
+                Box::pin(async move {
+                    let e = AdminClient::new(c.main.channel.clone())
+                        .status(as_host(v1::StatusRequest {}, "nope"))
+                        .await
+                        .unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        ),
         row(
             "Admin.ListGrants with a launch token as the bearer",
             On::Main,
@@ -834,8 +904,15 @@ fn cases() -> Vec<Case> {
             vec![st(Code::Unauthenticated, MISSING_HOST_TOKEN)],
             |c, _| {
                 Box::pin(async move {
-                    let req = v1::RevokeGrantsRequest { app_id: "wxhostile0000003".into(), uid: String::new(), scope: String::new() };
-                    let e = AdminClient::new(c.main.channel.clone()).revoke_grants(as_renderer(req, &c.a.token)).await.unwrap_err();
+                    let req = v1::RevokeGrantsRequest {
+                        app_id: "wxhostile0000003".into(),
+                        uid: String::new(),
+                        scope: String::new(),
+                    };
+                    let e = AdminClient::new(c.main.channel.clone())
+                        .revoke_grants(as_renderer(req, &c.a.token))
+                        .await
+                        .unwrap_err();
                     vec![of_status(&e)]
                 })
             },
@@ -847,7 +924,10 @@ fn cases() -> Vec<Case> {
             |c, _| {
                 Box::pin(async move {
                     let req = v1::RegisterAppRequest { app_id: c.a.app_id.clone(), rotate: true };
-                    let e = AdminClient::new(c.main.channel.clone()).register_app(as_host(req, &c.a.token)).await.unwrap_err();
+                    let e = AdminClient::new(c.main.channel.clone())
+                        .register_app(as_host(req, &c.a.token))
+                        .await
+                        .unwrap_err();
                     vec![of_status(&e)]
                 })
             },
@@ -857,7 +937,8 @@ fn cases() -> Vec<Case> {
         row("Host.LaunchApp by a renderer", On::Main, vec![st(Code::Unauthenticated, MISSING_HOST_TOKEN)], |c, _| {
             Box::pin(async move {
                 let req = v1::LaunchAppRequest { app_id: "wxrendererlaunch".into(), app_json: String::new() };
-                let e = GrpcHost::new(c.main.channel.clone()).launch_app(as_renderer(req, &c.a.token)).await.unwrap_err();
+                let e =
+                    GrpcHost::new(c.main.channel.clone()).launch_app(as_renderer(req, &c.a.token)).await.unwrap_err();
                 vec![of_status(&e)]
             })
         }),
@@ -868,7 +949,8 @@ fn cases() -> Vec<Case> {
             |c, _| {
                 Box::pin(async move {
                     let req = v1::CloseAppRequest { instance_id: c.b.id.clone() };
-                    let e = GrpcHost::new(c.main.channel.clone()).close_app(as_host(req, &c.b.token)).await.unwrap_err();
+                    let e =
+                        GrpcHost::new(c.main.channel.clone()).close_app(as_host(req, &c.b.token)).await.unwrap_err();
                     vec![of_status(&e)]
                 })
             },
@@ -878,12 +960,18 @@ fn cases() -> Vec<Case> {
             "Invoke of an unknown API",
             On::Main,
             vec![api_fail(Code::InvalidArgument, "getLocation:fail api not supported: getLocation", 1002)],
-            |c, _| Box::pin(async move { vec![of_invoke(&c.main.invoke(&c.a.token, "getLocation", "{}").await.unwrap())] }),
+            |c, _| {
+                Box::pin(async move { vec![of_invoke(&c.main.invoke(&c.a.token, "getLocation", "{}").await.unwrap())] })
+            },
         ),
         row(
             "Invoke of an API named with markup (sanitized in errMsg)",
             On::Main,
-            vec![api_fail(Code::InvalidArgument, "imgsrcxonerroralert1:fail api not supported: imgsrcxonerroralert1", 1002)],
+            vec![api_fail(
+                Code::InvalidArgument,
+                "imgsrcxonerroralert1:fail api not supported: imgsrcxonerroralert1",
+                1002,
+            )],
             |c, _| {
                 Box::pin(async move {
                     vec![of_invoke(&c.main.invoke(&c.a.token, "<img src=x onerror=alert(1)>", "{}").await.unwrap())]
@@ -912,14 +1000,20 @@ fn cases() -> Vec<Case> {
             "Invoke with params that are a string",
             On::Main,
             vec![invalid("getUserInfo", "params must be a JSON object")],
-            |c, _| Box::pin(async move { vec![of_invoke(&c.main.invoke(&c.a.token, "getUserInfo", "\"{}\"").await.unwrap())] }),
+            |c, _| {
+                Box::pin(
+                    async move { vec![of_invoke(&c.main.invoke(&c.a.token, "getUserInfo", "\"{}\"").await.unwrap())] },
+                )
+            },
         ),
         row(
             "Invoke with a field of the wrong type",
             On::Main,
             vec![invalid("requestPayment", "invalid type: integer `12`, expected a string at line 1 column 15")],
             |c, _| {
-                Box::pin(async move { vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", r#"{"timeStamp":12}"#).await.unwrap())] })
+                Box::pin(async move {
+                    vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", r#"{"timeStamp":12}"#).await.unwrap())]
+                })
             },
         ),
         row(
@@ -952,15 +1046,20 @@ fn cases() -> Vec<Case> {
             },
         ),
         // --- oversize messages --------------------------------------------------------------
-        row("Invoke params over limits.max_message_bytes", On::Main, vec![st(Code::OutOfRange, &too_large(70_031))], |c, _| {
-            Box::pin(async move {
-                let params = json!({ "desc": "x".repeat(70_000) }).to_string();
-                let req = InvokeRequest { api: "getUserProfile".into(), params_json: params };
-                assert_eq!(req.encoded_len(), 70_031);
-                let e = c.main.open_api().invoke(as_renderer(req, &c.a.token)).await.unwrap_err();
-                vec![of_status(&e)]
-            })
-        })
+        row(
+            "Invoke params over limits.max_message_bytes",
+            On::Main,
+            vec![st(Code::OutOfRange, &too_large(70_031))],
+            |c, _| {
+                Box::pin(async move {
+                    let params = json!({ "desc": "x".repeat(70_000) }).to_string();
+                    let req = InvokeRequest { api: "getUserProfile".into(), params_json: params };
+                    assert_eq!(req.encoded_len(), 70_031);
+                    let e = c.main.open_api().invoke(as_renderer(req, &c.a.token)).await.unwrap_err();
+                    vec![of_status(&e)]
+                })
+            },
+        )
         .follow(|c, _| {
             Box::pin(async move {
                 // The same connection still works.
@@ -985,7 +1084,10 @@ fn cases() -> Vec<Case> {
                     let mut s = RawRenderer::open(&c.main.channel, &c.a.token).await.expect("stream");
                     let call = RendererCall {
                         id: 1,
-                        request: Some(request_of(v1::GetUserProfileRequest { desc: "x".repeat(70_000), lang: String::new() })),
+                        request: Some(request_of(v1::GetUserProfileRequest {
+                            desc: "x".repeat(70_000),
+                            lang: String::new(),
+                        })),
                     };
                     assert_eq!(call.encoded_len(), 70_014);
                     s.tx.send(call).await.unwrap();
@@ -1001,7 +1103,10 @@ fn cases() -> Vec<Case> {
                 Box::pin(async move {
                     let r = c.main.d.renderer(&c.a.token).await;
                     let started = Instant::now();
-                    let f = r.call(v1::GetUserProfileRequest { desc: "x".repeat(70_000), lang: "en".into() }).await.unwrap_err();
+                    let f = r
+                        .call(v1::GetUserProfileRequest { desc: "x".repeat(70_000), lang: "en".into() })
+                        .await
+                        .unwrap_err();
                     assert!(started.elapsed() < Duration::from_secs(5), "no retry loop: {:?}", started.elapsed());
                     p.keep.lock().unwrap().push(Box::new(r));
                     vec![of_failure(&f)]
@@ -1017,15 +1122,27 @@ fn cases() -> Vec<Case> {
             })
         }),
         // --- payments: refused before the host sees them ------------------------------------
-        row("requestPayment without paySign (stream)", On::Main, vec![invalid("requestPayment", "paySign is required")], |c, _| {
-            Box::pin(async move {
-                let f = c.ra.call(payment("1700000000", "n", "prepay_id=1", "RSA", "")).await.unwrap_err();
-                vec![of_failure(&f)]
-            })
-        }),
-        row("requestPayment with no fields at all (Invoke)", On::Main, vec![invalid("requestPayment", "timeStamp is required")], |c, _| {
-            Box::pin(async move { vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", "{}").await.unwrap())] })
-        }),
+        row(
+            "requestPayment without paySign (stream)",
+            On::Main,
+            vec![invalid("requestPayment", "paySign is required")],
+            |c, _| {
+                Box::pin(async move {
+                    let f = c.ra.call(payment("1700000000", "n", "prepay_id=1", "RSA", "")).await.unwrap_err();
+                    vec![of_failure(&f)]
+                })
+            },
+        ),
+        row(
+            "requestPayment with no fields at all (Invoke)",
+            On::Main,
+            vec![invalid("requestPayment", "timeStamp is required")],
+            |c, _| {
+                Box::pin(
+                    async move { vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", "{}").await.unwrap())] },
+                )
+            },
+        ),
         row(
             "requestPayment with an unknown signType (unary)",
             On::Main,
@@ -1042,15 +1159,22 @@ fn cases() -> Vec<Case> {
             On::Main,
             vec![invalid("requestPayment", "timeStamp must be a decimal number of seconds")],
             |c, _| {
-                Box::pin(async move { vec![of_failure(&c.ra.call(payment("17e8", "n", "prepay_id=1", "RSA", "s")).await.unwrap_err())] })
+                Box::pin(async move {
+                    vec![of_failure(&c.ra.call(payment("17e8", "n", "prepay_id=1", "RSA", "s")).await.unwrap_err())]
+                })
             },
         ),
-        row("requestPayment with a blank nonceStr (Invoke)", On::Main, vec![invalid("requestPayment", "nonceStr is required")], |c, _| {
-            Box::pin(async move {
-                let params = r#"{"timeStamp":"1","nonceStr":"   ","package":"p","signType":"RSA","paySign":"s"}"#;
-                vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", params).await.unwrap())]
-            })
-        }),
+        row(
+            "requestPayment with a blank nonceStr (Invoke)",
+            On::Main,
+            vec![invalid("requestPayment", "nonceStr is required")],
+            |c, _| {
+                Box::pin(async move {
+                    let params = r#"{"timeStamp":"1","nonceStr":"   ","package":"p","signType":"RSA","paySign":"s"}"#;
+                    vec![of_invoke(&c.main.invoke(&c.a.token, "requestPayment", params).await.unwrap())]
+                })
+            },
+        ),
         row(
             "requestPayment with an idempotency key over 128 bytes",
             On::Main,
@@ -1067,7 +1191,11 @@ fn cases() -> Vec<Case> {
             "midas payment whose signData is not JSON (stream)",
             On::Main,
             vec![invalid("requestMidasPaymentGameItem", "signData must be a JSON object")],
-            |c, _| Box::pin(async move { vec![of_failure(&c.ra.call(midas("mode=short", "ps", "sig")).await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(
+                    async move { vec![of_failure(&c.ra.call(midas("mode=short", "ps", "sig")).await.unwrap_err())] },
+                )
+            },
         ),
         row(
             "midas payment whose signData is a JSON array (unary)",
@@ -1075,7 +1203,11 @@ fn cases() -> Vec<Case> {
             vec![invalid("requestMidasPaymentGameItem", "signData must be a JSON object")],
             |c, _| {
                 Box::pin(async move {
-                    let e = c.main.open_api().request_midas_payment_game_item(as_renderer(midas("[]", "ps", "sig"), &c.a.token)).await;
+                    let e = c
+                        .main
+                        .open_api()
+                        .request_midas_payment_game_item(as_renderer(midas("[]", "ps", "sig"), &c.a.token))
+                        .await;
                     vec![of_unary(&e.unwrap_err())]
                 })
             },
@@ -1086,8 +1218,11 @@ fn cases() -> Vec<Case> {
             vec![invalid("requestMidasPaymentGameItem", "signData.productId is required (a string)")],
             |c, _| {
                 Box::pin(async move {
-                    let params = json!({ "signData": sign_data_without("productId"), "paySig": "ps", "signature": "sig" });
-                    vec![of_invoke(&c.main.invoke(&c.a.token, "requestMidasPaymentGameItem", &params.to_string()).await.unwrap())]
+                    let params =
+                        json!({ "signData": sign_data_without("productId"), "paySig": "ps", "signature": "sig" });
+                    vec![of_invoke(
+                        &c.main.invoke(&c.a.token, "requestMidasPaymentGameItem", &params.to_string()).await.unwrap(),
+                    )]
                 })
             },
         ),
@@ -1107,14 +1242,28 @@ fn cases() -> Vec<Case> {
             "midas payment with an empty paySig (stream)",
             On::Main,
             vec![invalid("requestMidasPaymentGameItem", "paySig is required")],
-            |c, _| Box::pin(async move { vec![of_failure(&c.ra.call(midas(&sign_data_without("x"), "", "sig")).await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_failure(&c.ra.call(midas(&sign_data_without("x"), "", "sig")).await.unwrap_err())]
+                })
+            },
         ),
         // --- getUserProfile's desc ----------------------------------------------------------
-        row("getUserProfile with an empty desc (stream)", On::Main, vec![invalid("getUserProfile", "desc is required")], |c, _| {
-            Box::pin(async move {
-                vec![of_failure(&c.ra.call(v1::GetUserProfileRequest { desc: String::new(), lang: "en".into() }).await.unwrap_err())]
-            })
-        }),
+        row(
+            "getUserProfile with an empty desc (stream)",
+            On::Main,
+            vec![invalid("getUserProfile", "desc is required")],
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_failure(
+                        &c.ra
+                            .call(v1::GetUserProfileRequest { desc: String::new(), lang: "en".into() })
+                            .await
+                            .unwrap_err(),
+                    )]
+                })
+            },
+        ),
         row(
             "getUserProfile with a 31-character desc (Invoke)",
             On::Main,
@@ -1140,31 +1289,53 @@ fn cases() -> Vec<Case> {
             "LaunchApp with apiVersion v4",
             On::Main,
             vec![st(Code::InvalidArgument, r#"app.json: invalid apiVersion "v4": expected "v1", "v2" or "v3""#)],
-            |c, _| Box::pin(async move { vec![of_status(&c.main_host.launch_app("wxbadversion001", r#"{"apiVersion":"v4"}"#).await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_status(
+                        &c.main_host.launch_app("wxbadversion001", r#"{"apiVersion":"v4"}"#).await.unwrap_err(),
+                    )]
+                })
+            },
         ),
         row(
             "LaunchApp with a numeric apiVersion",
             On::Main,
             vec![st(Code::InvalidArgument, "app.json: apiVersion must be a string")],
-            |c, _| Box::pin(async move { vec![of_status(&c.main_host.launch_app("wxbadversion001", r#"{"apiVersion":3}"#).await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_status(
+                        &c.main_host.launch_app("wxbadversion001", r#"{"apiVersion":3}"#).await.unwrap_err(),
+                    )]
+                })
+            },
         ),
         row(
             "LaunchApp with an app.json that is not JSON",
             On::Main,
             vec![st(Code::InvalidArgument, "app.json: key must be a string at line 1 column 2")],
-            |c, _| Box::pin(async move { vec![of_status(&c.main_host.launch_app("wxbadversion001", "{apiVersion: v2").await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(async move {
+                    vec![of_status(&c.main_host.launch_app("wxbadversion001", "{apiVersion: v2").await.unwrap_err())]
+                })
+            },
         ),
         row(
             "LaunchApp with an app.json that is an array",
             On::Main,
             vec![st(Code::InvalidArgument, "app.json is not a JSON object")],
-            |c, _| Box::pin(async move { vec![of_status(&c.main_host.launch_app("wxbadversion001", "[]").await.unwrap_err())] }),
+            |c, _| {
+                Box::pin(
+                    async move { vec![of_status(&c.main_host.launch_app("wxbadversion001", "[]").await.unwrap_err())] },
+                )
+            },
         ),
         row("LaunchApp with an empty app id", On::Main, vec![st(Code::InvalidArgument, BAD_APP_ID)], |c, _| {
             Box::pin(async move { vec![of_status(&c.main_host.launch_app("", "{}").await.unwrap_err())] })
         }),
         row("LaunchApp with a path as the app id", On::Main, vec![st(Code::InvalidArgument, BAD_APP_ID)], |c, _| {
-            Box::pin(async move { vec![of_status(&c.main_host.launch_app("../../etc/passwd", "{}").await.unwrap_err())] })
+            Box::pin(
+                async move { vec![of_status(&c.main_host.launch_app("../../etc/passwd", "{}").await.unwrap_err())] },
+            )
         }),
         row("LaunchApp with a 65-character app id", On::Main, vec![st(Code::InvalidArgument, BAD_APP_ID)], |c, _| {
             Box::pin(async move { vec![of_status(&c.main_host.launch_app(&"w".repeat(65), "{}").await.unwrap_err())] })
@@ -1206,7 +1377,11 @@ fn cases() -> Vec<Case> {
             On::Raw,
             vec![
                 notice("host answered getUserInfo with a login result"),
-                api_fail(Code::Internal, "getUserInfo:fail host protocol error: host answered getUserInfo with a login result", 1012),
+                api_fail(
+                    Code::Internal,
+                    "getUserInfo:fail host protocol error: host answered getUserInfo with a login result",
+                    1012,
+                ),
                 notice(UNKNOWN_CALL),
             ],
             |c, _| {
@@ -1214,7 +1389,8 @@ fn cases() -> Vec<Case> {
                     let mut r = RawRenderer::open(&c.raw.channel, &c.raw_app.token).await.unwrap();
                     r.send(7, request_of(v1::GetUserInfoRequest::default())).await;
                     let call = c.raw_host.next_call().await;
-                    let login = v1::LoginRequest::wrap_response(v1::LoginResponse { code: "c".into(), ..Default::default() });
+                    let login =
+                        v1::LoginRequest::wrap_response(v1::LoginResponse { code: "c".into(), ..Default::default() });
                     c.raw_host.answer(call.call_id, Some(Outcome::Api(login))).await;
                     let first = c.raw_host.next_notice().await;
                     let reply = r.reply().await.unwrap().unwrap();
@@ -1233,7 +1409,11 @@ fn cases() -> Vec<Case> {
             On::Raw,
             vec![
                 notice("host answered getUserInfo with no outcome"),
-                api_fail(Code::Internal, "getUserInfo:fail host protocol error: host answered getUserInfo with no outcome", 1012),
+                api_fail(
+                    Code::Internal,
+                    "getUserInfo:fail host protocol error: host answered getUserInfo with no outcome",
+                    1012,
+                ),
             ],
             |c, _| {
                 Box::pin(async move {
@@ -1267,7 +1447,8 @@ fn cases() -> Vec<Case> {
         }),
         row("host says Hello twice", On::Raw, vec![notice("Hello was already received; ignored")], |c, _| {
             Box::pin(async move {
-                let hello = v1::Hello { methods: vec![], host_name: "renamed".into(), user: Some(user("someone-else")) };
+                let hello =
+                    v1::Hello { methods: vec![], host_name: "renamed".into(), user: Some(user("someone-else")) };
                 c.raw_host.send(host_message::Msg::Hello(hello)).await;
                 let n = c.raw_host.next_notice().await;
                 assert_eq!(n.call_id, 0);
@@ -1281,14 +1462,28 @@ fn cases() -> Vec<Case> {
             })
         }),
         // --- Exchange ---------------------------------------------------------------------------
-        row("Code2Session with a wrong secret", On::Main, vec![exch(Code::Unauthenticated, 40125, "invalid appsecret")], |c, p| {
-            Box::pin(async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, "wrong-secret", &p.code).await.unwrap_err())] })
-        })
+        row(
+            "Code2Session with a wrong secret",
+            On::Main,
+            vec![exch(Code::Unauthenticated, 40125, "invalid appsecret")],
+            |c, p| {
+                Box::pin(async move {
+                    vec![of_exchange(&c.main.code2session(&c.a.app_id, "wrong-secret", &p.code).await.unwrap_err())]
+                })
+            },
+        )
         .setup(login_code)
         .follow(code_still_redeems),
-        row("Code2Session with a reused code", On::Main, vec![exch(Code::FailedPrecondition, 40163, "code been used")], |c, p| {
-            Box::pin(async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, &c.secret_a, &p.code).await.unwrap_err())] })
-        })
+        row(
+            "Code2Session with a reused code",
+            On::Main,
+            vec![exch(Code::FailedPrecondition, 40163, "code been used")],
+            |c, p| {
+                Box::pin(async move {
+                    vec![of_exchange(&c.main.code2session(&c.a.app_id, &c.secret_a, &p.code).await.unwrap_err())]
+                })
+            },
+        )
         .setup(|c| {
             Box::pin(async move {
                 let code = c.login_code_a().await;
@@ -1300,20 +1495,35 @@ fn cases() -> Vec<Case> {
             "Code2Session of another app's code (with that app's own secret)",
             On::Main,
             vec![exch(Code::InvalidArgument, 40029, "invalid code")],
-            |c, p| Box::pin(async move { vec![of_exchange(&c.main.code2session(&c.b.app_id, &c.secret_b, &p.code).await.unwrap_err())] }),
+            |c, p| {
+                Box::pin(async move {
+                    vec![of_exchange(&c.main.code2session(&c.b.app_id, &c.secret_b, &p.code).await.unwrap_err())]
+                })
+            },
         )
         .setup(login_code)
         .follow(code_still_redeems),
-        row("Code2Session for an unknown app id", On::Main, vec![exch(Code::Unauthenticated, 40013, "invalid appid")], |c, p| {
-            Box::pin(async move { vec![of_exchange(&c.main.code2session("wxnosuchapp0001", &c.secret_a, &p.code).await.unwrap_err())] })
-        })
+        row(
+            "Code2Session for an unknown app id",
+            On::Main,
+            vec![exch(Code::Unauthenticated, 40013, "invalid appid")],
+            |c, p| {
+                Box::pin(async move {
+                    vec![of_exchange(&c.main.code2session("wxnosuchapp0001", &c.secret_a, &p.code).await.unwrap_err())]
+                })
+            },
+        )
         .setup(login_code)
         .follow(code_still_redeems),
         row(
             "Code2Session with an empty secret",
             On::Main,
             vec![exch(Code::InvalidArgument, 40001, "malformed request: app_id and secret are required")],
-            |c, p| Box::pin(async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, "", &p.code).await.unwrap_err())] }),
+            |c, p| {
+                Box::pin(
+                    async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, "", &p.code).await.unwrap_err())] },
+                )
+            },
         )
         .setup(login_code)
         .follow(code_still_redeems),
@@ -1321,13 +1531,22 @@ fn cases() -> Vec<Case> {
             "Code2Session of a phone-number code",
             On::Main,
             vec![exch(Code::InvalidArgument, 40029, "invalid code")],
-            |c, p| Box::pin(async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, &c.secret_a, &p.code).await.unwrap_err())] }),
+            |c, p| {
+                Box::pin(async move {
+                    vec![of_exchange(&c.main.code2session(&c.a.app_id, &c.secret_a, &p.code).await.unwrap_err())]
+                })
+            },
         )
         .setup(|c| Box::pin(async move { Prep { code: c.phone_code_a().await, ..Default::default() } }))
         .follow(|c, p| {
             Box::pin(async move {
-                let req = v1::RedeemCodeRequest { app_id: c.a.app_id.clone(), secret: c.secret_a.clone(), code: p.code.clone() };
-                let phone = c.main.exchange().get_phone_number(req).await.expect("the phone code survived").into_inner();
+                let req = v1::RedeemCodeRequest {
+                    app_id: c.a.app_id.clone(),
+                    secret: c.secret_a.clone(),
+                    code: p.code.clone(),
+                };
+                let phone =
+                    c.main.exchange().get_phone_number(req).await.expect("the phone code survived").into_inner();
                 assert_eq!(phone.phone_number, "+86 138 u1");
             })
         }),
@@ -1337,7 +1556,11 @@ fn cases() -> Vec<Case> {
             vec![exch(Code::InvalidArgument, 40029, "invalid code")],
             |c, p| {
                 Box::pin(async move {
-                    let req = v1::RedeemCodeRequest { app_id: c.a.app_id.clone(), secret: c.secret_a.clone(), code: p.code.clone() };
+                    let req = v1::RedeemCodeRequest {
+                        app_id: c.a.app_id.clone(),
+                        secret: c.secret_a.clone(),
+                        code: p.code.clone(),
+                    };
                     vec![of_exchange(&c.main.exchange().get_phone_number(req).await.unwrap_err())]
                 })
             },
@@ -1349,8 +1572,16 @@ fn cases() -> Vec<Case> {
             "more calls in flight than the per-instance limit (another app unaffected)",
             On::Limits,
             vec![
-                api_fail(Code::ResourceExhausted, "getUserInfo:fail resource exhausted: more than 2 calls in flight for this app instance", 1008),
-                api_fail(Code::ResourceExhausted, "getUserInfo:fail resource exhausted: more than 2 calls in flight for this app instance", 1008),
+                api_fail(
+                    Code::ResourceExhausted,
+                    "getUserInfo:fail resource exhausted: more than 2 calls in flight for this app instance",
+                    1008,
+                ),
+                api_fail(
+                    Code::ResourceExhausted,
+                    "getUserInfo:fail resource exhausted: more than 2 calls in flight for this app instance",
+                    1008,
+                ),
             ],
             |c, _| {
                 Box::pin(async move {
@@ -1359,7 +1590,10 @@ fn cases() -> Vec<Case> {
                     let streamed = r.call(v1::GetUserInfoRequest::default()).await.unwrap_err();
                     // Another app, at the same moment, is served.
                     let other = c.limits.d.renderer(&c.fast.token).await;
-                    assert_eq!(other.call_unary(v1::GetNickNameRequest {}).await.expect("other app served").nick_name, "nick-u1");
+                    assert_eq!(
+                        other.call_unary(v1::GetNickNameRequest {}).await.expect("other app served").nick_name,
+                        "nick-u1"
+                    );
                     vec![of_failure(&unary), of_failure(&streamed)]
                 })
             },
@@ -1371,7 +1605,10 @@ fn cases() -> Vec<Case> {
                 let prep = Prep::default();
                 for _ in 0..2 {
                     let r = r.clone();
-                    prep.tasks.lock().unwrap().push(tokio::spawn(async move { r.call_unary(v1::GetUserInfoRequest::default()).await }));
+                    prep.tasks
+                        .lock()
+                        .unwrap()
+                        .push(tokio::spawn(async move { r.call_unary(v1::GetUserInfoRequest::default()).await }));
                 }
                 let limits = &c.limits;
                 until("two slow calls reach the host", || limits.calls() == before + 2).await;
@@ -1432,7 +1669,11 @@ fn cases() -> Vec<Case> {
         row(
             "more calls per second than the per-app rate (another app unaffected)",
             On::Rate,
-            vec![api_fail(Code::ResourceExhausted, "getNickName:fail resource exhausted: app exceeded 1 calls per second", 1008)],
+            vec![api_fail(
+                Code::ResourceExhausted,
+                "getNickName:fail resource exhausted: app exceeded 1 calls per second",
+                1008,
+            )],
             |c, p| Box::pin(async move { vec![first_refusal(&c, &p.token, 10).await] }),
         )
         .setup(drain_rate)
@@ -1440,7 +1681,11 @@ fn cases() -> Vec<Case> {
         row(
             "the per-app rate covers every instance of the app",
             On::Rate,
-            vec![api_fail(Code::ResourceExhausted, "getNickName:fail resource exhausted: app exceeded 1 calls per second", 1008)],
+            vec![api_fail(
+                Code::ResourceExhausted,
+                "getNickName:fail resource exhausted: app exceeded 1 calls per second",
+                1008,
+            )],
             |c, _| Box::pin(async move { vec![first_refusal(&c, &c.r1b.token, 1).await] }),
         )
         .setup(drain_rate)
@@ -1464,12 +1709,19 @@ fn cases() -> Vec<Case> {
                     .await
                     .unwrap();
                     let stdout = String::from_utf8_lossy(&out.stdout);
-                    let result = stdout.lines().find_map(|l| l.split_once("probe-result: ").map(|(_, r)| r)).unwrap_or("no result");
+                    let result = stdout
+                        .lines()
+                        .find_map(|l| l.split_once("probe-result: ").map(|(_, r)| r))
+                        .unwrap_or("no result");
                     match result {
                         "closed" => vec![Refusal::ConnectionClosed],
                         other => vec![st(
                             Code::Unknown,
-                            &format!("{other}; {}; stdout: {stdout}; stderr: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+                            &format!(
+                                "{other}; {}; stdout: {stdout}; stderr: {}",
+                                out.status,
+                                String::from_utf8_lossy(&out.stderr)
+                            ),
                         )],
                     }
                 })
@@ -1611,4 +1863,3 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     next_reply_is_a_fresh_call(&ctx.raw_host, &mut r).await;
     println!("hostile: {} cases refused exactly, no state changed, in {:?}", cases.len(), started.elapsed());
 }
-

@@ -17,10 +17,8 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/bro
 
 /// Why the Python side cannot run here, if it cannot.
 async fn python_missing() -> Option<String> {
-    let probe = tokio::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .kill_on_drop(true)
-        .output();
+    let probe =
+        tokio::process::Command::new("python3").args(["-c", "import grpc, grpc_tools"]).kill_on_drop(true).output();
     match within("python3 probe", probe).await {
         Err(e) => Some(format!("python3 is not available ({e})")),
         Ok(out) if !out.status.success() => Some(format!(
@@ -71,14 +69,8 @@ async fn python_host_and_renderer_run_v1_and_v2_login() {
     println!("{}", lines[lines.len() - 1]);
 
     // The daemon side agrees: both instances exist with the versions their app.json chose.
-    let mut apps: Vec<(String, &'static str)> = daemon
-        .server
-        .broker()
-        .registry
-        .list()
-        .iter()
-        .map(|i| (i.app_id.to_string(), i.version_label().0))
-        .collect();
+    let mut apps: Vec<(String, &'static str)> =
+        daemon.server.broker().registry.list().iter().map(|i| (i.app_id.to_string(), i.version_label().0)).collect();
     apps.sort();
     assert_eq!(apps, [("wxpython00000001".to_owned(), "v1"), ("wxpython00000002".to_owned(), "v2")]);
 }

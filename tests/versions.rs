@@ -16,14 +16,14 @@ use miniapp_broker_client::{
         Api,
         api::{ApiCall, scope},
         v1::{
-            self, AppInfo, Code2SessionRequest, ExchangeError, GetAuthCodeRequest, GetAuthCodeResponse, RedeemCodeRequest,
-            exchange_client::ExchangeClient,
+            self, AppInfo, Code2SessionRequest, ExchangeError, GetAuthCodeRequest, GetAuthCodeResponse,
+            RedeemCodeRequest, exchange_client::ExchangeClient,
         },
     },
 };
 use miniapp_brokerd::{ApiVersion, Config, config::AppConfig, demo::sample_request};
 use prost::Message;
-use support::{Daemon, assert_failure, T0_MS, launch, until, user, within};
+use support::{Daemon, T0_MS, assert_failure, launch, until, user, within};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tonic::{Code, Status, transport::Channel};
 
@@ -163,14 +163,13 @@ fn refusal(status: Status) -> (Code, i32, String) {
 /// Waits until the daemon has applied the user the host pushed ("" for signed out).
 async fn signed_in(daemon: &Daemon, uid: &str) {
     let broker = daemon.server.broker().clone();
-    until("the daemon applies the pushed user", || {
-        broker.user.get().map(|u| u.uid.clone()).unwrap_or_default() == uid
-    })
-    .await;
+    until("the daemon applies the pushed user", || broker.user.get().map(|u| u.uid.clone()).unwrap_or_default() == uid)
+        .await;
 }
 
 async fn list_app(host: &miniapp_broker_client::HostClient, instance_id: &str) -> v1::AppInstanceInfo {
-    let apps = host.admin().list_apps(host.authorize(v1::ListAppsRequest {})).await.expect("list apps").into_inner().apps;
+    let apps =
+        host.admin().list_apps(host.authorize(v1::ListAppsRequest {})).await.expect("list apps").into_inner().apps;
     apps.into_iter().find(|a| a.instance_id == instance_id).expect("the instance is listed")
 }
 
@@ -221,16 +220,26 @@ async fn app_json_beats_the_hosts_answer_which_beats_the_default_asked_once() {
         let asks = seen.versions();
         assert_eq!(asks.len(), usize::from(asked), "{what}: openApiVersion asked once at most");
         for ask in asks {
-            assert_eq!((ask.app_id.as_str(), ask.instance_id.as_str(), ask.api_version.as_str()), (app_id, app.instance_id.as_str(), ""));
+            assert_eq!(
+                (ask.app_id.as_str(), ask.instance_id.as_str(), ask.api_version.as_str()),
+                (app_id, app.instance_id.as_str(), "")
+            );
         }
         let calls = seen.apis();
         let user_info: Vec<_> = calls.iter().filter(|(_, api)| *api == Api::GetUserInfo).collect();
         assert_eq!(user_info.len(), 4, "{what}");
-        assert!(user_info.iter().all(|(info, _)| info.api_version == version), "{what}: the host sees {version}: {calls:?}");
+        assert!(
+            user_info.iter().all(|(info, _)| info.api_version == version),
+            "{what}: the host sees {version}: {calls:?}"
+        );
         let login_delegated = calls.iter().any(|(_, api)| *api == Api::Login);
         assert_eq!(login_delegated, version == "v1", "{what}: login is a default in {version}");
         let listed = list_app(&host, &app.instance_id).await;
-        assert_eq!((listed.api_version.as_str(), listed.version_source.as_str()), (version, source), "{what}: ListApps");
+        assert_eq!(
+            (listed.api_version.as_str(), listed.version_source.as_str()),
+            (version, source),
+            "{what}: ListApps"
+        );
         seen.auth();
     }
 
@@ -313,7 +322,9 @@ async fn a_version_never_changes_while_its_host_is_connected_and_a_host_restart_
     }
     let asked: Vec<String> = seen2.versions().into_iter().map(|a| a.app_id).collect();
     assert_eq!(asked, ["wxmixhost"], "the new host is asked once, for the instance the old host chose for");
-    for (launched, expected) in [(&from_host, ("v1", "host")), (&from_json, ("v2", "app.json")), (&from_default, ("v2", "default"))] {
+    for (launched, expected) in
+        [(&from_host, ("v1", "host")), (&from_json, ("v2", "app.json")), (&from_default, ("v2", "default"))]
+    {
         let listed = list_app(&second, &launched.instance_id).await;
         assert_eq!((listed.api_version.as_str(), listed.version_source.as_str()), expected);
     }
@@ -339,16 +350,24 @@ async fn every_default_answers_in_v2_and_v3_and_the_rest_is_delegated() {
         let avatar = within("avatar", r.call(v1::ChooseAvatarRequest {})).await.expect("avatar");
         let nick = within("nick", r.call(v1::GetNickNameRequest {})).await.expect("nickname");
         assert_eq!((phone.err_msg.as_str(), email.err_msg.as_str()), ("getPhoneNumber:ok", "getEmail:ok"));
-        assert_eq!(avatar, v1::ChooseAvatarResponse { err_msg: "chooseAvatar:ok".into(), avatar_url: "https://example.invalid/u1.png".into() });
+        assert_eq!(
+            avatar,
+            v1::ChooseAvatarResponse {
+                err_msg: "chooseAvatar:ok".into(),
+                avatar_url: "https://example.invalid/u1.png".into()
+            }
+        );
         assert_eq!(nick, v1::GetNickNameResponse { err_msg: "getNickName:ok".into(), nick_name: "nick-u1".into() });
         assert!(!phone.code.contains("138") && !email.code.contains('@'), "{version}: codes, never the values");
         assert!(seen.apis().is_empty(), "{version}: no per-API host handler ran for a default");
 
         // The app's backend redeems the codes.
-        let session = exchange.code2_session(c2s(&app_id, &secret, &login_code)).await.expect("code2Session").into_inner();
+        let session =
+            exchange.code2_session(c2s(&app_id, &secret, &login_code)).await.expect("code2Session").into_inner();
         assert!(session.openid.starts_with('o') && !session.session_key.is_empty(), "{version}: {session:?}");
         assert_eq!(session.auth_code, if version == "v3" { "ac-host" } else { "" }, "{version}");
-        let number = exchange.get_phone_number(redeem(&app_id, &secret, &phone.code)).await.expect("phone").into_inner();
+        let number =
+            exchange.get_phone_number(redeem(&app_id, &secret, &phone.code)).await.expect("phone").into_inner();
         assert_eq!(number.phone_number, "+86 138 u1");
         let address = exchange.get_email(redeem(&app_id, &secret, &email.code)).await.expect("email").into_inner();
         assert_eq!(address.email, "u1@example.invalid");
@@ -363,10 +382,16 @@ async fn every_default_answers_in_v2_and_v3_and_the_rest_is_delegated() {
             })
             .collect();
         let expected: Vec<(String, Vec<String>, String)> = if version == "v3" {
-            [("login", None), ("getPhoneNumber", Some(scope::PHONE_NUMBER)), ("getEmail", Some(scope::EMAIL)), ("chooseAvatar", Some(scope::AVATAR)), ("getNickName", Some(scope::NICKNAME))]
-                .into_iter()
-                .map(|(api, s)| (api.to_owned(), s.into_iter().map(str::to_owned).collect(), app.instance_id.clone()))
-                .collect()
+            [
+                ("login", None),
+                ("getPhoneNumber", Some(scope::PHONE_NUMBER)),
+                ("getEmail", Some(scope::EMAIL)),
+                ("chooseAvatar", Some(scope::AVATAR)),
+                ("getNickName", Some(scope::NICKNAME)),
+            ]
+            .into_iter()
+            .map(|(api, s)| (api.to_owned(), s.into_iter().map(str::to_owned).collect(), app.instance_id.clone()))
+            .collect()
         } else {
             Vec::new()
         };
@@ -374,7 +399,9 @@ async fn every_default_answers_in_v2_and_v3_and_the_rest_is_delegated() {
 
         // The APIs without a default still reach the host.
         for api in [Api::GetUserInfo, Api::GetUserProfile, Api::RequestPayment, Api::RequestMidasPaymentGameItem] {
-            let got = within(api.name(), r.call_request(sample_request(api))).await.unwrap_or_else(|f| panic!("{version} {api}: {f}"));
+            let got = within(api.name(), r.call_request(sample_request(api)))
+                .await
+                .unwrap_or_else(|f| panic!("{version} {api}: {f}"));
             assert_eq!(got.err_msg(), format!("{}:ok", api.name()));
             let calls = seen.apis();
             assert_eq!(calls.len(), 1, "{version} {api}: delegated once");
@@ -394,7 +421,13 @@ async fn a_signed_out_user_fails_every_default_like_the_seeds_app_not_login() {
         let r = daemon.renderer(&app.launch_token).await;
         for api in Api::ALL.into_iter().filter(|a| a.has_default()) {
             let failure = within(api.name(), r.call_request(sample_request(api))).await.unwrap_err();
-            assert_failure(&failure, &format!("{}:fail app not login", api.name()), -1001, Code::FailedPrecondition, "not_logged_in");
+            assert_failure(
+                &failure,
+                &format!("{}:fail app not login", api.name()),
+                -1001,
+                Code::FailedPrecondition,
+                "not_logged_in",
+            );
         }
         assert!(seen.apis().is_empty() && seen.auth().is_empty(), "{version}: nothing asked of the host");
     }
@@ -465,15 +498,28 @@ async fn a_scope_the_host_refuses_fails_that_api_with_scope_not_authorized() {
     let r = daemon.renderer(&app.launch_token).await;
 
     let nick = within("nick", r.call(v1::GetNickNameRequest {})).await.unwrap_err();
-    assert_failure(&nick, "getNickName:fail scope not authorized: SCOPE_NICKNAME: user refused", 1009, Code::PermissionDenied, "scope_denied");
+    assert_failure(
+        &nick,
+        "getNickName:fail scope not authorized: SCOPE_NICKNAME: user refused",
+        1009,
+        Code::PermissionDenied,
+        "scope_denied",
+    );
     let avatar = within("avatar", r.call(v1::ChooseAvatarRequest {})).await.unwrap_err();
-    assert_failure(&avatar, "chooseAvatar:fail scope not authorized: SCOPE_AVATAR: not granted", 1009, Code::PermissionDenied, "scope_denied");
+    assert_failure(
+        &avatar,
+        "chooseAvatar:fail scope not authorized: SCOPE_AVATAR: not granted",
+        1009,
+        Code::PermissionDenied,
+        "scope_denied",
+    );
     // The scopes it grants still work.
     within("phone", r.call(v1::GetPhoneNumberRequest {})).await.expect("granted scope works");
     login(&r).await;
     assert!(seen.apis().is_empty(), "a refusal is not a reason to delegate");
 
-    let grants: Vec<String> = host.list_grants("wxrefused", "u1").await.expect("grants").into_iter().map(|g| g.scope).collect();
+    let grants: Vec<String> =
+        host.list_grants("wxrefused", "u1").await.expect("grants").into_iter().map(|g| g.scope).collect();
     assert_eq!(grants, [scope::PHONE_NUMBER], "refused scopes are not remembered as granted");
 }
 
@@ -494,7 +540,13 @@ async fn v3_without_a_get_auth_code_handler_fails_its_defaults_clearly() {
     }
     // checkSession reveals nothing and asks no getAuthCode: there is simply no session.
     let failure = check_session(&r).await.unwrap_err();
-    assert_failure(&failure, "checkSession:fail session expired, need relogin", 1011, Code::FailedPrecondition, "session_expired");
+    assert_failure(
+        &failure,
+        "checkSession:fail session expired, need relogin",
+        1011,
+        Code::FailedPrecondition,
+        "session_expired",
+    );
     assert!(seen.apis().is_empty(), "v3 does not fall back to delegating the defaults");
     // APIs without a default are unaffected.
     within("getUserInfo", r.call(v1::GetUserInfoRequest::default())).await.expect("delegated");
@@ -587,7 +639,10 @@ async fn openid_is_stable_per_app_and_user_and_unionid_follows_union_groups() {
     let get = |app: &str, uid: &str| &sessions.iter().find(|(a, u, _)| *a == app && *u == uid).expect("session").2;
     for uid in ["u1", "u2"] {
         let (a, b, c) = (get("wxuniona", uid), get("wxunionb", uid), get("wxloner", uid));
-        assert!(a.openid != b.openid && b.openid != c.openid && a.openid != c.openid, "{uid}: apps cannot correlate by openid");
+        assert!(
+            a.openid != b.openid && b.openid != c.openid && a.openid != c.openid,
+            "{uid}: apps cannot correlate by openid"
+        );
         assert!(!a.unionid.is_empty() && a.unionid == b.unionid, "{uid}: one union group, one unionid");
         assert_eq!(c.unionid, "", "{uid}: no union group, no unionid");
     }
@@ -595,7 +650,13 @@ async fn openid_is_stable_per_app_and_user_and_unionid_follows_union_groups() {
     assert_ne!(get("wxuniona", "u1").unionid, get("wxuniona", "u2").unionid);
 
     // Admin lists the session with the same openid the backend got.
-    let listed = host.admin().list_sessions(host.authorize(v1::ListSessionsRequest { app_id: "wxloner".into() })).await.expect("sessions").into_inner().sessions;
+    let listed = host
+        .admin()
+        .list_sessions(host.authorize(v1::ListSessionsRequest { app_id: "wxloner".into() }))
+        .await
+        .expect("sessions")
+        .into_inner()
+        .sessions;
     assert_eq!(listed.len(), 1, "switching users ended u1's session: {listed:?}");
     assert_eq!((listed[0].uid.as_str(), listed[0].openid.as_str()), ("u2", get("wxloner", "u2").openid.as_str()));
 }
@@ -607,7 +668,13 @@ async fn check_session_ends_with_a_user_switch_a_sign_out_and_its_lifetime() {
     let (builder, _seen) = test_host(daemon.host().user(user("u1")), grant_all("ac"), None);
     let host = builder.connect().await.expect("host connects");
     let expired = |f: ApiFailure| {
-        assert_failure(&f, "checkSession:fail session expired, need relogin", 1011, Code::FailedPrecondition, "session_expired")
+        assert_failure(
+            &f,
+            "checkSession:fail session expired, need relogin",
+            1011,
+            Code::FailedPrecondition,
+            "session_expired",
+        )
     };
 
     for version in ["v2", "v3"] {
@@ -659,7 +726,8 @@ async fn grants_are_remembered_listed_and_revoked() {
         let r = r.clone();
         async move { within("phone", r.call(v1::GetPhoneNumberRequest {})).await.expect("granted") }
     };
-    let mut previously = || -> Vec<Vec<String>> { seen.auth().into_iter().map(|(_, req)| req.previously_granted).collect() };
+    let mut previously =
+        || -> Vec<Vec<String>> { seen.auth().into_iter().map(|(_, req)| req.previously_granted).collect() };
     let none: Vec<Vec<String>> = vec![vec![]];
     let phone_granted = vec![vec![scope::PHONE_NUMBER.to_owned()]];
 

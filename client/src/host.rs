@@ -147,7 +147,9 @@ impl HostBuilder {
         let erased: Handler = Arc::new(move |app, request| {
             let handler = handler.clone();
             Box::pin(async move {
-                let delegate_call::Request::Api(request) = request else { return client_error("request of the wrong kind") };
+                let delegate_call::Request::Api(request) = request else {
+                    return client_error("request of the wrong kind");
+                };
                 let Some(typed) = T::from_request(request) else { return client_error("request of the wrong type") };
                 match handler(app, typed).await {
                     Ok(response) => Outcome::Api(T::wrap_response(response)),
@@ -169,7 +171,9 @@ impl HostBuilder {
         let erased: Handler = Arc::new(move |app, request| {
             let handler = handler.clone();
             Box::pin(async move {
-                let delegate_call::Request::GetAuthCode(request) = request else { return client_error("request of the wrong kind") };
+                let delegate_call::Request::GetAuthCode(request) = request else {
+                    return client_error("request of the wrong kind");
+                };
                 match handler(app, request).await {
                     Ok(answer) => Outcome::GetAuthCode(answer),
                     Err(failure) => failure.into_outcome(),
@@ -293,7 +297,8 @@ impl HostClient {
     /// Revokes one scope (or all, with an empty scope) of (app, uid); an empty uid means the
     /// signed-in user.
     pub async fn revoke_grants(&self, app_id: &str, uid: &str, scope: &str) -> Result<u32, Status> {
-        let request = v1::RevokeGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), scope: scope.to_owned() };
+        let request =
+            v1::RevokeGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), scope: scope.to_owned() };
         Ok(self.admin().revoke_grants(self.authorize(request)).await?.into_inner().revoked)
     }
 

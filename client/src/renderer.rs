@@ -118,9 +118,7 @@ impl RendererClient {
         // per-connection header table.
         token.set_sensitive(true);
         let client = OpenApiClient::new(channel).max_decoding_message_size(16 << 20);
-        RendererClient {
-            inner: Arc::new(Inner { client, token, mux: Mutex::new(None), next_id: AtomicU64::new(1) }),
-        }
+        RendererClient { inner: Arc::new(Inner { client, token, mux: Mutex::new(None), next_id: AtomicU64::new(1) }) }
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -162,17 +160,16 @@ impl RendererClient {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         mux.pending.insert(id, tx);
+        // Armed from here: a caller that gives up while the send waits leaves no entry behind.
+        let mut guard = Forget { mux: &mux, id, armed: true };
         // The reader marks the stream dead before draining: either it drains this entry or we
         // see the mark.
         if !mux.alive.load(Ordering::SeqCst) {
-            mux.pending.remove(&id);
             return Err(transport_failure(api, Code::Unavailable, "stream closed"));
         }
         if mux.tx.send(RendererCall { id, request: Some(request) }).await.is_err() {
-            mux.pending.remove(&id);
             return Err(transport_failure(api, Code::Unavailable, "stream closed"));
         }
-        let mut guard = Forget { mux: &mux, id, armed: true };
         let outcome = rx.await.unwrap_or_else(|_| Err(transport_failure(api, Code::Unavailable, "stream closed")));
         guard.armed = false;
         outcome
@@ -191,7 +188,8 @@ impl RendererClient {
             .await
             .map_err(|s| status_failure(api, &s))?
             .into_inner();
-        let mux = Arc::new(Mux { tx, pending: DashMap::new(), alive: AtomicBool::new(true), reader: Default::default() });
+        let mux =
+            Arc::new(Mux { tx, pending: DashMap::new(), alive: AtomicBool::new(true), reader: Default::default() });
         let reader = tokio::spawn(read_replies(mux.clone(), replies));
         let _ = mux.reader.set(reader.abort_handle());
         *slot = Some(mux.clone());
@@ -209,7 +207,8 @@ impl RendererClient {
                 Err(f) if is_transport(&f) && tokio::time::Instant::now() < deadline => backoff.wait().await,
                 other => {
                     return other.and_then(|r| {
-                        T::unwrap_response(r).ok_or_else(|| transport_failure(api, Code::Internal, "answer of the wrong type"))
+                        T::unwrap_response(r)
+                            .ok_or_else(|| transport_failure(api, Code::Internal, "answer of the wrong type"))
                     });
                 }
             }
@@ -235,7 +234,9 @@ impl RendererClient {
             Some(R::GetUserInfo(r)) => unary!(get_user_info, GetUserInfoRequest, r),
             Some(R::GetUserProfile(r)) => unary!(get_user_profile, GetUserProfileRequest, r),
             Some(R::RequestPayment(r)) => unary!(request_payment, RequestPaymentRequest, r),
-            Some(R::RequestMidasPaymentGameItem(r)) => unary!(request_midas_payment_game_item, RequestMidasPaymentGameItemRequest, r),
+            Some(R::RequestMidasPaymentGameItem(r)) => {
+                unary!(request_midas_payment_game_item, RequestMidasPaymentGameItemRequest, r)
+            }
             None => return Err(transport_failure(api, Code::InvalidArgument, "the request names no API")),
         };
         result.map_err(|s| status_failure(api, &s))
@@ -266,7 +267,26 @@ impl RendererClient {
 
     /// Closes the stream; pending calls fail and the daemon cancels them on the host.
     pub async fn close(&self) {
-        self.inner.mux.lock().await.take();
+        let Some(mux) = self.inner.mux.lock().await.take() else { return };
+        // The reader holds the stream's sender (through `mux`), and so do the calls waiting on it:
+        // stop the reader and fail the waiting calls (not as a transport failure, which the
+        // caller would retry on a new stream), so the last sender goes and the stream ends.
+        mux.alive.store(false, Ordering::SeqCst);
+        if let Some(reader) = mux.reader.get() {
+            reader.abort();
+        }
+        let ids: Vec<u64> = mux.pending.iter().map(|e| *e.key()).collect();
+        for id in ids {
+            if let Some((_, waiter)) = mux.pending.remove(&id) {
+                let _ = waiter.send(Err(ApiFailure {
+                    err_msg: "unknown:fail call cancelled: the renderer closed its stream".into(),
+                    errno: 1007,
+                    grpc_code: Code::Cancelled as i32,
+                    reason: "cancelled".into(),
+                    host_error: None,
+                }));
+            }
+        }
     }
 }
 
@@ -278,7 +298,9 @@ pub fn new_payment_key() -> String {
 
 fn with_payment_key(mut request: ApiRequest) -> ApiRequest {
     match request.api.as_mut() {
-        Some(api_request::Api::RequestPayment(r)) if r.idempotency_key.is_empty() => r.idempotency_key = new_payment_key(),
+        Some(api_request::Api::RequestPayment(r)) if r.idempotency_key.is_empty() => {
+            r.idempotency_key = new_payment_key()
+        }
         Some(api_request::Api::RequestMidasPaymentGameItem(r)) if r.idempotency_key.is_empty() => {
             r.idempotency_key = new_payment_key()
         }

@@ -495,8 +495,7 @@ impl Host {
         let thread = std::thread::Builder::new()
             .name("bench-host".into())
             .spawn(move || {
-                let runtime =
-                    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("host runtime");
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("host runtime");
                 runtime.block_on(async move {
                     let client = builder.connect().await.expect("host connects");
                     let _ = client_tx.send(client);
@@ -610,7 +609,9 @@ async fn fleet(kind: Kind, n: usize, echo_path: &Path, daemon: &DaemonProcess, h
         Kind::Direct => {
             let mut v = Vec::new();
             for _ in 0..n {
-                let ch = miniapp_broker_client::connect::channel(&echo_path.display().to_string()).await.expect("echo channel");
+                let ch = miniapp_broker_client::connect::channel(&echo_path.display().to_string())
+                    .await
+                    .expect("echo channel");
                 v.push(Client::Echo(ch));
             }
             v
@@ -802,11 +803,15 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     // `cargo bench` passes `--bench`; `cargo test` runs the target bare: then it is a smoke test
     // that keeps the benchmark from rotting, with no figures worth quoting and no summary written.
-    let smoke = !args.iter().any(|a| a == "--bench" || a.starts_with("--soak") || a.starts_with("--idle") || a == "--sizes");
+    let smoke =
+        !args.iter().any(|a| a == "--bench" || a.starts_with("--soak") || a.starts_with("--idle") || a == "--sizes");
     let soak = args.iter().find_map(|a| a.strip_prefix("--soak=")).map(|s| {
         let (kind, secs) = s.split_once(':').unwrap_or((s, "10"));
-        (Kind::parse(kind).expect("--soak=KIND:SECS, KIND one of direct, mediated, mediated-unary, default, default-unary"),
-         secs.parse::<f64>().expect("seconds"))
+        (
+            Kind::parse(kind)
+                .expect("--soak=KIND:SECS, KIND one of direct, mediated, mediated-unary, default, default-unary"),
+            secs.parse::<f64>().expect("seconds"),
+        )
     });
     let mut p = Params::new(quick, smoke);
     if let Some(n) = args.iter().find_map(|a| a.strip_prefix("--idle-renderers=")) {
@@ -822,14 +827,25 @@ fn main() {
 
     if args.iter().any(|a| a == "--sizes") {
         use miniapp_broker_client::proto::v1::*;
-        println!("RendererReply {} Status {} Result {} ApiResponse {} ApiFailure {} RendererCall {} DaemonMessage {} HostMessage {}",
-            std::mem::size_of::<RendererReply>(), std::mem::size_of::<Status>(), std::mem::size_of::<Result<RendererReply, Status>>(),
-            std::mem::size_of::<ApiResponse>(), std::mem::size_of::<ApiFailure>(), std::mem::size_of::<RendererCall>(),
-            std::mem::size_of::<DaemonMessage>(), std::mem::size_of::<HostMessage>());
+        println!(
+            "RendererReply {} Status {} Result {} ApiResponse {} ApiFailure {} RendererCall {} DaemonMessage {} HostMessage {}",
+            std::mem::size_of::<RendererReply>(),
+            std::mem::size_of::<Status>(),
+            std::mem::size_of::<Result<RendererReply, Status>>(),
+            std::mem::size_of::<ApiResponse>(),
+            std::mem::size_of::<ApiFailure>(),
+            std::mem::size_of::<RendererCall>(),
+            std::mem::size_of::<DaemonMessage>(),
+            std::mem::size_of::<HostMessage>()
+        );
         let token = tokio_util::sync::CancellationToken::new();
-        println!("Streaming {} WaitForCancellation {} Sender {} Status {}",
-            std::mem::size_of::<tonic::Streaming<RendererCall>>(), std::mem::size_of_val(&token.cancelled()),
-            std::mem::size_of::<tokio::sync::mpsc::Sender<u8>>(), std::mem::size_of::<Option<Status>>());
+        println!(
+            "Streaming {} WaitForCancellation {} Sender {} Status {}",
+            std::mem::size_of::<tonic::Streaming<RendererCall>>(),
+            std::mem::size_of_val(&token.cancelled()),
+            std::mem::size_of::<tokio::sync::mpsc::Sender<u8>>(),
+            std::mem::size_of::<Option<Status>>()
+        );
         return;
     }
     if args.iter().any(|a| a == "--idle-only") {
@@ -852,7 +868,13 @@ fn main() {
         return;
     }
 
-    let mode = if smoke { "smoke" } else if quick { "quick" } else { "full" };
+    let mode = if smoke {
+        "smoke"
+    } else if quick {
+        "quick"
+    } else {
+        "full"
+    };
     println!("miniapp-brokerd benchmark ({mode} mode), daemon: {}", daemon_binary().display());
 
     // 1. raw
@@ -864,7 +886,9 @@ fn main() {
 
     // startup
     let (startup_ms, startup_answer_ms) = startup(&p, &runtime);
-    println!("startup:  {startup_ms:.2} ms until the socket accepts, {startup_answer_ms:.2} ms until a call is answered");
+    println!(
+        "startup:  {startup_ms:.2} ms until the socket accepts, {startup_answer_ms:.2} ms until a call is answered"
+    );
 
     // 2-4 through one daemon
     let (daemon, _) = DaemonProcess::spawn();
@@ -962,7 +986,10 @@ fn main() {
         for row in &rows {
             assert!(row.value.is_finite() && row.value > 0.0, "{} = {}: every figure is measured", row.key, row.value);
         }
-        println!("\nsmoke run ok ({:.1} s); run `cargo bench -p miniapp-brokerd --bench broker` for figures", began.elapsed().as_secs_f64());
+        println!(
+            "\nsmoke run ok ({:.1} s); run `cargo bench -p miniapp-brokerd --bench broker` for figures",
+            began.elapsed().as_secs_f64()
+        );
         return;
     }
 

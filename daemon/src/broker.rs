@@ -81,7 +81,11 @@ impl Broker {
     }
 
     /// One call, answered when it completes (typed unary RPCs and Invoke).
-    pub async fn call(self: &Arc<Self>, instance: &Arc<AppInstance>, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    pub async fn call(
+        self: &Arc<Self>,
+        instance: &Arc<AppInstance>,
+        request: ApiRequest,
+    ) -> Result<ApiResponse, ApiError> {
         let started = log_start();
         let api = request.api();
         let slot = self.admit(instance)?;
@@ -204,7 +208,11 @@ fn log_answer(
     let api = api.map_or("unknown", Api::name);
     let version = version.map_or("unresolved", ApiVersion::as_str);
     match outcome {
-        Ok(_) => tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, "call answered"),
-        Err(e) => tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, reason = e.reason(), "call failed"),
+        Ok(_) => {
+            tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, "call answered")
+        }
+        Err(e) => {
+            tracing::debug!(app_id = %instance.app_id, instance = %instance.instance_id, api, version, latency_us, reason = e.reason(), "call failed")
+        }
     }
 }

@@ -116,7 +116,8 @@ fn user_dir(xdg_var: &str, home_default: &str, windows_var: &str) -> Option<Path
 
 /// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`.
 pub fn default_data_dir() -> PathBuf {
-    user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA").unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
+    user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA")
+        .unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
 }
 
 /// Where `serve` and the operator commands look for a config file when none is named:
@@ -211,6 +212,15 @@ impl Config {
         if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 {
             return Err("sessions.* must be above 0".into());
         }
+        // Upper bounds keep the millisecond arithmetic (and the u32 deadline a host sees) exact.
+        const TEN_YEARS_SECS: u64 = 10 * 366 * 24 * 3600;
+        if self.sessions.lifetime_secs > TEN_YEARS_SECS || self.sessions.code_ttl_secs > TEN_YEARS_SECS {
+            return Err("sessions.* must be at most ten years".into());
+        }
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        if self.host.call_timeout_ms > DAY_MS || self.host.grace_ms > DAY_MS || self.host.hello_timeout_ms > DAY_MS {
+            return Err("host.*_ms must be at most one day (86400000)".into());
+        }
         Ok(())
     }
 
@@ -271,18 +281,34 @@ mod tests {
         assert!(Config::from_toml("default_api_version = \"v4\"").is_err());
         assert!(Config::from_toml("[store]\nsynchronous = \"off\"").is_err());
         assert!(Config::from_toml("").is_ok());
+        assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
+        assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
     }
 
     fn path() -> impl Strategy<Value = Option<PathBuf>> {
         proptest::option::of("/[a-zA-Z0-9 ._-]{1,20}(/[a-zA-Z0-9 ._-]{1,12}){0,3}".prop_map(PathBuf::from))
     }
 
-    /// Any config `validate` accepts (TOML integers are i64, so values stay below 2^40).
+    /// Any config `validate` accepts (host times up to a day, session times up to ten years).
     fn any_valid_config() -> impl Strategy<Value = Config> {
-        let host = (1u64..1 << 40, 0u64..1 << 40, 0u64..1 << 40, path())
-            .prop_map(|(call_timeout_ms, grace_ms, hello_timeout_ms, token_file)| HostConfig { call_timeout_ms, grace_ms, hello_timeout_ms, token_file });
+        const DAY_MS: u64 = 86_400_000;
+        let host = (1u64..=DAY_MS, 0u64..=DAY_MS, 0u64..=DAY_MS, path()).prop_map(
+            |(call_timeout_ms, grace_ms, hello_timeout_ms, token_file)| HostConfig {
+                call_timeout_ms,
+                grace_ms,
+                hello_timeout_ms,
+                token_file,
+            },
+        );
         let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32..).prop_map(
-            |(max_message_bytes, max_calls_in_flight_per_instance, calls_per_second_per_app, burst_per_app, max_renderer_streams, max_connections)| {
+            |(
+                max_message_bytes,
+                max_calls_in_flight_per_instance,
+                calls_per_second_per_app,
+                burst_per_app,
+                max_renderer_streams,
+                max_connections,
+            )| {
                 LimitsConfig {
                     max_message_bytes,
                     max_calls_in_flight_per_instance,
@@ -293,10 +319,17 @@ mod tests {
                 }
             },
         );
-        let sessions = (1u64..1 << 40, 1u64..1 << 40).prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
-        let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}")).prop_map(|(union_group, secret)| AppConfig { union_group, secret });
+        let sessions = (1u64..315_000_000, 1u64..315_000_000)
+            .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
+        let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
+            .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
-            (path(), path(), any::<bool>(), prop_oneof![Just(ApiVersion::V1), Just(ApiVersion::V2), Just(ApiVersion::V3)]),
+            (
+                path(),
+                path(),
+                any::<bool>(),
+                prop_oneof![Just(ApiVersion::V1), Just(ApiVersion::V2), Just(ApiVersion::V3)],
+            ),
             host,
             limits,
             sessions,
@@ -304,18 +337,28 @@ mod tests {
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
         )
-            .prop_map(|((socket, data_dir, ephemeral, default_api_version), host, limits, sessions, synchronous, (filter, format), apps)| Config {
-                socket,
-                data_dir,
-                ephemeral,
-                default_api_version,
-                host,
-                limits,
-                sessions,
-                store: StoreConfig { synchronous: synchronous.into() },
-                log: LogConfig { filter, format: format.into() },
-                apps,
-            })
+            .prop_map(
+                |(
+                    (socket, data_dir, ephemeral, default_api_version),
+                    host,
+                    limits,
+                    sessions,
+                    synchronous,
+                    (filter, format),
+                    apps,
+                )| Config {
+                    socket,
+                    data_dir,
+                    ephemeral,
+                    default_api_version,
+                    host,
+                    limits,
+                    sessions,
+                    store: StoreConfig { synchronous: synchronous.into() },
+                    log: LogConfig { filter, format: format.into() },
+                    apps,
+                },
+            )
     }
 
     /// A line of config-shaped TOML: a known section and key with a plausible or hostile value.
@@ -349,8 +392,17 @@ mod tests {
             (-3i64..70_000).prop_map(|n| n.to_string()),
             any::<bool>().prop_map(|b| b.to_string()),
             any::<f64>().prop_map(|f| toml::Value::Float(f).to_string()),
-            prop_oneof![Just("v1"), Just("v3"), Just("v4"), Just("normal"), Just("full"), Just("off"), Just("text"), Just("json")]
-                .prop_map(|s| format!("\"{s}\"")),
+            prop_oneof![
+                Just("v1"),
+                Just("v3"),
+                Just("v4"),
+                Just("normal"),
+                Just("full"),
+                Just("off"),
+                Just("text"),
+                Just("json")
+            ]
+            .prop_map(|s| format!("\"{s}\"")),
             ".{0,16}".prop_map(|s| toml::Value::String(s).to_string()),
             Just("[1, \"a\"]".to_owned()),
         ];

@@ -6,13 +6,10 @@
 use std::{sync::Arc, time::Duration};
 
 use miniapp_broker_client::{
-    RendererClient,
-    connect,
+    RendererClient, connect,
     proto::{
         api::{Api, scope},
-        v1::{
-            self, ApiRequest, ApiResponse, api_request, api_response, exchange_client::ExchangeClient,
-        },
+        v1::{self, ApiRequest, ApiResponse, api_request, api_response, exchange_client::ExchangeClient},
     },
 };
 
@@ -33,9 +30,10 @@ pub fn sample_request(api: Api) -> ApiRequest {
         Api::ChooseAvatar => R::ChooseAvatar(v1::ChooseAvatarRequest {}),
         Api::GetNickName => R::GetNickName(v1::GetNickNameRequest {}),
         Api::GetUserInfo => R::GetUserInfo(v1::GetUserInfoRequest { with_credentials: false, lang: "en".into() }),
-        Api::GetUserProfile => {
-            R::GetUserProfile(v1::GetUserProfileRequest { desc: "show your name on the scoreboard".chars().take(30).collect(), lang: "en".into() })
-        }
+        Api::GetUserProfile => R::GetUserProfile(v1::GetUserProfileRequest {
+            desc: "show your name on the scoreboard".chars().take(30).collect(),
+            lang: "en".into(),
+        }),
         Api::RequestPayment => R::RequestPayment(v1::RequestPaymentRequest {
             time_stamp: "1700000000".into(),
             nonce_str: nonce.clone(),
@@ -114,7 +112,8 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
         let renderer = RendererClient::connect(&address, &launched.launch_token).await?;
         let mut codes = Vec::new();
         for api in Api::ALL {
-            let outcome = tokio::time::timeout(Duration::from_secs(10), renderer.call_request(sample_request(api))).await;
+            let outcome =
+                tokio::time::timeout(Duration::from_secs(10), renderer.call_request(sample_request(api))).await;
             let (err_msg, good, note) = match outcome {
                 Err(_) => (format!("{}:fail no answer within 10s", api.name()), false, ""),
                 Ok(Ok(response)) => {
@@ -124,8 +123,13 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
                     (response.err_msg().to_owned(), true, "")
                 }
                 Ok(Err(failure)) => {
-                    let refused = version == "v3" && api == Api::GetNickName && failure.err_msg.contains(scope::NICKNAME);
-                    (failure.err_msg, refused, if refused { "   (expected: the demo host refuses SCOPE_NICKNAME)" } else { "" })
+                    let refused =
+                        version == "v3" && api == Api::GetNickName && failure.err_msg.contains(scope::NICKNAME);
+                    (
+                        failure.err_msg,
+                        refused,
+                        if refused { "   (expected: the demo host refuses SCOPE_NICKNAME)" } else { "" },
+                    )
                 }
             };
             match (good, note.is_empty()) {
@@ -150,10 +154,22 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
                     .await
                     .map(|r| {
                         let r = r.into_inner();
-                        let auth = if r.auth_code.is_empty() { String::new() } else { format!(" authCode={}…", prefix(&r.auth_code)) };
-                        format!("openid={} unionid={} session_key={}…{auth}", r.openid, r.unionid, prefix(&r.session_key))
+                        let auth = if r.auth_code.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" authCode={}…", prefix(&r.auth_code))
+                        };
+                        format!(
+                            "openid={} unionid={} session_key={}…{auth}",
+                            r.openid,
+                            r.unionid,
+                            prefix(&r.session_key)
+                        )
                     }),
-                Api::GetPhoneNumber => exchange.get_phone_number(redeem).await.map(|r| format!("phoneNumber={}", r.into_inner().phone_number)),
+                Api::GetPhoneNumber => exchange
+                    .get_phone_number(redeem)
+                    .await
+                    .map(|r| format!("phoneNumber={}", r.into_inner().phone_number)),
                 Api::GetEmail => exchange.get_email(redeem).await.map(|r| format!("email={}", r.into_inner().email)),
                 _ => continue,
             };

@@ -12,12 +12,12 @@ use miniapp_broker_client::{
     proto::{
         api::scope,
         v1::{
-            AppInfo, CheckSessionRequest, CheckSessionResponse, ChooseAvatarRequest, ChooseAvatarResponse, GetAuthCodeRequest,
-            GetAuthCodeResponse, GetEmailRequest, GetEmailResponse, GetNickNameRequest, GetNickNameResponse,
-            GetPhoneNumberRequest, GetPhoneNumberResponse, GetUserInfoRequest, GetUserInfoResponse, GetUserProfileRequest,
-            GetUserProfileResponse, LoginRequest, LoginResponse, RequestMidasPaymentGameItemRequest,
-            RequestMidasPaymentGameItemResponse, RequestPaymentRequest, RequestPaymentResponse, SignedInUser, UserInfo,
-            UserProfile,
+            AppInfo, CheckSessionRequest, CheckSessionResponse, ChooseAvatarRequest, ChooseAvatarResponse,
+            GetAuthCodeRequest, GetAuthCodeResponse, GetEmailRequest, GetEmailResponse, GetNickNameRequest,
+            GetNickNameResponse, GetPhoneNumberRequest, GetPhoneNumberResponse, GetUserInfoRequest,
+            GetUserInfoResponse, GetUserProfileRequest, GetUserProfileResponse, LoginRequest, LoginResponse,
+            RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse, RequestPaymentRequest,
+            RequestPaymentResponse, SignedInUser, UserInfo, UserProfile,
         },
     },
 };
@@ -90,7 +90,10 @@ impl DevHostConfig {
             return Err(format!("unknown scope {bad:?} in refuse; expected one of {}", scope::ALL.join(", ")));
         }
         if !matches!(config.open_api_version.as_str(), "" | "v1" | "v2" | "v3") {
-            return Err(format!("open_api_version must be \"v1\", \"v2\", \"v3\" or empty, not {:?}", config.open_api_version));
+            return Err(format!(
+                "open_api_version must be \"v1\", \"v2\", \"v3\" or empty, not {:?}",
+                config.open_api_version
+            ));
         }
         Ok(config)
     }
@@ -167,7 +170,10 @@ fn payment_outcome<T: Default>(policy: &str) -> Result<T, HostFailure> {
 pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printer) -> HostBuilder {
     let cfg = Arc::new(config.clone());
     let note = move |print: &Printer, app: &AppInfo, what: &str| {
-        print(format!("delegate {what:<28} app={} instance={} version={}", app.app_id, app.instance_id, app.api_version))
+        print(format!(
+            "delegate {what:<28} app={} instance={} version={}",
+            app.app_id, app.instance_id, app.api_version
+        ))
     };
     let mut b = HostBuilder::new(address, token).name(&config.name).user(config.signed_in_user());
 
@@ -190,7 +196,10 @@ pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printe
         code: hex_code("devhost-phone-"),
         ..Default::default()
     }));
-    on!(GetEmailRequest, "getEmail", |c| Ok(GetEmailResponse { code: hex_code("devhost-email-"), ..Default::default() }));
+    on!(GetEmailRequest, "getEmail", |c| Ok(GetEmailResponse {
+        code: hex_code("devhost-email-"),
+        ..Default::default()
+    }));
     on!(ChooseAvatarRequest, "chooseAvatar", |c| Ok(ChooseAvatarResponse {
         avatar_url: c.user.avatar_url.clone(),
         ..Default::default()
@@ -270,8 +279,15 @@ mod tests {
 
     /// Any profile `from_toml` accepts.
     fn any_valid_profile() -> impl Strategy<Value = DevHostConfig> {
-        let user = (".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}")
-            .prop_map(|(uid, nick_name, avatar_url, phone_number, email)| DevUser { uid, nick_name, avatar_url, phone_number, email });
+        let user = (".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}", ".{0,12}").prop_map(
+            |(uid, nick_name, avatar_url, phone_number, email)| DevUser {
+                uid,
+                nick_name,
+                avatar_url,
+                phone_number,
+                email,
+            },
+        );
         (
             ".{0,16}",
             user,

@@ -66,11 +66,7 @@ fn method_name(m: DelegateMethod) -> &'static str {
     match m {
         DelegateMethod::GetAuthCode => "getAuthCode",
         DelegateMethod::OpenApiVersion => "openApiVersion",
-        other => Api::ALL
-            .into_iter()
-            .find(|a| a.method() == other)
-            .map(Api::name)
-            .unwrap_or("unknown method"),
+        other => Api::ALL.into_iter().find(|a| a.method() == other).map(Api::name).unwrap_or("unknown method"),
     }
 }
 

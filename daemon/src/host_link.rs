@@ -22,6 +22,7 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
+use futures::{Stream, task::AtomicWaker};
 use miniapp_broker_proto::{
     Api,
     v1::{
@@ -30,7 +31,6 @@ use miniapp_broker_proto::{
         delegate_call, delegate_result, renderer_reply,
     },
 };
-use futures::{Stream, task::AtomicWaker};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, warn};
@@ -113,8 +113,12 @@ impl Pending {
         if tracing::enabled!(tracing::Level::DEBUG) {
             let latency_us = self.started.elapsed().as_micros() as u64;
             match &outcome {
-                Ok(_) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, "delegate call answered"),
-                Err(e) => debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, reason = e.reason(), "delegate call failed"),
+                Ok(_) => {
+                    debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, "delegate call answered")
+                }
+                Err(e) => {
+                    debug!(call_id, method = self.expect.label(), instance = %self.instance, latency_us, reason = e.reason(), "delegate call failed")
+                }
             }
         }
         match self.reply {
@@ -407,11 +411,7 @@ impl HostLink {
 
     /// Builds the session for a host that said Hello. It takes calls once [`publish`](Self::publish)ed.
     pub fn prepare(&self, _slot: &HostSlot, hello: &Hello, tx: HostSender) -> Arc<HostSession> {
-        let methods = hello
-            .methods
-            .iter()
-            .filter(|m| (1..32).contains(*m))
-            .fold(0u32, |acc, m| acc | 1 << *m);
+        let methods = hello.methods.iter().filter(|m| (1..32).contains(*m)).fold(0u32, |acc, m| acc | 1 << *m);
         Arc::new(HostSession {
             id: self.sessions.fetch_add(1, Ordering::SeqCst) + 1,
             name: hello.host_name.chars().take(64).collect(),
@@ -536,7 +536,13 @@ impl HostLink {
         }
     }
 
-    fn dispatch(session: &Arc<HostSession>, pending: Pending, app: AppInfo, request: ApiRequest, api: Api) -> Option<Deferred> {
+    fn dispatch(
+        session: &Arc<HostSession>,
+        pending: Pending,
+        app: AppInfo,
+        request: ApiRequest,
+        api: Api,
+    ) -> Option<Deferred> {
         if !session.implements(api.method()) {
             pending.finish(0, Err(ApiError::NotImplementedByHost(api.method())));
             return None;
@@ -555,7 +561,11 @@ impl HostLink {
     /// An app instance closed: fail and cancel its calls.
     pub fn cancel_instance(&self, instance_id: &str) -> usize {
         self.current().map_or(0, |s| {
-            s.abandon_where(|p| &*p.instance == instance_id, ApiError::Cancelled("app instance closed"), "app instance closed")
+            s.abandon_where(
+                |p| &*p.instance == instance_id,
+                ApiError::Cancelled("app instance closed"),
+                "app instance closed",
+            )
         })
     }
 

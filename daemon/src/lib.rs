@@ -23,7 +23,11 @@ pub mod transport;
 pub mod user;
 pub mod version;
 
-use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use miniapp_broker_proto::v1::{
     admin_server::AdminServer, exchange_server::ExchangeServer, host_server::HostServer, open_api_server::OpenApiServer,
@@ -32,12 +36,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use crate::{
-    clock::{Clock, ManualClock, SystemClock},
-    config::{Config, default_config_path, default_data_dir},
-    error::StartError,
-    version::ApiVersion,
-};
 use crate::{
     broker::{Broker, Stats},
     host_link::HostLink,
@@ -47,6 +45,12 @@ use crate::{
     store::Store,
     tokens::HostToken,
     user::CurrentUser,
+};
+pub use crate::{
+    clock::{Clock, ManualClock, SystemClock},
+    config::{Config, default_config_path, default_data_dir},
+    error::StartError,
+    version::ApiVersion,
 };
 
 /// How often expired codes and idle rate buckets are swept.
@@ -132,7 +136,8 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
     let host_token = HostToken::load_or_create(&token_file)
         .map_err(|source| StartError::DataDir { path: token_file.display().to_string(), source })?;
     let db_path = data_dir.join("broker.db");
-    let store = Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
+    let store =
+        Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
     let platform = Arc::new(EmbeddedPlatform::new(
         store.clone(),
         clock.clone(),

@@ -17,7 +17,11 @@ use miniapp_brokerd::{ApiVersion, Config, default_config_path, dev_host};
 use tonic::{Code, Request, transport::Channel};
 
 #[derive(Parser, Debug)]
-#[command(name = "miniapp-brokerd", version, about = "The local daemon between a superapp host and its mini app renderers")]
+#[command(
+    name = "miniapp-brokerd",
+    version,
+    about = "The local daemon between a superapp host and its mini app renderers"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -277,18 +281,20 @@ fn target(a: &AdminArgs) -> Result<Target, BoxError> {
         .or(config.socket.clone())
         .map(|p| p.display().to_string())
         .unwrap_or_else(connect::default_address);
-    let token_file = a
-        .token_file
-        .clone()
-        .or(config.host.token_file.clone())
-        .unwrap_or_else(|| config.data_dir.clone().unwrap_or_else(miniapp_brokerd::default_data_dir).join("host.token"));
+    let token_file = a.token_file.clone().or(config.host.token_file.clone()).unwrap_or_else(|| {
+        config.data_dir.clone().unwrap_or_else(miniapp_brokerd::default_data_dir).join("host.token")
+    });
     Ok(Target { address, token_file })
 }
 
 fn read_token(t: &Target) -> Result<String, BoxError> {
-    std::fs::read_to_string(&t.token_file)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| format!("cannot read the host token {}: {e} (is the daemon's data dir elsewhere? pass --token-file)", t.token_file.display()).into())
+    std::fs::read_to_string(&t.token_file).map(|s| s.trim().to_owned()).map_err(|e| {
+        format!(
+            "cannot read the host token {}: {e} (is the daemon's data dir elsewhere? pass --token-file)",
+            t.token_file.display()
+        )
+        .into()
+    })
 }
 
 async fn admin(t: &Target) -> Result<(AdminClient<Channel>, String), BoxError> {
@@ -314,7 +320,10 @@ fn authorized<T>(token: &str, message: T) -> Result<Request<T>, BoxError> {
 
 fn explain(t: &Target, s: tonic::Status) -> BoxError {
     match s.code() {
-        Code::Unauthenticated => format!("the daemon at {} refused the host token in {}: {}", t.address, t.token_file.display(), s.message()).into(),
+        Code::Unauthenticated => {
+            format!("the daemon at {} refused the host token in {}: {}", t.address, t.token_file.display(), s.message())
+                .into()
+        }
         Code::Unavailable => format!("no daemon is listening at {} ({})", t.address, s.message()).into(),
         _ => format!("{}: {}", s.code(), s.message()).into(),
     }
@@ -345,7 +354,8 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn ago(ms_since_epoch: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     human(now.saturating_sub(ms_since_epoch))
 }
 
@@ -363,7 +373,8 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
     let s = c.status(authorized(&token, v1::StatusRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner();
-    let apps = c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
+    let apps =
+        c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
     if a.json {
         print_json(serde_json::json!({
             "daemonVersion": s.daemon_version, "uptimeMs": s.uptime_ms, "listenAddress": s.listen_address,
@@ -374,7 +385,11 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
         }));
         return Ok(ExitCode::SUCCESS);
     }
-    let host = if s.host_connected { format!("connected ({}), {} delegate methods", s.host_name, s.host_methods.len()) } else { "not connected".into() };
+    let host = if s.host_connected {
+        format!("connected ({}), {} delegate methods", s.host_name, s.host_methods.len())
+    } else {
+        "not connected".into()
+    };
     println!("daemon            miniapp-brokerd {} at {}", s.daemon_version, s.listen_address);
     println!("uptime            {}", human(s.uptime_ms));
     println!("store             {}", s.store);
@@ -399,7 +414,11 @@ fn print_apps(apps: &[v1::AppInstanceInfo]) {
     let rows = apps
         .iter()
         .map(|i| {
-            let version = if i.api_version.is_empty() { "(unresolved)".to_owned() } else { format!("{} ({})", i.api_version, i.version_source) };
+            let version = if i.api_version.is_empty() {
+                "(unresolved)".to_owned()
+            } else {
+                format!("{} ({})", i.api_version, i.version_source)
+            };
             vec![i.app_id.clone(), i.instance_id.clone(), version, i.calls_in_flight.to_string(), ago(i.launched_at_ms)]
         })
         .collect();
@@ -409,7 +428,8 @@ fn print_apps(apps: &[v1::AppInstanceInfo]) {
 async fn apps(a: &AdminArgs) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let apps = c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
+    let apps =
+        c.list_apps(authorized(&token, v1::ListAppsRequest {})?).await.map_err(|e| explain(&t, e))?.into_inner().apps;
     if a.json {
         print_json(apps.iter().map(app_json).collect());
     } else {
@@ -430,10 +450,21 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
                 .collect(),
         );
     } else {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let rows = rows
             .iter()
-            .map(|s| vec![s.app_id.clone(), s.uid.clone(), s.openid.clone(), ago(s.created_at_ms), human(s.expires_at_ms.saturating_sub(now))])
+            .map(|s| {
+                vec![
+                    s.app_id.clone(),
+                    s.uid.clone(),
+                    s.openid.clone(),
+                    ago(s.created_at_ms),
+                    human(s.expires_at_ms.saturating_sub(now)),
+                ]
+            })
             .collect();
         print_table(&["app", "uid", "openid", "age", "expires in"], rows);
     }
@@ -452,7 +483,8 @@ async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Resu
                 .collect(),
         );
     } else {
-        let rows = rows.iter().map(|g| vec![g.app_id.clone(), g.uid.clone(), g.scope.clone(), ago(g.granted_at_ms)]).collect();
+        let rows =
+            rows.iter().map(|g| vec![g.app_id.clone(), g.uid.clone(), g.scope.clone(), ago(g.granted_at_ms)]).collect();
         print_table(&["app", "uid", "scope", "granted"], rows);
     }
     Ok(ExitCode::SUCCESS)
@@ -461,7 +493,8 @@ async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Resu
 async fn revoke(a: &AdminArgs, app: String, uid: Option<String>, scope: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request = v1::RevokeGrantsRequest { app_id: app, uid: uid.unwrap_or_default(), scope: scope.unwrap_or_default() };
+    let request =
+        v1::RevokeGrantsRequest { app_id: app, uid: uid.unwrap_or_default(), scope: scope.unwrap_or_default() };
     let revoked = c.revoke_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().revoked;
     if a.json {
         print_json(serde_json::json!({ "revoked": revoked }));
@@ -511,8 +544,13 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         if profile.refuse.is_empty() { String::new() } else { format!(" (refusing {})", profile.refuse.join(", ")) }
     );
     for app_id in &args.launch {
-        let launched = host.launch_app(app_id, &args.app_json).await.map_err(|s| format!("launch {app_id}: {}", s.message()))?;
-        let version = if launched.api_version.is_empty() { "asked on first call".to_owned() } else { format!("{} ({})", launched.api_version, launched.version_source) };
+        let launched =
+            host.launch_app(app_id, &args.app_json).await.map_err(|s| format!("launch {app_id}: {}", s.message()))?;
+        let version = if launched.api_version.is_empty() {
+            "asked on first call".to_owned()
+        } else {
+            format!("{} ({})", launched.api_version, launched.version_source)
+        };
         println!("launched {app_id}: instance {} version {version}", launched.instance_id);
         println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
     }

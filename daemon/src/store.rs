@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS payments (
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
     pub fn open(path: Option<&Path>, synchronous_full: bool) -> Result<Store, StoreError> {
+        // The database holds the daemon secret and session keys: create it private (SQLite gives
+        // its -wal and -shm files the database file's mode), even in a data dir others can read.
+        #[cfg(unix)]
+        if let Some(p) = path {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(p)?;
+        }
         let (conn, location) = match path {
             Some(p) => (Connection::open(p)?, p.display().to_string()),
             None => (Connection::open_in_memory()?, ":memory:".to_owned()),
@@ -111,7 +118,13 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5",
             )?
-            .execute(params![row.app_id, row.uid, row.session_key, row.created_at_ms as i64, row.expires_at_ms as i64])?;
+            .execute(params![
+                row.app_id,
+                row.uid,
+                row.session_key,
+                row.created_at_ms as i64,
+                row.expires_at_ms as i64
+            ])?;
         Ok(())
     }
 
@@ -171,7 +184,12 @@ impl Store {
         )?;
         let rows = stmt
             .query_map(params![app_id, uid], |r| {
-                Ok(GrantRow { app_id: r.get(0)?, uid: r.get(1)?, scope: r.get(2)?, granted_at_ms: r.get::<_, i64>(3)? as u64 })
+                Ok(GrantRow {
+                    app_id: r.get(0)?,
+                    uid: r.get(1)?,
+                    scope: r.get(2)?,
+                    granted_at_ms: r.get::<_, i64>(3)? as u64,
+                })
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
@@ -214,22 +232,42 @@ impl Store {
 
     /// Records a payment's outcome; the first record for a key wins (the write-ahead record that
     /// says the host is about to see the key).
-    pub fn record_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+    pub fn record_payment(
+        &self,
+        app_id: &str,
+        key: &str,
+        api: &str,
+        row: &PaymentRow,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         self.write_payment("INSERT OR IGNORE", app_id, key, api, row, now_ms)
     }
 
     /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
-    pub fn settle_payment(&self, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+    pub fn settle_payment(
+        &self,
+        app_id: &str,
+        key: &str,
+        api: &str,
+        row: &PaymentRow,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         self.write_payment("INSERT OR REPLACE", app_id, key, api, row, now_ms)
     }
 
-    fn write_payment(&self, insert: &'static str, app_id: &str, key: &str, api: &str, row: &PaymentRow, now_ms: u64) -> Result<(), StoreError> {
+    fn write_payment(
+        &self,
+        insert: &'static str,
+        app_id: &str,
+        key: &str,
+        api: &str,
+        row: &PaymentRow,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let sql = format!(
             "{insert} INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
         );
-        self.conn()
-            .prepare_cached(&sql)?
-            .execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
+        self.conn().prepare_cached(&sql)?.execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
         Ok(())
     }
 
@@ -266,7 +304,15 @@ mod tests {
         let secret = {
             let store = Store::open(Some(&path), false).unwrap();
             let s = store.daemon_secret(|| [7; 32]).unwrap();
-            store.upsert_session(&SessionRow { app_id: "a".into(), uid: "u".into(), session_key: "k".into(), created_at_ms: 1, expires_at_ms: 2 }).unwrap();
+            store
+                .upsert_session(&SessionRow {
+                    app_id: "a".into(),
+                    uid: "u".into(),
+                    session_key: "k".into(),
+                    created_at_ms: 1,
+                    expires_at_ms: 2,
+                })
+                .unwrap();
             store.add_grants("a", "u", &["SCOPE_EMAIL".into()], 3).unwrap();
             store.record_payment("a", "key", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 4).unwrap();
             s
@@ -276,6 +322,21 @@ mod tests {
         assert_eq!(store.session("a", "u").unwrap().unwrap().session_key, "k");
         assert_eq!(store.granted_scopes("a", "u").unwrap(), vec!["SCOPE_EMAIL".to_string()]);
         assert_eq!(store.payment("a", "key").unwrap(), Some(PaymentRow { ok: true, body: vec![1] }));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_files_are_private_even_in_an_open_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("broker.db");
+        let store = Store::open(Some(&path), false).unwrap();
+        store.daemon_secret(|| [7; 32]).unwrap();
+        for file in ["broker.db", "broker.db-wal", "broker.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
     }
 
     #[test]

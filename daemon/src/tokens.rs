@@ -67,6 +67,13 @@ impl HostToken {
             options.mode(0o600);
         }
         let mut file = options.open(path)?;
+        // The mode above applies only to a file this call creates; an empty file already there
+        // keeps its own, so make it private before the secret goes in.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        }
         file.write_all(token.as_bytes())?;
         file.write_all(b"\n")?;
         file.sync_all()?;
@@ -104,5 +111,17 @@ mod tests {
         assert!(again.verify(&format!("Bearer {}", token.reveal())));
         assert!(!again.verify("Bearer nope"));
         assert!(!again.verify(""));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_empty_token_file_already_there_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.token");
+        fs::write(&path, "").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        HostToken::load_or_create(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -128,8 +128,7 @@ impl AppJson {
         if text.trim().is_empty() {
             return Ok(AppJson::default());
         }
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| AppJsonError::Syntax(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| AppJsonError::Syntax(e.to_string()))?;
         let obj = value.as_object().ok_or(AppJsonError::NotAnObject)?;
         let api_version = match obj.get("apiVersion") {
             None | Some(serde_json::Value::Null) => None,
@@ -142,7 +141,10 @@ impl AppJson {
 
 /// The version of `inst`, resolving it on first use (once: concurrent first calls wait for one
 /// answer). A version learned from a host that has since been replaced is asked again.
-pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInstance) -> Result<ApiVersion, crate::error::ApiError> {
+pub async fn resolve(
+    b: &crate::broker::Broker,
+    inst: &crate::registry::AppInstance,
+) -> Result<ApiVersion, crate::error::ApiError> {
     use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
 
     use crate::host_link::{Expect, HostAnswer};
@@ -184,7 +186,11 @@ pub async fn resolve(b: &crate::broker::Broker, inst: &crate::registry::AppInsta
                 Ok(_) => None,
                 // The host went away (or never answered) before it chose: not a choice of the
                 // default. Nothing is cached; the next call asks again.
-                Err(e @ (crate::error::ApiError::HostGone | crate::error::ApiError::Timeout | crate::error::ApiError::Cancelled(_))) => {
+                Err(
+                    e @ (crate::error::ApiError::HostGone
+                    | crate::error::ApiError::Timeout
+                    | crate::error::ApiError::Cancelled(_)),
+                ) => {
                     tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");
                     return Err(e);
                 }

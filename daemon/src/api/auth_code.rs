@@ -10,7 +10,7 @@
 use miniapp_broker_proto::{
     Api,
     api::scope,
-    v1::{GetAuthCodeRequest, DelegateMethod, delegate_call},
+    v1::{DelegateMethod, GetAuthCodeRequest, delegate_call},
 };
 use tracing::debug;
 

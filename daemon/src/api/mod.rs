@@ -67,7 +67,12 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
 }
 
 /// Answers one call in an instance running `version`.
-pub async fn handle(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersion, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+pub async fn handle(
+    b: &Arc<Broker>,
+    inst: &Arc<AppInstance>,
+    version: ApiVersion,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
     let api = validate(&request)?;
     match route(api, version) {
         Route::Delegate => delegate(b, inst, version, api, request).await,
@@ -77,21 +82,39 @@ pub async fn handle(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersio
 }
 
 /// Runs the daemon's default implementation of a validated request.
-pub async fn run_default(b: &Broker, inst: &AppInstance, version: ApiVersion, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+pub async fn run_default(
+    b: &Broker,
+    inst: &AppInstance,
+    version: ApiVersion,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
     let req = request.api.ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))?;
     Ok(match req {
         Req::Login(_) => v1::LoginRequest::wrap_response(login::default(b, inst, version).await?),
         Req::CheckSession(_) => v1::CheckSessionRequest::wrap_response(check_session::default(b, inst).await?),
-        Req::GetPhoneNumber(_) => v1::GetPhoneNumberRequest::wrap_response(get_phone_number::default(b, inst, version).await?),
+        Req::GetPhoneNumber(_) => {
+            v1::GetPhoneNumberRequest::wrap_response(get_phone_number::default(b, inst, version).await?)
+        }
         Req::GetEmail(_) => v1::GetEmailRequest::wrap_response(get_email::default(b, inst, version).await?),
         Req::ChooseAvatar(_) => v1::ChooseAvatarRequest::wrap_response(choose_avatar::default(b, inst, version).await?),
         Req::GetNickName(_) => v1::GetNickNameRequest::wrap_response(get_nick_name::default(b, inst, version).await?),
-        other => return Err(ApiError::Internal(format!("{} has no default implementation", ApiRequest { api: Some(other) }.api().map(Api::name).unwrap_or("?")))),
+        other => {
+            return Err(ApiError::Internal(format!(
+                "{} has no default implementation",
+                ApiRequest { api: Some(other) }.api().map(Api::name).unwrap_or("?")
+            )));
+        }
     })
 }
 
 /// Forwards a call to the host and waits for its answer.
-pub async fn delegate(b: &Broker, inst: &AppInstance, version: ApiVersion, api: Api, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+pub async fn delegate(
+    b: &Broker,
+    inst: &AppInstance,
+    version: ApiVersion,
+    api: Api,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
     let app = Broker::app_info(inst, Some(version));
     match b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await? {
         HostAnswer::Api(mut resp) => {
@@ -138,7 +161,15 @@ mod tests {
         prop_oneof![
             ".{0,40}",
             prop::collection::btree_map(
-                prop_oneof![Just("mode"), Just("currencyType"), Just("productId"), Just("outTradeNo"), Just("buyQuantity"), Just("goodsPrice"), Just("env")],
+                prop_oneof![
+                    Just("mode"),
+                    Just("currencyType"),
+                    Just("productId"),
+                    Just("outTradeNo"),
+                    Just("buyQuantity"),
+                    Just("goodsPrice"),
+                    Just("env")
+                ],
                 field,
                 0..7,
             )
@@ -152,9 +183,17 @@ mod tests {
             Just(ApiRequest { api: None }),
             Just(v1::LoginRequest { timeout: 0 }.into_request()),
             (s(), s()).prop_map(|(desc, lang)| v1::GetUserProfileRequest { desc, lang }.into_request()),
-            ("[0-9a-z ]{0,12}", s(), s(), prop_oneof![Just("MD5".to_owned()), Just("RSA".to_owned()), s().boxed()], s(), s())
+            (
+                "[0-9a-z ]{0,12}",
+                s(),
+                s(),
+                prop_oneof![Just("MD5".to_owned()), Just("RSA".to_owned()), s().boxed()],
+                s(),
+                s()
+            )
                 .prop_map(|(time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key)| {
-                    v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }.into_request()
+                    v1::RequestPaymentRequest { time_stamp, nonce_str, package, sign_type, pay_sign, idempotency_key }
+                        .into_request()
                 }),
             (sign_data(), s(), s(), s()).prop_map(|(sign_data, pay_sig, signature, idempotency_key)| {
                 v1::RequestMidasPaymentGameItemRequest { sign_data, pay_sig, signature, idempotency_key }.into_request()

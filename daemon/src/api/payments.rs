@@ -25,13 +25,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::{delegate, request_midas_payment_game_item, request_payment};
-use crate::{
-    broker::Broker,
-    error::ApiError,
-    registry::AppInstance,
-    store::PaymentRow,
-    version::ApiVersion,
-};
+use crate::{broker::Broker, error::ApiError, registry::AppInstance, store::PaymentRow, version::ApiVersion};
 
 type Outcome = Result<ApiResponse, ApiError>;
 type Key = (Arc<str>, String);
@@ -65,7 +59,9 @@ fn key_of(request: &ApiRequest) -> String {
     match request.api.as_ref() {
         Some(Req::RequestPayment(r)) if r.idempotency_key.is_empty() => request_payment::derived_key(r),
         Some(Req::RequestPayment(r)) => r.idempotency_key.clone(),
-        Some(Req::RequestMidasPaymentGameItem(r)) if r.idempotency_key.is_empty() => request_midas_payment_game_item::derived_key(r),
+        Some(Req::RequestMidasPaymentGameItem(r)) if r.idempotency_key.is_empty() => {
+            request_midas_payment_game_item::derived_key(r)
+        }
         Some(Req::RequestMidasPaymentGameItem(r)) => r.idempotency_key.clone(),
         _ => String::new(),
     }
@@ -79,7 +75,13 @@ enum Found {
 }
 
 /// Runs a payment once per (app, key).
-pub async fn run(b: &Arc<Broker>, inst: &Arc<AppInstance>, version: ApiVersion, api: Api, request: ApiRequest) -> Outcome {
+pub async fn run(
+    b: &Arc<Broker>,
+    inst: &Arc<AppInstance>,
+    version: ApiVersion,
+    api: Api,
+    request: ApiRequest,
+) -> Outcome {
     let key = key_of(&request);
     if key.len() > 128 {
         return Err(ApiError::InvalidParams("idempotency key must be at most 128 bytes".into()));

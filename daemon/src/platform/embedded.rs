@@ -131,14 +131,18 @@ impl EmbeddedPlatform {
 
     /// Takes a code out if it belongs to `app_id` and `accept` likes its purpose; a code that does
     /// not match stays where it is (a wrong guess changes nothing).
-    fn redeem(&self, app_id: &str, code: &str, accept: impl Fn(&Purpose) -> bool) -> Result<CodeEntry, ExchangeFailure> {
+    fn redeem(
+        &self,
+        app_id: &str,
+        code: &str,
+        accept: impl Fn(&Purpose) -> bool,
+    ) -> Result<CodeEntry, ExchangeFailure> {
         if code.is_empty() {
             return Err(ExchangeFailure::Malformed("code is required"));
         }
         let now = self.clock.now_ms();
-        let taken = self
-            .codes
-            .remove_if(code, |_, e| e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms > now);
+        let taken =
+            self.codes.remove_if(code, |_, e| e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms > now);
         if let Some((code, entry)) = taken {
             self.spent.insert(code, entry.expires_at_ms);
             return Ok(entry);
@@ -147,7 +151,9 @@ impl EmbeddedPlatform {
             return Err(ExchangeFailure::CodeUsed);
         }
         match self.codes.get(code) {
-            Some(e) if e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms <= now => Err(ExchangeFailure::CodeExpired),
+            Some(e) if e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms <= now => {
+                Err(ExchangeFailure::CodeExpired)
+            }
             _ => Err(ExchangeFailure::InvalidCode),
         }
     }
@@ -190,7 +196,12 @@ impl Platform for EmbeddedPlatform {
         Ok(())
     }
 
-    async fn code2session(&self, app_id: &str, secret: &str, code: &str) -> Result<Code2SessionResponse, ExchangeFailure> {
+    async fn code2session(
+        &self,
+        app_id: &str,
+        secret: &str,
+        code: &str,
+    ) -> Result<Code2SessionResponse, ExchangeFailure> {
         self.check_secret(app_id, secret)?;
         let entry = self.redeem(app_id, code, |p| matches!(p, Purpose::Login { .. }))?;
         let Purpose::Login { session_key, auth_code } = entry.purpose else {
@@ -210,7 +221,13 @@ impl Platform for EmbeddedPlatform {
         })
     }
 
-    async fn redeem_value(&self, app_id: &str, secret: &str, code: &str, kind: ValueKind) -> Result<String, ExchangeFailure> {
+    async fn redeem_value(
+        &self,
+        app_id: &str,
+        secret: &str,
+        code: &str,
+        kind: ValueKind,
+    ) -> Result<String, ExchangeFailure> {
         self.check_secret(app_id, secret)?;
         let entry = self.redeem(app_id, code, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
         match entry.purpose {

@@ -76,10 +76,21 @@ pub trait Platform: Send + Sync + 'static {
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError>;
 
     /// Exchange.Code2Session.
-    async fn code2session(&self, app_id: &str, secret: &str, code: &str) -> Result<Code2SessionResponse, ExchangeFailure>;
+    async fn code2session(
+        &self,
+        app_id: &str,
+        secret: &str,
+        code: &str,
+    ) -> Result<Code2SessionResponse, ExchangeFailure>;
 
     /// Exchange.GetPhoneNumber / GetEmail.
-    async fn redeem_value(&self, app_id: &str, secret: &str, code: &str, kind: ValueKind) -> Result<String, ExchangeFailure>;
+    async fn redeem_value(
+        &self,
+        app_id: &str,
+        secret: &str,
+        code: &str,
+        kind: ValueKind,
+    ) -> Result<String, ExchangeFailure>;
 
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;

@@ -81,7 +81,10 @@ impl Admin for AdminService {
         Ok(Response::new(v1::ListAppsResponse { apps }))
     }
 
-    async fn list_sessions(&self, r: Request<v1::ListSessionsRequest>) -> Result<Response<v1::ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        r: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let app_id = r.into_inner().app_id;
         let rows = self.broker.store.list_sessions(filter(&app_id)).map_err(internal)?;
@@ -109,7 +112,10 @@ impl Admin for AdminService {
         Ok(Response::new(v1::ListGrantsResponse { grants }))
     }
 
-    async fn revoke_grants(&self, r: Request<v1::RevokeGrantsRequest>) -> Result<Response<v1::RevokeGrantsResponse>, Status> {
+    async fn revoke_grants(
+        &self,
+        r: Request<v1::RevokeGrantsRequest>,
+    ) -> Result<Response<v1::RevokeGrantsResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
         check_app_id(&q.app_id)?;
@@ -130,7 +136,10 @@ impl Admin for AdminService {
         Ok(Response::new(v1::RevokeGrantsResponse { revoked: revoked as u32 }))
     }
 
-    async fn register_app(&self, r: Request<v1::RegisterAppRequest>) -> Result<Response<v1::RegisterAppResponse>, Status> {
+    async fn register_app(
+        &self,
+        r: Request<v1::RegisterAppRequest>,
+    ) -> Result<Response<v1::RegisterAppResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
         check_app_id(&q.app_id)?;

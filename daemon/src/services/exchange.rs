@@ -42,7 +42,9 @@ fn log_outcome<T>(app_id: &str, exchange: &'static str, outcome: &Result<T, Exch
 pub fn to_status(e: ExchangeFailure) -> Status {
     let code = match e {
         ExchangeFailure::InvalidAppId | ExchangeFailure::InvalidSecret => Code::Unauthenticated,
-        ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired | ExchangeFailure::Malformed(_) => Code::InvalidArgument,
+        ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired | ExchangeFailure::Malformed(_) => {
+            Code::InvalidArgument
+        }
         ExchangeFailure::CodeUsed => Code::FailedPrecondition,
         ExchangeFailure::System(_) => Code::Internal,
     };
@@ -52,14 +54,20 @@ pub fn to_status(e: ExchangeFailure) -> Status {
 
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
-    async fn code2_session(&self, r: Request<v1::Code2SessionRequest>) -> Result<Response<v1::Code2SessionResponse>, Status> {
+    async fn code2_session(
+        &self,
+        r: Request<v1::Code2SessionRequest>,
+    ) -> Result<Response<v1::Code2SessionResponse>, Status> {
         let r = r.into_inner();
         let outcome = self.broker.platform.code2session(&r.app_id, &r.secret, &r.code).await;
         log_outcome(&r.app_id, "code2Session", &outcome);
         outcome.map(Response::new).map_err(to_status)
     }
 
-    async fn get_phone_number(&self, r: Request<v1::RedeemCodeRequest>) -> Result<Response<v1::PhoneNumberResponse>, Status> {
+    async fn get_phone_number(
+        &self,
+        r: Request<v1::RedeemCodeRequest>,
+    ) -> Result<Response<v1::PhoneNumberResponse>, Status> {
         let phone_number = self.redeem(r.into_inner(), ValueKind::PhoneNumber).await?;
         Ok(Response::new(v1::PhoneNumberResponse { phone_number }))
     }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{check_app_id, require_host_token};
 use crate::{
     broker::Broker,
-    host_link::{HostSlot, HostSender},
+    host_link::{HostSender, HostSlot},
     version::{AppJson, VersionSource},
 };
 
@@ -60,7 +60,10 @@ impl Host for HostService {
             if v == crate::version::ApiVersion::V3
                 && self.broker.host.current().is_some_and(|h| !h.implements(DelegateMethod::GetAuthCode))
             {
-                warn!(app_id, "app.json asks for v3 but the host does not implement getAuthCode; its defaults will fail");
+                warn!(
+                    app_id,
+                    "app.json asks for v3 but the host does not implement getAuthCode; its defaults will fail"
+                );
             }
         }
         let (api_version, version_source) = instance.version_label();
@@ -76,10 +79,7 @@ impl Host for HostService {
     async fn close_app(&self, r: Request<v1::CloseAppRequest>) -> Result<Response<v1::CloseAppResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let instance_id = r.into_inner().instance_id;
-        let cancelled = self
-            .broker
-            .close_app(&instance_id)
-            .ok_or_else(|| Status::not_found("no such app instance"))?;
+        let cancelled = self.broker.close_app(&instance_id).ok_or_else(|| Status::not_found("no such app instance"))?;
         Ok(Response::new(v1::CloseAppResponse { cancelled_calls: cancelled as u32 }))
     }
 }

@@ -119,14 +119,16 @@ impl OpenApi for OpenApiService {
             },
         };
         Ok(Response::new(match outcome {
-            Ok(resp) => v1::InvokeResponse {
-                ok: true,
-                result_json: json::response_to_json(&resp).to_string(),
-                failure: None,
-            },
+            Ok(resp) => {
+                v1::InvokeResponse { ok: true, result_json: json::response_to_json(&resp).to_string(), failure: None }
+            }
             Err((name, e)) => {
                 let failure = e.to_failure(&name);
-                v1::InvokeResponse { ok: false, result_json: json::failure_to_json(&failure).to_string(), failure: Some(failure) }
+                v1::InvokeResponse {
+                    ok: false,
+                    result_json: json::failure_to_json(&failure).to_string(),
+                    failure: Some(failure),
+                }
             }
         }))
     }

@@ -4,7 +4,7 @@ use std::{
     fs, io,
     os::{
         fd::{FromRawFd, OwnedFd},
-        unix::fs::{DirBuilderExt, PermissionsExt},
+        unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     },
     path::{Path, PathBuf},
 };
@@ -46,16 +46,20 @@ pub async fn bind(path: &Path) -> Result<Listener, StartError> {
     if path.exists() {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(StartError::AlreadyRunning(display)),
-            Err(_) => fs::remove_file(path).map_err(listen_err)?,
+            // Only a socket is replaced: a mistyped --socket must not delete someone's file.
+            Err(_) if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) => {
+                fs::remove_file(path).map_err(listen_err)?
+            }
+            Err(_) => {
+                return Err(listen_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the path exists and is not a socket",
+                )));
+            }
         }
     }
     let name = path.to_fs_name::<GenericFilePath>().map_err(listen_err)?;
-    let inner = ListenerOptions::new()
-        .name(name)
-        .mode(0o600)
-        .reclaim_name(true)
-        .create_tokio()
-        .map_err(listen_err)?;
+    let inner = ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(listen_err)?;
     // Belt and braces: some platforms ignore the mode at bind time.
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
     Ok(Listener { inner, address: display })
@@ -97,4 +101,18 @@ fn socket_path_of(fd: &OwnedFd) -> Option<String> {
     // Borrowed, not owned: do not close it.
     std::mem::forget(listener);
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_path_that_is_not_a_socket_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        fs::write(&path, "keep me").unwrap();
+        assert!(matches!(bind(&path).await, Err(StartError::Listen { .. })));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "keep me");
+    }
 }

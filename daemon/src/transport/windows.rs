@@ -33,11 +33,8 @@ pub async fn bind(name: &Path) -> Result<Listener, StartError> {
     let ns_name = pipe.as_str().to_ns_name::<GenericNamespaced>().map_err(listen_err)?;
     let sddl = U16CString::from_str(PIPE_SDDL).map_err(|e| listen_err(io::Error::other(e.to_string())))?;
     let sd = SecurityDescriptor::deserialize(&sddl).map_err(listen_err)?;
-    let inner = ListenerOptions::new()
-        .name(ns_name)
-        .security_descriptor(sd)
-        .create_tokio()
-        .map_err(|e| match e.kind() {
+    let inner =
+        ListenerOptions::new().name(ns_name).security_descriptor(sd).create_tokio().map_err(|e| match e.kind() {
             io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied => StartError::AlreadyRunning(display.clone()),
             _ => listen_err(e),
         })?;
