@@ -584,3 +584,34 @@ async fn closing_a_renderer_fails_its_pending_calls_and_cancels_them_on_the_host
     let next = within("a call after close", renderer.call(v1::CheckSessionRequest {})).await.unwrap_err();
     assert_eq!(next.err_msg, "checkSession:fail checkSession not implemented by host");
 }
+
+/// An idempotency key names one payment of one API: a retry on the same API is answered from the
+/// record without reaching the host again, while the same key on the other payment API is a
+/// payment of its own and gets its own, correctly typed answer.
+#[tokio::test]
+async fn a_payment_key_is_scoped_to_its_api() {
+    let daemon = Daemon::start().await;
+    let (seen, mut saw) = mpsc::unbounded_channel();
+    let host = answering_host(daemon.host(), &seen).connect().await.expect("host connects");
+    let app = launch(&host, APP_A, V1).await;
+    let renderer = daemon.renderer(&app.launch_token).await;
+    let with_key = |api: Api| {
+        let mut request = sample_request(api);
+        match request.api.as_mut() {
+            Some(api_request::Api::RequestPayment(r)) => r.idempotency_key = "order-42".into(),
+            Some(api_request::Api::RequestMidasPaymentGameItem(r)) => r.idempotency_key = "order-42".into(),
+            _ => unreachable!("a payment"),
+        }
+        request
+    };
+
+    for api in [Api::RequestPayment, Api::RequestPayment, Api::RequestMidasPaymentGameItem] {
+        let got = within(api.name(), renderer.call_request(with_key(api))).await.expect("paid");
+        assert_eq!(got, stamped(api), "{api}: its own answer");
+    }
+    let first = saw.try_recv().expect("the host saw the first requestPayment");
+    assert_eq!(first.1.api(), Some(Api::RequestPayment));
+    let second = saw.try_recv().expect("the host saw the Midas payment");
+    assert_eq!(second.1.api(), Some(Api::RequestMidasPaymentGameItem));
+    assert!(saw.try_recv().is_err(), "the requestPayment retry never reached the host");
+}

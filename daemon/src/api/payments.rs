@@ -1,6 +1,6 @@
 //! Payments happen once per idempotency key.
 //!
-//! A key is scoped to its app. The first call with a key (the leader) goes to the host on a task
+//! A key is scoped to its app and its API. The first call with a key (the leader) goes to the host on a task
 //! of its own, so a renderer that goes away does not abandon a payment the user may be finishing;
 //! a retry while it runs joins it; a retry after it ended gets the recorded outcome from the store.
 //! The outcome is recorded before the key leaves the in-flight table, so a retry always finds one
@@ -74,7 +74,7 @@ enum Found {
     Leader,
 }
 
-/// Runs a payment once per (app, key).
+/// Runs a payment once per (app, API, key).
 pub async fn run(
     b: &Arc<Broker>,
     inst: &Arc<AppInstance>,
@@ -86,6 +86,9 @@ pub async fn run(
     if key.len() > 128 {
         return Err(ApiError::InvalidParams("idempotency key must be at most 128 bytes".into()));
     }
+    // Keys are scoped to their API as well as their app: the same key on requestPayment and on
+    // requestMidasPaymentGameItem names two payments, never a retry of the other's.
+    let key = format!("{}:{key}", api.name());
     let slot: Key = (inst.app_id.clone(), key.clone());
     let found = match b.payments.0.entry(slot.clone()) {
         Entry::Occupied(mut waiting) => {
