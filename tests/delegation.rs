@@ -615,3 +615,52 @@ async fn a_payment_key_is_scoped_to_its_api() {
     assert_eq!(second.1.api(), Some(Api::RequestMidasPaymentGameItem));
     assert!(saw.try_recv().is_err(), "the requestPayment retry never reached the host");
 }
+
+/// Closing an app instance ends its calls at once, even one that is still waiting out the grace
+/// period for a host to connect: it is never handed to a host later, for an app that is gone.
+#[tokio::test]
+async fn closing_an_app_ends_a_call_waiting_for_a_host() {
+    let daemon = Daemon::start_with(|c| c.host.grace_ms = 60_000).await;
+    let (seen, mut saw) = mpsc::unbounded_channel();
+    let host = answering_host(daemon.host(), &seen).connect().await.expect("host connects");
+    let app = launch(&host, APP_A, V1).await;
+    host.disconnect();
+    let broker = daemon.server.broker().clone();
+    until("the host is gone", || broker.host.current().is_none()).await;
+
+    let renderer = daemon.renderer(&app.launch_token).await;
+    let unary = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.call_unary(tagged_user_info("unary")).await }
+    });
+    let streamed = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.call(tagged_user_info("streamed")).await }
+    });
+    until("both calls wait for a host", || broker.registry.list().iter().any(|i| i.calls_in_flight() == 2)).await;
+
+    let mut raw = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
+    let mut close = Request::new(v1::CloseAppRequest { instance_id: app.instance_id.clone() });
+    close.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(&daemon.token()).parse().unwrap());
+    within("close", raw.close_app(close)).await.expect("closed");
+
+    for (surface, waiting) in [("unary", unary), ("stream", streamed)] {
+        let failure = within(surface, waiting).await.expect("task").unwrap_err();
+        assert_failure(
+            &failure,
+            "getUserInfo:fail call cancelled: app instance closed",
+            1007,
+            Code::Cancelled,
+            "cancelled",
+        );
+    }
+
+    // A host that connects now gets nothing for the closed app.
+    let host = answering_host(daemon.host(), &seen).connect().await.expect("a new host connects");
+    let other = launch(&host, APP_B, V1).await;
+    let renderer_b = daemon.renderer(&other.launch_token).await;
+    within("app B's call", renderer_b.call(tagged_user_info("b"))).await.expect("app B is served");
+    let (app_info, _) = saw.try_recv().expect("the host saw app B's call");
+    assert_eq!(app_info.app_id, APP_B);
+    assert!(saw.try_recv().is_err(), "the closed app's calls never reached a host");
+}

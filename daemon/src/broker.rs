@@ -89,11 +89,31 @@ impl Broker {
         let started = log_start();
         let api = request.api();
         let slot = self.admit(instance)?;
-        let version = version::resolve(self, instance).await?;
-        let result = api::handle(self, instance, version, request).await;
+        let (version, result) = self.resolve_and_handle(instance, request).await;
         drop(slot);
-        log_answer(started, instance, api, Some(version), &result);
+        log_answer(started, instance, api, version, &result);
         result
+    }
+
+    /// Resolves the instance's version and answers the call, unless the instance is closed first
+    /// (then the call ends as cancelled, and dropping the work cancels its host calls; a payment
+    /// already handed to the host runs on, on its own task, and is recorded).
+    async fn resolve_and_handle(
+        self: &Arc<Self>,
+        instance: &Arc<AppInstance>,
+        request: ApiRequest,
+    ) -> (Option<ApiVersion>, Result<ApiResponse, ApiError>) {
+        let work = async {
+            match version::resolve(self, instance).await {
+                Ok(v) => (Some(v), api::handle(self, instance, v, request).await),
+                Err(e) => (None, Err(e)),
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = instance.closed() => (None, Err(ApiError::Cancelled("app instance closed"))),
+            done = work => done,
+        }
     }
 
     /// One call from a renderer stream; the answer goes out through `permit`. Calls the host
@@ -147,10 +167,7 @@ impl Broker {
                 let instance = instance.clone();
                 tokio::spawn(async move {
                     let started = log_start();
-                    let (version, outcome) = match version::resolve(&broker, &instance).await {
-                        Ok(v) => (Some(v), api::handle(&broker, &instance, v, request).await),
-                        Err(e) => (None, Err(e)),
-                    };
+                    let (version, outcome) = broker.resolve_and_handle(&instance, request).await;
                     drop(slot);
                     log_answer(started, &instance, Some(api), version, &outcome);
                     permit.send(Ok(reply(id, api, outcome)));

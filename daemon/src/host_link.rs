@@ -522,8 +522,19 @@ impl HostLink {
             }
             None => {
                 let link = self.clone();
+                let closed = pending._slot.as_ref().map(CallSlot::closed_token);
                 Some(Box::pin(async move {
-                    match link.wait_current().await {
+                    // An app closed while its call waits for a host: the call ends now and never
+                    // reaches the next host.
+                    let waited = match closed {
+                        Some(closed) => tokio::select! {
+                            biased;
+                            _ = closed.cancelled() => Err(ApiError::Cancelled("app instance closed")),
+                            session = link.wait_current() => session,
+                        },
+                        None => link.wait_current().await,
+                    };
+                    match waited {
                         Ok(session) => {
                             if let Some(rest) = Self::dispatch(&session, pending, app, request, api) {
                                 rest.await;

@@ -41,6 +41,13 @@ pub struct AppInstance {
 #[derive(Debug)]
 pub struct CallSlot(Arc<AppInstance>);
 
+impl CallSlot {
+    /// A token that is cancelled when the calling instance closes.
+    pub(crate) fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.0.closed.clone()
+    }
+}
+
 impl Drop for CallSlot {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
