@@ -159,7 +159,15 @@ impl OpenApi for OpenApiService {
             let end = loop {
                 // Room for the answer first, then the call: a call is never held while the
                 // renderer's replies are backed up, and the stream's final status has its room.
-                let Ok(permit) = tx.reserve().await else { break None };
+                // A renderer that stops reading its replies must not keep a closed instance's (or a
+                // stopping daemon's) stream alive: nobody reads a final status then, so none is sent.
+                let reserved = tokio::select! {
+                    biased;
+                    permit = tx.reserve() => permit,
+                    _ = &mut closed => break None,
+                    _ = &mut stopping => break None,
+                };
+                let Ok(permit) = reserved else { break None };
                 // Biased: a call read after the instance closed (or the daemon began stopping)
                 // must not be served.
                 let message = tokio::select! {
