@@ -369,15 +369,17 @@ async fn drive(
                     Poll::Pending => {
                         let tx = tx.clone();
                         let done = running.clone();
+                        // The task removes its entry only once the entry is there, so a handler
+                        // that finishes at once cannot leave one behind.
+                        let (registered_tx, registered) = tokio::sync::oneshot::channel::<()>();
                         let task = tokio::spawn(async move {
                             let outcome = fut.await;
+                            let _ = registered.await;
                             done.remove(&id);
                             answer(&tx, id, outcome).await;
                         });
                         running.insert(id, task.abort_handle());
-                        if task.is_finished() {
-                            running.remove(&id);
-                        }
+                        let _ = registered_tx.send(());
                     }
                 }
             }
