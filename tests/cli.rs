@@ -95,14 +95,20 @@ impl Brokerd {
         let dir = tempfile::Builder::new().prefix("brokerd-cli").tempdir().expect("temp dir");
         let socket = dir.path().join("brokerd.sock");
         let data = dir.path().join("data");
-        let log = dir.path().join("daemon.log");
-        let notify = Notify::bind(dir.path());
-        let mut child = bin(dir.path())
+        let child = Self::spawn(dir.path(), &socket, &data).await;
+        Brokerd { child, token_file: data.join("host.token"), socket, dir }
+    }
+
+    /// `serve` on `socket` with `data`, once it has told its NOTIFY_SOCKET it is ready.
+    async fn spawn(dir: &Path, socket: &Path, data: &Path) -> Child {
+        let log = dir.join("daemon.log");
+        let notify = Notify::bind(dir);
+        let mut child = bin(dir)
             .arg("serve")
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .arg("--ephemeral")
             .env("NOTIFY_SOCKET", &notify.path)
             .stdout(Stdio::null())
@@ -110,7 +116,15 @@ impl Brokerd {
             .spawn()
             .expect("spawn serve");
         notify.ready(&mut child, &log).await;
-        Brokerd { child, token_file: data.join("host.token"), socket, dir }
+        drop(notify);
+        std::fs::remove_file(dir.join("notify.sock")).expect("notify socket removed");
+        child
+    }
+
+    /// SIGTERM, then `serve` again on the same socket and data dir (so the same host token).
+    async fn restart(&mut self) {
+        assert!(self.stop().await.success());
+        self.child = Self::spawn(self.dir.path(), &self.socket, &self.dir.path().join("data")).await;
     }
 
     fn address(&self) -> String {
@@ -329,30 +343,39 @@ impl DevHost {
             .spawn()
             .expect("spawn dev-host");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        let mut launch_token = None;
-        loop {
-            let line = within("dev-host startup", lines.next_line()).await.unwrap();
-            let Some(line) = line else {
+        let (seen, launch_token) = match Self::connected(&mut lines).await {
+            Ok(block) => block,
+            Err(seen) => {
                 let err = within("dev-host stderr", child.wait_with_output()).await.unwrap();
                 panic!("dev-host exited early: {seen:?} {}", text(&err.stderr));
-            };
-            if let Some(token) = line.trim().strip_prefix("MINIAPP_LAUNCH_TOKEN=") {
-                launch_token = Some(token.to_owned());
             }
-            let done = line.starts_with("answering delegate calls");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
+        };
         assert!(seen[0].starts_with(&format!("dev-host connected to {}", daemon.address())), "{seen:?}");
         assert!(
             seen[0].contains("user \"dev-user-1\" signed in") && seen[0].contains("refusing SCOPE_NICKNAME"),
             "{seen:?}"
         );
         assert!(seen.iter().any(|l| l.starts_with(&format!("launched {app_id}: instance "))), "{seen:?}");
-        DevHost { child, lines, launch_token: launch_token.expect("a MINIAPP_LAUNCH_TOKEN line") }
+        DevHost { child, lines, launch_token }
+    }
+
+    /// Reads the block the dev-host prints each time it connects, up to "answering delegate
+    /// calls": its lines and the launch token in them (Err: the lines before stdout ended).
+    async fn connected(lines: &mut Lines<BufReader<ChildStdout>>) -> Result<(Vec<String>, String), Vec<String>> {
+        let mut seen = Vec::new();
+        let mut launch_token = None;
+        loop {
+            let Some(line) = within("dev-host connects", lines.next_line()).await.unwrap() else { return Err(seen) };
+            if let Some(token) = line.trim().strip_prefix("MINIAPP_LAUNCH_TOKEN=") {
+                launch_token = Some(token.to_owned());
+            }
+            let done = line.starts_with("answering delegate calls");
+            seen.push(line);
+            if done {
+                let token = launch_token.unwrap_or_else(|| panic!("a MINIAPP_LAUNCH_TOKEN line in {seen:?}"));
+                return Ok((seen, token));
+            }
+        }
     }
 
     /// The next line the dev-host prints, which must report a delegate call.
@@ -639,4 +662,27 @@ async fn reflection_and_health_serve_standard_tools() {
     let unknown = within("health", health.check(HealthCheckRequest { service: "no.such.Service".into() })).await;
     assert_eq!(unknown.expect_err("unknown service").code(), tonic::Code::NotFound);
     daemon.stop().await;
+}
+
+/// A daemon restart does not end a mini app developer's session: the dev-host waits for the daemon
+/// to come back, connects again, launches its apps again and prints their new launch tokens.
+#[tokio::test]
+async fn dev_host_reconnects_after_the_daemon_restarts() {
+    let mut daemon = Brokerd::start().await;
+    const APP: &str = "wxdevhostrestart";
+    let mut dev = DevHost::start(&daemon, APP, r#"{"apiVersion":"v1"}"#).await;
+    let before = dev.launch_token.clone();
+
+    daemon.restart().await;
+    let (seen, after) = DevHost::connected(&mut dev.lines).await.expect("the dev-host connects again");
+    assert!(seen[0].starts_with(&format!("dev-host connected to {}", daemon.address())), "{seen:?}");
+    assert_ne!(after, before, "a new instance after the restart");
+
+    let renderer = RendererClient::connect(&daemon.address(), &after).await.expect("renderer connects");
+    let login = within("v1 login after the restart", renderer.call(v1::LoginRequest::default())).await.expect("login");
+    assert!(login.code.starts_with("devhost-"), "answered by the dev-host: {}", login.code);
+    assert!(dev.next_delegate().await.starts_with("delegate login"));
+    renderer.close().await;
+    dev.stop().await;
+    assert!(daemon.stop().await.success());
 }

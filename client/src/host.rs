@@ -205,6 +205,31 @@ impl HostBuilder {
         self
     }
 
+    /// Like [`connect`](Self::connect), but while the daemon is not reachable yet (it is starting,
+    /// or restarting) or still holds the previous host's slot, retries with backoff for up to
+    /// `budget`. A refused token fails at once. A host process that outlives daemon restarts runs
+    /// `loop { let host = builder.clone().connect_retrying(budget).await?; host.closed().await; }`.
+    pub async fn connect_retrying(self, budget: std::time::Duration) -> Result<HostClient, HostClientError> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut backoff = connect::Backoff::default();
+        loop {
+            let retryable = match self.clone().connect().await {
+                Ok(host) => return Ok(host),
+                Err(HostClientError::Transport(e)) => HostClientError::Transport(e),
+                Err(HostClientError::Refused(s))
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::AlreadyExists) =>
+                {
+                    HostClientError::Refused(s)
+                }
+                Err(other) => return Err(other),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(retryable);
+            }
+            backoff.wait().await;
+        }
+    }
+
     /// Connects, says Hello, and waits for the daemon's Welcome. Delegate calls are answered from
     /// then on, until the returned client is dropped or disconnected.
     pub async fn connect(self) -> Result<HostClient, HostClientError> {

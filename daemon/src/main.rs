@@ -530,38 +530,60 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
     };
     let (_, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
-    let host = dev_host::builder(&t.address, &token, &profile, printer)
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to the daemon at {} as host: {e}", t.address))?;
-    println!(
-        "dev-host connected to {} as {:?}; user {:?} signed in; payments {}; scopes {}{}",
-        t.address,
-        profile.name,
-        profile.user.uid,
-        profile.payments,
-        profile.scopes,
-        if profile.refuse.is_empty() { String::new() } else { format!(" (refusing {})", profile.refuse.join(", ")) }
-    );
-    for app_id in &args.launch {
-        let launched =
-            host.launch_app(app_id, &args.app_json).await.map_err(|s| format!("launch {app_id}: {}", s.message()))?;
-        let version = if launched.api_version.is_empty() {
-            "asked on first call".to_owned()
+    let builder = dev_host::builder(&t.address, &token, &profile, printer);
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    let mut first = true;
+    loop {
+        // The first connection must work now; after the daemon restarts, wait for it to come back.
+        let connecting = if first {
+            builder.clone().connect().await
         } else {
-            format!("{} ({})", launched.api_version, launched.version_source)
+            tokio::select! {
+                host = builder.clone().connect_retrying(DEV_HOST_RECONNECT) => host,
+                _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            }
         };
-        println!("launched {app_id}: instance {} version {version}", launched.instance_id);
-        println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
-    }
-    println!("answering delegate calls; Ctrl-C to stop");
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        _ = host.closed() => {
-            eprintln!("dev-host: the daemon closed the host link");
-            return Ok(ExitCode::FAILURE);
+        let host = connecting.map_err(|e| format!("cannot connect to the daemon at {} as host: {e}", t.address))?;
+        println!(
+            "dev-host connected to {} as {:?}; user {:?} signed in; payments {}; scopes {}{}",
+            t.address,
+            profile.name,
+            profile.user.uid,
+            profile.payments,
+            profile.scopes,
+            if profile.refuse.is_empty() {
+                String::new()
+            } else {
+                format!(" (refusing {})", profile.refuse.join(", "))
+            }
+        );
+        for app_id in &args.launch {
+            let launched = host
+                .launch_app(app_id, &args.app_json)
+                .await
+                .map_err(|s| format!("launch {app_id}: {}", s.message()))?;
+            let version = if launched.api_version.is_empty() {
+                "asked on first call".to_owned()
+            } else {
+                format!("{} ({})", launched.api_version, launched.version_source)
+            };
+            println!("launched {app_id}: instance {} version {version}", launched.instance_id);
+            println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
         }
+        println!("answering delegate calls; Ctrl-C to stop");
+        tokio::select! {
+            _ = &mut stop => {
+                host.disconnect();
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = host.closed() => {
+                eprintln!("dev-host: the daemon closed the host link; reconnecting (apps are launched again)");
+            }
+        }
+        first = false;
     }
-    host.disconnect();
-    Ok(ExitCode::SUCCESS)
 }
+
+/// How long the dev-host waits for a restarting daemon before it gives up.
+const DEV_HOST_RECONNECT: std::time::Duration = std::time::Duration::from_secs(60);
