@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS payments (
     PRIMARY KEY (app_id, idempotency_key));
 ";
 
+/// A payment's first record wins (the write-ahead record).
+const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// A payment's outcome replaces its write-ahead record.
+const SETTLE_PAYMENT: &str = "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
     pub fn open(path: Option<&Path>, synchronous_full: bool) -> Result<Store, StoreError> {
@@ -240,7 +247,7 @@ impl Store {
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write_payment("INSERT OR IGNORE", app_id, key, api, row, now_ms)
+        self.write_payment(RECORD_PAYMENT, app_id, key, api, row, now_ms)
     }
 
     /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
@@ -252,22 +259,19 @@ impl Store {
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write_payment("INSERT OR REPLACE", app_id, key, api, row, now_ms)
+        self.write_payment(SETTLE_PAYMENT, app_id, key, api, row, now_ms)
     }
 
     fn write_payment(
         &self,
-        insert: &'static str,
+        sql: &'static str,
         app_id: &str,
         key: &str,
         api: &str,
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let sql = format!(
-            "{insert} INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-        );
-        self.conn().prepare_cached(&sql)?.execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
+        self.conn().prepare_cached(sql)?.execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
         Ok(())
     }
 

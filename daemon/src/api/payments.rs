@@ -1,8 +1,9 @@
 //! Payments happen once per idempotency key.
 //!
-//! A key is scoped to its app and its API. The first call with a key (the leader) goes to the host on a task
-//! of its own, so a renderer that goes away does not abandon a payment the user may be finishing;
-//! a retry while it runs joins it; a retry after it ended gets the recorded outcome from the store.
+//! A key is scoped to its app and its API. The first call with a key (the leader) goes to the host
+//! on a task of its own, so a renderer that goes away does not abandon a payment the user may be
+//! finishing; a retry while it runs joins it; a retry after it ended gets the recorded outcome from
+//! the store.
 //! The outcome is recorded before the key leaves the in-flight table, so a retry always finds one
 //! or the other. A call that never reached the host (no host, method not implemented, limits)
 //! records nothing: the key is still unspent. A call the host took but never answered (it

@@ -4,7 +4,6 @@
 
 use std::{
     convert::Infallible,
-    marker::PhantomData,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
 };
@@ -20,11 +19,12 @@ use miniapp_broker_proto::{
 };
 use tonic::{
     Request, Response, Status, Streaming,
-    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{BufferSettings, Codec},
     codegen::{Body, BoxFuture, Service, StdError, http},
     metadata::MetadataMap,
     server::NamedService,
 };
+use tonic_prost::{ProstDecoder, ProstEncoder};
 use tracing::{debug, info};
 
 use crate::{
@@ -275,54 +275,22 @@ impl tonic::server::StreamingService<v1::RendererCall> for SessionMethod {
     }
 }
 
-/// Protobuf for the Session stream, as the generated code's codec does it, with small buffers.
+/// The generated code's protobuf codec (tonic-prost), with small buffers for the Session stream.
 #[derive(Debug, Clone, Copy, Default)]
 struct SessionCodec;
 
 impl Codec for SessionCodec {
     type Encode = v1::RendererReply;
     type Decode = v1::RendererCall;
-    type Encoder = SmallBuffers<v1::RendererReply>;
-    type Decoder = SmallBuffers<v1::RendererCall>;
+    type Encoder = ProstEncoder<v1::RendererReply>;
+    type Decoder = ProstDecoder<v1::RendererCall>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        SmallBuffers(PhantomData)
+        ProstEncoder::new(BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        SmallBuffers(PhantomData)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct SmallBuffers<T>(PhantomData<T>);
-
-impl<T: prost::Message> Encoder for SmallBuffers<T> {
-    type Item = T;
-    type Error = Status;
-
-    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // EncodeBuf grows as needed, so encoding cannot run out of room.
-        item.encode(buf).expect("an EncodeBuf grows as needed");
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES)
-    }
-}
-
-impl<T: prost::Message + Default> Decoder for SmallBuffers<T> {
-    type Item = T;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<T>, Status> {
-        // An undecodable message is INTERNAL, as with the generated code's codec.
-        T::decode(buf).map(Some).map_err(|e| Status::internal(e.to_string()))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES)
+        ProstDecoder::new(BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES))
     }
 }
 
