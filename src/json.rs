@@ -115,6 +115,7 @@ pub fn failure_to_json(f: &v1::ApiFailure) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strategies::json_value;
     use proptest::prelude::*;
 
     #[test]
@@ -169,23 +170,6 @@ mod tests {
 
     fn text() -> impl Strategy<Value = String> {
         ".{0,24}"
-    }
-
-    /// Any JSON value, nested a few levels (deep nesting has its own property).
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(Value::from),
-            ".{0,12}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
     }
 
     /// Any typed request of any API, every field arbitrary.

@@ -9,6 +9,8 @@ pub mod api;
 pub mod failure;
 pub mod json;
 pub mod metadata;
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies;
 
 /// Generated from `proto/miniapp/broker/v1/*.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -214,6 +214,7 @@ pub async fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use miniapp_broker_proto::strategies::json_value;
     use proptest::prelude::*;
 
     #[test]
@@ -268,23 +269,5 @@ mod tests {
             };
             prop_assert_eq!(AppJson::parse(&value.to_string()).is_ok(), valid);
         }
-    }
-
-    /// Any JSON value, nested a few levels.
-    fn json_value() -> impl Strategy<Value = serde_json::Value> {
-        use serde_json::Value;
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(Value::from),
-            ".{0,12}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 6, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
     }
 }
