@@ -98,14 +98,14 @@ pub struct Pending {
     /// The renderer stream the call came from (0: none).
     stream: u64,
     /// Holds the instance's in-flight slot until the answer is delivered.
-    _slot: Option<CallSlot>,
+    slot: Option<CallSlot>,
 }
 
 impl Pending {
     pub fn new(reply: ReplyTo, expect: Expect, instance: Arc<str>, stream: u64, slot: Option<CallSlot>) -> Self {
         let now = Instant::now();
         // The deadline is set when the call is registered (see `HostSession::register`).
-        Pending { reply, expect, deadline: now, started: now, instance, stream, _slot: slot }
+        Pending { reply, expect, deadline: now, started: now, instance, stream, slot }
     }
 
     /// Delivers the call's one answer.
@@ -522,7 +522,7 @@ impl HostLink {
             }
             None => {
                 let link = self.clone();
-                let closed = pending._slot.as_ref().map(CallSlot::closed_token);
+                let closed = pending.slot.as_ref().map(CallSlot::closed_token);
                 Some(Box::pin(async move {
                     // An app closed while its call waits for a host: the call ends now and never
                     // reaches the next host.

@@ -13,7 +13,7 @@ use miniapp_broker_client::{
     connect,
     proto::{metadata, v1, v1::admin_client::AdminClient},
 };
-use miniapp_brokerd::{ApiVersion, Config, default_config_path, dev_host};
+use miniapp_brokerd::{ApiVersion, Clock, Config, SystemClock, default_config_path, dev_host};
 use tonic::{Code, Request, transport::Channel};
 
 #[derive(Parser, Debug)]
@@ -354,9 +354,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn ago(ms_since_epoch: u64) -> String {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    human(now.saturating_sub(ms_since_epoch))
+    human(SystemClock.now_ms().saturating_sub(ms_since_epoch))
 }
 
 fn human(ms: u64) -> String {
@@ -450,10 +448,7 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
                 .collect(),
         );
     } else {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = SystemClock.now_ms();
         let rows = rows
             .iter()
             .map(|s| {
