@@ -321,7 +321,7 @@ async fn a_payment_called_off_by_its_app_closing_never_reaches_a_later_host() {
     let renderer = daemon.renderer(&app.launch_token).await;
     let paying = tokio::spawn({
         let r = renderer.clone();
-        async move { r.call_request(with_key(sample_request(Api::RequestPayment), "order-closed")).await }
+        async move { r.call_unary(payment_of(with_key(sample_request(Api::RequestPayment), "order-closed"))).await }
     });
     until("the payment waits for a host", || broker.payments.len() == 1).await;
     let mut raw = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
