@@ -11,7 +11,7 @@ use std::{
 
 use miniapp_broker_proto::{
     Api,
-    v1::{ApiRequest, ApiResponse, AppInfo, RendererCall, RendererReply, SignedInUser, renderer_reply},
+    v1::{ApiRequest, ApiResponse, AppInfo, RendererCall, RendererReply, SignedInUser, delegate_call, renderer_reply},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,7 +21,7 @@ use crate::{
     clock::Clock,
     config::Config,
     error::ApiError,
-    host_link::{Deferred, HostLink, ReplyPermit, ReplyTo},
+    host_link::{Deferred, Expect, HostLink, ReplyPermit, ReplyTo},
     limits::RateLimits,
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
@@ -89,9 +89,45 @@ impl Broker {
         let started = log_start();
         let api = request.api();
         let slot = self.admit(instance)?;
-        let (version, result) = self.resolve_and_handle(instance, request, slot).await;
+        let (version, result) = match self.delegate_now(instance, request) {
+            Ok((version, call)) => {
+                let result = call.await;
+                drop(slot);
+                (Some(version), result)
+            }
+            Err(request) => self.resolve_and_handle(instance, request, slot).await,
+        };
         log_answer(started, instance, api, version, &result);
         result
+    }
+
+    /// The common unary call, taken as the stream takes it: the instance's version is known and
+    /// the host answers, so the call is written to the host's queue right here and only its answer
+    /// is awaited (no version lookup, no race with the instance's closing: closing an app fails
+    /// its calls in the host's call table, and a close that came first is seen here). Any other
+    /// call is handed back for [`resolve_and_handle`](Self::resolve_and_handle).
+    fn delegate_now(
+        &self,
+        instance: &AppInstance,
+        request: ApiRequest,
+    ) -> Result<(ApiVersion, impl Future<Output = Result<ApiResponse, ApiError>> + use<>), ApiRequest> {
+        let Some(session) = self.host.current() else { return Err(request) };
+        let Some((version, _)) = instance.resolved(session.id) else { return Err(request) };
+        let Ok(api) = api::validate(&request) else { return Err(request) };
+        if api::route(api, version) != api::Route::Delegate || instance.is_closed() {
+            return Err(request);
+        }
+        let app = Broker::app_info(instance, Some(version));
+        let request = delegate_call::Request::Api(request);
+        let call = HostLink::start_for(&session, app, instance.instance_id.clone(), request, Expect::Api(api));
+        // A close that ran its sweep of the call table before this call was in it.
+        let closed = instance.is_closed();
+        Ok((version, async move {
+            if closed {
+                return Err(ApiError::Cancelled("app instance closed"));
+            }
+            api::delegated(call?.await)
+        }))
     }
 
     /// Resolves the instance's version and answers the call, unless the instance is closed first

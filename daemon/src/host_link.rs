@@ -578,12 +578,23 @@ impl HostLink {
         request: delegate_call::Request,
         expect: Expect,
     ) -> Result<HostCall, ApiError> {
+        let instance: Arc<str> = app.instance_id.as_str().into();
+        Self::start_for(session, app, instance, request, expect)
+    }
+
+    /// As [`start`](Self::start), with the instance's id already shared (no copy per call).
+    pub fn start_for(
+        session: &Arc<HostSession>,
+        app: AppInfo,
+        instance: Arc<str>,
+        request: delegate_call::Request,
+        expect: Expect,
+    ) -> Result<HostCall, ApiError> {
         let method = expect.method();
         if !session.implements(method) {
             return Err(ApiError::NotImplementedByHost(method));
         }
         let (tx, rx) = oneshot::channel();
-        let instance: Arc<str> = app.instance_id.as_str().into();
         let Some(id) = session.register(Pending::new(ReplyTo::Wait(tx), expect, instance, 0, None)) else {
             return Err(ApiError::HostGone);
         };

@@ -121,7 +121,12 @@ pub async fn delegate(
     request: ApiRequest,
 ) -> Result<ApiResponse, ApiError> {
     let app = Broker::app_info(inst, Some(version));
-    match b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await? {
+    delegated(b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await)
+}
+
+/// The renderer's answer from the host's answer to a delegated open-API call.
+pub fn delegated(answer: Result<HostAnswer, ApiError>) -> Result<ApiResponse, ApiError> {
+    match answer? {
         HostAnswer::Api(mut resp) => {
             resp.stamp_ok();
             Ok(resp)
