@@ -664,3 +664,59 @@ async fn closing_an_app_ends_a_call_waiting_for_a_host() {
     assert_eq!(app_info.app_id, APP_B);
     assert!(saw.try_recv().is_err(), "the closed app's calls never reached a host");
 }
+
+/// Closing an app instance ends its calls that the host holds, on every surface, and tells the
+/// host to stop working on them. Unary and Invoke calls of an instance whose version is known go
+/// to the host straight from the request's task (as stream calls do), so it is the call table's
+/// sweep on close, not a wait on the instance, that must end them.
+#[tokio::test]
+async fn closing_an_app_ends_the_calls_its_host_holds_on_every_surface() {
+    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = 120_000).await;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
+    let app = launch(&host, APP_A, V1).await;
+    let renderer = daemon.renderer(&app.launch_token).await;
+    // A first call resolves the instance's version (login is not registered: it fails at once).
+    within("first call", renderer.call_unary(v1::LoginRequest::default())).await.unwrap_err();
+
+    let unary = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.call_unary(tagged_user_info("unary")).await }
+    });
+    let invoked = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.invoke_json("getUserInfo", &json!({ "lang": "invoke" })).await }
+    });
+    let streamed = tokio::spawn({
+        let r = renderer.clone();
+        async move { r.call(tagged_user_info("streamed")).await }
+    });
+    let mut tags = Vec::new();
+    for n in 0..3 {
+        tags.push(within(&format!("host gets call {n}"), started.recv()).await.expect("started"));
+    }
+    tags.sort();
+    assert_eq!(tags, ["invoke", "streamed", "unary"]);
+
+    host.close_app(&app.instance_id).await.expect("closed");
+    for (surface, waiting) in [("unary", unary), ("stream", streamed)] {
+        let failure = within(surface, waiting).await.expect("task").unwrap_err();
+        assert_failure(
+            &failure,
+            "getUserInfo:fail call cancelled: app instance closed",
+            1007,
+            Code::Cancelled,
+            "cancelled",
+        );
+    }
+    let failure = within("invoke", invoked).await.expect("task").unwrap_err();
+    assert_eq!(failure["errMsg"], "getUserInfo:fail call cancelled: app instance closed");
+    // The host was told to stop working on each of them.
+    let mut stopped = Vec::new();
+    for n in 0..3 {
+        stopped.push(within(&format!("cancel {n} reaches the host"), dropped.recv()).await.expect("dropped"));
+    }
+    stopped.sort();
+    assert_eq!(stopped, ["invoke", "streamed", "unary"]);
+}
