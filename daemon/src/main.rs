@@ -169,15 +169,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Two worker threads (one on a one-CPU machine), unless `TOKIO_WORKER_THREADS` says otherwise.
-/// A call costs the daemon a few microseconds, so more workers would only add cross-thread
-/// wake-ups and memory (docs/benchmarks.md compares 1, 2 and a current-thread runtime); the second
-/// keeps renderers served while the other waits on a store write.
+/// One worker thread, unless `TOKIO_WORKER_THREADS` says otherwise. A call costs the daemon a few
+/// microseconds, and a mediated call wakes tasks on two connections (renderer and host): with a
+/// second worker, tokio hands one of them to it, and each such hand-off is a futex wake-up of a
+/// parked thread that costs more than the work it moves (docs/benchmarks.md, issue 13: the unary
+/// and Invoke paths were ~0.3x direct slower with two). Store writes run on the worker: with
+/// `store.synchronous = "normal"` (the default) only a WAL checkpoint waits for the disk; a
+/// deployment with `"full"` may set `TOKIO_WORKER_THREADS=2` so that renderers are served while
+/// a write waits.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        builder.worker_threads(cpus.clamp(1, 2));
+        builder.worker_threads(1);
     }
     builder.enable_all().build()
 }
