@@ -1218,10 +1218,15 @@ fn main() {
     if let Some((kind, secs)) = soak_only {
         let (daemon, _) = DaemonProcess::spawn();
         let host = Host::connect(&daemon.address(), &daemon.host_token());
+        // --clients=N: fewer (or more) than the usual 64, e.g. one for a trace of one call's path.
+        let clients = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--clients="))
+            .map_or(CONCURRENCY, |n| n.parse().expect("--clients=N"));
         runtime.block_on(async {
-            let fleet = fleet(kind, CONCURRENCY, &echo_path, &daemon, &host).await;
+            let fleet = fleet(kind, clients, &echo_path, &daemon, &host).await;
             let server = if kind == Kind::Direct { echo.pid() } else { daemon.pid() };
-            println!("soak: {} with {CONCURRENCY} clients for {secs} s; server pid {server}", kind.key());
+            println!("soak: {} with {clients} clients for {secs} s; server pid {server}", kind.key());
             let soak = Params { throughput_secs: secs, throughput_warmup_secs: 0.0, ..p };
             let load = throughput(&fleet, &soak, server).await;
             println!("{:.0} calls/s, {:.1} us of server CPU per call", load.calls_per_sec, load.cpu_us_per_call);
