@@ -114,10 +114,11 @@ fn user_dir(xdg_var: &str, home_default: &str, windows_var: &str) -> Option<Path
     base.map(|b| b.join("miniapp-broker"))
 }
 
-/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`.
-pub fn default_data_dir() -> PathBuf {
+/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`. `None`
+/// when the environment names no per-user directory: the daemon then refuses to start rather than
+/// put its secrets in a shared directory such as `/tmp`.
+pub fn default_data_dir() -> Option<PathBuf> {
     user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA")
-        .unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
 }
 
 /// Where `serve` and the operator commands look for a config file when none is named:

@@ -64,6 +64,8 @@ pub struct Server {
     broker: Arc<Broker>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     token_file: PathBuf,
+    /// The data dir's lock, released when the server is dropped.
+    _lock: std::fs::File,
 }
 
 impl Server {
@@ -129,9 +131,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 /// Starts a daemon whose platform reads time from `clock` (tests move it instead of sleeping).
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
     config.validate().map_err(StartError::Config)?;
-    let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
-    transport::create_private_dir(&data_dir)
-        .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+    let data_dir = config.data_dir.clone().or_else(default_data_dir).ok_or(StartError::NoDataDir)?;
+    transport::create_owned_dir(&data_dir, "data directory")?;
+    let lock = lock_data_dir(&data_dir)?;
     let token_file = config.host.token_file.clone().unwrap_or_else(|| data_dir.join("host.token"));
     let host_token = HostToken::load_or_create(&token_file)
         .map_err(|source| StartError::DataDir { path: token_file.display().to_string(), source })?;
@@ -177,7 +179,25 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         default_api_version = broker.config.default_api_version.as_str(),
         "miniapp-brokerd listening"
     );
-    Ok(Server { broker, task, token_file })
+    Ok(Server { broker, task, token_file, _lock: lock })
+}
+
+/// Takes the data dir's exclusive lock (`<data dir>/daemon.lock`), held until the [`Server`] is
+/// dropped (or the process dies: the OS releases it), so two daemons never share a database, a
+/// host token or a daemon secret.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = data_dir.join("daemon.lock");
+    let io_err = |source| StartError::DataDir { path: path.display().to_string(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&path).map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirLocked(data_dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(e)),
+    }
 }
 
 async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(), tonic::transport::Error> {

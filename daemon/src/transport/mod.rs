@@ -31,9 +31,9 @@ use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 #[cfg(unix)]
-pub use unix::{bind, create_private_dir, default_address, systemd_listener};
+pub use unix::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
 #[cfg(windows)]
-pub use windows::{bind, create_private_dir, default_address, systemd_listener};
+pub use windows::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
 
 /// Who is on the other end of a connection, as the OS reports it.
 #[derive(Debug, Clone, Copy, Default)]
