@@ -23,13 +23,18 @@ use std::{
     time::Duration,
 };
 
-use miniapp_broker_client::{HostBuilder, RendererClient, connect};
-use support::within;
+use miniapp_broker_client::{
+    HostBuilder, RendererClient, connect,
+    proto::v1::{self, exchange_client::ExchangeClient},
+};
+use prost::Message as _;
+use support::{Daemon, launch, until, user, within};
 use tempfile::TempDir;
 use tokio::{
     net::UnixDatagram,
     process::{Child, Command},
 };
+use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miniapp-brokerd");
 const NOBODY: u32 = 65534;
@@ -459,12 +464,286 @@ async fn clients_refuse_a_server_of_another_uid_before_sending_a_token() {
     assert!(counts.iter().all(|n| *n == 0), "no byte reached the other uid's server: {counts:?}");
 }
 
-#[allow(dead_code)]
-fn owner(path: &Path) -> u32 {
-    std::fs::metadata(path).unwrap().uid()
+// ---------------------------------------------------------------------------------------------
+// 6. One app cannot starve the others
+// ---------------------------------------------------------------------------------------------
+
+const V2: &str = r#"{"apiVersion":"v2"}"#;
+
+/// Opens a renderer stream for `token` on its own connection; the failure of its first call, if
+/// the stream (or the connection) was refused.
+async fn open_stream(d: &Daemon, token: &str, keep: &mut Vec<RendererClient>) -> Result<(), String> {
+    let r = d.renderer(token).await;
+    let outcome = within("a stream's first call", r.call(v1::GetNickNameRequest {})).await;
+    keep.push(r);
+    outcome.map(|_| ()).map_err(|f| {
+        assert_eq!(f.code(), Code::ResourceExhausted, "{f:?}");
+        f.err_msg
+    })
 }
 
-#[allow(dead_code)]
-fn lines_of(path: &Path) -> Vec<String> {
-    std::io::BufReader::new(std::fs::File::open(path).unwrap()).lines().map(|l| l.unwrap()).collect()
+#[tokio::test]
+async fn one_app_cannot_take_every_renderer_stream() {
+    let d = Daemon::start_with(|c| {
+        c.limits.max_renderer_streams = 6;
+        c.limits.max_renderer_streams_per_app = 3;
+        c.limits.max_renderer_streams_per_instance = 2;
+    })
+    .await;
+    let host = d.host().user(user("u1")).connect().await.expect("host");
+    let x1 = launch(&host, "wxstreamhog00001", V2).await.launch_token;
+    let x2 = launch(&host, "wxstreamhog00001", V2).await.launch_token;
+    let y = launch(&host, "wxstreamfair0001", V2).await.launch_token;
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        open_stream(&d, &x1, &mut keep).await.expect("within the instance's share");
+    }
+    assert_eq!(
+        open_stream(&d, &x1, &mut keep).await,
+        Err("getNickName:fail more than 2 renderer streams open for this app instance".to_owned())
+    );
+    open_stream(&d, &x2, &mut keep).await.expect("the app's third stream, on another instance");
+    assert_eq!(
+        open_stream(&d, &x2, &mut keep).await,
+        Err("getNickName:fail more than 3 renderer streams open for this app".to_owned())
+    );
+    // The global limit still has room for another app.
+    for _ in 0..2 {
+        open_stream(&d, &y, &mut keep).await.expect("another app is unaffected");
+    }
+    let broker = d.server.broker().clone();
+    assert_eq!(broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // Closing streams gives the app its share back.
+    keep.clear();
+    until("every stream closed", || broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst) == 0).await;
+    for _ in 0..2 {
+        open_stream(&d, &x1, &mut keep).await.expect("the instance's share is back");
+    }
+}
+
+/// Connects to `socket` and waits (bounded) for the daemon to close the connection; "closed" or
+/// what happened instead.
+fn closed_by_daemon(socket: &str, send_preface: bool, wait: Duration) -> String {
+    let mut s = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => return format!("connect failed: {e}"),
+    };
+    if send_preface {
+        let hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        if s.write_all(hello).is_err() {
+            return "closed".into();
+        }
+    }
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return "closed".into(),
+            Ok(_) => continue, // the server's SETTINGS and their ack
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
+                return "closed".into();
+            }
+            Err(e) => return format!("still open ({e})"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_app_cannot_take_every_connection_and_silent_connections_are_closed() {
+    let d = Daemon::start_with(|c| {
+        c.limits.max_connections = 12;
+        c.limits.max_connections_per_app = 3;
+        c.limits.max_connections_per_instance = 2;
+        c.limits.auth_timeout_ms = 300;
+    })
+    .await;
+    let host = d.host().user(user("u1")).connect().await.expect("host");
+    let x1 = launch(&host, "wxconnhog0000001", V2).await.launch_token;
+    let x2 = launch(&host, "wxconnhog0000001", V2).await.launch_token;
+    let y = launch(&host, "wxconnfair000001", V2).await.launch_token;
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        open_stream(&d, &x1, &mut keep).await.expect("within the instance's share");
+    }
+    assert_eq!(
+        open_stream(&d, &x1, &mut keep).await,
+        Err("getNickName:fail more than 2 connections for this app instance".to_owned())
+    );
+    open_stream(&d, &x2, &mut keep).await.expect("the app's third connection, on another instance");
+    assert_eq!(
+        open_stream(&d, &x2, &mut keep).await,
+        Err("getNickName:fail more than 3 connections for this app".to_owned())
+    );
+    open_stream(&d, &y, &mut keep).await.expect("another app is unaffected");
+
+    // Connections that present nothing (silent, or speaking HTTP/2 without a token) are closed.
+    let socket = d.address();
+    let (silent, talking) = tokio::task::spawn_blocking(move || {
+        (
+            closed_by_daemon(&socket, false, Duration::from_secs(15)),
+            closed_by_daemon(&socket, true, Duration::from_secs(15)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((silent.as_str(), talking.as_str()), ("closed", "closed"));
+
+    // A proven connection stays open past the timeout: the first renderer is still served.
+    keep[0].call(v1::GetNickNameRequest {}).await.expect("a proven connection is kept");
+    // And the refused ones gave nothing away: once x1's renderers leave, x1 connects again.
+    keep.clear();
+    let broker = d.server.broker().clone();
+    until("x1's connections closed", || broker.occupancy.conns_per_app.held("wxconnhog0000001") == 0).await;
+    for _ in 0..2 {
+        open_stream(&d, &x1, &mut keep).await.expect("the instance's share is back");
+    }
+}
+
+fn proc_open_files(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].parse().unwrap(), fields[4].parse().unwrap())
+}
+
+/// `serve` with RLIMIT_NOFILE set to `soft`/`hard` before it starts.
+fn with_open_files(mut command: Command, soft: u64, hard: u64) -> Command {
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_or_max_connections_lowered_to_fit() {
+    let dir = temp();
+    let config = dir.path().join("brokerd.toml");
+    std::fs::write(&config, "[limits]\nmax_connections = 1000\nauth_timeout_ms = 60000\n").unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("s.sock");
+    let args = |socket: &Path| -> Vec<std::ffi::OsString> {
+        vec!["--socket".into(), socket.into(), "--data-dir".into(), data.clone().into(), "--ephemeral".into()]
+    };
+
+    // The hard limit allows it: the soft limit is raised to what 1000 connections need.
+    let mut raised = args(&socket);
+    raised.extend(["--config".into(), config.clone().into()]);
+    let raised: Vec<&std::ffi::OsStr> = raised.iter().map(|a| a.as_os_str()).collect();
+    let child =
+        serve(with_open_files(bin(dir.path()), 256, 4096), &raised, &dir.path().join("raised.log")).await.ready();
+    assert_eq!(proc_open_files(child.id().unwrap()), (1064, 4096), "soft limit raised for max_connections");
+    stop(child).await;
+
+    // It does not: max_connections (default 10240) is lowered to fit, and said so.
+    let clamped = args(&socket);
+    let clamped: Vec<&std::ffi::OsStr> = clamped.iter().map(|a| a.as_os_str()).collect();
+    let log = dir.path().join("clamped.log");
+    let child = serve(with_open_files(bin(dir.path()), 256, 256), &clamped, &log).await.ready();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("limits.max_connections lowered from 10240 to 192: the open-file limit is 256"),
+        "the start says so:\n{said}"
+    );
+    // Connections beyond what fits are closed at once rather than left unaccepted.
+    let address = socket.display().to_string();
+    let beyond = tokio::task::spawn_blocking(move || {
+        let held: Vec<_> = (0..192).map(|_| std::os::unix::net::UnixStream::connect(&address).unwrap()).collect();
+        let beyond = closed_by_daemon(&address, false, Duration::from_secs(15));
+        drop(held);
+        beyond
+    })
+    .await
+    .unwrap();
+    assert_eq!(beyond, "closed", "a connection beyond the fitted limit is refused at once");
+    stop(child).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Memory stays bounded
+// ---------------------------------------------------------------------------------------------
+
+async fn exchange(d: &Daemon, app_id: &str, secret: &str, code: &str) -> Result<String, i32> {
+    let mut ex = ExchangeClient::new(connect::channel(&d.address()).await.expect("exchange channel"));
+    let request = v1::Code2SessionRequest { app_id: app_id.into(), secret: secret.into(), code: code.into() };
+    match ex.code2_session(request).await {
+        Ok(r) => Ok(r.into_inner().openid),
+        Err(s) => Err(v1::ExchangeError::decode(s.details()).expect("an ExchangeError").errcode),
+    }
+}
+
+#[tokio::test]
+async fn outstanding_one_time_codes_are_capped_per_app_and_user() {
+    let d = Daemon::start_with(|c| c.sessions.max_codes_per_user = 3).await;
+    let host = d.host().user(user("u1")).connect().await.expect("host");
+    const A: &str = "wxcodecap0000001";
+    const B: &str = "wxcodecap0000002";
+    let a = d.renderer(&launch(&host, A, V2).await.launch_token).await;
+    let b = d.renderer(&launch(&host, B, V2).await.launch_token).await;
+    let secret_a = host.register_app(A, false).await.unwrap().secret;
+    let secret_b = host.register_app(B, false).await.unwrap().secret;
+    let b_code = b.call(v1::LoginRequest::default()).await.expect("B logs in").code;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(a.call(v1::LoginRequest::default()).await.expect("A logs in").code);
+    }
+    // The two oldest of A's five were dropped; the newest three and B's are good.
+    for (i, code) in codes.iter().enumerate() {
+        let outcome = exchange(&d, A, &secret_a, code).await;
+        if i < 2 {
+            assert_eq!(outcome, Err(40029), "code #{i} was dropped");
+        } else {
+            assert!(outcome.is_ok(), "code #{i}: {outcome:?}");
+        }
+    }
+    assert!(exchange(&d, B, &secret_b, &b_code).await.is_ok(), "another app's codes are unaffected");
+}
+
+#[tokio::test]
+async fn app_instances_whose_host_left_and_renderers_are_gone_are_closed_after_the_idle_time() {
+    // The daemon sweeps every quarter of the idle time (real time); its clock is moved by hand.
+    let d = Daemon::start_with(|c| c.limits.orphan_idle_secs = 1).await;
+    let broker = d.server.broker().clone();
+    let host1 = d.host().user(user("u1")).connect().await.expect("host");
+    let left = launch(&host1, "wxorphan00000001", V2).await;
+    let used = launch(&host1, "wxorphan00000002", V2).await;
+    let r_left = d.renderer(&left.launch_token).await;
+    r_left.call(v1::GetNickNameRequest {}).await.expect("served");
+    r_left.close().await;
+    let r_used = d.renderer(&used.launch_token).await;
+    r_used.call(v1::GetNickNameRequest {}).await.expect("served");
+    let left_instance = broker.registry.get(&left.instance_id).unwrap();
+    until("the renderer's stream closed", || left_instance.streams() == 0).await;
+    drop(left_instance);
+    host1.disconnect();
+    until("the host is gone", || broker.host.current().is_none()).await;
+    // A new host's own instance has its host; nobody uses it, and that is fine.
+    let host2 = d.host().user(user("u1")).connect().await.expect("a new host");
+    let fresh = launch(&host2, "wxorphan00000003", V2).await;
+
+    // Past the idle time, the orphan without renderers is closed.
+    d.clock.advance_ms(1_500);
+    until("the idle orphan is closed", || broker.registry.get(&left.instance_id).is_none()).await;
+    assert!(broker.registry.get(&used.instance_id).is_some(), "an orphan with a renderer stream is kept");
+    assert!(broker.registry.get(&fresh.instance_id).is_some(), "an instance whose host is connected is kept");
+    let stale = d.renderer(&left.launch_token).await;
+    let refused = stale.call_unary(v1::GetNickNameRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    r_used.call(v1::GetNickNameRequest {}).await.expect("the kept orphan's renderer is served");
+
+    // Its renderer leaves too: idle from then on, closed after the idle time.
+    r_used.close().await;
+    let used_instance = broker.registry.get(&used.instance_id).unwrap();
+    until("the stream closed", || used_instance.streams() == 0).await;
+    drop(used_instance);
+    d.clock.advance_ms(1_500);
+    until("the second orphan is closed", || broker.registry.get(&used.instance_id).is_none()).await;
+    assert!(broker.registry.get(&fresh.instance_id).is_some());
 }

@@ -57,8 +57,24 @@ pub struct LimitsConfig {
     pub burst_per_app: u32,
     /// Renderer streams (`OpenApi.Session`) open at once, over all apps.
     pub max_renderer_streams: u32,
+    /// Renderer streams open at once for one app id (all its instances), so one app cannot take
+    /// all of `max_renderer_streams`.
+    pub max_renderer_streams_per_app: u32,
+    /// Renderer streams open at once for one app instance.
+    pub max_renderer_streams_per_instance: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
+    /// Connections attributed to one app id at once (a connection belongs to the app whose launch
+    /// token or secret it first presents; see docs/reliability.md).
+    pub max_connections_per_app: u32,
+    /// Connections attributed to one app instance at once.
+    pub max_connections_per_instance: u32,
+    /// A connection that has presented no valid token (launch token, host token, app secret)
+    /// this long after it was accepted is closed.
+    pub auth_timeout_ms: u64,
+    /// An app instance whose host has disconnected, with no renderer stream open and no call in
+    /// flight, is closed after this many seconds.
+    pub orphan_idle_secs: u64,
 }
 
 /// The embedded platform's session rules.
@@ -69,6 +85,8 @@ pub struct SessionConfig {
     pub lifetime_secs: u64,
     /// How long a one-time code may wait to be exchanged (the design fixes 5 minutes).
     pub code_ttl_secs: u64,
+    /// Outstanding one-time codes per (app, user); issuing one more drops the oldest.
+    pub max_codes_per_user: u32,
 }
 
 /// The embedded database.
@@ -158,14 +176,20 @@ impl Default for LimitsConfig {
             calls_per_second_per_app: 2_000,
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
+            max_renderer_streams_per_app: 1_000,
+            max_renderer_streams_per_instance: 100,
             max_connections: 10_240,
+            max_connections_per_app: 1_000,
+            max_connections_per_instance: 100,
+            auth_timeout_ms: 10_000,
+            orphan_idle_secs: 600,
         }
     }
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300 }
+        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100 }
     }
 }
 
@@ -206,11 +230,18 @@ impl Config {
         if self.limits.max_calls_in_flight_per_instance == 0
             || self.limits.calls_per_second_per_app == 0
             || self.limits.max_renderer_streams == 0
+            || self.limits.max_renderer_streams_per_app == 0
+            || self.limits.max_renderer_streams_per_instance == 0
             || self.limits.max_connections == 0
+            || self.limits.max_connections_per_app == 0
+            || self.limits.max_connections_per_instance == 0
+            || self.limits.auth_timeout_ms == 0
+            || self.limits.orphan_idle_secs == 0
         {
             return Err("limits must be above 0".into());
         }
-        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 {
+        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 || self.sessions.max_codes_per_user == 0
+        {
             return Err("sessions.* must be above 0".into());
         }
         // Upper bounds keep the millisecond arithmetic (and the u32 deadline a host sees) exact.
@@ -218,9 +249,15 @@ impl Config {
         if self.sessions.lifetime_secs > TEN_YEARS_SECS || self.sessions.code_ttl_secs > TEN_YEARS_SECS {
             return Err("sessions.* must be at most ten years".into());
         }
+        if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
+            return Err("limits.orphan_idle_secs must be at most ten years".into());
+        }
         const DAY_MS: u64 = 24 * 3600 * 1000;
         if self.host.call_timeout_ms > DAY_MS || self.host.grace_ms > DAY_MS || self.host.hello_timeout_ms > DAY_MS {
             return Err("host.*_ms must be at most one day (86400000)".into());
+        }
+        if self.limits.auth_timeout_ms > DAY_MS {
+            return Err("limits.auth_timeout_ms must be at most one day (86400000)".into());
         }
         Ok(())
     }
@@ -301,27 +338,42 @@ mod tests {
                 token_file,
             },
         );
-        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32..).prop_map(
-            |(
-                max_message_bytes,
-                max_calls_in_flight_per_instance,
-                calls_per_second_per_app,
-                burst_per_app,
-                max_renderer_streams,
-                max_connections,
-            )| {
-                LimitsConfig {
-                    max_message_bytes,
-                    max_calls_in_flight_per_instance,
-                    calls_per_second_per_app,
-                    burst_per_app,
-                    max_renderer_streams,
-                    max_connections,
-                }
+        let limits = (
+            (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>()),
+            (1u32.., 1u32.., 1u32..),
+            (1u32.., 1u32.., 1u32..),
+            (1u64..=DAY_MS, 1u64..315_000_000),
+        )
+            .prop_map(
+                |(
+                    (max_message_bytes, max_calls_in_flight_per_instance, calls_per_second_per_app, burst_per_app),
+                    (max_renderer_streams, max_renderer_streams_per_app, max_renderer_streams_per_instance),
+                    (max_connections, max_connections_per_app, max_connections_per_instance),
+                    (auth_timeout_ms, orphan_idle_secs),
+                )| {
+                    LimitsConfig {
+                        max_message_bytes,
+                        max_calls_in_flight_per_instance,
+                        calls_per_second_per_app,
+                        burst_per_app,
+                        max_renderer_streams,
+                        max_renderer_streams_per_app,
+                        max_renderer_streams_per_instance,
+                        max_connections,
+                        max_connections_per_app,
+                        max_connections_per_instance,
+                        auth_timeout_ms,
+                        orphan_idle_secs,
+                    }
+                },
+            );
+        let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32..).prop_map(
+            |(lifetime_secs, code_ttl_secs, max_codes_per_user)| SessionConfig {
+                lifetime_secs,
+                code_ttl_secs,
+                max_codes_per_user,
             },
         );
-        let sessions = (1u64..315_000_000, 1u64..315_000_000)
-            .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
             .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
@@ -379,6 +431,13 @@ mod tests {
             ("limits", "burst_per_app"),
             ("limits", "max_renderer_streams"),
             ("limits", "max_connections"),
+            ("limits", "max_renderer_streams_per_app"),
+            ("limits", "max_renderer_streams_per_instance"),
+            ("limits", "max_connections_per_app"),
+            ("limits", "max_connections_per_instance"),
+            ("limits", "auth_timeout_ms"),
+            ("limits", "orphan_idle_secs"),
+            ("sessions", "max_codes_per_user"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("store", "synchronous"),

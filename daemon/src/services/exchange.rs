@@ -24,8 +24,10 @@ impl ExchangeService {
         ExchangeService { broker }
     }
 
-    async fn redeem(&self, r: v1::RedeemCodeRequest, kind: ValueKind) -> Result<String, Status> {
+    async fn redeem(&self, r: Request<v1::RedeemCodeRequest>, kind: ValueKind) -> Result<String, Status> {
+        let (extensions, r) = (r.extensions().clone(), r.into_inner());
         let outcome = self.broker.platform.redeem_value(&r.app_id, &r.secret, &r.code, kind).await;
+        prove_if_authentic(&extensions, &outcome);
         log_outcome(&r.app_id, if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" }, &outcome);
         outcome.map_err(to_status)
     }
@@ -35,6 +37,17 @@ fn log_outcome<T>(app_id: &str, exchange: &'static str, outcome: &Result<T, Exch
     match outcome {
         Ok(_) => info!(app_id, exchange, "code exchanged"),
         Err(e) => info!(app_id, exchange, errcode = e.errcode(), "code exchange refused"),
+    }
+}
+
+/// An app secret that checked out proves the backend's connection (see `services::gate`).
+fn prove_if_authentic<T>(extensions: &tonic::Extensions, outcome: &Result<T, ExchangeFailure>) {
+    let unproven = matches!(
+        outcome,
+        Err(ExchangeFailure::InvalidAppId | ExchangeFailure::InvalidSecret | ExchangeFailure::Malformed(_))
+    );
+    if !unproven {
+        super::gate::prove_backend(extensions);
     }
 }
 
@@ -58,8 +71,9 @@ impl Exchange for ExchangeService {
         &self,
         r: Request<v1::Code2SessionRequest>,
     ) -> Result<Response<v1::Code2SessionResponse>, Status> {
-        let r = r.into_inner();
+        let (extensions, r) = (r.extensions().clone(), r.into_inner());
         let outcome = self.broker.platform.code2session(&r.app_id, &r.secret, &r.code).await;
+        prove_if_authentic(&extensions, &outcome);
         log_outcome(&r.app_id, "code2Session", &outcome);
         outcome.map(Response::new).map_err(to_status)
     }
@@ -68,12 +82,12 @@ impl Exchange for ExchangeService {
         &self,
         r: Request<v1::RedeemCodeRequest>,
     ) -> Result<Response<v1::PhoneNumberResponse>, Status> {
-        let phone_number = self.redeem(r.into_inner(), ValueKind::PhoneNumber).await?;
+        let phone_number = self.redeem(r, ValueKind::PhoneNumber).await?;
         Ok(Response::new(v1::PhoneNumberResponse { phone_number }))
     }
 
     async fn get_email(&self, r: Request<v1::RedeemCodeRequest>) -> Result<Response<v1::EmailResponse>, Status> {
-        let email = self.redeem(r.into_inner(), ValueKind::Email).await?;
+        let email = self.redeem(r, ValueKind::Email).await?;
         Ok(Response::new(v1::EmailResponse { email }))
     }
 }
