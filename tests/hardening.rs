@@ -167,7 +167,8 @@ async fn a_socket_dir_of_another_uid_or_writable_by_others_is_refused() {
     let dir = temp();
     let data = dir.path().join("data");
     // (what, prepare the socket dir, what the refusal names)
-    let cases: [(&str, fn(&Path), &str); 3] = [
+    type Prepare = fn(&Path);
+    let cases: [(&str, Prepare, &str); 3] = [
         ("owned by nobody", |d| chown(d, NOBODY), "is owned by uid 65534"),
         ("group-writable", |d| chmod(d, 0o770), "is writable by group or others"),
         ("world-writable", |d| chmod(d, 0o777), "is writable by group or others"),
@@ -453,7 +454,7 @@ async fn clients_refuse_a_server_of_another_uid_before_sending_a_token() {
     assert!(stderr.contains(&format!("the server at {address} {expected}")), "status stderr: {stderr}");
 
     // The library's raw connection refuses too.
-    let e = connect::local_stream(&address).await.err().expect("refused");
+    let Err(e) = connect::local_stream(&address).await else { panic!("the raw connection was not refused") };
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
 
     let counts = squatter.received().await;
