@@ -282,6 +282,7 @@ fn close_idle_orphans(broker: &Broker, idle: Duration) {
 
 /// Descriptors the daemon needs besides its connections: the listener, the store's files, the
 /// runtime's, standard streams and a margin.
+#[cfg(unix)]
 const FD_RESERVE: u64 = 64;
 
 /// Raises the open-file soft limit to what `max_connections` needs (one descriptor each, plus
