@@ -98,8 +98,7 @@ async fn exchange_attempts_are_rate_limited_per_app_with_errcode_45011() {
     assert_eq!(errcode(&refused).1, 45011);
 
     // Another app's backend is unaffected.
-    let other =
-        v1::Code2SessionRequest { app_id: "wxbystander00001".into(), secret: secret_b, code: "nope".into() };
+    let other = v1::Code2SessionRequest { app_id: "wxbystander00001".into(), secret: secret_b, code: "nope".into() };
     assert_eq!(errcode(&exchange.code2_session(other).await.unwrap_err()).1, 40029);
 }
 
@@ -121,6 +120,9 @@ async fn refused_exchanges_log_no_unvalidated_input() {
         within("code2Session", exchange.code2_session(request)).await.unwrap_err();
     }
     let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert!(text.contains("exchange refused") || text.contains("code exchange refused"), "refusals are logged:\n{text}");
+    assert!(
+        text.contains("exchange refused") || text.contains("code exchange refused"),
+        "refusals are logged:\n{text}"
+    );
     assert!(!text.contains("7d1f"), "unvalidated input reached the log:\n{text}");
 }

@@ -144,6 +144,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         config.apps.clone(),
         config.sessions.code_ttl_secs,
         config.sessions.lifetime_secs,
+        RateLimits::exchanges(&config.limits),
     )?);
 
     let listener = match transport::systemd_listener()? {
@@ -198,7 +199,7 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
     let host = HostServer::new(services::host::HostService::new(broker.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let exchange = ExchangeServer::new(services::exchange::ExchangeService::new(broker.clone()))
+    let exchange = ExchangeServer::new(services::exchange::ExchangeService::new(broker.platform.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let admin = AdminServer::new(services::admin::AdminService::new(broker.clone()))
