@@ -96,7 +96,10 @@ fn fields(pairs: impl IntoIterator<Item = (&'static str, Value)>) -> Map<String,
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-pub(super) async fn jscode2session(State(s): State<Shared>, q: Result<Query<SessionQuery>, QueryRejection>) -> Response {
+pub(super) async fn jscode2session(
+    State(s): State<Shared>,
+    q: Result<Query<SessionQuery>, QueryRejection>,
+) -> Response {
     let outcome: Outcome = async {
         let q = query(q)?;
         require(q.grant_type == "authorization_code", "grant_type must be authorization_code")?;
@@ -254,9 +257,15 @@ mod tests {
     #[test]
     fn phone_numbers_split_into_wechat_forms() {
         let p = PhoneInfo::parse("+86 138 0013 8000");
-        assert_eq!((p.phone_number.as_str(), p.pure.as_str(), p.country_code.as_str()), ("13800138000", "13800138000", "86"));
+        assert_eq!(
+            (p.phone_number.as_str(), p.pure.as_str(), p.country_code.as_str()),
+            ("13800138000", "13800138000", "86")
+        );
         let p = PhoneInfo::parse("+1-415-555-0100");
-        assert_eq!((p.phone_number.as_str(), p.pure.as_str(), p.country_code.as_str()), ("+14155550100", "4155550100", "1"));
+        assert_eq!(
+            (p.phone_number.as_str(), p.pure.as_str(), p.country_code.as_str()),
+            ("+14155550100", "4155550100", "1")
+        );
         let p = PhoneInfo::parse("13800138000");
         assert_eq!(p.country_code, "86");
         assert_eq!(p.pure, "13800138000");

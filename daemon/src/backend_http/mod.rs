@@ -78,7 +78,5 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener.listener, router(platform, clock))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener.listener, router(platform, clock)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
