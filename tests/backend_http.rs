@@ -548,3 +548,62 @@ async fn serve_backend_listen_logs_the_address_and_status_shows_it() {
     assert_eq!((code, body["errcode"].clone()), (200, json!(40001)), "{body}");
     child.kill().await.unwrap();
 }
+
+const WECHATPY_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/backend_wechatpy.py");
+const WECHATPY_INSTALL: &str = "python3 -m pip install -r clients/python/backend-requirements.txt";
+
+/// wechatpy, unmodified from PyPI, runs a backend's login, phone and checksession against the
+/// daemon with only where it connects changed (clients/python/backend_wechatpy.py). Without
+/// python3 or wechatpy this test fails with the install command: it never passes unrun.
+#[tokio::test]
+async fn wechatpy_backend_runs_against_the_daemon() {
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", "import wechatpy; print(wechatpy.__version__)"])
+        .kill_on_drop(true)
+        .output();
+    match within("python3 probe", probe).await {
+        Err(e) => panic!("python3 is not available ({e}); install Python 3, then: {WECHATPY_INSTALL}"),
+        Ok(out) if !out.status.success() => panic!(
+            "wechatpy is not installed; run: {WECHATPY_INSTALL}\n{}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+        ),
+        Ok(_) => {}
+    }
+    let b = Backend::start().await;
+    let base = format!("http://{}", b.daemon.server.backend_http_addr().unwrap());
+    let (login, phone) = (b.login_code().await, b.phone_code().await);
+    let run = tokio::process::Command::new("python3")
+        .arg(WECHATPY_SCRIPT)
+        .args([
+            "--base-url",
+            &base,
+            "--appid",
+            APP,
+            "--secret",
+            &b.secret,
+            "--login-code",
+            &login,
+            "--phone-code",
+            &phone,
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = within("backend_wechatpy.py", run).await.expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "wechatpy backend failed ({}):\n{stdout}\n{stderr}", out.status);
+    let expected = [
+        "ok access token fetched and managed by wechatpy",
+        "ok code_to_session returned openid and session_key",
+        "ok getuserphonenumber purePhoneNumber=13800138000 countryCode=86",
+        "ok checksession accepted the session's signature",
+        "ok a reused login code is refused with 40163",
+        "ok a wrong checksession signature is refused with 87009",
+        "wechatpy backend: all ok",
+    ];
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "stderr:\n{stderr}");
+
+    // The daemon agrees: the login code and the phone code are spent.
+    let reuse = b.http.get(&b.session_path("", &login)).await;
+    assert_wechat_err(&reuse, 40163, "code been used");
+}
