@@ -476,6 +476,17 @@ async fn demo_runs_with_nothing_unexpected() {
             "{version} login line:\n{stdout}"
         );
     }
+    // The app backend's exchange over real HTTP, on the demo daemon's backend HTTP API.
+    for (what, shows) in [
+        ("http GET /sns/jscode2session", "openid=o"),
+        ("http POST getuserphonenumber", "phoneNumber=13800138000"),
+        ("http POST getuseremail", "email=demo-user-1@"),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with("v2") && l.contains(what) && l.contains(shows)),
+            "{what}:\n{stdout}"
+        );
+    }
 }
 
 /// Starts `serve` the way systemd does: a listening socket on fd 3, LISTEN_FDS=1, and LISTEN_PID
