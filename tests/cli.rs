@@ -356,6 +356,8 @@ impl DevHost {
             "{seen:?}"
         );
         assert!(seen.iter().any(|l| l.starts_with(&format!("launched {app_id}: instance "))), "{seen:?}");
+        // This daemon runs without --backend-listen, and the dev-host says how to turn it on.
+        assert!(seen.iter().any(|l| l.starts_with("app backends: ") && l.contains("--backend-listen")), "{seen:?}");
         DevHost { child, lines, launch_token }
     }
 

@@ -539,7 +539,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         }
         None => dev_host::DevHostConfig::default(),
     };
-    let (_, token) = admin(&t).await?;
+    let (mut status_client, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
     let builder = dev_host::builder(&t.address, &token, &profile, printer);
     let stop = wait_for_signal();
@@ -581,6 +581,13 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
             };
             println!("launched {app_id}: instance {} version {version}", launched.instance_id);
             println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
+        }
+        // Where the app's backend points its WeChat library (the daemon's backend HTTP API).
+        match status_client.status(authorized(&token, v1::StatusRequest {})?).await {
+            Ok(s) if !s.get_ref().backend_http.is_empty() => {
+                println!("app backends: set your WeChat library's base URL to http://{}", s.get_ref().backend_http)
+            }
+            _ => println!("app backends: the daemon's backend HTTP API is off (serve --backend-listen 127.0.0.1:8088)"),
         }
         println!("answering delegate calls; Ctrl-C to stop");
         tokio::select! {
