@@ -159,6 +159,16 @@ impl Backend {
         )
     }
 
+    /// A login of the app without a union group, exchanged over HTTP.
+    async fn plain_session(&self) -> Value {
+        let code = within("login", self.plain.call(v1::LoginRequest::default())).await.expect("login").code;
+        let path = format!(
+            "/sns/jscode2session?appid={PLAIN}&secret={}&js_code={code}&grant_type=authorization_code",
+            self.plain_secret
+        );
+        self.http.get(&path).await
+    }
+
     async fn token(&self) -> String {
         let body = self
             .http
@@ -184,14 +194,7 @@ async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() 
     let mut admin = AdminClient::new(connect::channel(&b.daemon.address()).await.unwrap());
     let sessions = admin.list_sessions(b.host.authorize(v1::ListSessionsRequest { app_id: APP.into() })).await.unwrap();
     assert_eq!(sessions.into_inner().sessions[0].openid, openid);
-    let plain_code = within("login", b.plain.call(v1::LoginRequest::default())).await.unwrap().code;
-    let plain = b
-        .http
-        .get(&format!(
-            "/sns/jscode2session?appid={PLAIN}&secret={}&js_code={plain_code}&grant_type=authorization_code",
-            b.plain_secret
-        ))
-        .await;
+    let plain = b.plain_session().await;
     assert!(plain.get("unionid").is_none() && plain["openid"].as_str().unwrap() != openid, "{plain}");
 
     // Every refusal: reused, unknown, another app's code, wrong secret, unknown app, malformed.
@@ -261,14 +264,7 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
     // Tokens are bound to their app: another app's checksession with this token sees this app's
     // users only (its own user's openid is unknown there).
     let token = first["access_token"].as_str().unwrap();
-    let plain_code = within("login", b.plain.call(v1::LoginRequest::default())).await.unwrap().code;
-    let plain = b
-        .http
-        .get(&format!(
-            "/sns/jscode2session?appid={PLAIN}&secret={}&js_code={plain_code}&grant_type=authorization_code",
-            b.plain_secret
-        ))
-        .await;
+    let plain = b.plain_session().await;
     let check = format!(
         "/wxa/checksession?access_token={token}&openid={}&signature={}&sig_method=hmac_sha256",
         plain["openid"].as_str().unwrap(),
