@@ -603,3 +603,30 @@ async fn wechatpy_backend_runs_against_the_daemon() {
     let reuse = b.http.get(&b.session_path("", &login)).await;
     assert_wechat_err(&reuse, 40163, "code been used");
 }
+
+/// At most `max_connections` at once, and a connection that sends nothing is closed after
+/// `idle_timeout_ms`: two silent clients hold both slots until the daemon closes them, and only
+/// then is the next client answered.
+#[tokio::test]
+async fn silent_connections_are_closed_and_connections_are_capped() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.idle_timeout_ms = 300;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let silent = [
+        tokio::net::TcpStream::connect(address).await.unwrap(),
+        tokio::net::TcpStream::connect(address).await.unwrap(),
+    ];
+    let path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", b.secret);
+    assert!(b.http.get(&path).await["access_token"].is_string());
+    // The answer came through a slot a silent client held: the daemon had closed that one first.
+    let closed = silent.iter().filter(|s| matches!(s.try_read(&mut [0u8; 1]), Ok(0))).count();
+    assert!(closed >= 1, "the third client was answered while both silent connections were open");
+    for mut s in silent {
+        let mut buf = [0u8; 1];
+        let n = within("the daemon closes a silent connection", tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await;
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}

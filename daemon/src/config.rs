@@ -102,18 +102,31 @@ pub struct LogConfig {
 
 /// The backend HTTP API: WeChat's and TCMPP's server-side paths for app backends, served from the
 /// embedded platform. Off unless `listen` is set.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendHttpConfig {
     /// `IP:PORT` to listen on (port 0 picks a free port); unset: no listener.
     pub listen: Option<String>,
     /// Accept a non-loopback `listen` address (plain HTTP: put a TLS proxy in front).
     pub allow_remote: bool,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for BackendHttpConfig {
+    fn default() -> Self {
+        BackendHttpConfig { listen: None, allow_remote: false, max_connections: 256, idle_timeout_ms: 30_000 }
+    }
 }
 
 impl BackendHttpConfig {
     /// The address to bind, if the listener is on; refuses a non-loopback one unless allowed.
     pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.max_connections == 0 || self.idle_timeout_ms == 0 || self.idle_timeout_ms > 86_400_000 {
+            return Err("backend_http.max_connections must be above 0, idle_timeout_ms 1..=86400000".into());
+        }
         let Some(listen) = &self.listen else { return Ok(None) };
         let addr: std::net::SocketAddr = listen
             .parse()
@@ -473,6 +486,8 @@ mod tests {
             ("log", "format"),
             ("backend_http", "listen"),
             ("backend_http", "allow_remote"),
+            ("backend_http", "max_connections"),
+            ("backend_http", "idle_timeout_ms"),
             ("apps.wxa", "union_group"),
             ("apps.wxa", "secret"),
             ("limits", "max_sockets"),

@@ -162,7 +162,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
     )?);
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
-        Some(address) => Some(backend_http::bind(address).await?),
+        Some(address) => Some(backend_http::bind(address, &config.backend_http).await?),
         None => None,
     };
 

@@ -9,14 +9,15 @@
 
 mod answer;
 mod handlers;
+mod listener;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::DefaultBodyLimit, routing};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{clock::Clock, error::StartError, platform::Platform};
+use crate::{clock::Clock, config::BackendHttpConfig, error::StartError, platform::Platform};
 
 pub use answer::Flavor;
 
@@ -33,18 +34,25 @@ struct Shared {
 }
 
 /// A bound, not yet serving, listener.
-#[derive(Debug)]
 pub struct BackendListener {
-    listener: TcpListener,
+    listener: listener::BoundedListener,
     pub address: SocketAddr,
 }
 
-/// Binds `address` (port 0: a free port).
-pub async fn bind(address: SocketAddr) -> Result<BackendListener, StartError> {
+impl std::fmt::Debug for BackendListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendListener").field("address", &self.address).finish_non_exhaustive()
+    }
+}
+
+/// Binds `address` (port 0: a free port) with the config's connection bounds.
+pub async fn bind(address: SocketAddr, config: &BackendHttpConfig) -> Result<BackendListener, StartError> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?;
     let address = listener.local_addr().map_err(|source| StartError::Listen { path: address.to_string(), source })?;
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let listener = listener::BoundedListener::new(listener, config.max_connections as usize, idle);
     Ok(BackendListener { listener, address })
 }
 
