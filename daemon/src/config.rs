@@ -406,13 +406,15 @@ mod tests {
             },
         );
         let backend_http =
-            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>()).prop_map(|(listen, allow_remote)| {
-                BackendHttpConfig {
+            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
+                |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
                     listen: listen
                         .map(|(v6, port)| if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }),
                     allow_remote,
-                }
-            });
+                    max_connections,
+                    idle_timeout_ms,
+                },
+            );
         let sessions = (1u64..315_000_000, 1u64..315_000_000)
             .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
