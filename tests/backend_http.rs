@@ -233,7 +233,7 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
     assert_eq!(first["expires_in"], json!(7200), "{first}");
     let keys: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys, ["access_token", "expires_in"]);
-    let second = b.http.get(&path).await;
+    let second = b.http.get(&format!("{path}&force_refresh=yes")).await;
     assert_ne!(first["access_token"], second["access_token"], "each /cgi-bin/token call issues a fresh token");
 
     // stable_token: the same token until force_refresh.

@@ -31,11 +31,19 @@ pub(super) struct SessionQuery {
     grant_type: String,
 }
 
-/// `GET /cgi-bin/token?grant_type=client_credential&appid=&secret=`, and the body of
-/// `POST /cgi-bin/stable_token` (with `force_refresh`).
+/// `GET /cgi-bin/token?grant_type=client_credential&appid=&secret=`
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub(super) struct TokenParams {
+    grant_type: String,
+    appid: String,
+    secret: String,
+}
+
+/// The body of `POST /cgi-bin/stable_token`: the same, and `force_refresh`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct StableTokenBody {
     grant_type: String,
     appid: String,
     secret: String,
@@ -136,10 +144,10 @@ pub(super) async fn token(State(s): State<Shared>, q: Result<Query<TokenParams>,
 }
 
 pub(super) async fn stable_token(State(s): State<Shared>, b: Result<Bytes, BytesRejection>) -> Response {
-    let outcome = match body::<TokenParams>(b) {
-        Ok(p) => {
-            let force_refresh = p.force_refresh;
-            issue_token(&s, p, TokenRequest::Stable { force_refresh }).await
+    let outcome = match body::<StableTokenBody>(b) {
+        Ok(b) => {
+            let params = TokenParams { grant_type: b.grant_type, appid: b.appid, secret: b.secret };
+            issue_token(&s, params, TokenRequest::Stable { force_refresh: b.force_refresh }).await
         }
         Err(e) => Err(e),
     };
@@ -161,7 +169,7 @@ pub(super) async fn checksession(
     answer(s.flavor, &[], outcome)
 }
 
-/// Redeems a phone or e-mail code with an access token; `value` shapes what it stands for.
+/// Redeems a phone or e-mail code with an access token: the app it is for, and the value.
 async fn redeem(
     s: &Shared,
     q: Result<Query<TokenQuery>, QueryRejection>,
