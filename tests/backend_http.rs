@@ -197,6 +197,12 @@ async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() 
     let plain = b.plain_session().await;
     assert!(plain.get("unionid").is_none() && plain["openid"].as_str().unwrap() != openid, "{plain}");
 
+    // One platform: a code redeemed over HTTP is spent for the gRPC Exchange service too.
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let request = v1::Code2SessionRequest { app_id: APP.into(), secret: b.secret.clone(), code: code.clone() };
+    let status = exchange.code2_session(request).await.unwrap_err();
+    assert_eq!(ExchangeError::decode(status.details()).unwrap().errcode, 40163);
+
     // Every refusal: reused, unknown, another app's code, wrong secret, unknown app, malformed.
     assert_wechat_err(&b.http.get(&b.session_path("", &code)).await, 40163, "code been used");
     assert_wechat_err(&b.http.get(&b.session_path("", "no-such-code")).await, 40029, "invalid code");
