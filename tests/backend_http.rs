@@ -576,17 +576,13 @@ async fn wechatpy_backend_runs_against_the_daemon() {
     let (login, phone) = (b.login_code().await, b.phone_code().await);
     let run = tokio::process::Command::new("python3")
         .arg(WECHATPY_SCRIPT)
+        // `--flag=value`: secrets and codes are base64url and may start with '-'.
         .args([
-            "--base-url",
-            &base,
-            "--appid",
-            APP,
-            "--secret",
-            &b.secret,
-            "--login-code",
-            &login,
-            "--phone-code",
-            &phone,
+            format!("--base-url={base}"),
+            format!("--appid={APP}"),
+            format!("--secret={}", b.secret),
+            format!("--login-code={login}"),
+            format!("--phone-code={phone}"),
         ])
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .kill_on_drop(true)

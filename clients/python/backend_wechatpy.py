@@ -20,8 +20,9 @@ a small subclass points that one method at the same base (calling the library's 
 Each step prints one ``ok ...`` line; the last is ``wechatpy backend: all ok``. A failure prints
 ``FAIL ...`` on stderr and exits 1.
 
-Usage: backend_wechatpy.py --base-url http://127.0.0.1:PORT --appid ID --secret S
-                           --login-code C --phone-code C
+Usage: backend_wechatpy.py --base-url=http://127.0.0.1:PORT --appid=ID --secret=S
+                           --login-code=C --phone-code=C
+(the ``--flag=value`` form, since secrets and codes may start with '-')
 """
 
 import argparse
