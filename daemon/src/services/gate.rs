@@ -110,8 +110,8 @@ fn prove(broker: &Broker, auth: &ConnAuth, headers: &http::HeaderMap) -> Result<
 
 /// An Exchange request's app secret checked out: its connection (an app backend's) is proven. It
 /// is not counted against the app's renderer connections.
-pub(crate) fn prove_backend(extensions: &http::Extensions) {
-    if let Some(conn) = extensions.get::<ConnInfo>() {
+pub(crate) fn prove_backend(connection: Option<ConnInfo>) {
+    if let Some(conn) = connection {
         conn.auth.prove(Vec::new());
     }
 }
