@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     error::ApiError,
     host_link::{Deferred, Expect, HostLink, ReplyPermit, ReplyTo},
-    limits::RateLimits,
+    limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
     store::Store,
@@ -48,6 +48,8 @@ pub struct Broker {
     pub platform: Arc<dyn Platform>,
     pub store: Arc<Store>,
     pub rates: RateLimits,
+    /// Streams and connections held per app and instance.
+    pub occupancy: Occupancy,
     pub payments: api::payments::InFlight,
     pub clock: Arc<dyn Clock>,
     pub host_token: HostToken,
@@ -55,6 +57,8 @@ pub struct Broker {
     pub started: Instant,
     pub shutdown: CancellationToken,
     pub listen_address: String,
+    /// The backend HTTP API's bound address, when its listener is on.
+    pub backend_http: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -97,6 +101,7 @@ impl Broker {
             }
             Err(request) => self.resolve_and_handle(instance, request, slot).await,
         };
+        instance.touch(self.clock.now_ms());
         log_answer(started, instance, api, version, &result);
         result
     }

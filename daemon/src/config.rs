@@ -25,6 +25,7 @@ pub struct Config {
     pub sessions: SessionConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub backend_http: BackendHttpConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -63,8 +64,28 @@ pub struct LimitsConfig {
     pub burst_per_app: u32,
     /// Renderer streams (`OpenApi.Session`) open at once, over all apps.
     pub max_renderer_streams: u32,
+    /// Renderer streams open at once for one app id (all its instances), so one app cannot take
+    /// all of `max_renderer_streams`.
+    pub max_renderer_streams_per_app: u32,
+    /// Renderer streams open at once for one app instance.
+    pub max_renderer_streams_per_instance: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
+    /// Connections attributed to one app id at once (a connection belongs to the app whose launch
+    /// token or secret it first presents; see docs/reliability.md).
+    pub max_connections_per_app: u32,
+    /// Connections attributed to one app instance at once.
+    pub max_connections_per_instance: u32,
+    /// A connection that has presented no valid token (launch token, host token, app secret)
+    /// this long after it was accepted is closed.
+    pub auth_timeout_ms: u64,
+    /// An app instance whose host has disconnected, with no renderer stream open and no call in
+    /// flight, is closed after this many seconds.
+    pub orphan_idle_secs: u64,
+    /// Exchange attempts (gRPC `Exchange` and the backend HTTP API together) per minute per app.
+    pub exchanges_per_minute_per_app: u32,
+    /// Burst of exchange attempts above that rate.
+    pub exchange_burst_per_app: u32,
 }
 
 /// The embedded platform's session rules.
@@ -75,6 +96,8 @@ pub struct SessionConfig {
     pub lifetime_secs: u64,
     /// How long a one-time code may wait to be exchanged (the design fixes 5 minutes).
     pub code_ttl_secs: u64,
+    /// Outstanding one-time codes per (app, user); issuing one more drops the oldest.
+    pub max_codes_per_user: u32,
 }
 
 /// The embedded database.
@@ -93,6 +116,47 @@ pub struct LogConfig {
     pub filter: String,
     /// `"text"` or `"json"`.
     pub format: String,
+}
+
+/// The backend HTTP API: WeChat's and TCMPP's server-side paths for app backends, served from the
+/// embedded platform. Off unless `listen` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendHttpConfig {
+    /// `IP:PORT` to listen on (port 0 picks a free port); unset: no listener.
+    pub listen: Option<String>,
+    /// Accept a non-loopback `listen` address (plain HTTP: put a TLS proxy in front).
+    pub allow_remote: bool,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for BackendHttpConfig {
+    fn default() -> Self {
+        BackendHttpConfig { listen: None, allow_remote: false, max_connections: 256, idle_timeout_ms: 30_000 }
+    }
+}
+
+impl BackendHttpConfig {
+    /// The address to bind, if the listener is on; refuses a non-loopback one unless allowed.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.max_connections == 0 || self.idle_timeout_ms == 0 || self.idle_timeout_ms > 86_400_000 {
+            return Err("backend_http.max_connections must be above 0, idle_timeout_ms 1..=86400000".into());
+        }
+        let Some(listen) = &self.listen else { return Ok(None) };
+        let addr: std::net::SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("backend_http.listen must be IP:PORT (such as 127.0.0.1:8088), not {listen:?}"))?;
+        if !addr.ip().is_loopback() && !self.allow_remote {
+            return Err(format!(
+                "backend_http.listen {addr} is not a loopback address; set backend_http.allow_remote = true \
+                 to serve other machines (and put TLS in front)"
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 /// One app's settings.
@@ -120,10 +184,11 @@ fn user_dir(xdg_var: &str, home_default: &str, windows_var: &str) -> Option<Path
     base.map(|b| b.join("miniapp-broker"))
 }
 
-/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`.
-pub fn default_data_dir() -> PathBuf {
+/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`. `None`
+/// when the environment names no per-user directory: the daemon then refuses to start rather than
+/// put its secrets in a shared directory such as `/tmp`.
+pub fn default_data_dir() -> Option<PathBuf> {
     user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA")
-        .unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
 }
 
 /// Where `serve` and the operator commands look for a config file when none is named:
@@ -144,6 +209,7 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            backend_http: BackendHttpConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -170,14 +236,22 @@ impl Default for LimitsConfig {
             calls_per_second_per_app: 2_000,
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
+            max_renderer_streams_per_app: 1_000,
+            max_renderer_streams_per_instance: 100,
             max_connections: 10_240,
+            max_connections_per_app: 1_000,
+            max_connections_per_instance: 100,
+            auth_timeout_ms: 10_000,
+            orphan_idle_secs: 600,
+            exchanges_per_minute_per_app: 600,
+            exchange_burst_per_app: 100,
         }
     }
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300 }
+        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100 }
     }
 }
 
@@ -218,17 +292,29 @@ impl Config {
         if self.limits.max_calls_in_flight_per_instance == 0
             || self.limits.calls_per_second_per_app == 0
             || self.limits.max_renderer_streams == 0
+            || self.limits.max_renderer_streams_per_app == 0
+            || self.limits.max_renderer_streams_per_instance == 0
             || self.limits.max_connections == 0
+            || self.limits.max_connections_per_app == 0
+            || self.limits.max_connections_per_instance == 0
+            || self.limits.auth_timeout_ms == 0
+            || self.limits.orphan_idle_secs == 0
+            || self.limits.exchanges_per_minute_per_app == 0
+            || self.limits.exchange_burst_per_app == 0
         {
             return Err("limits must be above 0".into());
         }
-        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 {
+        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 || self.sessions.max_codes_per_user == 0
+        {
             return Err("sessions.* must be above 0".into());
         }
         // Upper bounds keep the millisecond arithmetic (and the u32 deadline a host sees) exact.
         const TEN_YEARS_SECS: u64 = 10 * 366 * 24 * 3600;
         if self.sessions.lifetime_secs > TEN_YEARS_SECS || self.sessions.code_ttl_secs > TEN_YEARS_SECS {
             return Err("sessions.* must be at most ten years".into());
+        }
+        if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
+            return Err("limits.orphan_idle_secs must be at most ten years".into());
         }
         const DAY_MS: u64 = 24 * 3600 * 1000;
         if self.host.call_timeout_ms > DAY_MS
@@ -238,6 +324,10 @@ impl Config {
         {
             return Err("host.*_ms must be at most one day (86400000)".into());
         }
+        if self.limits.auth_timeout_ms > DAY_MS {
+            return Err("limits.auth_timeout_ms must be at most one day (86400000)".into());
+        }
+        self.backend_http.address()?;
         Ok(())
     }
 
@@ -278,6 +368,7 @@ mod tests {
         all.socket = Some("/s".into());
         all.data_dir = Some("/d".into());
         all.host.token_file = Some("/t".into());
+        all.backend_http.listen = Some("127.0.0.1:0".into());
         all.apps.insert("x".into(), AppConfig { union_group: Some("g".into()), secret: Some("s".into()) });
         let toml::Value::Table(table) = toml::Value::try_from(&all).unwrap() else { panic!("a table") };
         let mut keys = Vec::new();
@@ -304,6 +395,12 @@ mod tests {
         assert!(Config::from_toml("").is_ok());
         assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"localhost\"").is_err());
+        let remote = Config::from_toml("[backend_http]\nlisten = \"0.0.0.0:8088\"").unwrap_err();
+        assert!(remote.contains("allow_remote"), "{remote}");
+        assert!(Config::from_toml("[backend_http]\nlisten = \"0.0.0.0:8088\"\nallow_remote = true").is_ok());
     }
 
     fn path() -> impl Strategy<Value = Option<PathBuf>> {
@@ -323,27 +420,56 @@ mod tests {
                 token_file,
             },
         );
-        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32..).prop_map(
-            |(
-                max_message_bytes,
-                max_calls_in_flight_per_instance,
-                calls_per_second_per_app,
-                burst_per_app,
-                max_renderer_streams,
-                max_connections,
-            )| {
-                LimitsConfig {
-                    max_message_bytes,
-                    max_calls_in_flight_per_instance,
-                    calls_per_second_per_app,
-                    burst_per_app,
-                    max_renderer_streams,
+        let limits = (
+            (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>()),
+            (1u32.., 1u32.., 1u32..),
+            (1u32.., 1u32.., 1u32..),
+            (1u64..=DAY_MS, 1u64..315_000_000),
+            (1u32.., 1u32..),
+        )
+            .prop_map(
+                |(
+                    (max_message_bytes, max_calls_in_flight_per_instance, calls_per_second_per_app, burst_per_app),
+                    (max_renderer_streams, max_renderer_streams_per_app, max_renderer_streams_per_instance),
+                    (max_connections, max_connections_per_app, max_connections_per_instance),
+                    (auth_timeout_ms, orphan_idle_secs),
+                    (exchanges_per_minute_per_app, exchange_burst_per_app),
+                )| {
+                    LimitsConfig {
+                        max_message_bytes,
+                        max_calls_in_flight_per_instance,
+                        calls_per_second_per_app,
+                        burst_per_app,
+                        max_renderer_streams,
+                        max_renderer_streams_per_app,
+                        max_renderer_streams_per_instance,
+                        max_connections,
+                        max_connections_per_app,
+                        max_connections_per_instance,
+                        auth_timeout_ms,
+                        orphan_idle_secs,
+                        exchanges_per_minute_per_app,
+                        exchange_burst_per_app,
+                    }
+                },
+            );
+        let backend_http =
+            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
+                |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
+                    listen: listen
+                        .map(|(v6, port)| if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }),
+                    allow_remote,
                     max_connections,
-                }
+                    idle_timeout_ms,
+                },
+            );
+        let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32..).prop_map(
+            |(lifetime_secs, code_ttl_secs, max_codes_per_user)| SessionConfig {
+                lifetime_secs,
+                code_ttl_secs,
+                max_codes_per_user,
             },
         );
-        let sessions = (1u64..315_000_000, 1u64..315_000_000)
-            .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
             .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
@@ -359,6 +485,7 @@ mod tests {
             prop_oneof![Just("normal"), Just("full")],
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
+            backend_http,
         )
             .prop_map(
                 |(
@@ -369,6 +496,7 @@ mod tests {
                     synchronous,
                     (filter, format),
                     apps,
+                    backend_http,
                 )| Config {
                     socket,
                     data_dir,
@@ -379,6 +507,7 @@ mod tests {
                     sessions,
                     store: StoreConfig { synchronous: synchronous.into() },
                     log: LogConfig { filter, format: format.into() },
+                    backend_http,
                     apps,
                 },
             )
@@ -403,11 +532,24 @@ mod tests {
             ("limits", "burst_per_app"),
             ("limits", "max_renderer_streams"),
             ("limits", "max_connections"),
+            ("limits", "max_renderer_streams_per_app"),
+            ("limits", "max_renderer_streams_per_instance"),
+            ("limits", "max_connections_per_app"),
+            ("limits", "max_connections_per_instance"),
+            ("limits", "auth_timeout_ms"),
+            ("limits", "orphan_idle_secs"),
+            ("sessions", "max_codes_per_user"),
+            ("limits", "exchanges_per_minute_per_app"),
+            ("limits", "exchange_burst_per_app"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("store", "synchronous"),
             ("log", "filter"),
             ("log", "format"),
+            ("backend_http", "listen"),
+            ("backend_http", "allow_remote"),
+            ("backend_http", "max_connections"),
+            ("backend_http", "idle_timeout_ms"),
             ("apps.wxa", "union_group"),
             ("apps.wxa", "secret"),
             ("limits", "max_sockets"),
@@ -425,7 +567,9 @@ mod tests {
                 Just("full"),
                 Just("off"),
                 Just("text"),
-                Just("json")
+                Just("json"),
+                Just("127.0.0.1:0"),
+                Just("0.0.0.0:8088")
             ]
             .prop_map(|s| format!("\"{s}\"")),
             ".{0,16}".prop_map(|s| toml::Value::String(s).to_string()),

@@ -103,6 +103,10 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Serve the backend HTTP API (WeChat/TCMPP server paths for app backends) on IP:PORT
+    /// (port 0: a free port; a non-loopback address needs `[backend_http] allow_remote`).
+    #[arg(long, value_name = "ADDR")]
+    backend_listen: Option<String>,
 }
 
 /// How an operator command finds the daemon and its host token.
@@ -204,7 +208,9 @@ fn load_config(path: Option<&Path>) -> Result<Config, BoxError> {
 fn init_logs(config: &Config, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: files, pipes and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json || config.log.format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -224,17 +230,26 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     if let Some(v) = args.default_api_version {
         config.default_api_version = v;
     }
+    if args.backend_listen.is_some() {
+        config.backend_http.listen = args.backend_listen;
+    }
     init_logs(&config, args.log_json);
     let server = miniapp_brokerd::start(config).await?;
     eprintln!("miniapp-brokerd: listening on {}; host token in {}", server.address(), server.token_file().display());
-    notify_ready();
+    if let Some(address) = server.backend_http_addr() {
+        eprintln!("miniapp-brokerd: backend HTTP API at http://{address}");
+    }
 
+    // The handlers are installed before readiness is announced: a SIGTERM right after READY=1
+    // shuts down cleanly instead of killing the process.
+    let signals = signals();
     let stop = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("signal received; shutting down");
         stop.cancel();
     });
+    notify_ready();
     server.wait().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -248,20 +263,31 @@ fn notify_ready() {
 }
 
 async fn wait_for_signal() {
+    signals().await
+}
+
+/// Installs the SIGTERM/SIGINT (Ctrl-C) handlers now; the future resolves on the first signal.
+fn signals() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        async move {
+            let (Ok(mut term), Ok(mut int)) = handlers else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        let ctrl_c = tokio::signal::ctrl_c();
+        async move {
+            let _ = ctrl_c.await;
+        }
     }
 }
 
@@ -284,9 +310,15 @@ fn target(a: &AdminArgs) -> Result<Target, BoxError> {
         .or(config.socket.clone())
         .map(|p| p.display().to_string())
         .unwrap_or_else(connect::default_address);
-    let token_file = a.token_file.clone().or(config.host.token_file.clone()).unwrap_or_else(|| {
-        config.data_dir.clone().unwrap_or_else(miniapp_brokerd::default_data_dir).join("host.token")
-    });
+    let token_file = match a.token_file.clone().or(config.host.token_file.clone()) {
+        Some(file) => file,
+        None => config
+            .data_dir
+            .clone()
+            .or_else(miniapp_brokerd::default_data_dir)
+            .ok_or("no data directory to find the host token in: set XDG_DATA_HOME or HOME, or pass --token-file")?
+            .join("host.token"),
+    };
     Ok(Target { address, token_file })
 }
 
@@ -303,9 +335,11 @@ fn read_token(t: &Target) -> Result<String, BoxError> {
 async fn admin(t: &Target) -> Result<(AdminClient<Channel>, String), BoxError> {
     // Connect first: with no daemon running there is usually no token file either, and "no daemon"
     // is the message that helps.
-    let channel = connect::channel(&t.address)
-        .await
-        .map_err(|_| format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address))?;
+    let channel = connect::channel(&t.address).await.map_err(|e| match connect::foreign_server(&e) {
+        // Not ours: the host token is never sent to it.
+        Some(foreign) => foreign.to_string(),
+        None => format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address),
+    })?;
     // Under socket activation this connection may be what starts the daemon, and the daemon creates
     // the token file as it starts: wait for an answer (health is not token-gated) before reading it.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -382,6 +416,7 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
             "store": s.store, "hostConnected": s.host_connected, "hostName": s.host_name, "hostMethods": s.host_methods,
             "userSignedIn": s.user_signed_in, "defaultApiVersion": s.default_api_version, "apps": s.apps,
             "callsInFlight": s.calls_in_flight, "callsTotal": s.calls_total, "rendererStreams": s.renderer_streams,
+            "backend_http": (!s.backend_http.is_empty()).then_some(&s.backend_http),
             "instances": apps.iter().map(app_json).collect::<Vec<_>>(),
         }));
         return Ok(ExitCode::SUCCESS);
@@ -399,6 +434,11 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
     println!("default version   {}", s.default_api_version);
     println!("calls             {} in flight, {} total", s.calls_in_flight, s.calls_total);
     println!("renderer streams  {}", s.renderer_streams);
+    if s.backend_http.is_empty() {
+        println!("backend HTTP API  off (serve --backend-listen ADDR)");
+    } else {
+        println!("backend HTTP API  http://{}", s.backend_http);
+    }
     println!();
     print_apps(&apps);
     Ok(ExitCode::SUCCESS)
@@ -526,7 +566,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         }
         None => dev_host::DevHostConfig::default(),
     };
-    let (_, token) = admin(&t).await?;
+    let (mut status_client, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
     let builder = dev_host::builder(&t.address, &token, &profile, printer);
     let stop = wait_for_signal();
@@ -568,6 +608,13 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
             };
             println!("launched {app_id}: instance {} version {version}", launched.instance_id);
             println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
+        }
+        // Where the app's backend points its WeChat library (the daemon's backend HTTP API).
+        match status_client.status(authorized(&token, v1::StatusRequest {})?).await {
+            Ok(s) if !s.get_ref().backend_http.is_empty() => {
+                println!("app backends: set your WeChat library's base URL to http://{}", s.get_ref().backend_http)
+            }
+            _ => println!("app backends: the daemon's backend HTTP API is off (serve --backend-listen 127.0.0.1:8088)"),
         }
         println!("answering delegate calls; Ctrl-C to stop");
         tokio::select! {
