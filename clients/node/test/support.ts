@@ -1,0 +1,115 @@
+/**
+ * The test harness: the real `miniapp-brokerd` binary as a child process on a temporary socket,
+ * and `within`, which bounds every wait (no sleeps as synchronisation).
+ */
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+const REPO = path.resolve(__dirname, '..', '..', '..', '..');
+
+let binary: string | undefined;
+
+/**
+ * The daemon binary: `$MINIAPP_BROKERD_BIN` when set, else built from this repository with
+ * `cargo build -p miniapp-brokerd` (a no-op when it is up to date).
+ */
+export function daemonBinary(): string {
+  if (binary) return binary;
+  const fromEnv = process.env.MINIAPP_BROKERD_BIN;
+  if (fromEnv) {
+    if (!fs.existsSync(fromEnv)) throw new Error(`MINIAPP_BROKERD_BIN=${fromEnv} does not exist`);
+    return (binary = fromEnv);
+  }
+  execFileSync('cargo', ['build', '-q', '-p', 'miniapp-brokerd'], { cwd: REPO, stdio: 'inherit' });
+  const targetDir = path.resolve(REPO, process.env.CARGO_TARGET_DIR ?? 'target');
+  return (binary = path.join(targetDir, 'debug', process.platform === 'win32' ? 'miniapp-brokerd.exe' : 'miniapp-brokerd'));
+}
+
+/** Resolves with `promise`, or fails naming `what` after `ms` (default 10 s). */
+export async function within<T>(what: string, promise: Promise<T>, ms = 10_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A promise and the function that resolves it, for waiting on an event in a handler. */
+export function signal<T = void>(): { promise: Promise<T>; resolve: (value: T) => void } {
+  let resolve!: (value: T) => void;
+  const promise = new Promise<T>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+export function tempDir(prefix = 'miniapp-node-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+export interface DaemonOptions {
+  /** The directory for the socket and the data (kept across restarts); default a new temp dir. */
+  dir?: string;
+  ephemeral?: boolean;
+  args?: string[];
+}
+
+/** `miniapp-brokerd serve` as a child process. */
+export class Daemon {
+  readonly socket: string;
+  readonly dataDir: string;
+  readonly tokenFile: string;
+  private stderr = '';
+  private exited: Promise<number | null>;
+
+  private constructor(
+    readonly dir: string,
+    private readonly child: ChildProcess,
+  ) {
+    this.socket = path.join(dir, 'brokerd.sock');
+    this.dataDir = path.join(dir, 'data');
+    this.tokenFile = path.join(this.dataDir, 'host.token');
+    this.exited = new Promise((resolve) => child.on('exit', (code) => resolve(code)));
+  }
+
+  static async start(options: DaemonOptions = {}): Promise<Daemon> {
+    const dir = options.dir ?? tempDir();
+    const env: NodeJS.ProcessEnv = { ...process.env, XDG_CONFIG_HOME: path.join(dir, 'config'), RUST_LOG: 'warn' };
+    delete env.MINIAPP_BROKERD_CONFIG;
+    const args = ['serve', '--socket', path.join(dir, 'brokerd.sock'), '--data-dir', path.join(dir, 'data')];
+    if (options.ephemeral !== false) args.push('--ephemeral');
+    const child = spawn(daemonBinary(), [...args, ...(options.args ?? [])], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    const daemon = new Daemon(dir, child);
+    const ready = new Promise<void>((resolve, reject) => {
+      child.stderr!.setEncoding('utf8');
+      child.stderr!.on('data', (chunk: string) => {
+        daemon.stderr += chunk;
+        if (daemon.stderr.includes('listening on')) resolve();
+      });
+      child.on('exit', (code) => reject(new Error(`the daemon exited (${code}) before listening:\n${daemon.stderr}`)));
+      child.on('error', reject);
+    });
+    await within('the daemon to listen', ready);
+    return daemon;
+  }
+
+  /** Stops the daemon (SIGTERM: graceful; SIGKILL: a crash) and waits for it to exit. */
+  async stop(sig: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(sig);
+    await within('the daemon to exit', this.exited);
+  }
+
+  /** Stops the daemon and removes its directory. */
+  async dispose(): Promise<void> {
+    await this.stop();
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  get log(): string {
+    return this.stderr;
+  }
+}
