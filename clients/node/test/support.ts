@@ -6,6 +6,7 @@ import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as net from 'node:net';
 
 const REPO = path.resolve(__dirname, '..', '..', '..', '..');
 
@@ -111,5 +112,79 @@ export class Daemon {
 
   get log(): string {
     return this.stderr;
+  }
+}
+
+/**
+ * A Unix-socket proxy between a client and the daemon, standing in for a connection that breaks:
+ * it can refuse connections, swallow what the daemon sends (while telling which HTTP/2 frames it
+ * swallowed), and cut every connection.
+ */
+export class SocketProxy {
+  readonly path: string;
+  private readonly server: net.Server;
+  private readonly pairs = new Set<{ client: net.Socket; upstream: net.Socket }>();
+  /** Connections to refuse (closed at once) before forwarding again. */
+  refuse = 0;
+  refused = 0;
+  /** While set, bytes from the daemon are dropped; the hook hears the type of each dropped frame. */
+  swallow: ((frameType: number) => void) | undefined;
+
+  constructor(
+    private readonly upstream: string,
+    dir: string,
+  ) {
+    this.path = path.join(dir, 'proxy.sock');
+    this.server = net.createServer((client) => {
+      if (this.refused < this.refuse) {
+        this.refused++;
+        client.destroy();
+        return;
+      }
+      const upstream = net.connect(this.upstream);
+      const pair = { client, upstream };
+      this.pairs.add(pair);
+      let pending = Buffer.alloc(0);
+      upstream.on('data', (chunk: Buffer) => {
+        // Split the daemon's bytes into HTTP/2 frames (9-byte header: length, type, flags, stream).
+        pending = Buffer.concat([pending, chunk]);
+        while (pending.length >= 9) {
+          const length = pending.readUIntBE(0, 3);
+          if (pending.length < 9 + length) break;
+          const frame = pending.subarray(0, 9 + length);
+          pending = pending.subarray(9 + length);
+          if (this.swallow) this.swallow(frame[3]);
+          else client.write(frame);
+        }
+      });
+      client.on('data', (chunk: Buffer) => upstream.write(chunk));
+      const end = () => {
+        this.pairs.delete(pair);
+        client.destroy();
+        upstream.destroy();
+      };
+      client.on('close', end);
+      upstream.on('close', end);
+      client.on('error', end);
+      upstream.on('error', end);
+    });
+  }
+
+  listen(): Promise<void> {
+    return new Promise((resolve) => this.server.listen(this.path, resolve));
+  }
+
+  /** Breaks every open connection, as a network blip would. */
+  cut(): void {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy();
+      upstream.destroy();
+    }
+    this.pairs.clear();
+  }
+
+  close(): Promise<void> {
+    this.cut();
+    return new Promise((resolve) => this.server.close(() => resolve()));
   }
 }
