@@ -10,7 +10,7 @@ export { Backoff, defaultAddress, target, CHANNEL_OPTIONS } from './connect';
 export { ApiError, HostError, UserCancelled, TRANSPORT_REASON } from './failure';
 export { HostClient, HostConnectError, type HostOptions, type HostHandlers, type ApiHandler, type CallContext, type Relaunched } from './host';
 export { RendererClient, newPaymentKey, LAUNCH_TOKEN_HEADER, type RendererOptions, type InvokeResult } from './renderer';
-export { createWx, WX_APIS, type Wx, type WxApiName, type WxFunction, type WxOptions, type WxResult, type WxInvoker } from './wx';
+export { createWx, WX_APIS, type Wx, type WxApiName, type WxFunction, type WxOptions, type WxResult, type WxInvoker, type WxInvokeResult } from './wx';
 export { v1, PROTO_DIR } from './proto';
 export type { SignedInUser } from './generated/miniapp/broker/v1/SignedInUser';
 export type { UserProfile } from './generated/miniapp/broker/v1/UserProfile';
