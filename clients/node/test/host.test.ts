@@ -172,26 +172,26 @@ test('closing the app cancels the call on the host and fails it for the renderer
   const r = await RendererClient.connect(daemon.socket, launched.launchToken);
   const started = signal<string>();
   const aborted = signal<void>();
-  onPayment = (nonce, sig) => {
+  onProfile = (desc, sig) => {
     sig.addEventListener('abort', () => aborted.resolve());
-    started.resolve(nonce);
+    started.resolve(desc);
     return new Promise(() => {});
   };
   try {
-    const pending = createWx(r).requestPayment(pay('closed')).then(
+    const pending = createWx(r).getUserProfile({ desc: 'closing' }).then(
       () => assert.fail('resolved'),
       (e: WxResult) => e,
     );
-    await within('the host to see the payment', started.promise);
+    assert.equal(await within('the host to see the call', started.promise), 'closing');
     const closed = await host.closeApp(launched.instanceId);
     assert.equal(closed.cancelledCalls, 1);
     const failure = await within('the renderer to hear', pending);
-    assert.deepEqual(failure, { errMsg: 'requestPayment:fail call cancelled: app instance closed', errno: 1007 });
+    assert.deepEqual(failure, { errMsg: 'getUserProfile:fail call cancelled: app instance closed', errno: 1007 });
     await within('CancelCall to reach the AbortSignal', aborted.promise);
     // The token is dead now: a call fails as unauthenticated, without retrying for 10 s.
     await assert.rejects(within('a call on a closed app', r.call('checkSession'), 5000), (e: ApiError) => e.reason === 'unauthenticated');
   } finally {
-    onPayment = async () => ({});
+    onProfile = async () => ({});
     r.close();
   }
 });
