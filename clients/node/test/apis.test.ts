@@ -19,7 +19,7 @@ import {
   type WxResult,
 } from '../src/index';
 import type { ExchangeClient } from '../src/generated/miniapp/broker/v1/Exchange';
-import { Daemon, signal, within } from './support';
+import { Daemon, rejection, signal, within } from './support';
 
 const APP = 'wxnode00000000001';
 const PROFILE = { nickName: 'Ada', avatarUrl: 'https://example.invalid/ada.png', phoneNumber: '+1 555 0100', email: 'ada@example.invalid' };
@@ -231,10 +231,7 @@ test('wx offers every API of the table, and a bad params object fails cleanly', 
     assert.deepEqual(Object.keys(wx), [...WX_APIS]);
     // requestPayment without its signed fields: a fail object, no host call.
     seen.length = 0;
-    const bad = await wx.requestPayment({ timeStamp: 12 }).then(
-      () => assert.fail('resolved'),
-      (e: WxResult) => e,
-    );
+    const bad = await rejection(wx.requestPayment({ timeStamp: 12 }));
     assert.match(bad.errMsg, /^requestPayment:fail /);
     assert.equal(typeof bad.errno, 'number');
     assert.deepEqual(seen, []);

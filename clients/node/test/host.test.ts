@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { ApiError, createWx, HostClient, HostError, RendererClient, UserCancelled, type WxResult } from '../src/index';
-import { Daemon, signal, within } from './support';
+import { Daemon, rejection, signal, within } from './support';
 
 const APP = 'wxnode00000000002';
 const PAY = { timeStamp: '1700000000', package: 'prepay_id=wx1', signType: 'RSA' };
@@ -54,10 +54,7 @@ async function renderer(version = 'v1'): Promise<RendererClient> {
 test('a host error reaches the renderer unchanged (domain, code, message)', async () => {
   const r = await renderer();
   try {
-    const failure = await createWx(r).login().then(
-      () => assert.fail('login resolved'),
-      (e: WxResult) => e,
-    );
+    const failure = await rejection(createWx(r).login());
     assert.deepEqual(failure, {
       errMsg: failure.errMsg,
       errno: -1001,
@@ -81,10 +78,7 @@ test('a user who cancels gives "fail cancel"', async () => {
   try {
     const signData = { mode: 'short_series_goods', offerId: '1450000000', buyQuantity: 1, env: 0, currencyType: 'CNY', productId: 'p', goodsPrice: 600, outTradeNo: 'order-1' };
     const midas = { signData: JSON.stringify(signData), paySig: 'ps', signature: 'sg' };
-    const failure = await createWx(r).requestMidasPaymentGameItem(midas).then(
-      () => assert.fail('resolved'),
-      (e: WxResult) => e,
-    );
+    const failure = await rejection(createWx(r).requestMidasPaymentGameItem(midas));
     assert.equal(failure.errMsg, 'requestMidasPaymentGameItem:fail cancel');
     assert.equal(typeof failure.errno, 'number');
     assert.equal(failure.hostError, undefined);
@@ -97,10 +91,7 @@ test('a user who cancels gives "fail cancel"', async () => {
 test('a handler that throws something else fails without passing its message on', async () => {
   const r = await renderer();
   try {
-    const failure = await createWx(r).getUserInfo().then(
-      () => assert.fail('resolved'),
-      (e: WxResult) => e,
-    );
+    const failure = await rejection(createWx(r).getUserInfo());
     assert.match(failure.errMsg, /^getUserInfo:fail /);
     assert.doesNotMatch(JSON.stringify(failure), /bo@example/);
     assert.equal((failure.hostError as { domain: string }).domain, 'miniapp-broker-client');
@@ -112,10 +103,7 @@ test('a handler that throws something else fails without passing its message on'
 test('a method the host does not implement fails at once', async () => {
   const r = await renderer();
   try {
-    const failure = await createWx(r).chooseAvatar().then(
-      () => assert.fail('resolved'),
-      (e: WxResult) => e,
-    );
+    const failure = await rejection(createWx(r).chooseAvatar());
     assert.equal(failure.errMsg, 'chooseAvatar:fail chooseAvatar not implemented by host');
   } finally {
     r.close();
@@ -178,10 +166,7 @@ test('closing the app cancels the call on the host and fails it for the renderer
     return new Promise(() => {});
   };
   try {
-    const pending = createWx(r).getUserProfile({ desc: 'closing' }).then(
-      () => assert.fail('resolved'),
-      (e: WxResult) => e,
-    );
+    const pending = rejection(createWx(r).getUserProfile({ desc: 'closing' }));
     assert.equal(await within('the host to see the call', started.promise), 'closing');
     const closed = await host.closeApp(launched.instanceId);
     assert.equal(closed.cancelledCalls, 1);

@@ -188,3 +188,13 @@ export class SocketProxy {
     return new Promise((resolve) => this.server.close(() => resolve()));
   }
 }
+
+/** What `promise` rejects with; fails the test if it resolves. */
+export function rejection<T = import('../src/wx').WxResult>(promise: Promise<unknown>): Promise<T> {
+  return promise.then(
+    (value) => {
+      throw new Error(`expected a rejection, got ${JSON.stringify(value)}`);
+    },
+    (e: T) => e,
+  );
+}
