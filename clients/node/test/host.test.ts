@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { ApiError, createWx, HostClient, HostError, RendererClient, UserCancelled, type WxResult } from '../src/index';
-import { Daemon, rejection, signal, within } from './support';
+import { Daemon, rejection, signal, until, within } from './support';
 
 const APP = 'wxnode00000000002';
 const PAY = { timeStamp: '1700000000', package: 'prepay_id=wx1', signType: 'RSA' };
@@ -188,13 +188,10 @@ test('the pushed user changes what the daemon answers (v2)', async () => {
     assert.deepEqual(await wx.getNickName(), { errMsg: 'getNickName:ok', nickName: 'Bo' });
     host.setUser({ uid: 'user-2', profile: { nickName: 'Cy' } });
     // The user message and the next call travel on different streams: wait for it to apply.
-    let nick = '';
-    for (let i = 0; i < 200 && nick !== 'Cy'; i++) nick = String((await wx.getNickName()).nickName);
-    assert.equal(nick, 'Cy');
+    await until('the new user to apply', async () => ((await wx.getNickName()).nickName === 'Cy' ? true : undefined));
     host.setUser({ uid: '' });
-    let signedOut: WxResult | undefined;
-    for (let i = 0; i < 200 && !signedOut; i++) signedOut = await wx.login().then(() => undefined, (e: WxResult) => e);
-    assert.match(signedOut!.errMsg, /^login:fail /);
+    const signedOut = await until('the sign-out to apply', () => wx.login().then(() => undefined, (e: WxResult) => e));
+    assert.match(signedOut.errMsg, /^login:fail /);
   } finally {
     host.setUser({ uid: 'user-1', profile: { nickName: 'Bo' } });
     r.close();

@@ -198,3 +198,13 @@ export function rejection<T = import('../src/wx').WxResult>(promise: Promise<unk
     (e: T) => e,
   );
 }
+
+/** Runs `attempt` (a round trip to the daemon) again until it yields a value, for up to `ms`. */
+export async function until<T>(what: string, attempt: () => Promise<T | undefined>, ms = 10_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await attempt();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${what}`);
+  }
+}
