@@ -5,7 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { ApiError, createWx, HostClient, HostError, RendererClient, UserCancelled, type WxResult } from '../src/index';
+import * as grpc from '@grpc/grpc-js';
+import { ApiError, createWx, HostClient, HostConnectError, HostError, RendererClient, UserCancelled, type WxResult } from '../src/index';
 import { Daemon, rejection, signal, until, within } from './support';
 
 const APP = 'wxnode00000000002';
@@ -194,6 +195,28 @@ test('the pushed user changes what the daemon answers (v2)', async () => {
     assert.match(signedOut.errMsg, /^login:fail /);
   } finally {
     host.setUser({ uid: 'user-1', profile: { nickName: 'Bo' } });
+    r.close();
+  }
+});
+
+test('a wrong host token is refused at once, without retrying for the connect budget', async () => {
+  const started = Date.now();
+  await assert.rejects(
+    within('the refusal', HostClient.connect({ address: daemon.socket, token: 'not-the-token', connectTimeoutMs: 8000 })),
+    (e: HostConnectError) => e instanceof HostConnectError && e.code === grpc.status.UNAUTHENTICATED && !e.retryable,
+  );
+  assert.ok(Date.now() - started < 5000, 'refused without waiting out the budget');
+  assert.equal((await host.status()).hostName, 'node-host-behaviour', 'the connected host is untouched');
+});
+
+test('a wrong launch token fails every surface at once with a clear answer', async () => {
+  const r = new RendererClient(daemon.socket, 'no-such-instance.secret');
+  try {
+    await assert.rejects(within('the stream call', r.call('login'), 5000), (e: ApiError) => e.reason === 'unauthenticated' && e.errMsg.startsWith('login:fail'));
+    const failure = await within('the wx call', rejection(createWx(r).login()), 5000);
+    assert.match(failure.errMsg, /^login:fail /);
+    assert.equal(typeof failure.errno, 'number');
+  } finally {
     r.close();
   }
 });
