@@ -27,5 +27,5 @@ if (!fs.existsSync(env.MINIAPP_BROKERD_BIN)) {
 }
 const dir = path.join(root, 'dist', 'test');
 const files = fs.readdirSync(dir).filter((f) => f.endsWith('.test.js')).sort().map((f) => path.join(dir, f));
-const run = spawnSync(process.execPath, ['--test', '--test-concurrency=1', ...process.argv.slice(2), ...files], { env, stdio: 'inherit' });
+const run = spawnSync(process.execPath, ['--test', ...process.argv.slice(2), ...files], { env, stdio: 'inherit' });
 process.exit(run.status ?? 1);
