@@ -5,6 +5,7 @@
 //! the [`Platform`] trait, so a remote platform can replace the embedded one without touching the
 //! API layer.
 
+pub mod access_tokens;
 pub mod embedded;
 
 use miniapp_broker_proto::v1::{Code2SessionResponse, ExchangeError};
@@ -16,6 +17,65 @@ use crate::error::ApiError;
 pub enum ValueKind {
     PhoneNumber,
     Email,
+}
+
+/// The surface an app backend used: the gRPC `Exchange` service or the backend HTTP API. Every
+/// redemption is recorded with it at one point in the platform (the disclosure ledger's hook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Exchange,
+    BackendHttp,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Exchange => "exchange",
+            Surface::BackendHttp => "backend_http",
+        }
+    }
+}
+
+/// What an app backend proves itself with: the app's secret, or an access token the platform issued
+/// for that secret.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    Secret { app_id: &'a str, secret: &'a str },
+    AccessToken(&'a str),
+}
+
+/// An app backend the platform has authenticated (and counted against the app's rate limit). Only
+/// the platform makes one, so a surface cannot skip the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizedApp {
+    app_id: String,
+}
+
+impl AuthorizedApp {
+    pub(in crate::platform) fn new(app_id: &str) -> AuthorizedApp {
+        AuthorizedApp { app_id: app_id.to_owned() }
+    }
+
+    /// The app id, validated: safe to log.
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+}
+
+/// An access token for an app's backend (WeChat's `/cgi-bin/token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    pub token: String,
+    pub expires_in_secs: u64,
+}
+
+/// Which access token a backend asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRequest {
+    /// `/cgi-bin/token`: a fresh token; earlier ones stay valid until they expire.
+    Fresh,
+    /// `/cgi-bin/stable_token`: the app's current stable token (a new one with `force_refresh`).
+    Stable { force_refresh: bool },
 }
 
 /// Exchange failures with their WeChat-style errcode.
@@ -33,6 +93,20 @@ pub enum ExchangeFailure {
     CodeExpired,
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// The access token is unknown (or was never issued).
+    #[error("invalid credential, access_token is invalid or not latest")]
+    InvalidCredential,
+    #[error("access_token expired")]
+    TokenExpired,
+    /// The app's backend made more attempts than its per-app limit allows.
+    #[error("api minute-quota reach limit, rate limit exceeded")]
+    RateLimited,
+    /// A request body that is not the JSON the endpoint takes.
+    #[error("data format error")]
+    DataFormat,
+    /// checksession: the signature is not hmac_sha256(session_key, "") of a live session.
+    #[error("invalid signature")]
+    InvalidSignature,
     #[error("system error: {0}")]
     System(String),
 }
@@ -45,7 +119,11 @@ impl ExchangeFailure {
             ExchangeFailure::InvalidSecret => 40125,
             ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired => 40029,
             ExchangeFailure::CodeUsed => 40163,
-            ExchangeFailure::Malformed(_) => 40001,
+            ExchangeFailure::Malformed(_) | ExchangeFailure::InvalidCredential => 40001,
+            ExchangeFailure::TokenExpired => 42001,
+            ExchangeFailure::RateLimited => 45011,
+            ExchangeFailure::DataFormat => 47001,
+            ExchangeFailure::InvalidSignature => 87009,
             ExchangeFailure::System(_) => -1,
         }
     }
@@ -75,22 +153,44 @@ pub trait Platform: Send + Sync + 'static {
     /// The signed-in user changed away from `old_uid`: its sessions end.
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError>;
 
-    /// Exchange.Code2Session.
+    /// Authenticates an app's backend and takes one attempt from the app's rate limit; every
+    /// backend operation (both surfaces, every endpoint) starts here. Refusals are logged here too,
+    /// with the app id only once it is known to be a registered app.
+    async fn authenticate(
+        &self,
+        surface: Surface,
+        credential: Credential<'_>,
+    ) -> Result<AuthorizedApp, ExchangeFailure>;
+
+    /// code2Session: a login code of `app` for the user's openid and the session key.
     async fn code2session(
         &self,
-        app_id: &str,
-        secret: &str,
+        surface: Surface,
+        app: &AuthorizedApp,
         code: &str,
     ) -> Result<Code2SessionResponse, ExchangeFailure>;
 
-    /// Exchange.GetPhoneNumber / GetEmail.
+    /// A phone or e-mail code of `app` for its value; with `openid`, the code must be that user's.
     async fn redeem_value(
         &self,
-        app_id: &str,
-        secret: &str,
+        surface: Surface,
+        app: &AuthorizedApp,
         code: &str,
         kind: ValueKind,
+        openid: Option<&str>,
     ) -> Result<String, ExchangeFailure>;
+
+    /// An access token bound to `app` (WeChat's `/cgi-bin/token` and `/cgi-bin/stable_token`).
+    async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure>;
+
+    /// checksession: ok when `signature` is hex(hmac_sha256(session_key, "")) of the live session
+    /// of the user `openid` names in `app`.
+    async fn check_session_signature(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure>;
 
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;
