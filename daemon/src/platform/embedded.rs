@@ -4,6 +4,10 @@
 //! Codes are 144 random bits, single use, bound to (app, uid, purpose) and expire after
 //! `sessions.code_ttl_secs` (5 minutes). They live in memory only: a daemon restart invalidates
 //! outstanding codes (the mini app logs in again), while sessions, grants and secrets are durable.
+//!
+//! Every code is a disclosure: issuing one writes its ledger rows (what it stands for, to which app
+//! and user), and redeeming it stamps them with when and through which surface, whichever surface
+//! redeems it. A code whose rows cannot be written is not issued.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -13,7 +17,7 @@ use hmac::{Hmac, Mac};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use sha2::Sha256;
 
-use super::{ExchangeFailure, Platform, ValueKind};
+use super::{Disclosed, ExchangeFailure, Platform, Surface, ValueKind};
 use crate::{
     clock::Clock,
     config::AppConfig,
@@ -35,6 +39,8 @@ struct CodeEntry {
     uid: String,
     purpose: Purpose,
     expires_at_ms: u64,
+    /// Its rows in the disclosure ledger.
+    ledger: Vec<u64>,
 }
 
 /// The embedded platform. See the module docs.
@@ -93,16 +99,29 @@ impl EmbeddedPlatform {
         URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..21])
     }
 
-    fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> String {
-        let code = random_token(18);
-        let entry = CodeEntry {
-            app_id: app_id.to_owned(),
-            uid: uid.to_owned(),
-            purpose,
-            expires_at_ms: self.clock.now_ms() + self.code_ttl_ms,
+    fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> Result<String, ApiError> {
+        let now = self.clock.now_ms();
+        let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
+            Purpose::Login { .. } if self.union_group(app_id).is_some() => {
+                ("login", &[Disclosed::Openid, Disclosed::Unionid])
+            }
+            Purpose::Login { .. } => ("login", &[Disclosed::Openid]),
+            Purpose::Value { kind: ValueKind::PhoneNumber, .. } => ("getPhoneNumber", &[Disclosed::PhoneNumber]),
+            Purpose::Value { kind: ValueKind::Email, .. } => ("getEmail", &[Disclosed::Email]),
         };
+        let ledger = disclosed
+            .iter()
+            .map(|d| self.store.ledger_add(app_id, uid, d.as_str(), Surface::RendererApi.as_str(), api, now, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        let code = random_token(18);
+        let entry =
+            CodeEntry { app_id: app_id.to_owned(), uid: uid.to_owned(), purpose, expires_at_ms: now + self.code_ttl_ms, ledger };
         self.codes.insert(code.clone(), entry);
-        code
+        Ok(code)
+    }
+
+    fn union_group(&self, app_id: &str) -> Option<&str> {
+        self.apps.get(app_id).and_then(|a| a.union_group.as_deref())
     }
 
     /// Drops expired codes and tombstones; called periodically.
@@ -135,6 +154,7 @@ impl EmbeddedPlatform {
         &self,
         app_id: &str,
         code: &str,
+        surface: Surface,
         accept: impl Fn(&Purpose) -> bool,
     ) -> Result<CodeEntry, ExchangeFailure> {
         if code.is_empty() {
@@ -145,6 +165,10 @@ impl EmbeddedPlatform {
             self.codes.remove_if(code, |_, e| e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms > now);
         if let Some((code, entry)) = taken {
             self.spent.insert(code, entry.expires_at_ms);
+            // The value leaves only once its disclosure is on record.
+            self.store
+                .ledger_redeemed(&entry.ledger, surface.as_str(), now)
+                .map_err(|e| ExchangeFailure::System(e.to_string()))?;
             return Ok(entry);
         }
         if self.spent.contains_key(code) {
@@ -163,7 +187,7 @@ impl EmbeddedPlatform {
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
         let session_key = self.start_session(app_id, uid).await?;
-        Ok(self.issue(app_id, uid, Purpose::Login { session_key, auth_code }))
+        self.issue(app_id, uid, Purpose::Login { session_key, auth_code })
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
@@ -187,7 +211,16 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError> {
-        Ok(self.issue(app_id, uid, Purpose::Value { kind, value }))
+        self.issue(app_id, uid, Purpose::Value { kind, value })
+    }
+
+    async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
+        let before = self.codes.len();
+        self.codes.retain(|_, e| {
+            let of_kind = matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
+            !(of_kind && e.app_id == app_id && e.uid == uid)
+        });
+        before.saturating_sub(self.codes.len())
     }
 
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError> {
@@ -201,18 +234,14 @@ impl Platform for EmbeddedPlatform {
         app_id: &str,
         secret: &str,
         code: &str,
+        surface: Surface,
     ) -> Result<Code2SessionResponse, ExchangeFailure> {
         self.check_secret(app_id, secret)?;
-        let entry = self.redeem(app_id, code, |p| matches!(p, Purpose::Login { .. }))?;
+        let entry = self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Login { .. }))?;
         let Purpose::Login { session_key, auth_code } = entry.purpose else {
             return Err(ExchangeFailure::InvalidCode);
         };
-        let unionid = self
-            .apps
-            .get(app_id)
-            .and_then(|a| a.union_group.as_deref())
-            .map(|group| self.keyed("unionid", group, &entry.uid))
-            .unwrap_or_default();
+        let unionid = self.union_group(app_id).map(|group| self.keyed("unionid", group, &entry.uid)).unwrap_or_default();
         Ok(Code2SessionResponse {
             openid: self.openid(app_id, &entry.uid),
             session_key,
@@ -227,9 +256,10 @@ impl Platform for EmbeddedPlatform {
         secret: &str,
         code: &str,
         kind: ValueKind,
+        surface: Surface,
     ) -> Result<String, ExchangeFailure> {
         self.check_secret(app_id, secret)?;
-        let entry = self.redeem(app_id, code, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
+        let entry = self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
         match entry.purpose {
             Purpose::Value { value, .. } => Ok(value),
             Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
@@ -263,9 +293,10 @@ mod tests {
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let other = p.register_app("b", false).await.unwrap().unwrap();
         let code = p.login_code("a", "u", None).await.unwrap();
-        assert_eq!(p.code2session("b", &other, &code).await, Err(ExchangeFailure::InvalidCode));
-        assert!(p.code2session("a", &secret, &code).await.is_ok());
-        assert_eq!(p.code2session("a", &secret, &code).await, Err(ExchangeFailure::CodeUsed));
+        let x = Surface::Exchange;
+        assert_eq!(p.code2session("b", &other, &code, x).await, Err(ExchangeFailure::InvalidCode));
+        assert!(p.code2session("a", &secret, &code, x).await.is_ok());
+        assert_eq!(p.code2session("a", &secret, &code, x).await, Err(ExchangeFailure::CodeUsed));
     }
 
     #[tokio::test]
@@ -275,6 +306,27 @@ mod tests {
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let code = p.value_code("a", "u", ValueKind::Email, "e@x".into()).await.unwrap();
         clock.advance_ms(300_000);
-        assert_eq!(p.redeem_value("a", &secret, &code, ValueKind::Email).await, Err(ExchangeFailure::CodeExpired));
+        let x = Surface::Exchange;
+        assert_eq!(p.redeem_value("a", &secret, &code, ValueKind::Email, x).await, Err(ExchangeFailure::CodeExpired));
+    }
+
+    #[tokio::test]
+    async fn invalidation_takes_only_the_codes_of_that_app_user_and_kind() {
+        let p = platform(ManualClock::new(1_000));
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let phone = p.value_code("a", "u", ValueKind::PhoneNumber, "1".into()).await.unwrap();
+        let email = p.value_code("a", "u", ValueKind::Email, "e".into()).await.unwrap();
+        let other_user = p.value_code("a", "v", ValueKind::PhoneNumber, "2".into()).await.unwrap();
+        let login = p.login_code("a", "u", None).await.unwrap();
+        assert_eq!(p.invalidate_codes("a", "u", Some(ValueKind::PhoneNumber)).await, 1);
+        let x = Surface::Exchange;
+        assert_eq!(p.redeem_value("a", &secret, &phone, ValueKind::PhoneNumber, x).await, Err(ExchangeFailure::InvalidCode));
+        assert_eq!(p.redeem_value("a", &secret, &email, ValueKind::Email, x).await.as_deref(), Ok("e"));
+        assert_eq!(p.redeem_value("a", &secret, &other_user, ValueKind::PhoneNumber, x).await.as_deref(), Ok("2"));
+        assert!(p.code2session("a", &secret, &login, x).await.is_ok());
+        // Issued and redeemed codes are on record, the invalidated one unredeemed.
+        let rows = p.store.ledger(Some("a"), Some("u"), 0).unwrap();
+        let redeemed: Vec<_> = rows.iter().map(|r| (r.what.as_str(), r.redeemed_via.as_deref())).collect();
+        assert_eq!(redeemed, [("phone_number", None), ("email", Some("exchange")), ("openid", Some("exchange"))]);
     }
 }

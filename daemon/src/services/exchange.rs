@@ -25,7 +25,7 @@ impl ExchangeService {
     }
 
     async fn redeem(&self, r: v1::RedeemCodeRequest, kind: ValueKind) -> Result<String, Status> {
-        let outcome = self.broker.platform.redeem_value(&r.app_id, &r.secret, &r.code, kind).await;
+        let outcome = self.broker.platform.redeem_value(&r.app_id, &r.secret, &r.code, kind, Surface::Exchange).await;
         log_outcome(&r.app_id, if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" }, &outcome);
         outcome.map_err(to_status)
     }
@@ -59,7 +59,7 @@ impl Exchange for ExchangeService {
         r: Request<v1::Code2SessionRequest>,
     ) -> Result<Response<v1::Code2SessionResponse>, Status> {
         let r = r.into_inner();
-        let outcome = self.broker.platform.code2session(&r.app_id, &r.secret, &r.code).await;
+        let outcome = self.broker.platform.code2session(&r.app_id, &r.secret, &r.code, Surface::Exchange).await;
         log_outcome(&r.app_id, "code2Session", &outcome);
         outcome.map(Response::new).map_err(to_status)
     }
