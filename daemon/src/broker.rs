@@ -20,6 +20,7 @@ use crate::{
     api,
     clock::Clock,
     config::Config,
+    consent::Consent,
     error::ApiError,
     host_link::{Deferred, HostLink, ReplyPermit, ReplyTo},
     limits::RateLimits,
@@ -46,6 +47,7 @@ pub struct Broker {
     pub host: Arc<HostLink>,
     pub user: CurrentUser,
     pub platform: Arc<dyn Platform>,
+    pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
     pub payments: api::payments::InFlight,
@@ -147,7 +149,9 @@ impl Broker {
         };
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
         match resolved.map(|v| (v, api::route(api, v))) {
-            Some((v, api::Route::Delegate)) => {
+            // A delegated answer that carries user data is recorded in the ledger on its way back,
+            // which the spawned path below does.
+            Some((v, api::Route::Delegate)) if !api::discloses(api) => {
                 let app = Broker::app_info(instance, Some(v));
                 let reply = ReplyTo::Stream { permit, id };
                 self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
@@ -180,7 +184,7 @@ impl Broker {
     /// The host pushed a (possibly new) signed-in user.
     pub async fn set_user(&self, user: SignedInUser) {
         let signed_in = !user.uid.is_empty();
-        if let Some(previous) = self.user.set(user) {
+        if let Some(previous) = self.user.set(user).await {
             info!(signed_in, "signed-in user changed; ending the previous user's sessions");
             if let Err(e) = self.platform.user_changed(&previous).await {
                 warn!(error = %e, "could not end the previous user's sessions");

@@ -53,6 +53,9 @@ pub fn sample_request(api: Api) -> ApiRequest {
             signature: format!("signature-{nonce}"),
             idempotency_key: String::new(),
         }),
+        Api::GetSetting => R::GetSetting(v1::GetSettingRequest {}),
+        Api::Authorize => R::Authorize(v1::AuthorizeRequest { scope: scope::USER_INFO.into() }),
+        Api::OpenSetting => R::OpenSetting(v1::OpenSettingRequest::default()),
     };
     ApiRequest { api: Some(request) }
 }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod consent;
 pub mod demo;
 pub mod dev_host;
 pub mod error;
@@ -38,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::{
     broker::{Broker, Stats},
+    consent::Consent,
     host_link::HostLink,
     limits::RateLimits,
     platform::embedded::EmbeddedPlatform,
@@ -151,11 +153,19 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         None => transport::bind(&config.socket.clone().unwrap_or_else(transport::default_address)).await?,
     };
 
+    let consent = Consent::new(
+        store.clone(),
+        platform.clone(),
+        clock.clone(),
+        config.consent.remember_refusals,
+        config.privacy.ledger_days,
+    );
     let broker = Arc::new(Broker {
         registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance),
         host: Arc::new(HostLink::new(config.call_timeout(), Duration::from_millis(config.host.grace_ms))),
         user: CurrentUser::default(),
         platform: platform.clone(),
+        consent,
         store,
         rates: RateLimits::new(&config.limits),
         payments: Default::default(),
@@ -225,6 +235,11 @@ async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
             _ = every.tick() => {
                 platform.sweep();
                 broker.rates.sweep();
+                match broker.consent.ledger.prune() {
+                    Ok(0) => {}
+                    Ok(pruned) => info!(pruned, "ledger rows past privacy.ledger_days deleted"),
+                    Err(e) => warn!(error = %e, "could not prune the ledger"),
+                }
             }
             _ = broker.shutdown.cancelled() => return,
         }

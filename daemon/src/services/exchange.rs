@@ -9,6 +9,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
 use crate::{
+    platform::Surface,
     broker::Broker,
     platform::{ExchangeFailure, ValueKind},
 };
