@@ -116,8 +116,10 @@ impl Consent {
             return Ok(false);
         }
         let mut invalidated = 0;
-        if decision != Some(true) {
-            invalidated = self.platform.invalidate_codes(app_id, uid, ValueKind::of_scope(scope)).await;
+        if decision != Some(true)
+            && let Some(kind) = ValueKind::of_scope(scope)
+        {
+            invalidated = self.platform.invalidate_codes(app_id, uid, Some(kind)).await;
         }
         let proto = match decision {
             Some(true) => Decision::Granted,
