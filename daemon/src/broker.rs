@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     consent::Consent,
     error::ApiError,
-    host_link::{Deferred, HostLink, ReplyPermit, ReplyTo},
+    host_link::{AnswerCheck, Deferred, HostLink, ReplyPermit, ReplyTo},
     limits::RateLimits,
     platform::Platform,
     registry::{AppInstance, AppRegistry},
@@ -149,9 +149,16 @@ impl Broker {
         };
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
         match resolved.map(|v| (v, api::route(api, v))) {
-            // A delegated answer that carries user data is recorded in the ledger on its way back,
-            // which the spawned path below does.
-            Some((v, api::Route::Delegate)) if !api::discloses(api) => {
+            // A delegated answer that carries user data is recorded in the ledger on its way back.
+            Some((v, api::Route::Delegate)) if api::discloses(api) => {
+                let app = Broker::app_info(instance, Some(v));
+                let (broker, app_id) = (self.clone(), instance.app_id.clone());
+                let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();
+                let check = AnswerCheck(Box::new(move |_| api::record_passed_through(&broker, &app_id, &uid, api)));
+                let reply = ReplyTo::StreamChecked { permit, id, check };
+                self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
+            }
+            Some((v, api::Route::Delegate)) => {
                 let app = Broker::app_info(instance, Some(v));
                 let reply = ReplyTo::Stream { permit, id };
                 self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)

@@ -125,6 +125,16 @@ pub fn discloses(api: Api) -> bool {
     disclosed_by(api).is_some()
 }
 
+/// Records in the ledger that the host's answer to a delegated `api` call, about `uid` (signed
+/// in when the call was made), went to `app_id`'s renderer. Every delegate path calls it before
+/// the answer leaves.
+pub fn record_passed_through(b: &Broker, app_id: &str, uid: &str, api: Api) -> Result<(), ApiError> {
+    match disclosed_by(api) {
+        Some(what) => Ok(b.consent.ledger.record(app_id, uid, what, api)?),
+        None => Ok(()),
+    }
+}
+
 /// Runs the daemon's default implementation of a validated request.
 pub async fn run_default(
     b: &Broker,
@@ -164,9 +174,7 @@ pub async fn delegate(
     let uid = b.user.get().map(|u| u.uid.clone()).unwrap_or_default();
     match b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await? {
         HostAnswer::Api(mut resp) => {
-            if let Some(what) = disclosed_by(api) {
-                b.consent.ledger.record(&inst.app_id, &uid, what, api)?;
-            }
+            record_passed_through(b, &inst.app_id, &uid, api)?;
             resp.stamp_ok();
             Ok(resp)
         }
