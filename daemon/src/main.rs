@@ -280,6 +280,10 @@ async fn wait_for_signal() {
 }
 
 async fn demo() -> Result<ExitCode, BoxError> {
+    // Logs only when asked for (`RUST_LOG=trace miniapp-brokerd demo`): the demo's own lines are the point.
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_logs(&Config::default(), false);
+    }
     let ok = miniapp_brokerd::demo::run().await?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -644,6 +648,12 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
             println!("launched {app_id}: instance {} version {version}", launched.instance_id);
             println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
         }
+        let mut consent = host.consent_changes();
+        let consent_printer = tokio::spawn(async move {
+            while let Ok(changed) = consent.recv().await {
+                println!("{}", dev_host::describe_consent(&changed));
+            }
+        });
         println!("answering delegate calls; Ctrl-C to stop");
         tokio::select! {
             _ = &mut stop => {
@@ -654,6 +664,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
                 eprintln!("dev-host: the daemon closed the host link; reconnecting (apps are launched again)");
             }
         }
+        consent_printer.abort();
         first = false;
     }
 }
