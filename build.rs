@@ -70,7 +70,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // The user's decisions, in a stable order (scope names sort the same everywhere).
-    for field in ["GetSettingResponse.auth_setting", "OpenSettingRequest.auth_setting", "OpenSettingResponse.auth_setting"] {
+    for field in
+        ["GetSettingResponse.auth_setting", "OpenSettingRequest.auth_setting", "OpenSettingResponse.auth_setting"]
+    {
         builder = builder.btree_map(format!(".miniapp.broker.v1.{field}"));
     }
     builder.compile_fds(fds)?;

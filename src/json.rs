@@ -50,8 +50,9 @@ pub fn request_from_json(api: Api, params: &str) -> Result<v1::ApiRequest, JsonE
         Api::GetSetting => parse::<v1::GetSettingRequest>(params),
         Api::Authorize => parse::<v1::AuthorizeRequest>(params),
         // What the renderer may send is ignored: the daemon fills the request in for the host.
-        Api::OpenSetting => parse::<v1::OpenSettingRequest>(params)
-            .map(|_| ApiCall::into_request(v1::OpenSettingRequest::default())),
+        Api::OpenSetting => {
+            parse::<v1::OpenSettingRequest>(params).map(|_| ApiCall::into_request(v1::OpenSettingRequest::default()))
+        }
     }
 }
 

@@ -152,10 +152,10 @@ async fn a_user_switch_while_the_host_decides_issues_and_records_nothing() {
     let got = within("phone", call).await.expect("task").expect("granted for the user still signed in");
     assert!(!got.code.is_empty());
     let grants = host.list_grants(APP, "").await.expect("grants");
-    assert_eq!(grants.iter().map(|g| (g.uid.as_str(), g.scope.as_str())).collect::<Vec<_>>(), [(
-        "u1",
-        scope::PHONE_NUMBER
-    )]);
+    assert_eq!(
+        grants.iter().map(|g| (g.uid.as_str(), g.scope.as_str())).collect::<Vec<_>>(),
+        [("u1", scope::PHONE_NUMBER)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,11 +417,14 @@ async fn open_setting_goes_through_the_host_and_records_its_choices() {
     assert_eq!(seen[0].auth_setting, map(&[(scope::PHONE_NUMBER, true)]), "the host sees the current decisions");
     let mut changed = vec![event(&mut events).await, event(&mut events).await, event(&mut events).await];
     changed.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(changed, [
-        (scope::AVATAR.into(), Decision::Granted, DecisionSource::OpenSetting),
-        (scope::NICKNAME.into(), Decision::Granted, DecisionSource::OpenSetting),
-        (scope::PHONE_NUMBER.into(), Decision::Refused, DecisionSource::OpenSetting),
-    ]);
+    assert_eq!(
+        changed,
+        [
+            (scope::AVATAR.into(), Decision::Granted, DecisionSource::OpenSetting),
+            (scope::NICKNAME.into(), Decision::Granted, DecisionSource::OpenSetting),
+            (scope::PHONE_NUMBER.into(), Decision::Refused, DecisionSource::OpenSetting),
+        ]
+    );
     asked(&desk);
     let f = within("phone", r.call(v1::GetPhoneNumberRequest {})).await.expect_err("turned off");
     assert_failure(&f, "getPhoneNumber:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");

@@ -51,7 +51,8 @@ async fn the_demo_flow_logs_no_personal_data_at_trace() {
         assert!(logs.contains(expected), "the logs lack {expected:?}: is the capture working?");
     }
     let kinds: std::collections::BTreeSet<_> = report.handed_out.iter().map(|(what, _)| *what).collect();
-    for kind in ["host token", "launch token", "app secret", "code", "session key", "authCode", "phone number", "e-mail"]
+    for kind in
+        ["host token", "launch token", "app secret", "code", "session key", "authCode", "phone number", "e-mail"]
     {
         assert!(kinds.contains(kind), "the demo handed out no {kind}: the check would prove nothing");
     }

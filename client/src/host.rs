@@ -26,9 +26,10 @@ use miniapp_broker_proto::{
     api::ApiCall,
     metadata,
     v1::{
-        self, AppInfo, ConsentChanged, DaemonMessage, Decision, DelegateMethod, DelegateResult, GetAuthCodeRequest, GetAuthCodeResponse,
-        HostMessage, OpenApiVersionResponse, SignedInUser, Welcome, admin_client::AdminClient, daemon_message,
-        delegate_call, delegate_result::Outcome, host_client::HostClient as GrpcHostClient, host_message,
+        self, AppInfo, ConsentChanged, DaemonMessage, Decision, DelegateMethod, DelegateResult, GetAuthCodeRequest,
+        GetAuthCodeResponse, HostMessage, OpenApiVersionResponse, SignedInUser, Welcome, admin_client::AdminClient,
+        daemon_message, delegate_call, delegate_result::Outcome, host_client::HostClient as GrpcHostClient,
+        host_message,
     },
 };
 use tokio::{
@@ -320,8 +321,7 @@ impl HostClient {
 
     /// The scopes users granted apps (v3); empty filters match everything.
     pub async fn list_grants(&self, app_id: &str, uid: &str) -> Result<Vec<v1::Grant>, Status> {
-        let request =
-            v1::ListGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), include_refusals: false };
+        let request = v1::ListGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), include_refusals: false };
         Ok(self.admin().list_grants(self.authorize(request)).await?.into_inner().grants)
     }
 
@@ -357,7 +357,10 @@ impl HostClient {
             scope: scope.to_owned(),
             decision: decision as i32,
         };
-        self.tx.send(HostMessage { msg: Some(host_message::Msg::Decision(decision)) }).await.map_err(|_| HostClientError::Closed)
+        self.tx
+            .send(HostMessage { msg: Some(host_message::Msg::Decision(decision)) })
+            .await
+            .map_err(|_| HostClientError::Closed)
     }
 
     /// The disclosure ledger (empty filters match everything), for a privacy page.

@@ -16,8 +16,9 @@ use miniapp_broker_client::{
             GetAuthCodeRequest, GetAuthCodeResponse, GetEmailRequest, GetEmailResponse, GetNickNameRequest,
             GetNickNameResponse, GetPhoneNumberRequest, GetPhoneNumberResponse, GetUserInfoRequest,
             GetUserInfoResponse, GetUserProfileRequest, GetUserProfileResponse, LoginRequest, LoginResponse,
-            OpenSettingRequest, OpenSettingResponse, RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse, RequestPaymentRequest,
-            RequestPaymentResponse, SignedInUser, UserInfo, UserProfile,
+            OpenSettingRequest, OpenSettingResponse, RequestMidasPaymentGameItemRequest,
+            RequestMidasPaymentGameItemResponse, RequestPaymentRequest, RequestPaymentResponse, SignedInUser, UserInfo,
+            UserProfile,
         },
     },
 };

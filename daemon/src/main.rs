@@ -490,8 +490,11 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
 async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request =
-        v1::ListGrantsRequest { app_id: app.unwrap_or_default(), uid: uid.unwrap_or_default(), include_refusals: false };
+    let request = v1::ListGrantsRequest {
+        app_id: app.unwrap_or_default(),
+        uid: uid.unwrap_or_default(),
+        include_refusals: false,
+    };
     let rows = c.list_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().grants;
     if a.json {
         print_json(
@@ -524,7 +527,8 @@ async fn revoke(a: &AdminArgs, app: String, uid: Option<String>, scope: Option<S
 /// `--since`: an RFC 3339 time or date, or an age before now; as milliseconds since the epoch.
 fn parse_since(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let time = if text.len() == 10 && text.as_bytes()[4] == b'-' { format!("{text}T00:00:00Z") } else { text.to_owned() };
+    let time =
+        if text.len() == 10 && text.as_bytes()[4] == b'-' { format!("{text}T00:00:00Z") } else { text.to_owned() };
     if let Ok(at) = humantime::parse_rfc3339_weak(&time) {
         return at
             .duration_since(std::time::UNIX_EPOCH)
@@ -542,7 +546,12 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
-async fn ledger(a: &AdminArgs, app: Option<String>, uid: Option<String>, since: Option<u64>) -> Result<ExitCode, BoxError> {
+async fn ledger(
+    a: &AdminArgs,
+    app: Option<String>,
+    uid: Option<String>,
+    since: Option<u64>,
+) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
     let request = v1::ListLedgerRequest {
@@ -573,7 +582,15 @@ async fn ledger(a: &AdminArgs, app: Option<String>, uid: Option<String>, since: 
                     (true, 0) => "not redeemed".to_owned(),
                     (true, at) => format!("{} via {}", rfc3339(at), d.redeemed_via),
                 };
-                vec![rfc3339(d.at_ms), d.app_id.clone(), d.uid.clone(), d.what.clone(), d.surface.clone(), d.api.clone(), redeemed]
+                vec![
+                    rfc3339(d.at_ms),
+                    d.app_id.clone(),
+                    d.uid.clone(),
+                    d.what.clone(),
+                    d.surface.clone(),
+                    d.api.clone(),
+                    redeemed,
+                ]
             })
             .collect();
         print_table(&["when", "app", "uid", "what", "surface", "api", "code redeemed"], rows);

@@ -50,7 +50,11 @@ pub async fn ask<'a>(
     let granted = b.consent.granted(&inst.app_id, &ticket.uid)?;
     let request = GetAuthCodeRequest {
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-        previously_granted: scopes.iter().filter(|s| granted.iter().any(|g| g == *s)).map(|s| (*s).to_owned()).collect(),
+        previously_granted: scopes
+            .iter()
+            .filter(|s| granted.iter().any(|g| g == *s))
+            .map(|s| (*s).to_owned())
+            .collect(),
         api: api.name().to_owned(),
         uid: ticket.uid.clone(),
     };

@@ -14,7 +14,11 @@ use crate::{broker::Broker, error::ApiError, registry::AppInstance, version::Api
 
 pub fn validate(r: &AuthorizeRequest) -> Result<(), ApiError> {
     scope::expand(&r.scope).map(|_| ()).ok_or_else(|| {
-        ApiError::InvalidParams(format!("unknown scope; expected {} or one of {}", scope::USER_INFO, scope::ALL.join(", ")))
+        ApiError::InvalidParams(format!(
+            "unknown scope; expected {} or one of {}",
+            scope::USER_INFO,
+            scope::ALL.join(", ")
+        ))
     })
 }
 

@@ -19,8 +19,10 @@ use crate::{
 
 pub async fn run(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<OpenSettingResponse, ApiError> {
     let (ticket, _) = b.user.ticket()?;
-    let request =
-        OpenSettingRequest { auth_setting: b.consent.auth_setting(&inst.app_id, &ticket.uid)?, uid: ticket.uid.clone() };
+    let request = OpenSettingRequest {
+        auth_setting: b.consent.auth_setting(&inst.app_id, &ticket.uid)?,
+        uid: ticket.uid.clone(),
+    };
     let app = Broker::app_info(inst, Some(version));
     let request = delegate_call::Request::Api(request.into_request());
     let answer = match b.host.call(app, request, Expect::Api(Api::OpenSetting)).await? {

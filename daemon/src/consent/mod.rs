@@ -126,7 +126,14 @@ impl Consent {
             Some(false) => Decision::Refused,
             None => Decision::Undecided,
         };
-        info!(app_id, scope, decision = proto.as_str_name(), source = source.as_str_name(), invalidated, "consent changed");
+        info!(
+            app_id,
+            scope,
+            decision = proto.as_str_name(),
+            source = source.as_str_name(),
+            invalidated,
+            "consent changed"
+        );
         let event = ConsentChanged {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),

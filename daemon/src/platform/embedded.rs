@@ -114,8 +114,13 @@ impl EmbeddedPlatform {
             .map(|d| self.store.ledger_add(app_id, uid, d.as_str(), Surface::RendererApi.as_str(), api, now, true))
             .collect::<Result<Vec<_>, _>>()?;
         let code = random_token(18);
-        let entry =
-            CodeEntry { app_id: app_id.to_owned(), uid: uid.to_owned(), purpose, expires_at_ms: now + self.code_ttl_ms, ledger };
+        let entry = CodeEntry {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            purpose,
+            expires_at_ms: now + self.code_ttl_ms,
+            ledger,
+        };
         self.codes.insert(code.clone(), entry);
         Ok(code)
     }
@@ -241,7 +246,8 @@ impl Platform for EmbeddedPlatform {
         let Purpose::Login { session_key, auth_code } = entry.purpose else {
             return Err(ExchangeFailure::InvalidCode);
         };
-        let unionid = self.union_group(app_id).map(|group| self.keyed("unionid", group, &entry.uid)).unwrap_or_default();
+        let unionid =
+            self.union_group(app_id).map(|group| self.keyed("unionid", group, &entry.uid)).unwrap_or_default();
         Ok(Code2SessionResponse {
             openid: self.openid(app_id, &entry.uid),
             session_key,
@@ -259,7 +265,8 @@ impl Platform for EmbeddedPlatform {
         surface: Surface,
     ) -> Result<String, ExchangeFailure> {
         self.check_secret(app_id, secret)?;
-        let entry = self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
+        let entry =
+            self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
         match entry.purpose {
             Purpose::Value { value, .. } => Ok(value),
             Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
@@ -320,7 +327,10 @@ mod tests {
         let login = p.login_code("a", "u", None).await.unwrap();
         assert_eq!(p.invalidate_codes("a", "u", Some(ValueKind::PhoneNumber)).await, 1);
         let x = Surface::Exchange;
-        assert_eq!(p.redeem_value("a", &secret, &phone, ValueKind::PhoneNumber, x).await, Err(ExchangeFailure::InvalidCode));
+        assert_eq!(
+            p.redeem_value("a", &secret, &phone, ValueKind::PhoneNumber, x).await,
+            Err(ExchangeFailure::InvalidCode)
+        );
         assert_eq!(p.redeem_value("a", &secret, &email, ValueKind::Email, x).await.as_deref(), Ok("e"));
         assert_eq!(p.redeem_value("a", &secret, &other_user, ValueKind::PhoneNumber, x).await.as_deref(), Ok("2"));
         assert!(p.code2session("a", &secret, &login, x).await.is_ok());

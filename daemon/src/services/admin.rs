@@ -141,8 +141,12 @@ impl Admin for AdminService {
                 .map(|u| u.uid.clone())
                 .ok_or_else(|| Status::invalid_argument("no uid given and no user signed in"))?,
         };
-        let revoked =
-            self.broker.consent.revoke(&q.app_id, &uid, filter(&q.scope), DecisionSource::Admin).await.map_err(internal)?;
+        let revoked = self
+            .broker
+            .consent
+            .revoke(&q.app_id, &uid, filter(&q.scope), DecisionSource::Admin)
+            .await
+            .map_err(internal)?;
         info!(app_id = %q.app_id, scope = %q.scope, revoked, "grants revoked");
         Ok(Response::new(v1::RevokeGrantsResponse { revoked: revoked as u32 }))
     }

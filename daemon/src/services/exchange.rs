@@ -9,8 +9,8 @@ use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    platform::Surface,
     broker::Broker,
+    platform::Surface,
     platform::{ExchangeFailure, ValueKind},
 };
 
