@@ -91,7 +91,9 @@ pub enum ReplyTo {
 }
 
 /// A step a successful answer must pass before it goes into a renderer stream.
-pub struct AnswerCheck(pub Box<dyn FnOnce(&ApiResponse) -> Result<(), ApiError> + Send + Sync>);
+pub struct AnswerCheck(pub Box<CheckFn>);
+
+type CheckFn = dyn FnOnce(&ApiResponse) -> Result<(), ApiError> + Send + Sync;
 
 impl std::fmt::Debug for AnswerCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
