@@ -612,3 +612,18 @@ async fn the_ledger_keeps_rows_for_privacy_ledger_days() {
     let left: Vec<_> = host.ledger(APP, "", 0).await.expect("ledger").into_iter().map(|d| d.what).collect();
     assert_eq!(left, ["nickname"]);
 }
+
+#[tokio::test]
+async fn with_remember_refusals_off_the_host_is_asked_again() {
+    let daemon = Daemon::start_with(|c| c.consent.remember_refusals = false).await;
+    let (host, desk) = consent_host(&daemon, "u1", false).await;
+    desk.lock().unwrap().refuse = vec![scope::EMAIL];
+    let app = launch(&host, APP, r#"{"apiVersion":"v3"}"#).await;
+    let r = daemon.renderer(&app.launch_token).await;
+    for _ in 0..2 {
+        let f = within("email", r.call(v1::GetEmailRequest {})).await.expect_err("refused");
+        assert_eq!(f.reason, "scope_denied", "the host's refusal each time, never a remembered one");
+    }
+    assert_eq!(asked(&desk).len(), 2, "asked every time");
+    assert_eq!(setting(&r).await, map(&[]), "nothing remembered");
+}
