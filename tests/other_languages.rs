@@ -57,6 +57,7 @@ async fn python_host_and_renderer_run_v1_and_v2_login() {
         "ok host connected (daemon ",
         "ok launched wxpython00000001 as v1 (app.json)",
         "ok v1 login errMsg=login:ok code=host's",
+        "ok v1 session stream half-closed by grpcio got 3 answers",
         "ok bogus launch token refused UNAUTHENTICATED",
         "ok v2 invoke login errMsg=login:ok",
         "ok exchange code2Session returned an openid",

@@ -8,8 +8,10 @@ This proves the wire contract is usable from another language with stock grpcio:
 * it launches two app instances with Host.LaunchApp: one whose app.json says ``"apiVersion":"v1"``
   and one that says ``"v2"``;
 * the renderer, on its own channel with only the ``x-launch-token`` metadata, calls OpenApi.Login
-  for the v1 app (delegated: it must get the host's code back) and OpenApi.Invoke with the JSON
-  bridge for the v2 app (answered by the daemon itself);
+  for the v1 app (delegated: it must get the host's code back), sends three logins on an
+  OpenApi.Session stream whose request iterator then ends (grpcio half-closes it) and must still
+  get all three answers, and calls OpenApi.Invoke with the JSON bridge for the v2 app (answered
+  by the daemon itself);
 * the app's backend registers a secret with Admin.RegisterApp and swaps the v2 code for an openid
   with Exchange.Code2Session.
 
@@ -191,6 +193,17 @@ def run(m, host, host_channel, renderer_channel, token):
     check(login.code == calls[0][3], f"v1 login code {login.code!r} is the host's {calls[0][3]!r}")
     print(f"ok v1 login errMsg={login.err_msg} code=host's")
 
+    # A stock grpcio stream whose request iterator ends: grpcio half-closes the stream after the
+    # last call, and every answer still comes.
+    token_md = (("x-launch-token", v1_app.launch_token),)
+    calls = [m["renderer"].RendererCall(id=i, request=api.ApiRequest(login=api.LoginRequest())) for i in (1, 2, 3)]
+    replies = list(renderer.Session(iter(calls), metadata=token_md, timeout=DEADLINE_S))
+    with host.lock:
+        check(len(host.calls) == 4, f"the host answered the three streamed logins: {host.calls}")
+    answered = sorted(r.id for r in replies if r.WhichOneof("outcome") == "ok" and r.ok.login.err_msg == "login:ok")
+    check(answered == [1, 2, 3], f"every call of the half-closed stream answered: {replies}")
+    print(f"ok v1 session stream half-closed by grpcio got {len(answered)} answers")
+
     # A wrong launch token is refused.
     try:
         renderer.Login(api.LoginRequest(), metadata=(("x-launch-token", "not-a-token"),), timeout=DEADLINE_S)
@@ -210,7 +223,7 @@ def run(m, host, host_channel, renderer_channel, token):
     result = json.loads(invoked.result_json)
     check(invoked.ok and result.get("errMsg") == "login:ok" and result.get("code"), f"v2 Invoke login: {invoked}")
     with host.lock:
-        check(len(host.calls) == 1, f"v2 login did not reach the host: {host.calls}")
+        check(len(host.calls) == 4, f"v2 login did not reach the host: {host.calls}")
     print(f"ok v2 invoke login errMsg={result['errMsg']}")
 
     # The app's backend: register a secret, then swap the code for an openid.

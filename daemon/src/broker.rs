@@ -25,7 +25,7 @@ use crate::{
     host_link::{AnswerCheck, Deferred, HostLink, ReplyPermit, ReplyTo},
     limits::RateLimits,
     platform::Platform,
-    registry::{AppInstance, AppRegistry},
+    registry::{AppInstance, AppRegistry, CallSlot},
     store::Store,
     tokens::HostToken,
     user::CurrentUser,
@@ -91,31 +91,46 @@ impl Broker {
         let started = log_start();
         let api = request.api();
         let slot = self.admit(instance)?;
-        let (version, result) = self.resolve_and_handle(instance, request).await;
-        drop(slot);
+        let (version, result) = self.resolve_and_handle(instance, request, slot).await;
         log_answer(started, instance, api, version, &result);
         result
     }
 
     /// Resolves the instance's version and answers the call, unless the instance is closed first
-    /// (then the call ends as cancelled, and dropping the work cancels its host calls; a payment
-    /// already handed to the host runs on, on its own task, and is recorded).
+    /// (then the call ends as cancelled, and dropping the work cancels its host calls). `slot` is
+    /// held until the answer; a payment's moves to the task that pays, which holds it until the
+    /// host answers, and a payment answers an app's closing itself: "cancelled" only while the host
+    /// cannot have seen it, "outcome unknown" once it may have.
     async fn resolve_and_handle(
         self: &Arc<Self>,
         instance: &Arc<AppInstance>,
         request: ApiRequest,
+        slot: CallSlot,
     ) -> (Option<ApiVersion>, Result<ApiResponse, ApiError>) {
-        let work = async {
-            match version::resolve(self, instance).await {
-                Ok(v) => (Some(v), api::handle(self, instance, v, request).await),
-                Err(e) => (None, Err(e)),
-            }
-        };
-        tokio::select! {
+        let closed = || async { (None, Err(ApiError::Cancelled("app instance closed"))) };
+        let version = tokio::select! {
             biased;
-            _ = instance.closed() => (None, Err(ApiError::Cancelled("app instance closed"))),
-            done = work => done,
+            _ = instance.closed() => return closed().await,
+            v = version::resolve(self, instance) => v,
+        };
+        let version = match version {
+            Ok(v) => v,
+            Err(e) => return (None, Err(e)),
+        };
+        let api = match api::validate(&request) {
+            Ok(api) => api,
+            Err(e) => return (Some(version), Err(e)),
+        };
+        let work = api::handle(self, instance, version, api, request, slot);
+        if api::route(api, version) == api::Route::Payment {
+            return (Some(version), work.await);
         }
+        let outcome = tokio::select! {
+            biased;
+            _ = instance.closed() => Err(ApiError::Cancelled("app instance closed")),
+            done = work => done,
+        };
+        (Some(version), outcome)
     }
 
     /// One call from a renderer stream; the answer goes out through `permit`. Calls the host
@@ -131,6 +146,7 @@ impl Broker {
         call: RendererCall,
         permit: ReplyPermit,
         stream: u64,
+        renderer_gone: &CancellationToken,
     ) -> Option<Deferred> {
         let id = call.id;
         let request = call.request.unwrap_or_default();
@@ -174,12 +190,18 @@ impl Broker {
                 }))
             }
             _ => {
+                // Its own task, so the stream keeps flowing; it ends with the stream's renderer
+                // like a forwarded call does (dropping the work cancels its host calls).
                 let broker = self.clone();
                 let instance = instance.clone();
+                let gone = renderer_gone.clone();
                 tokio::spawn(async move {
                     let started = log_start();
-                    let (version, outcome) = broker.resolve_and_handle(&instance, request).await;
-                    drop(slot);
+                    let (version, outcome) = tokio::select! {
+                        biased;
+                        _ = gone.cancelled() => (None, Err(ApiError::Cancelled("renderer went away"))),
+                        done = broker.resolve_and_handle(&instance, request, slot) => done,
+                    };
                     log_answer(started, &instance, Some(api), version, &outcome);
                     permit.send(Ok(reply(id, api, outcome)));
                 });

@@ -70,6 +70,12 @@ pub struct HostConfig {
     pub grace_ms: u64,
     /// How long a connected host has to send Hello.
     pub hello_timeout_ms: u64,
+    /// A host that leaves the daemon's messages unread this long is disconnected, so its calls
+    /// fail at once and another host can connect.
+    pub stall_timeout_ms: u64,
+    /// How many messages may wait for the host to read them; a call beyond that fails at once
+    /// with "host is not keeping up".
+    pub queue_messages: u32,
     /// Where the host token file lives (default: `<data_dir>/host.token`).
     pub token_file: Option<PathBuf>,
 }
@@ -178,7 +184,14 @@ impl Default for Config {
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { call_timeout_ms: 30_000, grace_ms: 0, hello_timeout_ms: 5_000, token_file: None }
+        HostConfig {
+            call_timeout_ms: 30_000,
+            grace_ms: 0,
+            hello_timeout_ms: 5_000,
+            stall_timeout_ms: 10_000,
+            queue_messages: 4096,
+            token_file: None,
+        }
     }
 }
 
@@ -229,8 +242,8 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!("log.format must be \"text\" or \"json\", not {:?}", self.log.format));
         }
-        if self.host.call_timeout_ms == 0 {
-            return Err("host.call_timeout_ms must be above 0".into());
+        if self.host.call_timeout_ms == 0 || self.host.stall_timeout_ms == 0 || self.host.queue_messages == 0 {
+            return Err("host.call_timeout_ms, host.stall_timeout_ms and host.queue_messages must be above 0".into());
         }
         if self.limits.max_message_bytes < 1024 {
             return Err("limits.max_message_bytes must be at least 1024".into());
@@ -254,7 +267,11 @@ impl Config {
             return Err("privacy.ledger_days must be between 1 and 36600".into());
         }
         const DAY_MS: u64 = 24 * 3600 * 1000;
-        if self.host.call_timeout_ms > DAY_MS || self.host.grace_ms > DAY_MS || self.host.hello_timeout_ms > DAY_MS {
+        if self.host.call_timeout_ms > DAY_MS
+            || self.host.grace_ms > DAY_MS
+            || self.host.hello_timeout_ms > DAY_MS
+            || self.host.stall_timeout_ms > DAY_MS
+        {
             return Err("host.*_ms must be at most one day (86400000)".into());
         }
         Ok(())
@@ -272,6 +289,10 @@ impl Config {
 
     pub(crate) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.host.call_timeout_ms)
+    }
+
+    pub(crate) fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.host.stall_timeout_ms)
     }
 }
 
@@ -330,11 +351,13 @@ mod tests {
     /// Any config `validate` accepts (host times up to a day, session times up to ten years).
     fn any_valid_config() -> impl Strategy<Value = Config> {
         const DAY_MS: u64 = 86_400_000;
-        let host = (1u64..=DAY_MS, 0u64..=DAY_MS, 0u64..=DAY_MS, path()).prop_map(
-            |(call_timeout_ms, grace_ms, hello_timeout_ms, token_file)| HostConfig {
+        let host = (1u64..=DAY_MS, 0u64..=DAY_MS, 0u64..=DAY_MS, 1u64..=DAY_MS, 1u32.., path()).prop_map(
+            |(call_timeout_ms, grace_ms, hello_timeout_ms, stall_timeout_ms, queue_messages, token_file)| HostConfig {
                 call_timeout_ms,
                 grace_ms,
                 hello_timeout_ms,
+                stall_timeout_ms,
+                queue_messages,
                 token_file,
             },
         );
@@ -413,6 +436,8 @@ mod tests {
             ("host", "call_timeout_ms"),
             ("host", "grace_ms"),
             ("host", "hello_timeout_ms"),
+            ("host", "stall_timeout_ms"),
+            ("host", "queue_messages"),
             ("host", "token_file"),
             ("limits", "max_message_bytes"),
             ("limits", "max_calls_in_flight_per_instance"),

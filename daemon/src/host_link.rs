@@ -32,6 +32,7 @@ use miniapp_broker_proto::{
     },
 };
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -39,10 +40,65 @@ use crate::{error::ApiError, registry::CallSlot};
 
 /// What the daemon writes to the host stream.
 pub type HostSender = mpsc::Sender<Result<DaemonMessage, Status>>;
-/// The part of a streamed call that has to wait (the host's queue is full, or no host is
-/// connected yet within the grace period), for the renderer stream's task to await. The common
-/// case needs none: the call is written to the host's queue without waiting.
+/// The part of a streamed call that has to wait (no host is connected yet, within the grace
+/// period), for the renderer stream's task to await. The common case needs none: the call is
+/// written to the host's queue without waiting.
 pub type Deferred = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Milliseconds since the process's first use of this clock: a cheap, monotonic timestamp that
+/// fits an atomic (the host's last sign of progress).
+fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// When the host last took a message from its queue (or the queue was last seen empty), shared by
+/// the session (which reads it in its watchdog) and the outbound stream (which moves it).
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU64);
+
+impl Progress {
+    fn mark(&self) {
+        self.0.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(monotonic_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// The host's queue: what the daemon sends to the host, and the stream its response body reads.
+/// The stream marks progress each time the connection asks it for more, which it does only while
+/// the host reads: a host that stops reading stops the marks, and the watchdog sees it.
+pub fn host_channel(capacity: usize) -> (HostSender, HostOutbound) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let progress = Arc::new(Progress::default());
+    progress.mark();
+    (tx, HostOutbound { rx, progress })
+}
+
+/// The host stream's outgoing messages (see [`host_channel`]).
+#[derive(Debug)]
+pub struct HostOutbound {
+    rx: mpsc::Receiver<Result<DaemonMessage, Status>>,
+    progress: Arc<Progress>,
+}
+
+impl HostOutbound {
+    /// The progress marks this stream makes, for the host's session to watch.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+}
+
+impl Stream for HostOutbound {
+    type Item = Result<DaemonMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.progress.mark();
+        self.rx.poll_recv(cx)
+    }
+}
 
 /// Which answer a call expects: an open API's, or one of the host-only methods'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +271,11 @@ pub struct HostSession {
     closed: AtomicBool,
     wake_sweeper: Notify,
     call_timeout: Duration,
+    /// How long the host may leave messages unread before it is disconnected.
+    stall_timeout: Duration,
+    progress: Arc<Progress>,
+    /// Cancelled when the watchdog gives up on the host; its connection task then ends the link.
+    stalled: CancellationToken,
 }
 
 impl HostSession {
@@ -258,33 +319,34 @@ impl HostSession {
         DaemonMessage { msg: Some(daemon_message::Msg::Call(call)) }
     }
 
-    /// Sends a registered call to the host.
-    async fn send(&self, id: u64, app: AppInfo, request: delegate_call::Request) {
-        let message = self.call_message(id, app, request);
-        if self.tx.send(Ok(message)).await.is_err() {
-            self.fail(id, ApiError::HostGone);
+    /// Writes a registered call to the host's queue, without waiting. A full queue means the host
+    /// has stopped keeping up: the call fails at once instead of waiting for room (a wait could
+    /// outlast its deadline, and would stall the renderer stream it came from).
+    fn send(&self, id: u64, app: AppInfo, request: delegate_call::Request) -> Result<(), ApiError> {
+        if self.tx.capacity() == self.tx.max_capacity() {
+            // The queue was empty: the host has nothing unread, so it is not stalling yet.
+            self.progress.mark();
         }
+        let error = match self.tx.try_send(Ok(self.call_message(id, app, request))) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => ApiError::Exhausted(format!(
+                "host is not keeping up: {} messages wait for it to read",
+                self.tx.max_capacity()
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => ApiError::HostGone,
+        };
+        self.fail(id, error.clone());
+        Err(error)
     }
 
-    /// Sends a registered call to the host from the caller's task, without waiting when the
-    /// host's queue has room; when it is full, returns the send for the caller to await (a
-    /// renderer stream then stops reading calls until the host catches up).
-    fn send_now(self: &Arc<Self>, id: u64, app: AppInfo, request: delegate_call::Request) -> Option<Deferred> {
-        match self.tx.try_send(Ok(self.call_message(id, app, request))) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(message)) => {
-                let session = self.clone();
-                Some(Box::pin(async move {
-                    if session.tx.send(message).await.is_err() {
-                        session.fail(id, ApiError::HostGone);
-                    }
-                }))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.fail(id, ApiError::HostGone);
-                None
-            }
-        }
+    /// Whether the host has left messages unread for longer than the stall timeout.
+    fn is_stalled(&self) -> bool {
+        self.tx.capacity() < self.tx.max_capacity() && self.progress.idle_for() > self.stall_timeout
+    }
+
+    /// Resolves when the watchdog has given up on this host.
+    pub fn stalled(&self) -> WaitForCancellationFuture<'_> {
+        self.stalled.cancelled()
     }
 
     /// Ends call `id` with `error`, if it is still waiting. Returns whether it was.
@@ -368,9 +430,11 @@ impl HostSession {
         failed
     }
 
-    /// Fails calls past their deadline, until the session closes. Sleeps while no call waits.
+    /// Fails calls past their deadline, and watches for a host that stopped reading, until the
+    /// session closes. Sleeps while no call waits (a host with nothing to answer cannot stall).
     async fn sweep_deadlines(self: Arc<Self>) {
-        let tick = (self.call_timeout / 20).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        let tick = (self.call_timeout.min(self.stall_timeout) / 20)
+            .clamp(Duration::from_millis(5), Duration::from_millis(100));
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return;
@@ -385,6 +449,15 @@ impl HostSession {
             if expired > 0 {
                 warn!(host_session = self.id, expired, "delegate calls timed out");
             }
+            if self.is_stalled() {
+                warn!(
+                    host_session = self.id,
+                    stall_ms = self.stall_timeout.as_millis() as u64,
+                    "host left its messages unread for too long; disconnecting it"
+                );
+                self.stalled.cancel();
+                return;
+            }
         }
     }
 }
@@ -398,6 +471,7 @@ pub struct HostLink {
     ready: Notify,
     call_timeout: Duration,
     grace: Duration,
+    stall_timeout: Duration,
 }
 
 /// Proof that this connection holds the one host slot; released on drop.
@@ -411,7 +485,7 @@ impl Drop for HostSlot {
 }
 
 impl HostLink {
-    pub fn new(call_timeout: Duration, grace: Duration) -> Self {
+    pub fn new(call_timeout: Duration, grace: Duration, stall_timeout: Duration) -> Self {
         HostLink {
             current: ArcSwapOption::empty(),
             slot_taken: AtomicBool::new(false),
@@ -419,6 +493,7 @@ impl HostLink {
             ready: Notify::new(),
             call_timeout,
             grace,
+            stall_timeout,
         }
     }
 
@@ -442,7 +517,13 @@ impl HostLink {
     }
 
     /// Builds the session for a host that said Hello. It takes calls once [`publish`](Self::publish)ed.
-    pub fn prepare(&self, _slot: &HostSlot, hello: &Hello, tx: HostSender) -> Arc<HostSession> {
+    pub fn prepare(
+        &self,
+        _slot: &HostSlot,
+        hello: &Hello,
+        tx: HostSender,
+        progress: Arc<Progress>,
+    ) -> Arc<HostSession> {
         let methods = hello.methods.iter().filter(|m| (1..32).contains(*m)).fold(0u32, |acc, m| acc | 1 << *m);
         Arc::new(HostSession {
             id: self.sessions.fetch_add(1, Ordering::SeqCst) + 1,
@@ -454,6 +535,9 @@ impl HostLink {
             closed: AtomicBool::new(false),
             wake_sweeper: Notify::new(),
             call_timeout: self.call_timeout,
+            stall_timeout: self.stall_timeout,
+            progress,
+            stalled: CancellationToken::new(),
         })
     }
 
@@ -514,6 +598,18 @@ impl HostLink {
         request: delegate_call::Request,
         expect: Expect,
     ) -> Result<HostAnswer, ApiError> {
+        Self::start(session, app, request, expect)?.await
+    }
+
+    /// Hands a call to `session` now, without waiting: once this returns `Ok`, the host may see
+    /// the call (payments write their record before this point). The returned future is the
+    /// answer; dropping it cancels the call on the host.
+    pub fn start(
+        session: &Arc<HostSession>,
+        app: AppInfo,
+        request: delegate_call::Request,
+        expect: Expect,
+    ) -> Result<HostCall, ApiError> {
         let method = expect.method();
         if !session.implements(method) {
             return Err(ApiError::NotImplementedByHost(method));
@@ -523,17 +619,14 @@ impl HostLink {
         let Some(id) = session.register(Pending::new(ReplyTo::Wait(tx), expect, instance, 0, None)) else {
             return Err(ApiError::HostGone);
         };
-        let guard = CancelOnDrop { session, id };
-        session.send(id, app, request).await;
-        let outcome = rx.await.unwrap_or(Err(ApiError::Internal("call dropped without an answer".into())));
-        std::mem::forget(guard);
-        outcome
+        session.send(id, app, request)?;
+        Ok(HostCall { session: session.clone(), id, rx, answered: false })
     }
 
     /// Forwards a renderer-stream call to the host, from the renderer stream's own task: the call
     /// is registered and written to the host's queue right here, and the answer goes straight
     /// into the renderer's stream. Never waits for the answer; returns what is left to wait for
-    /// only when the host's queue is full or no host is connected yet (see [`Deferred`]).
+    /// only when no host is connected yet (see [`Deferred`]).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         self: &Arc<Self>,
@@ -547,7 +640,10 @@ impl HostLink {
     ) -> Option<Deferred> {
         let pending = Pending::new(reply, Expect::Api(api), instance, stream, Some(slot));
         match self.current() {
-            Some(session) => Self::dispatch(&session, pending, app, request, api),
+            Some(session) => {
+                Self::dispatch(&session, pending, app, request, api);
+                None
+            }
             None if self.grace.is_zero() => {
                 pending.finish(0, Err(ApiError::NoHost));
                 None
@@ -567,11 +663,7 @@ impl HostLink {
                         None => link.wait_current().await,
                     };
                     match waited {
-                        Ok(session) => {
-                            if let Some(rest) = Self::dispatch(&session, pending, app, request, api) {
-                                rest.await;
-                            }
-                        }
+                        Ok(session) => Self::dispatch(&session, pending, app, request, api),
                         Err(e) => pending.finish(0, Err(e)),
                     }
                 }))
@@ -579,19 +671,17 @@ impl HostLink {
         }
     }
 
-    fn dispatch(
-        session: &Arc<HostSession>,
-        pending: Pending,
-        app: AppInfo,
-        request: ApiRequest,
-        api: Api,
-    ) -> Option<Deferred> {
+    /// Registers a streamed call on `session` and writes it to the host's queue; a call that
+    /// cannot be written is answered at once.
+    fn dispatch(session: &Arc<HostSession>, pending: Pending, app: AppInfo, request: ApiRequest, api: Api) {
         if !session.implements(api.method()) {
             pending.finish(0, Err(ApiError::NotImplementedByHost(api.method())));
-            return None;
+            return;
         }
-        let id = session.register(pending)?;
-        session.send_now(id, app, delegate_call::Request::Api(request))
+        if let Some(id) = session.register(pending) {
+            // A refusal has already answered the call.
+            let _ = session.send(id, app, delegate_call::Request::Api(request));
+        }
     }
 
     /// A renderer stream closed: cancel its calls on the host.
@@ -617,15 +707,32 @@ impl HostLink {
     }
 }
 
-/// Cancels a waiting call on the host if the waiting future is dropped before the answer.
-struct CancelOnDrop<'a> {
-    session: &'a HostSession,
+/// A call handed to the host, as a future of its answer. It always resolves: the host's answer,
+/// or the error that ended the call (deadline, host gone, cancellation), since every way a call
+/// ends goes through the call table. Dropping it before then cancels the call on the host.
+#[derive(Debug)]
+pub struct HostCall {
+    session: Arc<HostSession>,
     id: u64,
+    rx: oneshot::Receiver<Result<HostAnswer, ApiError>>,
+    answered: bool,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl Future for HostCall {
+    type Output = Result<HostAnswer, ApiError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = std::task::ready!(Pin::new(&mut self.rx).poll(cx));
+        self.answered = true;
+        Poll::Ready(answer.unwrap_or(Err(ApiError::Internal("call dropped without an answer".into()))))
+    }
+}
+
+impl Drop for HostCall {
     fn drop(&mut self) {
-        self.session.abandon(self.id, ApiError::Cancelled("renderer went away"), "renderer went away");
+        if !self.answered {
+            self.session.abandon(self.id, ApiError::Cancelled("renderer went away"), "renderer went away");
+        }
     }
 }
 
@@ -641,6 +748,8 @@ struct ReplyQueue {
     /// The sender and the reserved, not yet used permits. The stream ends when this reaches 0 and
     /// the queue is empty.
     writers: AtomicUsize,
+    /// Woken each time a writer is done, for a final status that must go out last.
+    writer_left: Notify,
 }
 
 impl ReplyQueue {
@@ -657,19 +766,24 @@ impl ReplyQueue {
     fn writer_done(&self) {
         self.writers.fetch_sub(1, Ordering::AcqRel);
         self.reader.wake();
+        self.writer_left.notify_waiters();
     }
 }
 
 /// A renderer stream's reply queue with room for `capacity` replies: the writing half (its
-/// session task's) and the stream the response body reads.
-pub fn reply_queue(capacity: usize) -> (ReplySender, ReplyStream) {
+/// session task's) and the stream the response body reads. `gone` is cancelled when the response
+/// body is dropped: the renderer reset the stream or its connection ended, or every answer went
+/// out. (The end of the renderer's request side is not the end: a client that half-closes still
+/// reads its answers.)
+pub fn reply_queue(capacity: usize, gone: CancellationToken) -> (ReplySender, ReplyStream) {
     let queue = Arc::new(ReplyQueue {
         room: Semaphore::new(capacity),
         items: std::sync::Mutex::new(VecDeque::new()),
         reader: AtomicWaker::new(),
         writers: AtomicUsize::new(1),
+        writer_left: Notify::new(),
     });
-    (ReplySender(queue.clone()), ReplyStream(queue))
+    (ReplySender(queue.clone()), ReplyStream(queue, gone))
 }
 
 /// Reserves room for replies on a renderer stream.
@@ -708,6 +822,18 @@ impl std::fmt::Debug for ReplyPermit {
 }
 
 impl ReplyPermit {
+    /// Waits until this permit is the stream's last writer (the sender is gone and every other
+    /// call has been answered), so what it sends, a final status, goes out after every answer.
+    pub async fn wait_until_last(&self) {
+        loop {
+            let left = self.queue.writer_left.notified();
+            if self.queue.writers.load(Ordering::Acquire) <= 1 {
+                return;
+            }
+            left.await;
+        }
+    }
+
     /// Queues the reply (dropped if the stream is gone).
     pub fn send(mut self, reply: Result<RendererReply, Status>) {
         self.used = true;
@@ -727,8 +853,8 @@ impl Drop for ReplyPermit {
 }
 
 /// The replies of a renderer stream, in the order they were sent; ends once the sender and every
-/// permit are gone.
-pub struct ReplyStream(Arc<ReplyQueue>);
+/// permit are gone. Dropping it tells the stream's calls their renderer is gone.
+pub struct ReplyStream(Arc<ReplyQueue>, CancellationToken);
 
 impl Stream for ReplyStream {
     type Item = Result<RendererReply, Status>;
@@ -754,6 +880,7 @@ impl Drop for ReplyStream {
     fn drop(&mut self) {
         self.0.room.close();
         self.0.items().clear();
+        self.1.cancel();
     }
 }
 
@@ -775,7 +902,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_arrive_in_order_and_the_stream_ends_with_its_last_writer() {
-        let (tx, mut rx) = reply_queue(2);
+        let (tx, mut rx) = reply_queue(2, Default::default());
         let first = tx.reserve().await.unwrap();
         let second = tx.reserve().await.unwrap();
         // Full: a third reservation waits until a reply is read.
@@ -795,7 +922,7 @@ mod tests {
 
     #[tokio::test]
     async fn unused_room_comes_back_and_a_dropped_stream_refuses_writers() {
-        let (tx, rx) = reply_queue(1);
+        let (tx, rx) = reply_queue(1, Default::default());
         drop(tx.reserve().await.unwrap());
         let permit = tx.reserve().await.expect("the unused permit gave its room back");
         drop(rx);

@@ -162,7 +162,11 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
     );
     let broker = Arc::new(Broker {
         registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance),
-        host: Arc::new(HostLink::new(config.call_timeout(), Duration::from_millis(config.host.grace_ms))),
+        host: Arc::new(HostLink::new(
+            config.call_timeout(),
+            Duration::from_millis(config.host.grace_ms),
+            config.stall_timeout(),
+        )),
         user: CurrentUser::default(),
         platform: platform.clone(),
         consent,

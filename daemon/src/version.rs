@@ -184,11 +184,12 @@ pub async fn resolve(
                     }
                 },
                 Ok(_) => None,
-                // The host went away (or never answered) before it chose: not a choice of the
-                // default. Nothing is cached; the next call asks again.
+                // The host went away (or never answered, or could not take the question) before it
+                // chose: not a choice of the default. Nothing is cached; the next call asks again.
                 Err(
                     e @ (crate::error::ApiError::HostGone
                     | crate::error::ApiError::Timeout
+                    | crate::error::ApiError::Exhausted(_)
                     | crate::error::ApiError::Cancelled(_)),
                 ) => {
                     tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");

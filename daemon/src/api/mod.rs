@@ -34,7 +34,7 @@ use crate::{
     error::ApiError,
     host_link::{Expect, HostAnswer},
     platform::Disclosed,
-    registry::AppInstance,
+    registry::{AppInstance, CallSlot},
     version::ApiVersion,
 };
 
@@ -77,20 +77,25 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
     request.api().ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))
 }
 
-/// Answers one call in an instance running `version`.
+/// Answers one validated call of `api` in an instance running `version`, with the instance's
+/// in-flight `slot` for it: held until the answer, or by the payment's own task until the host
+/// answers it (payments are answered once per key, see [`payments`]).
 pub async fn handle(
     b: &Arc<Broker>,
     inst: &Arc<AppInstance>,
     version: ApiVersion,
+    api: Api,
     request: ApiRequest,
+    slot: CallSlot,
 ) -> Result<ApiResponse, ApiError> {
-    let api = validate(&request)?;
-    match route(api, version) {
+    let outcome = match route(api, version) {
         Route::Delegate => delegate(b, inst, version, api, request).await,
         Route::Default => run_default(b, inst, version, request).await,
-        Route::Payment => payments::run(b, inst, version, api, request).await,
+        Route::Payment => return payments::run(b, inst, version, api, request, slot).await,
         Route::Consent => run_consent(b, inst, version, request).await,
-    }
+    };
+    drop(slot);
+    outcome
 }
 
 /// Answers a settings API (getSetting, authorize, openSetting).

@@ -1,17 +1,22 @@
 //! Payments happen once per idempotency key.
 //!
-//! A key is scoped to its app and its API. The first call with a key (the leader) goes to the host
-//! on a task of its own, so a renderer that goes away does not abandon a payment the user may be
-//! finishing; a retry while it runs joins it; a retry after it ended gets the recorded outcome from
-//! the store.
+//! A key is scoped to its app, its API and the signed-in user: one user never gets another's
+//! recorded outcome. The first call with a key (the leader) goes to the host on a task of its own,
+//! which holds the caller's in-flight slot until the host answers or the deadline passes; a retry
+//! while it runs joins it; a retry after it ended gets the recorded outcome from the store.
+//!
+//! The line that matters is the hand-off: the moment the call is written to the host's queue.
+//! Before it, the payment can still be called off: if the app closes or the caller goes away while
+//! the leader waits for a host, the payment never reaches any host, the caller is told
+//! "cancelled", and nothing is recorded (the key is unspent). After it, the host may have seen the
+//! key: a host that never answers (it disconnected, the deadline passed, the app closed) leaves
+//! the payment "outcome unknown", recorded, and the host never sees the key again. The record is
+//! written ahead, right before the hand-off, as "outcome unknown" and replaced by the outcome: a
+//! daemon that dies mid-payment answers a retry after its restart with "outcome unknown", never
+//! with a second payment.
+//!
 //! The outcome is recorded before the key leaves the in-flight table, so a retry always finds one
-//! or the other. A call that never reached the host (no host, method not implemented, limits)
-//! records nothing: the key is still unspent. A call the host took but never answered (it
-//! disconnected, the deadline passed) is recorded as "payment outcome unknown": the host has seen
-//! the key and must reconcile, and it will never see it again. The record is written ahead, before
-//! the host can see the key, as "outcome unknown" and replaced by the outcome: a daemon that dies
-//! mid-payment answers a retry after its restart with "outcome unknown", never with a second
-//! payment.
+//! or the other.
 
 use std::sync::Arc;
 
@@ -23,10 +28,20 @@ use miniapp_broker_proto::{
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{delegate, request_midas_payment_game_item, request_payment};
-use crate::{broker::Broker, error::ApiError, registry::AppInstance, store::PaymentRow, version::ApiVersion};
+use miniapp_broker_proto::v1::delegate_call;
+
+use super::{request_midas_payment_game_item, request_payment};
+use crate::{
+    broker::Broker,
+    error::ApiError,
+    host_link::{Expect, HostAnswer, HostLink},
+    registry::{AppInstance, CallSlot},
+    store::PaymentRow,
+    version::ApiVersion,
+};
 
 type Outcome = Result<ApiResponse, ApiError>;
 type Key = (Arc<str>, String);
@@ -75,23 +90,33 @@ enum Found {
     Leader,
 }
 
-/// Runs a payment once per (app, API, key).
+/// The store key of a payment: its API, the signed-in user and the caller's key. The uid is
+/// length-prefixed, so no (uid, key) pair can spell another's.
+fn scoped_key(api: Api, uid: &str, key: &str) -> String {
+    format!("{}:{}:{uid}:{key}", api.name(), uid.len())
+}
+
+/// Runs a payment once per (app, API, user, key). `slot` is the caller's in-flight slot: the
+/// leader's task holds it until the host answers.
 pub async fn run(
     b: &Arc<Broker>,
     inst: &Arc<AppInstance>,
     version: ApiVersion,
     api: Api,
     request: ApiRequest,
+    slot: CallSlot,
 ) -> Outcome {
     let key = key_of(&request);
     if key.len() > 128 {
         return Err(ApiError::InvalidParams("idempotency key must be at most 128 bytes".into()));
     }
     // Keys are scoped to their API as well as their app: the same key on requestPayment and on
-    // requestMidasPaymentGameItem names two payments, never a retry of the other's.
-    let key = format!("{}:{key}", api.name());
-    let slot: Key = (inst.app_id.clone(), key.clone());
-    let found = match b.payments.0.entry(slot.clone()) {
+    // requestMidasPaymentGameItem names two payments, never a retry of the other's. And to the
+    // user: after a switch, the same key is the new user's own payment.
+    let uid = b.user.get().map(|u| u.uid.clone()).unwrap_or_default();
+    let key = scoped_key(api, &uid, &key);
+    let slot_key: Key = (inst.app_id.clone(), key.clone());
+    let found = match b.payments.0.entry(slot_key.clone()) {
         Entry::Occupied(mut waiting) => {
             let (tx, rx) = oneshot::channel();
             waiting.get_mut().push(tx);
@@ -100,7 +125,6 @@ pub async fn run(
         Entry::Vacant(vacant) => match b.store.payment(&inst.app_id, &key)? {
             Some(row) => Found::Recorded(Box::new(replay(api, &row))),
             None => {
-                b.store.record_payment(&inst.app_id, &key, api.name(), &written_ahead(api), b.clock.now_ms())?;
                 vacant.insert(Vec::new());
                 Found::Leader
             }
@@ -116,10 +140,14 @@ pub async fn run(
             let (tx, rx) = oneshot::channel();
             let broker = b.clone();
             let instance = inst.clone();
+            // Cancelled when the caller stops waiting (its stream or connection went away).
+            let caller = CancellationToken::new();
+            let _caller_waits = caller.clone().drop_guard();
             tokio::spawn(async move {
-                let outcome = delegate(&broker, &instance, version, api, request).await;
-                let outcome = settle(&broker, &instance.app_id, &key, api, outcome);
-                let waiters = broker.payments.0.remove(&slot).map(|(_, w)| w).unwrap_or_default();
+                let (handed_off, outcome) = pay(&broker, &instance, version, api, request, &key, &caller).await;
+                drop(slot);
+                let outcome = settle(&broker, &instance.app_id, &key, api, handed_off, outcome);
+                let waiters = broker.payments.0.remove(&slot_key).map(|(_, w)| w).unwrap_or_default();
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }
@@ -130,10 +158,57 @@ pub async fn run(
     }
 }
 
-/// Records the outcome of a payment the host saw; returns what the renderer gets.
-fn settle(b: &Broker, app_id: &str, key: &str, api: Api, outcome: Outcome) -> Outcome {
+/// The leader's work: waits for a host (called off if the app closes or the caller goes first),
+/// writes the record ahead, hands the payment to the host and waits for its answer. Returns
+/// whether the host may have seen the payment, and the outcome.
+async fn pay(
+    b: &Broker,
+    inst: &AppInstance,
+    version: ApiVersion,
+    api: Api,
+    request: ApiRequest,
+    key: &str,
+    caller: &CancellationToken,
+) -> (bool, Outcome) {
+    let session = tokio::select! {
+        biased;
+        _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
+        _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
+        session = b.host.wait_current() => session,
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(e) => return (false, Err(e)),
+    };
+    if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), &written_ahead(api), b.clock.now_ms()) {
+        return (false, Err(e.into()));
+    }
+    let app = Broker::app_info(inst, Some(version));
+    let call = match HostLink::start(&session, app, delegate_call::Request::Api(request), Expect::Api(api)) {
+        Ok(call) => call,
+        Err(e) => return (false, Err(e)),
+    };
+    // Handed off: from here on only the host's answer, the deadline, the host's departure or the
+    // app's closing (which cancels the call on the host) ends it.
+    let outcome = match call.await {
+        Ok(HostAnswer::Api(mut resp)) => {
+            resp.stamp_ok();
+            Ok(resp)
+        }
+        Ok(_) => Err(ApiError::HostProtocol("unexpected answer type".into())),
+        Err(e) => Err(e),
+    };
+    (true, outcome)
+}
+
+/// Records the outcome of a payment; returns what the renderer gets. A payment the host may have
+/// seen (`handed_off`) and did not answer is "outcome unknown"; one it cannot have seen leaves no
+/// record.
+fn settle(b: &Broker, app_id: &str, key: &str, api: Api, handed_off: bool, outcome: Outcome) -> Outcome {
     let outcome = match outcome {
-        Err(e @ (ApiError::HostGone | ApiError::Timeout | ApiError::Cancelled(_) | ApiError::HostProtocol(_))) => {
+        Err(e @ (ApiError::HostGone | ApiError::Timeout | ApiError::Cancelled(_) | ApiError::HostProtocol(_)))
+            if handed_off =>
+        {
             warn!(app_id, api = api.name(), reason = e.reason(), "payment outcome unknown; the key is spent");
             Err(ApiError::PaymentOutcomeUnknown(e.to_string()))
         }
@@ -141,7 +216,7 @@ fn settle(b: &Broker, app_id: &str, key: &str, api: Api, outcome: Outcome) -> Ou
     };
     let row = match &outcome {
         Ok(resp) => PaymentRow { ok: true, body: resp.encode_to_vec() },
-        Err(e) if reached_host(e) => PaymentRow { ok: false, body: e.failure(api).encode_to_vec() },
+        Err(e) if handed_off && reached_host(e) => PaymentRow { ok: false, body: e.failure(api).encode_to_vec() },
         Err(_) => {
             // Never reached the host: drop the record written ahead, so a retry may pay.
             if let Err(e) = b.store.forget_payment(app_id, key) {

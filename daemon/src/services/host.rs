@@ -10,20 +10,16 @@ use miniapp_broker_proto::{
         daemon_message, host_message, host_server::Host,
     },
 };
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use super::{check_app_id, require_host_token};
 use crate::{
     broker::Broker,
-    host_link::{HostSender, HostSlot},
+    host_link::{HostOutbound, HostSender, HostSlot, Progress, host_channel},
     version::{AppJson, VersionSource},
 };
-
-/// How many messages may wait on their way to the host before senders wait.
-const HOST_QUEUE: usize = 4096;
 
 /// The `Host` service.
 #[derive(Debug, Clone)]
@@ -39,7 +35,7 @@ impl HostService {
 
 #[tonic::async_trait]
 impl Host for HostService {
-    type ConnectStream = ReceiverStream<Result<DaemonMessage, Status>>;
+    type ConnectStream = HostOutbound;
 
     async fn connect(&self, r: Request<Streaming<HostMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
         require_host_token(&self.broker, r.metadata())?;
@@ -48,9 +44,9 @@ impl Host for HostService {
             .host
             .reserve()
             .ok_or_else(|| Status::already_exists("another host is connected; one host at a time"))?;
-        let (tx, rx) = mpsc::channel(HOST_QUEUE);
-        tokio::spawn(run_host(self.broker.clone(), slot, r.into_inner(), tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let (tx, outbound) = host_channel(self.broker.config.host.queue_messages as usize);
+        tokio::spawn(run_host(self.broker.clone(), slot, r.into_inner(), tx, outbound.progress()));
+        Ok(Response::new(outbound))
     }
 
     async fn launch_app(&self, r: Request<v1::LaunchAppRequest>) -> Result<Response<v1::LaunchAppResponse>, Status> {
@@ -89,7 +85,13 @@ impl Host for HostService {
 }
 
 /// One host connection, from Hello to the end of its stream.
-async fn run_host(broker: Arc<Broker>, slot: HostSlot, mut inbound: Streaming<HostMessage>, tx: HostSender) {
+async fn run_host(
+    broker: Arc<Broker>,
+    slot: HostSlot,
+    mut inbound: Streaming<HostMessage>,
+    tx: HostSender,
+    progress: Arc<Progress>,
+) {
     let hello_timeout = Duration::from_millis(broker.config.host.hello_timeout_ms);
     let hello = match tokio::time::timeout(hello_timeout, inbound.message()).await {
         Ok(Ok(Some(HostMessage { msg: Some(host_message::Msg::Hello(hello)) }))) => hello,
@@ -106,7 +108,7 @@ async fn run_host(broker: Arc<Broker>, slot: HostSlot, mut inbound: Streaming<Ho
     if let Some(user) = hello.user.clone() {
         broker.set_user(user).await;
     }
-    let session = broker.host.prepare(&slot, &hello, tx.clone());
+    let session = broker.host.prepare(&slot, &hello, tx.clone(), progress);
     let consent_events = broker.consent.subscribe();
     let welcome = Welcome {
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -128,6 +130,7 @@ async fn run_host(broker: Arc<Broker>, slot: HostSlot, mut inbound: Streaming<Ho
         let message = tokio::select! {
             m = inbound.message() => m,
             _ = &mut stopping => break "daemon shutting down",
+            _ = session.stalled() => break "host left its messages unread past host.stall_timeout_ms",
         };
         match message {
             Ok(Some(HostMessage { msg: Some(host_message::Msg::Result(result)) })) => session.on_result(result),

@@ -17,6 +17,7 @@ use miniapp_broker_proto::{
         open_api_server::{OpenApi, OpenApiServer},
     },
 };
+use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status, Streaming,
     codec::{BufferSettings, Codec},
@@ -158,7 +159,10 @@ impl OpenApi for OpenApiService {
             )));
         }
         let stream_id = broker.stats.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = reply_queue(STREAM_REPLY_CAPACITY);
+        // Cancelled when the response body goes (a reset, the connection's end, or the last answer
+        // sent): the one signal that the renderer is gone. The end of its request side is not.
+        let gone = CancellationToken::new();
+        let (tx, rx) = reply_queue(STREAM_REPLY_CAPACITY, gone.clone());
         let mut inbound = r.into_inner();
         debug!(app_id = %instance.app_id, instance = %instance.instance_id, stream = stream_id, "renderer stream opened");
         tokio::spawn(async move {
@@ -166,7 +170,8 @@ impl OpenApi for OpenApiService {
             // Made once, not per call: each registers a waiter with its token.
             let closed = instance.closed();
             let stopping = broker.shutdown.cancelled();
-            tokio::pin!(closed, stopping);
+            let renderer_gone = gone.cancelled();
+            tokio::pin!(closed, stopping, renderer_gone);
             let end = loop {
                 // Room for the answer first, then the call: a call is never held while the
                 // renderer's replies are backed up, and the stream's final status has its room.
@@ -175,37 +180,68 @@ impl OpenApi for OpenApiService {
                 let reserved = tokio::select! {
                     biased;
                     permit = tx.reserve() => permit,
-                    _ = &mut closed => break None,
-                    _ = &mut stopping => break None,
+                    _ = &mut closed => break StreamEnd::Abandoned,
+                    _ = &mut stopping => break StreamEnd::Abandoned,
                 };
-                let Ok(permit) = reserved else { break None };
+                let Ok(permit) = reserved else { break StreamEnd::Abandoned };
                 // Biased: a call read after the instance closed (or the daemon began stopping)
                 // must not be served.
                 let message = tokio::select! {
                     biased;
-                    _ = &mut closed => break Some((Status::unauthenticated("app instance closed"), permit)),
-                    _ = &mut stopping => break Some((Status::unavailable("daemon shutting down"), permit)),
+                    _ = &mut closed => break StreamEnd::Closed(permit),
+                    _ = &mut stopping => break StreamEnd::Status(Status::unavailable("daemon shutting down"), permit),
                     m = inbound.message() => m,
                 };
                 let call = match message {
                     Ok(Some(call)) => call,
-                    Ok(None) => break None,
+                    // The renderer sent its last call and half-closed: its answers still come.
+                    Ok(None) => break StreamEnd::HalfClosed,
                     Err(status) => {
                         // A message the daemon refused to read (larger than limits.max_message_bytes,
                         // undecodable) ends the stream with that status, so the renderer learns why
                         // instead of seeing a silent close; after a broken connection nobody reads it.
                         debug!(stream = stream_id, code = ?status.code(), "renderer stream error");
-                        break Some((status, permit));
+                        break StreamEnd::Status(status, permit);
                     }
                 };
-                if let Some(rest) = broker.call_streamed(&instance, call, permit, stream_id) {
-                    rest.await;
+                if let Some(rest) = broker.call_streamed(&instance, call, permit, stream_id, &gone) {
+                    // Only a call waiting for a host (within the grace period) waits here; it ends
+                    // by itself when its app closes.
+                    tokio::select! {
+                        biased;
+                        _ = &mut stopping => break StreamEnd::Abandoned,
+                        _ = &mut renderer_gone => break StreamEnd::Abandoned,
+                        _ = rest => {}
+                    }
                 }
             };
-            let cancelled = broker.host.cancel_stream(stream_id);
-            if let Some((status, permit)) = end {
-                permit.send(Err(status));
+            match end {
+                StreamEnd::HalfClosed => {
+                    // Once the sender goes, the stream ends after the last pending answer; until then
+                    // the calls run on. Only the renderer going (or its app, or the daemon) ends them.
+                    drop(tx);
+                    tokio::select! {
+                        _ = &mut renderer_gone => {}
+                        _ = &mut closed => {}
+                        _ = &mut stopping => {}
+                    }
+                }
+                StreamEnd::Status(status, permit) => permit.send(Err(status)),
+                StreamEnd::Closed(permit) => {
+                    // Closing the app ends every pending call at once (a payment the host may have
+                    // seen with "outcome unknown"): those answers go out, then the final status.
+                    drop(tx);
+                    tokio::select! {
+                        _ = permit.wait_until_last() => permit.send(Err(Status::unauthenticated("app instance closed"))),
+                        _ = &mut renderer_gone => {}
+                        _ = &mut stopping => {}
+                    }
+                }
+                StreamEnd::Abandoned => {}
             }
+            // Whatever is still pending now has nobody to answer to.
+            gone.cancel();
+            let cancelled = broker.host.cancel_stream(stream_id);
             if cancelled > 0 {
                 info!(app_id = %instance.app_id, stream = stream_id, cancelled, "renderer went away; its host calls were cancelled");
             }
@@ -303,6 +339,19 @@ impl Codec for SessionCodec {
     fn decoder(&mut self) -> Self::Decoder {
         ProstDecoder::new(BufferSettings::new(SESSION_BUFFER_BYTES, SESSION_YIELD_BYTES))
     }
+}
+
+/// How a renderer stream's reading loop ended.
+enum StreamEnd {
+    /// The renderer closed its request side; its pending calls are still answered.
+    HalfClosed,
+    /// The stream ends with this status (sent in the room reserved for it).
+    Status(Status, crate::host_link::ReplyPermit),
+    /// The app instance closed: pending calls are answered first, then the stream ends.
+    Closed(crate::host_link::ReplyPermit),
+    /// Nobody will read a final status (the renderer stopped reading, the app closed while it
+    /// did, the daemon stopped, or the renderer is gone).
+    Abandoned,
 }
 
 /// Keeps the open-renderer-streams count honest however a stream ends.
