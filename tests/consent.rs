@@ -164,6 +164,8 @@ async fn a_user_switch_while_the_host_decides_issues_and_records_nothing() {
         "user_changed",
     );
     assert!(host.list_grants(APP, "").await.expect("grants").is_empty(), "no grant recorded for anyone");
+    // Every code the platform issues is on the ledger when issued: none was.
+    assert!(host.ledger(APP, "", 0).await.expect("ledger").is_empty(), "no code issued for anyone");
 
     // The same call with nobody switching works, so the failures above were the switch.
     host.set_user(user("u1")).await.expect("push user");
@@ -179,6 +181,8 @@ async fn a_user_switch_while_the_host_decides_issues_and_records_nothing() {
         grants.iter().map(|g| (g.uid.as_str(), g.scope.as_str())).collect::<Vec<_>>(),
         [("u1", scope::PHONE_NUMBER)]
     );
+    let issued = host.ledger(APP, "", 0).await.expect("ledger");
+    assert_eq!(issued.iter().map(|d| (d.uid.as_str(), d.what.as_str())).collect::<Vec<_>>(), [("u1", "phone_number")]);
 }
 
 // ---------------------------------------------------------------------------------------------
