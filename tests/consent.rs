@@ -324,6 +324,20 @@ async fn settings_follow_grants_refusals_and_revocations_and_the_host_hears_each
         assert_failure(&f, "getEmail:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
     }
     assert!(asked(&desk).is_empty(), "a remembered refusal never reaches the host");
+    let listed = host
+        .admin()
+        .list_grants(host.authorize(v1::ListGrantsRequest {
+            app_id: APP.into(),
+            uid: "u1".into(),
+            include_refusals: true,
+        }))
+        .await
+        .expect("list grants")
+        .into_inner()
+        .grants;
+    let listed: Vec<_> = listed.iter().map(|g| (g.scope.as_str(), g.refused)).collect();
+    assert_eq!(listed, [(scope::PHONE_NUMBER, false), (scope::EMAIL, true)], "the operator sees refusals on request");
+    assert_eq!(host.list_grants(APP, "u1").await.expect("grants").len(), 1, "and only grants by default");
 
     // The operator revokes the grant: asked again next time.
     assert_eq!(host.revoke_grants(APP, "u1", scope::PHONE_NUMBER).await.expect("revoke"), 1);

@@ -209,11 +209,23 @@ impl Store {
     }
 
     pub fn list_grants(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.decision_rows(
             "SELECT app_id, uid, scope, granted_at_ms FROM grants
              WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
-        )?;
+            app_id,
+            uid,
+        )
+    }
+
+    /// Grants or refusals, as `sql` (app filter ?1, uid filter ?2) selects them.
+    fn decision_rows(
+        &self,
+        sql: &'static str,
+        app_id: Option<&str>,
+        uid: Option<&str>,
+    ) -> Result<Vec<GrantRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
         let rows = stmt
             .query_map(params![app_id, uid], |r| {
                 Ok(GrantRow {
@@ -246,22 +258,12 @@ impl Store {
 
     /// Remembered refusals, as [`GrantRow`]s (the time is when the scope was refused).
     pub fn list_refusals(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.decision_rows(
             "SELECT app_id, uid, scope, refused_at_ms FROM refusals
              WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
-        )?;
-        let rows = stmt
-            .query_map(params![app_id, uid], |r| {
-                Ok(GrantRow {
-                    app_id: r.get(0)?,
-                    uid: r.get(1)?,
-                    scope: r.get(2)?,
-                    granted_at_ms: r.get::<_, i64>(3)? as u64,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+            app_id,
+            uid,
+        )
     }
 
     /// Sets one scope's decision: `Some(true)` granted, `Some(false)` refused, `None` undecided.
