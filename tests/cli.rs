@@ -368,6 +368,8 @@ impl DevHost {
             "{seen:?}"
         );
         assert!(seen.iter().any(|l| l.starts_with(&format!("launched {app_id}: instance "))), "{seen:?}");
+        // This daemon runs without --backend-listen, and the dev-host says how to turn it on.
+        assert!(seen.iter().any(|l| l.starts_with("app backends: ") && l.contains("--backend-listen")), "{seen:?}");
         DevHost { child, lines, launch_token }
     }
 
@@ -486,6 +488,17 @@ async fn demo_runs_with_nothing_unexpected() {
         assert!(
             stdout.lines().any(|l| l.starts_with(version) && l.contains("login:ok")),
             "{version} login line:\n{stdout}"
+        );
+    }
+    // The app backend's exchange over real HTTP, on the demo daemon's backend HTTP API.
+    for (what, shows) in [
+        ("http GET /sns/jscode2session", "openid=o"),
+        ("http POST getuserphonenumber", "phoneNumber=13800138000"),
+        ("http POST getuseremail", "email=demo-user-1@"),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with("v2") && l.contains(what) && l.contains(shows)),
+            "{what}:\n{stdout}"
         );
     }
 }

@@ -57,6 +57,8 @@ pub struct Broker {
     pub started: Instant,
     pub shutdown: CancellationToken,
     pub listen_address: String,
+    /// The backend HTTP API's bound address, when its listener is on.
+    pub backend_http: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Broker {

@@ -27,6 +27,7 @@ pub struct Config {
     pub log: LogConfig,
     pub consent: ConsentConfig,
     pub privacy: PrivacyConfig,
+    pub backend_http: BackendHttpConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -96,6 +97,10 @@ pub struct LimitsConfig {
     pub max_renderer_streams: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
+    /// Exchange attempts (gRPC `Exchange` and the backend HTTP API together) per minute per app.
+    pub exchanges_per_minute_per_app: u32,
+    /// Burst of exchange attempts above that rate.
+    pub exchange_burst_per_app: u32,
 }
 
 /// The embedded platform's session rules.
@@ -124,6 +129,47 @@ pub struct LogConfig {
     pub filter: String,
     /// `"text"` or `"json"`.
     pub format: String,
+}
+
+/// The backend HTTP API: WeChat's and TCMPP's server-side paths for app backends, served from the
+/// embedded platform. Off unless `listen` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendHttpConfig {
+    /// `IP:PORT` to listen on (port 0 picks a free port); unset: no listener.
+    pub listen: Option<String>,
+    /// Accept a non-loopback `listen` address (plain HTTP: put a TLS proxy in front).
+    pub allow_remote: bool,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: u32,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for BackendHttpConfig {
+    fn default() -> Self {
+        BackendHttpConfig { listen: None, allow_remote: false, max_connections: 256, idle_timeout_ms: 30_000 }
+    }
+}
+
+impl BackendHttpConfig {
+    /// The address to bind, if the listener is on; refuses a non-loopback one unless allowed.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.max_connections == 0 || self.idle_timeout_ms == 0 || self.idle_timeout_ms > 86_400_000 {
+            return Err("backend_http.max_connections must be above 0, idle_timeout_ms 1..=86400000".into());
+        }
+        let Some(listen) = &self.listen else { return Ok(None) };
+        let addr: std::net::SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("backend_http.listen must be IP:PORT (such as 127.0.0.1:8088), not {listen:?}"))?;
+        if !addr.ip().is_loopback() && !self.allow_remote {
+            return Err(format!(
+                "backend_http.listen {addr} is not a loopback address; set backend_http.allow_remote = true \
+                 to serve other machines (and put TLS in front)"
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 /// One app's settings.
@@ -177,6 +223,7 @@ impl Default for Config {
             log: LogConfig::default(),
             consent: ConsentConfig::default(),
             privacy: PrivacyConfig::default(),
+            backend_http: BackendHttpConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -204,6 +251,8 @@ impl Default for LimitsConfig {
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
             max_connections: 10_240,
+            exchanges_per_minute_per_app: 600,
+            exchange_burst_per_app: 100,
         }
     }
 }
@@ -252,6 +301,8 @@ impl Config {
             || self.limits.calls_per_second_per_app == 0
             || self.limits.max_renderer_streams == 0
             || self.limits.max_connections == 0
+            || self.limits.exchanges_per_minute_per_app == 0
+            || self.limits.exchange_burst_per_app == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -274,6 +325,7 @@ impl Config {
         {
             return Err("host.*_ms must be at most one day (86400000)".into());
         }
+        self.backend_http.address()?;
         Ok(())
     }
 
@@ -314,6 +366,7 @@ mod tests {
         all.socket = Some("/s".into());
         all.data_dir = Some("/d".into());
         all.host.token_file = Some("/t".into());
+        all.backend_http.listen = Some("127.0.0.1:0".into());
         all.apps.insert("x".into(), AppConfig { union_group: Some("g".into()), secret: Some("s".into()) });
         let toml::Value::Table(table) = toml::Value::try_from(&all).unwrap() else { panic!("a table") };
         let mut keys = Vec::new();
@@ -342,6 +395,12 @@ mod tests {
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
         assert!(Config::from_toml("[privacy]\nledger_days = 0").is_err());
         assert!(Config::from_toml("[consent]\nremember_refusal = false").is_err());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
+        assert!(Config::from_toml("[backend_http]\nlisten = \"localhost\"").is_err());
+        let remote = Config::from_toml("[backend_http]\nlisten = \"0.0.0.0:8088\"").unwrap_err();
+        assert!(remote.contains("allow_remote"), "{remote}");
+        assert!(Config::from_toml("[backend_http]\nlisten = \"0.0.0.0:8088\"\nallow_remote = true").is_ok());
     }
 
     fn path() -> impl Strategy<Value = Option<PathBuf>> {
@@ -361,7 +420,7 @@ mod tests {
                 token_file,
             },
         );
-        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32..).prop_map(
+        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32.., 1u32.., 1u32..).prop_map(
             |(
                 max_message_bytes,
                 max_calls_in_flight_per_instance,
@@ -369,6 +428,8 @@ mod tests {
                 burst_per_app,
                 max_renderer_streams,
                 max_connections,
+                exchanges_per_minute_per_app,
+                exchange_burst_per_app,
             )| {
                 LimitsConfig {
                     max_message_bytes,
@@ -377,9 +438,21 @@ mod tests {
                     burst_per_app,
                     max_renderer_streams,
                     max_connections,
+                    exchanges_per_minute_per_app,
+                    exchange_burst_per_app,
                 }
             },
         );
+        let backend_http =
+            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
+                |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
+                    listen: listen
+                        .map(|(v6, port)| if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }),
+                    allow_remote,
+                    max_connections,
+                    idle_timeout_ms,
+                },
+            );
         let sessions = (1u64..315_000_000, 1u64..315_000_000)
             .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
@@ -398,6 +471,7 @@ mod tests {
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
             (any::<bool>(), 1u32..=36_600),
+            backend_http,
         )
             .prop_map(
                 |(
@@ -409,6 +483,7 @@ mod tests {
                     (filter, format),
                     apps,
                     (remember_refusals, ledger_days),
+                    backend_http,
                 )| Config {
                     socket,
                     data_dir,
@@ -421,6 +496,7 @@ mod tests {
                     log: LogConfig { filter, format: format.into() },
                     consent: ConsentConfig { remember_refusals },
                     privacy: PrivacyConfig { ledger_days },
+                    backend_http,
                     apps,
                 },
             )
@@ -445,6 +521,8 @@ mod tests {
             ("limits", "burst_per_app"),
             ("limits", "max_renderer_streams"),
             ("limits", "max_connections"),
+            ("limits", "exchanges_per_minute_per_app"),
+            ("limits", "exchange_burst_per_app"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("store", "synchronous"),
@@ -452,6 +530,10 @@ mod tests {
             ("log", "format"),
             ("consent", "remember_refusals"),
             ("privacy", "ledger_days"),
+            ("backend_http", "listen"),
+            ("backend_http", "allow_remote"),
+            ("backend_http", "max_connections"),
+            ("backend_http", "idle_timeout_ms"),
             ("apps.wxa", "union_group"),
             ("apps.wxa", "secret"),
             ("limits", "max_sockets"),
@@ -469,7 +551,9 @@ mod tests {
                 Just("full"),
                 Just("off"),
                 Just("text"),
-                Just("json")
+                Just("json"),
+                Just("127.0.0.1:0"),
+                Just("0.0.0.0:8088")
             ]
             .prop_map(|s| format!("\"{s}\"")),
             ".{0,16}".prop_map(|s| toml::Value::String(s).to_string()),

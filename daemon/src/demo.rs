@@ -1,9 +1,20 @@
 //! `miniapp-brokerd demo`: the whole product in one command. It starts a daemon in memory on a
 //! temporary socket, connects the dev-host (with a demo profile that refuses one v3 scope) and a
 //! renderer as separate connections, calls every open API in v1, v2 and v3, exchanges the codes as
-//! an app backend would, and prints one line per call.
+//! an app backend would (v2's over the backend HTTP API, with real HTTP requests, as a WeChat
+//! backend library makes them; v3's over the gRPC `Exchange` service), and prints one line per call.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    body::Bytes,
+    http::{Method, Request},
+};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 
 use miniapp_broker_client::{
     RendererClient, connect,
@@ -111,9 +122,12 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
     let dir = tempfile::Builder::new().prefix("miniapp-broker-demo").tempdir()?;
     let mut config = Config::ephemeral_in(dir.path());
     config.apps.insert(DEMO_APP.into(), AppConfig { union_group: Some("demo".into()), secret: None });
+    config.backend_http.listen = Some("127.0.0.1:0".into());
     let server = crate::start(config).await?;
     let address = server.address().to_owned();
     println!("daemon   listening on {address} (in memory; host token in {})", server.token_file().display());
+    let backend = BackendHttp::new(server.backend_http_addr().ok_or("the backend HTTP API is off")?);
+    println!("daemon   backend HTTP API at {} (WeChat's and TCMPP's server paths)", backend.base);
 
     handed.push(("host token", server.host_token().to_owned()));
     let profile = demo_profile();
@@ -179,6 +193,22 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
 
         // The app's backend redeems what the renderer got. v1 codes are the host's own business.
         if version == "v1" {
+            continue;
+        }
+        if version == "v2" {
+            // Over HTTP, as a WeChat backend library does it.
+            for (what, outcome) in backend.exchange(&secret, &codes).await {
+                match outcome {
+                    Ok(line) => {
+                        ok += 1;
+                        println!("{version:<8} {what:<28} {line}");
+                    }
+                    Err(e) => {
+                        unexpected += 1;
+                        println!("{version:<8} {what:<28} FAILED {e}");
+                    }
+                }
+            }
             continue;
         }
         for (api, code) in codes {
@@ -252,6 +282,81 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
 /// A uid shortened for the ledger table.
 fn short(uid: &str) -> String {
     uid.chars().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect()
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The demo's app backend on the backend HTTP API: real HTTP/1.1 requests (hyper-util's client).
+struct BackendHttp {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl BackendHttp {
+    fn new(address: SocketAddr) -> BackendHttp {
+        BackendHttp { client: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{address}") }
+    }
+
+    /// One request; its JSON answer, or the errcode it carries as an error.
+    async fn call(&self, method: Method, path: &str, body: serde_json::Value) -> Result<serde_json::Value, BoxError> {
+        let body = if method == Method::GET { Bytes::new() } else { Bytes::from(body.to_string()) };
+        let request = Request::builder().method(method).uri(format!("{}{path}", self.base)).body(Full::new(body))?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request)).await??;
+        let answer: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+        match answer["errcode"].as_i64() {
+            None | Some(0) => Ok(answer),
+            Some(errcode) => Err(format!("errcode {errcode}: {}", answer["errmsg"]).into()),
+        }
+    }
+
+    /// An access token, then each code through its endpoint; one line per request.
+    async fn exchange(&self, secret: &str, codes: &[(Api, String)]) -> Vec<(&'static str, Result<String, BoxError>)> {
+        let path = format!("/cgi-bin/token?grant_type=client_credential&appid={DEMO_APP}&secret={secret}");
+        let token = match self.call(Method::GET, &path, serde_json::Value::Null).await {
+            Ok(t) => t["access_token"].as_str().unwrap_or_default().to_owned(),
+            Err(e) => return vec![("http GET /cgi-bin/token", Err(e))],
+        };
+        let mut lines =
+            vec![("http GET /cgi-bin/token", Ok(format!("access_token={}… expires_in=7200", prefix(&token))))];
+        for (api, code) in codes {
+            let (what, outcome) = match api {
+                Api::Login => {
+                    let path = format!(
+                        "/sns/jscode2session?appid={DEMO_APP}&secret={secret}&js_code={code}&grant_type=authorization_code"
+                    );
+                    let outcome = self.call(Method::GET, &path, serde_json::Value::Null).await.map(|r| {
+                        let field = |name: &str| r[name].as_str().unwrap_or_default().to_owned();
+                        let (openid, unionid) = (field("openid"), field("unionid"));
+                        format!("openid={openid} unionid={unionid} session_key={}…", prefix(&field("session_key")))
+                    });
+                    ("http GET /sns/jscode2session", outcome)
+                }
+                Api::GetPhoneNumber => {
+                    let path = format!("/wxa/business/getuserphonenumber?access_token={token}");
+                    let outcome = self.call(Method::POST, &path, serde_json::json!({ "code": code })).await;
+                    (
+                        "http POST getuserphonenumber",
+                        outcome.map(|r| {
+                            let info = &r["phone_info"];
+                            let field = |name: &str| info[name].as_str().unwrap_or_default().to_owned();
+                            format!("phoneNumber={} countryCode={}", field("phoneNumber"), field("countryCode"))
+                        }),
+                    )
+                }
+                Api::GetEmail => {
+                    let path = format!("/wxa/business/getuseremail?access_token={token}");
+                    let outcome = self.call(Method::POST, &path, serde_json::json!({ "code": code })).await;
+                    (
+                        "http POST getuseremail",
+                        outcome.map(|r| format!("email={}", r["email_info"]["email"].as_str().unwrap_or_default())),
+                    )
+                }
+                _ => continue,
+            };
+            lines.push((what, outcome));
+        }
+        lines
+    }
 }
 
 fn prefix(s: &str) -> &str {

@@ -6,6 +6,7 @@
 //! serves until [`Server::shutdown`].
 
 pub mod api;
+pub mod backend_http;
 pub mod broker;
 pub mod clock;
 pub mod config;
@@ -65,6 +66,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Server {
     broker: Arc<Broker>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The backend HTTP API's task, when its listener is on.
+    backend_http: Option<JoinHandle<std::io::Result<()>>>,
     token_file: PathBuf,
 }
 
@@ -77,6 +80,11 @@ impl Server {
     /// The host token, for in-process hosts (the demo, tests). Real hosts read the token file.
     pub fn host_token(&self) -> &str {
         self.broker.host_token.reveal()
+    }
+
+    /// The backend HTTP API's bound address (`[backend_http] listen`; port 0 resolved), if it is on.
+    pub fn backend_http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.broker.backend_http
     }
 
     /// Where the host token file is.
@@ -113,11 +121,17 @@ impl Server {
         if let Some(host) = self.broker.host.current() {
             self.broker.host.retire(&host);
         }
-        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+        let backend_http = async {
+            if let Some(task) = &mut self.backend_http {
+                let _ = task.await;
+            }
+        };
+        match tokio::time::timeout(SHUTDOWN_GRACE, async { tokio::join!(&mut self.task, backend_http) }).await {
             Ok(_) => info!("daemon stopped"),
             Err(_) => {
                 warn!("connections still open after the shutdown grace period; dropping them");
                 self.task.abort();
+                self.backend_http.as_ref().map(JoinHandle::abort);
             }
         }
     }
@@ -146,7 +160,13 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         config.apps.clone(),
         config.sessions.code_ttl_secs,
         config.sessions.lifetime_secs,
+        RateLimits::exchanges(&config.limits),
     )?);
+
+    let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
+        Some(address) => Some(backend_http::bind(address, &config.backend_http).await?),
+        None => None,
+    };
 
     let listener = match transport::systemd_listener()? {
         Some(listener) => listener,
@@ -179,11 +199,17 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         listen_address: listener.address.clone(),
+        backend_http: backend_listener.as_ref().map(|l| l.address),
         config,
     });
 
     tokio::spawn(sweep(broker.clone(), platform));
     let task = tokio::spawn(serve(broker.clone(), listener));
+    let backend_http = backend_listener.map(|listener| {
+        info!(address = %listener.address, "backend HTTP API listening");
+        let shutdown = broker.shutdown.clone();
+        tokio::spawn(backend_http::serve(listener, broker.platform.clone(), broker.clock.clone(), shutdown))
+    });
     info!(
         address = %broker.listen_address,
         token_file = %token_file.display(),
@@ -191,7 +217,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         default_api_version = broker.config.default_api_version.as_str(),
         "miniapp-brokerd listening"
     );
-    Ok(Server { broker, task, token_file })
+    Ok(Server { broker, task, backend_http, token_file })
 }
 
 async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(), tonic::transport::Error> {
@@ -212,7 +238,7 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
     let host = HostServer::new(services::host::HostService::new(broker.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let exchange = ExchangeServer::new(services::exchange::ExchangeService::new(broker.clone()))
+    let exchange = ExchangeServer::new(services::exchange::ExchangeService::new(broker.platform.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let admin = AdminServer::new(services::admin::AdminService::new(broker.clone()))

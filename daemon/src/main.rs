@@ -119,6 +119,10 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Serve the backend HTTP API (WeChat/TCMPP server paths for app backends) on IP:PORT
+    /// (port 0: a free port; a non-loopback address needs `[backend_http] allow_remote`).
+    #[arg(long, value_name = "ADDR")]
+    backend_listen: Option<String>,
 }
 
 /// How an operator command finds the daemon and its host token.
@@ -238,9 +242,15 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     if let Some(v) = args.default_api_version {
         config.default_api_version = v;
     }
+    if args.backend_listen.is_some() {
+        config.backend_http.listen = args.backend_listen;
+    }
     init_logs(&config, args.log_json);
     let server = miniapp_brokerd::start(config).await?;
     eprintln!("miniapp-brokerd: listening on {}; host token in {}", server.address(), server.token_file().display());
+    if let Some(address) = server.backend_http_addr() {
+        eprintln!("miniapp-brokerd: backend HTTP API at http://{address}");
+    }
     notify_ready();
 
     let stop = server.shutdown_token();
@@ -400,6 +410,7 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
             "store": s.store, "hostConnected": s.host_connected, "hostName": s.host_name, "hostMethods": s.host_methods,
             "userSignedIn": s.user_signed_in, "defaultApiVersion": s.default_api_version, "apps": s.apps,
             "callsInFlight": s.calls_in_flight, "callsTotal": s.calls_total, "rendererStreams": s.renderer_streams,
+            "backend_http": (!s.backend_http.is_empty()).then_some(&s.backend_http),
             "instances": apps.iter().map(app_json).collect::<Vec<_>>(),
         }));
         return Ok(ExitCode::SUCCESS);
@@ -417,6 +428,11 @@ async fn status(a: &AdminArgs) -> Result<ExitCode, BoxError> {
     println!("default version   {}", s.default_api_version);
     println!("calls             {} in flight, {} total", s.calls_in_flight, s.calls_total);
     println!("renderer streams  {}", s.renderer_streams);
+    if s.backend_http.is_empty() {
+        println!("backend HTTP API  off (serve --backend-listen ADDR)");
+    } else {
+        println!("backend HTTP API  http://{}", s.backend_http);
+    }
     println!();
     print_apps(&apps);
     Ok(ExitCode::SUCCESS)
@@ -622,7 +638,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         }
         None => dev_host::DevHostConfig::default(),
     };
-    let (_, token) = admin(&t).await?;
+    let (mut status_client, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
     let builder = dev_host::builder(&t.address, &token, &profile, printer);
     let stop = wait_for_signal();
@@ -671,6 +687,13 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
                 println!("{}", dev_host::describe_consent(&changed));
             }
         });
+        // Where the app's backend points its WeChat library (the daemon's backend HTTP API).
+        match status_client.status(authorized(&token, v1::StatusRequest {})?).await {
+            Ok(s) if !s.get_ref().backend_http.is_empty() => {
+                println!("app backends: set your WeChat library's base URL to http://{}", s.get_ref().backend_http)
+            }
+            _ => println!("app backends: the daemon's backend HTTP API is off (serve --backend-listen 127.0.0.1:8088)"),
+        }
         println!("answering delegate calls; Ctrl-C to stop");
         tokio::select! {
             _ = &mut stop => {

@@ -8,6 +8,10 @@
 //! Every code is a disclosure: issuing one writes its ledger rows (what it stands for, to which app
 //! and user), and redeeming it stamps them with when and through which surface, whichever surface
 //! redeems it. A code whose rows cannot be written is not issued.
+//!
+//! App backends (the gRPC `Exchange` service and the backend HTTP API alike) authenticate here,
+//! with the app's secret or an access token ([`super::access_tokens`]), and every attempt is taken
+//! from the app's exchange bucket (`limits.exchanges_per_minute_per_app`).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -17,11 +21,17 @@ use hmac::{Hmac, Mac};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use sha2::Sha256;
 
-use super::{Disclosed, ExchangeFailure, Platform, Surface, ValueKind};
+use tracing::info;
+
+use super::{
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
+    access_tokens::AccessTokens,
+};
 use crate::{
     clock::Clock,
     config::AppConfig,
     error::ApiError,
+    limits::RateLimits,
     store::{SessionRow, Store},
     tokens::{hash_secret, random_token, secrets_equal},
 };
@@ -54,6 +64,26 @@ pub struct EmbeddedPlatform {
     spent: DashMap<String, u64>,
     code_ttl_ms: u64,
     session_ttl_ms: u64,
+    /// App backends' attempts, per app, over both surfaces.
+    exchange_rate: RateLimits,
+    tokens: AccessTokens,
+}
+
+/// What a backend redeemed (for the log and the disclosure ledger; never the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redeemed {
+    Login,
+    Value(ValueKind),
+}
+
+impl Redeemed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Redeemed::Login => "login",
+            Redeemed::Value(ValueKind::PhoneNumber) => "phone_number",
+            Redeemed::Value(ValueKind::Email) => "email",
+        }
+    }
 }
 
 impl std::fmt::Debug for EmbeddedPlatform {
@@ -71,6 +101,7 @@ impl EmbeddedPlatform {
         apps: BTreeMap<String, AppConfig>,
         code_ttl_secs: u64,
         session_ttl_secs: u64,
+        exchange_rate: RateLimits,
     ) -> Result<EmbeddedPlatform, crate::error::StoreError> {
         let secret = store.daemon_secret(crate::tokens::random_key)?;
         for (app_id, app) in &apps {
@@ -87,6 +118,8 @@ impl EmbeddedPlatform {
             spent: DashMap::new(),
             code_ttl_ms: code_ttl_secs * 1000,
             session_ttl_ms: session_ttl_secs * 1000,
+            exchange_rate,
+            tokens: AccessTokens::default(),
         })
     }
 
@@ -134,6 +167,8 @@ impl EmbeddedPlatform {
         let now = self.clock.now_ms();
         self.codes.retain(|_, e| e.expires_at_ms > now);
         self.spent.retain(|_, expires| *expires > now);
+        self.tokens.sweep(now);
+        self.exchange_rate.sweep();
     }
 
     /// Outstanding codes (status, tests).
@@ -141,33 +176,75 @@ impl EmbeddedPlatform {
         self.codes.len()
     }
 
-    fn check_secret(&self, app_id: &str, secret: &str) -> Result<(), ExchangeFailure> {
-        if app_id.is_empty() || secret.is_empty() {
-            return Err(ExchangeFailure::Malformed("app_id and secret are required"));
+    /// Who the credential proves the caller to be; counts the attempt against the app's bucket
+    /// once the app is known to exist (so unknown app ids make no buckets).
+    fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
+        match credential {
+            Credential::Secret { app_id, secret } => {
+                if app_id.is_empty() || secret.is_empty() {
+                    return Err(ExchangeFailure::Malformed("app_id and secret are required"));
+                }
+                let stored = self
+                    .store
+                    .app_secret_hash(app_id)
+                    .map_err(|e| ExchangeFailure::System(e.to_string()))?
+                    .ok_or(ExchangeFailure::InvalidAppId)?;
+                self.take_attempt(app_id)?;
+                if secrets_equal(&stored, &hash_secret(secret)) {
+                    Ok(AuthorizedApp::new(app_id))
+                } else {
+                    Err(ExchangeFailure::InvalidSecret)
+                }
+            }
+            Credential::AccessToken(token) => {
+                let app_id = self.tokens.verify(token, self.clock.now_ms())?;
+                self.take_attempt(&app_id)?;
+                Ok(AuthorizedApp::new(&app_id))
+            }
         }
-        let stored = self
-            .store
-            .app_secret_hash(app_id)
-            .map_err(|e| ExchangeFailure::System(e.to_string()))?
-            .ok_or(ExchangeFailure::InvalidAppId)?;
-        if secrets_equal(&stored, &hash_secret(secret)) { Ok(()) } else { Err(ExchangeFailure::InvalidSecret) }
+    }
+
+    fn take_attempt(&self, app_id: &str) -> Result<(), ExchangeFailure> {
+        if self.exchange_rate.allows(&Arc::from(app_id)) { Ok(()) } else { Err(ExchangeFailure::RateLimited) }
+    }
+
+    /// The one point every redemption passes, whichever surface it came through: the disclosure
+    /// ledger records `what` went to `app` through `surface` here (never the value).
+    fn redeemed(&self, surface: Surface, app: &AuthorizedApp, _uid: &str, what: Redeemed) {
+        info!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
+    }
+
+    /// Logs a refusal with the app id only when the platform validated it.
+    fn refused(&self, surface: Surface, app: Option<&AuthorizedApp>, exchange: &'static str, e: &ExchangeFailure) {
+        match app {
+            Some(app) => info!(
+                app_id = app.app_id(),
+                surface = surface.as_str(),
+                exchange,
+                errcode = e.errcode(),
+                "exchange refused"
+            ),
+            None => info!(surface = surface.as_str(), exchange, errcode = e.errcode(), "exchange refused"),
+        }
     }
 
     /// Takes a code out if it belongs to `app_id` and `accept` likes its purpose; a code that does
-    /// not match stays where it is (a wrong guess changes nothing).
+    /// not match stays where it is (a wrong guess changes nothing). A redeemed code's ledger rows
+    /// are stamped with `surface` before its value may leave.
     fn redeem(
         &self,
         app_id: &str,
         code: &str,
         surface: Surface,
-        accept: impl Fn(&Purpose) -> bool,
+        accept: impl Fn(&str, &Purpose) -> bool,
     ) -> Result<CodeEntry, ExchangeFailure> {
         if code.is_empty() {
             return Err(ExchangeFailure::Malformed("code is required"));
         }
         let now = self.clock.now_ms();
-        let taken =
-            self.codes.remove_if(code, |_, e| e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms > now);
+        let taken = self
+            .codes
+            .remove_if(code, |_, e| e.app_id == app_id && accept(&e.uid, &e.purpose) && e.expires_at_ms > now);
         if let Some((code, entry)) = taken {
             self.spent.insert(code, entry.expires_at_ms);
             // The value leaves only once its disclosure is on record.
@@ -180,12 +257,39 @@ impl EmbeddedPlatform {
             return Err(ExchangeFailure::CodeUsed);
         }
         match self.codes.get(code) {
-            Some(e) if e.app_id == app_id && accept(&e.purpose) && e.expires_at_ms <= now => {
+            Some(e) if e.app_id == app_id && accept(&e.uid, &e.purpose) && e.expires_at_ms <= now => {
                 Err(ExchangeFailure::CodeExpired)
             }
             _ => Err(ExchangeFailure::InvalidCode),
         }
     }
+}
+
+impl EmbeddedPlatform {
+    fn check_signature_now(&self, app: &AuthorizedApp, openid: &str, signature: &str) -> Result<(), ExchangeFailure> {
+        if openid.is_empty() || signature.is_empty() {
+            return Err(ExchangeFailure::Malformed("openid and signature are required"));
+        }
+        let now = self.clock.now_ms();
+        let sessions =
+            self.store.list_sessions(Some(app.app_id())).map_err(|e| ExchangeFailure::System(e.to_string()))?;
+        let session = sessions
+            .into_iter()
+            .find(|s| s.expires_at_ms > now && self.openid(app.app_id(), &s.uid) == openid)
+            .ok_or(ExchangeFailure::InvalidSignature)?;
+        let expected = session_signature(&session.session_key);
+        if secrets_equal(expected.as_bytes(), signature.to_ascii_lowercase().as_bytes()) {
+            Ok(())
+        } else {
+            Err(ExchangeFailure::InvalidSignature)
+        }
+    }
+}
+
+/// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).
+pub fn session_signature(session_key: &str) -> String {
+    let mac = HmacSha256::new_from_slice(session_key.as_bytes()).expect("HMAC takes any key length");
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tonic::async_trait]
@@ -234,22 +338,50 @@ impl Platform for EmbeddedPlatform {
         Ok(())
     }
 
+    async fn authenticate(
+        &self,
+        surface: Surface,
+        credential: Credential<'_>,
+    ) -> Result<AuthorizedApp, ExchangeFailure> {
+        let outcome = self.authenticate_now(credential);
+        if let Err(e) = &outcome {
+            // The app id is named only when it is a registered app (a wrong secret, a limit).
+            let known = match (credential, e) {
+                (Credential::Secret { app_id, .. }, ExchangeFailure::InvalidSecret | ExchangeFailure::RateLimited) => {
+                    Some(AuthorizedApp::new(app_id))
+                }
+                _ => None,
+            };
+            self.refused(surface, known.as_ref(), "authenticate", e);
+        }
+        outcome
+    }
+
     async fn code2session(
         &self,
-        app_id: &str,
-        secret: &str,
-        code: &str,
         surface: Surface,
+        app: &AuthorizedApp,
+        code: &str,
     ) -> Result<Code2SessionResponse, ExchangeFailure> {
-        self.check_secret(app_id, secret)?;
-        let entry = self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Login { .. }))?;
+        let entry = match self.redeem(app.app_id(), code, surface, |_, p| matches!(p, Purpose::Login { .. })) {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.refused(surface, Some(app), "code2Session", &e);
+                return Err(e);
+            }
+        };
         let Purpose::Login { session_key, auth_code } = entry.purpose else {
             return Err(ExchangeFailure::InvalidCode);
         };
-        let unionid =
-            self.union_group(app_id).map(|group| self.keyed("unionid", group, &entry.uid)).unwrap_or_default();
+        self.redeemed(surface, app, &entry.uid, Redeemed::Login);
+        let unionid = self
+            .apps
+            .get(app.app_id())
+            .and_then(|a| a.union_group.as_deref())
+            .map(|group| self.keyed("unionid", group, &entry.uid))
+            .unwrap_or_default();
         Ok(Code2SessionResponse {
-            openid: self.openid(app_id, &entry.uid),
+            openid: self.openid(app.app_id(), &entry.uid),
             session_key,
             unionid,
             auth_code: auth_code.unwrap_or_default(),
@@ -258,19 +390,50 @@ impl Platform for EmbeddedPlatform {
 
     async fn redeem_value(
         &self,
-        app_id: &str,
-        secret: &str,
+        surface: Surface,
+        app: &AuthorizedApp,
         code: &str,
         kind: ValueKind,
-        surface: Surface,
+        openid: Option<&str>,
     ) -> Result<String, ExchangeFailure> {
-        self.check_secret(app_id, secret)?;
-        let entry =
-            self.redeem(app_id, code, surface, |p| matches!(p, Purpose::Value { kind: k, .. } if *k == kind))?;
+        let accept = |uid: &str, p: &Purpose| {
+            matches!(p, Purpose::Value { kind: k, .. } if *k == kind)
+                && openid.is_none_or(|o| self.openid(app.app_id(), uid) == o)
+        };
+        let entry = match self.redeem(app.app_id(), code, surface, accept) {
+            Ok(entry) => entry,
+            Err(e) => {
+                let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
+                self.refused(surface, Some(app), exchange, &e);
+                return Err(e);
+            }
+        };
         match entry.purpose {
-            Purpose::Value { value, .. } => Ok(value),
+            Purpose::Value { value, .. } => {
+                self.redeemed(surface, app, &entry.uid, Redeemed::Value(kind));
+                Ok(value)
+            }
             Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
         }
+    }
+
+    async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure> {
+        let token = self.tokens.issue(app.app_id(), request, self.clock.now_ms());
+        info!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
+        Ok(token)
+    }
+
+    async fn check_session_signature(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure> {
+        let outcome = self.check_signature_now(app, openid, signature);
+        if let Err(e) = &outcome {
+            self.refused(Surface::BackendHttp, Some(app), "checkSession", e);
+        }
+        outcome
     }
 
     fn openid(&self, app_id: &str, uid: &str) -> String {
@@ -280,6 +443,10 @@ impl Platform for EmbeddedPlatform {
     async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, ApiError> {
         let secret = random_token(24);
         let written = self.store.set_app_secret_hash(app_id, &hash_secret(&secret), rotate)?;
+        if written {
+            // The old secret's access tokens stop working with it.
+            self.tokens.revoke_app(app_id);
+        }
         Ok(written.then_some(secret))
     }
 }
@@ -287,11 +454,16 @@ impl Platform for EmbeddedPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::{clock::ManualClock, config::LimitsConfig};
 
     fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
         let store = Arc::new(Store::open(None, false).unwrap());
-        EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600).unwrap()
+        let rate = RateLimits::exchanges(&LimitsConfig::default());
+        EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, rate).unwrap()
+    }
+
+    async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
+        p.authenticate(Surface::Exchange, Credential::Secret { app_id, secret }).await.unwrap()
     }
 
     #[tokio::test]
@@ -299,11 +471,11 @@ mod tests {
         let p = platform(ManualClock::new(1_000));
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let other = p.register_app("b", false).await.unwrap().unwrap();
+        let (a, b) = (app(&p, "a", &secret).await, app(&p, "b", &other).await);
         let code = p.login_code("a", "u", None).await.unwrap();
-        let x = Surface::Exchange;
-        assert_eq!(p.code2session("b", &other, &code, x).await, Err(ExchangeFailure::InvalidCode));
-        assert!(p.code2session("a", &secret, &code, x).await.is_ok());
-        assert_eq!(p.code2session("a", &secret, &code, x).await, Err(ExchangeFailure::CodeUsed));
+        assert_eq!(p.code2session(Surface::Exchange, &b, &code).await, Err(ExchangeFailure::InvalidCode));
+        assert!(p.code2session(Surface::BackendHttp, &a, &code).await.is_ok());
+        assert_eq!(p.code2session(Surface::Exchange, &a, &code).await, Err(ExchangeFailure::CodeUsed));
     }
 
     #[tokio::test]
@@ -311,32 +483,70 @@ mod tests {
         let clock = ManualClock::new(1_000);
         let p = platform(clock.clone());
         let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
         let code = p.value_code("a", "u", ValueKind::Email, "e@x".into()).await.unwrap();
         clock.advance_ms(300_000);
-        let x = Surface::Exchange;
-        assert_eq!(p.redeem_value("a", &secret, &code, ValueKind::Email, x).await, Err(ExchangeFailure::CodeExpired));
+        assert_eq!(
+            p.redeem_value(Surface::Exchange, &a, &code, ValueKind::Email, None).await,
+            Err(ExchangeFailure::CodeExpired)
+        );
     }
 
     #[tokio::test]
     async fn invalidation_takes_only_the_codes_of_that_app_user_and_kind() {
         let p = platform(ManualClock::new(1_000));
         let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
         let phone = p.value_code("a", "u", ValueKind::PhoneNumber, "1".into()).await.unwrap();
         let email = p.value_code("a", "u", ValueKind::Email, "e".into()).await.unwrap();
         let other_user = p.value_code("a", "v", ValueKind::PhoneNumber, "2".into()).await.unwrap();
         let login = p.login_code("a", "u", None).await.unwrap();
         assert_eq!(p.invalidate_codes("a", "u", Some(ValueKind::PhoneNumber)).await, 1);
-        let x = Surface::Exchange;
-        assert_eq!(
-            p.redeem_value("a", &secret, &phone, ValueKind::PhoneNumber, x).await,
-            Err(ExchangeFailure::InvalidCode)
-        );
-        assert_eq!(p.redeem_value("a", &secret, &email, ValueKind::Email, x).await.as_deref(), Ok("e"));
-        assert_eq!(p.redeem_value("a", &secret, &other_user, ValueKind::PhoneNumber, x).await.as_deref(), Ok("2"));
-        assert!(p.code2session("a", &secret, &login, x).await.is_ok());
-        // Issued and redeemed codes are on record, the invalidated one unredeemed.
+        let (x, h) = (Surface::Exchange, Surface::BackendHttp);
+        let phone_kind = ValueKind::PhoneNumber;
+        assert_eq!(p.redeem_value(x, &a, &phone, phone_kind, None).await, Err(ExchangeFailure::InvalidCode));
+        assert_eq!(p.redeem_value(h, &a, &email, ValueKind::Email, None).await.as_deref(), Ok("e"));
+        assert_eq!(p.redeem_value(x, &a, &other_user, phone_kind, None).await.as_deref(), Ok("2"));
+        assert!(p.code2session(x, &a, &login).await.is_ok());
+        // Issued and redeemed codes are on record with the redeeming surface, the invalidated one
+        // unredeemed.
         let rows = p.store.ledger(Some("a"), Some("u"), 0).unwrap();
         let redeemed: Vec<_> = rows.iter().map(|r| (r.what.as_str(), r.redeemed_via.as_deref())).collect();
-        assert_eq!(redeemed, [("phone_number", None), ("email", Some("exchange")), ("openid", Some("exchange"))]);
+        assert_eq!(redeemed, [("phone_number", None), ("email", Some("backend_http")), ("openid", Some("exchange"))]);
+    }
+
+    #[tokio::test]
+    async fn a_value_code_presented_for_another_user_stays_usable() {
+        let p = platform(ManualClock::new(1_000));
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let code = p.value_code("a", "u", ValueKind::PhoneNumber, "+86 1".into()).await.unwrap();
+        let wrong = p.openid("a", "someone-else");
+        let kind = ValueKind::PhoneNumber;
+        assert_eq!(
+            p.redeem_value(Surface::BackendHttp, &a, &code, kind, Some(&wrong)).await,
+            Err(ExchangeFailure::InvalidCode)
+        );
+        let right = p.openid("a", "u");
+        assert_eq!(p.redeem_value(Surface::BackendHttp, &a, &code, kind, Some(&right)).await.unwrap(), "+86 1");
+    }
+
+    #[tokio::test]
+    async fn rotating_a_secret_revokes_its_access_tokens() {
+        let p = platform(ManualClock::new(1_000));
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let token = p.access_token(&app(&p, "a", &secret).await, TokenRequest::Fresh).await.unwrap().token;
+        assert!(p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await.is_ok());
+        p.register_app("a", true).await.unwrap().unwrap();
+        assert_eq!(
+            p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await,
+            Err(ExchangeFailure::InvalidCredential)
+        );
+    }
+
+    #[test]
+    fn the_session_signature_is_the_hex_hmac_of_the_empty_message() {
+        // HMAC-SHA256 with key "key" over "" (a published test value).
+        assert_eq!(session_signature("key"), "5d5d139563c95b5967b9bd9a8c9b233a9dedb45072794cd232dc1b74832607d0");
     }
 }

@@ -5,6 +5,7 @@
 //! the [`Platform`] trait, so a remote platform can replace the embedded one without touching the
 //! API layer.
 
+pub mod access_tokens;
 pub mod embedded;
 
 use miniapp_broker_proto::v1::{Code2SessionResponse, ExchangeError};
@@ -33,20 +34,20 @@ impl ValueKind {
     }
 }
 
-/// The surface through which user data leaves the daemon for an app (the ledger's `surface`).
-/// Code redemptions take it as a parameter, so every surface is recorded by the one redeem path.
+/// The surface through which user data leaves the daemon for an app (the disclosure ledger's
+/// `surface`): the renderer's OpenApi, where codes and profile values go, or the surface an app
+/// backend used, the gRPC `Exchange` service or the backend HTTP API. Every redemption is recorded
+/// with it at one point in the platform (the disclosure ledger's hook).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
+    Exchange,
+    BackendHttp,
     /// The renderer's OpenApi (typed RPCs, Invoke, the Session stream).
     RendererApi,
-    /// The gRPC Exchange service.
-    Exchange,
-    /// The backend HTTP API (WeChat / TCMPP paths).
-    BackendHttp,
 }
 
 impl Surface {
-    pub const fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Surface::RendererApi => "renderer_api",
             Surface::Exchange => "exchange",
@@ -85,6 +86,48 @@ impl Disclosed {
     }
 }
 
+/// What an app backend proves itself with: the app's secret, or an access token the platform issued
+/// for that secret.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    Secret { app_id: &'a str, secret: &'a str },
+    AccessToken(&'a str),
+}
+
+/// An app backend the platform has authenticated (and counted against the app's rate limit). Only
+/// the platform makes one, so a surface cannot skip the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizedApp {
+    app_id: String,
+}
+
+impl AuthorizedApp {
+    pub(in crate::platform) fn new(app_id: &str) -> AuthorizedApp {
+        AuthorizedApp { app_id: app_id.to_owned() }
+    }
+
+    /// The app id, validated: safe to log.
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+}
+
+/// An access token for an app's backend (WeChat's `/cgi-bin/token`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    pub token: String,
+    pub expires_in_secs: u64,
+}
+
+/// Which access token a backend asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRequest {
+    /// `/cgi-bin/token`: a fresh token; earlier ones stay valid until they expire.
+    Fresh,
+    /// `/cgi-bin/stable_token`: the app's current stable token (a new one with `force_refresh`).
+    Stable { force_refresh: bool },
+}
+
 /// Exchange failures with their WeChat-style errcode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeFailure {
@@ -100,6 +143,20 @@ pub enum ExchangeFailure {
     CodeExpired,
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// The access token is unknown (or was never issued).
+    #[error("invalid credential, access_token is invalid or not latest")]
+    InvalidCredential,
+    #[error("access_token expired")]
+    TokenExpired,
+    /// The app's backend made more attempts than its per-app limit allows.
+    #[error("api minute-quota reach limit, rate limit exceeded")]
+    RateLimited,
+    /// A request body that is not the JSON the endpoint takes.
+    #[error("data format error")]
+    DataFormat,
+    /// checksession: the signature is not hmac_sha256(session_key, "") of a live session.
+    #[error("invalid signature")]
+    InvalidSignature,
     #[error("system error: {0}")]
     System(String),
 }
@@ -112,7 +169,11 @@ impl ExchangeFailure {
             ExchangeFailure::InvalidSecret => 40125,
             ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired => 40029,
             ExchangeFailure::CodeUsed => 40163,
-            ExchangeFailure::Malformed(_) => 40001,
+            ExchangeFailure::Malformed(_) | ExchangeFailure::InvalidCredential => 40001,
+            ExchangeFailure::TokenExpired => 42001,
+            ExchangeFailure::RateLimited => 45011,
+            ExchangeFailure::DataFormat => 47001,
+            ExchangeFailure::InvalidSignature => 87009,
             ExchangeFailure::System(_) => -1,
         }
     }
@@ -147,24 +208,44 @@ pub trait Platform: Send + Sync + 'static {
     /// kind for `None`): the user revoked the scope. Returns how many.
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize;
 
-    /// Exchange.Code2Session, through `surface` (recorded in the ledger).
+    /// Authenticates an app's backend and takes one attempt from the app's rate limit; every
+    /// backend operation (both surfaces, every endpoint) starts here. Refusals are logged here too,
+    /// with the app id only once it is known to be a registered app.
+    async fn authenticate(
+        &self,
+        surface: Surface,
+        credential: Credential<'_>,
+    ) -> Result<AuthorizedApp, ExchangeFailure>;
+
+    /// code2Session: a login code of `app` for the user's openid and the session key.
     async fn code2session(
         &self,
-        app_id: &str,
-        secret: &str,
-        code: &str,
         surface: Surface,
+        app: &AuthorizedApp,
+        code: &str,
     ) -> Result<Code2SessionResponse, ExchangeFailure>;
 
-    /// Exchange.GetPhoneNumber / GetEmail, through `surface` (recorded in the ledger).
+    /// A phone or e-mail code of `app` for its value; with `openid`, the code must be that user's.
     async fn redeem_value(
         &self,
-        app_id: &str,
-        secret: &str,
+        surface: Surface,
+        app: &AuthorizedApp,
         code: &str,
         kind: ValueKind,
-        surface: Surface,
+        openid: Option<&str>,
     ) -> Result<String, ExchangeFailure>;
+
+    /// An access token bound to `app` (WeChat's `/cgi-bin/token` and `/cgi-bin/stable_token`).
+    async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure>;
+
+    /// checksession: ok when `signature` is hex(hmac_sha256(session_key, "")) of the live session
+    /// of the user `openid` names in `app`.
+    async fn check_session_signature(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure>;
 
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;

@@ -56,6 +56,7 @@ impl Admin for AdminService {
             listen_address: b.listen_address.clone(),
             store: b.store.location().to_owned(),
             calls_total: b.stats.calls_total.load(Ordering::Relaxed),
+            backend_http: b.backend_http.map(|a| a.to_string()).unwrap_or_default(),
         }))
     }
 

@@ -1,52 +1,53 @@
 //! `Exchange`: the mini app backend's surface, authenticated by the app's secret. Failures carry
-//! WeChat's errcode/errmsg in the status details and message.
+//! WeChat's errcode/errmsg in the status details and message. The platform authenticates, rate
+//! limits, redeems and logs; this service only maps to and from the wire.
 
 use std::sync::Arc;
 
 use miniapp_broker_proto::v1::{self, exchange_server::Exchange};
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
-use tracing::info;
 
-use crate::{
-    broker::Broker,
-    platform::Surface,
-    platform::{ExchangeFailure, ValueKind},
-};
+use crate::platform::{Credential, ExchangeFailure, Platform, Surface, ValueKind};
 
 /// The `Exchange` service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExchangeService {
-    broker: Arc<Broker>,
+    platform: Arc<dyn Platform>,
+}
+
+impl std::fmt::Debug for ExchangeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeService").finish_non_exhaustive()
+    }
 }
 
 impl ExchangeService {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        ExchangeService { broker }
+    pub fn new(platform: Arc<dyn Platform>) -> Self {
+        ExchangeService { platform }
     }
 
     async fn redeem(&self, r: v1::RedeemCodeRequest, kind: ValueKind) -> Result<String, Status> {
-        let outcome = self.broker.platform.redeem_value(&r.app_id, &r.secret, &r.code, kind, Surface::Exchange).await;
-        log_outcome(&r.app_id, if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" }, &outcome);
-        outcome.map_err(to_status)
-    }
-}
-
-fn log_outcome<T>(app_id: &str, exchange: &'static str, outcome: &Result<T, ExchangeFailure>) {
-    match outcome {
-        Ok(_) => info!(app_id, exchange, "code exchanged"),
-        Err(e) => info!(app_id, exchange, errcode = e.errcode(), "code exchange refused"),
+        let credential = Credential::Secret { app_id: &r.app_id, secret: &r.secret };
+        let app = self.platform.authenticate(Surface::Exchange, credential).await.map_err(to_status)?;
+        self.platform.redeem_value(Surface::Exchange, &app, &r.code, kind, None).await.map_err(to_status)
     }
 }
 
 /// The status of an exchange failure: its gRPC code, `errcode N: errmsg`, and the details.
 pub fn to_status(e: ExchangeFailure) -> Status {
     let code = match e {
-        ExchangeFailure::InvalidAppId | ExchangeFailure::InvalidSecret => Code::Unauthenticated,
-        ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired | ExchangeFailure::Malformed(_) => {
-            Code::InvalidArgument
-        }
+        ExchangeFailure::InvalidAppId
+        | ExchangeFailure::InvalidSecret
+        | ExchangeFailure::InvalidCredential
+        | ExchangeFailure::TokenExpired
+        | ExchangeFailure::InvalidSignature => Code::Unauthenticated,
+        ExchangeFailure::InvalidCode
+        | ExchangeFailure::CodeExpired
+        | ExchangeFailure::Malformed(_)
+        | ExchangeFailure::DataFormat => Code::InvalidArgument,
         ExchangeFailure::CodeUsed => Code::FailedPrecondition,
+        ExchangeFailure::RateLimited => Code::ResourceExhausted,
         ExchangeFailure::System(_) => Code::Internal,
     };
     let error = e.to_error();
@@ -60,9 +61,10 @@ impl Exchange for ExchangeService {
         r: Request<v1::Code2SessionRequest>,
     ) -> Result<Response<v1::Code2SessionResponse>, Status> {
         let r = r.into_inner();
-        let outcome = self.broker.platform.code2session(&r.app_id, &r.secret, &r.code, Surface::Exchange).await;
-        log_outcome(&r.app_id, "code2Session", &outcome);
-        outcome.map(Response::new).map_err(to_status)
+        let credential = Credential::Secret { app_id: &r.app_id, secret: &r.secret };
+        let app = self.platform.authenticate(Surface::Exchange, credential).await.map_err(to_status)?;
+        let session = self.platform.code2session(Surface::Exchange, &app, &r.code).await.map_err(to_status)?;
+        Ok(Response::new(session))
     }
 
     async fn get_phone_number(

@@ -1,0 +1,90 @@
+//! The backend HTTP API: the platform's server-side paths as WeChat (`api.weixin.qq.com`) and
+//! TCMPP (`/openserver/...`) serve them, so a mini app's backend runs unchanged against the daemon
+//! with only its base URL changed.
+//!
+//! A thin surface over [`crate::platform`], as the gRPC `Exchange` service is: the platform
+//! authenticates (secret or access token), rate-limits per app, redeems and logs; this room parses
+//! the query or JSON body, calls it, and shapes the answer ([`answer`]). axum routes, on the hyper
+//! server tonic already brings. Off unless `[backend_http] listen` or `serve --backend-listen`.
+
+mod answer;
+mod handlers;
+mod listener;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, extract::DefaultBodyLimit, routing};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{clock::Clock, config::BackendHttpConfig, error::StartError, platform::Platform};
+
+pub use answer::Flavor;
+
+/// Largest request body taken (the JSON bodies here are a few dozen bytes).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What the handlers need: the platform, the clock (for phone watermarks), and which platform's
+/// answer shape the path asked for.
+#[derive(Clone)]
+struct Shared {
+    platform: Arc<dyn Platform>,
+    clock: Arc<dyn Clock>,
+    flavor: Flavor,
+}
+
+/// A bound, not yet serving, listener.
+pub struct BackendListener {
+    listener: listener::BoundedListener,
+    pub address: SocketAddr,
+}
+
+impl std::fmt::Debug for BackendListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendListener").field("address", &self.address).finish_non_exhaustive()
+    }
+}
+
+/// Binds `address` (port 0: a free port) with the config's connection bounds.
+pub async fn bind(address: SocketAddr, config: &BackendHttpConfig) -> Result<BackendListener, StartError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?;
+    let address = listener.local_addr().map_err(|source| StartError::Listen { path: address.to_string(), source })?;
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let listener = listener::BoundedListener::new(listener, config.max_connections as usize, idle);
+    Ok(BackendListener { listener, address })
+}
+
+/// The routes: WeChat's paths, and TCMPP's (the operations TCMPP's OpenServer has) under
+/// `/openserver`, answered in TCMPP's shape.
+fn router(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Router {
+    use handlers::*;
+    let tcmpp = Router::new()
+        .route("/sns/jscode2session", routing::get(jscode2session))
+        .route("/cgi-bin/token", routing::get(token))
+        .route("/wxa/checksession", routing::get(checksession))
+        .with_state(Shared { platform: platform.clone(), clock: clock.clone(), flavor: Flavor::Tcmpp });
+    Router::new()
+        .route("/sns/jscode2session", routing::get(jscode2session))
+        .route("/cgi-bin/token", routing::get(token))
+        .route("/cgi-bin/stable_token", routing::post(stable_token))
+        .route("/wxa/checksession", routing::get(checksession))
+        .route("/wxa/business/getuserphonenumber", routing::post(getuserphonenumber))
+        .route("/wxa/business/getuseremail", routing::post(getuseremail))
+        .with_state(Shared { platform, clock, flavor: Flavor::WeChat })
+        .nest("/openserver", tcmpp)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// Serves until `shutdown` is cancelled, then lets requests in progress finish.
+pub async fn serve(
+    listener: BackendListener,
+    platform: Arc<dyn Platform>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener.listener, router(platform, clock)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

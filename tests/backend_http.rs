@@ -1,0 +1,634 @@
+//! The backend HTTP API over real HTTP against the real daemon: every endpoint (WeChat's paths and
+//! TCMPP's `/openserver` ones), every error code it promises, both answer shapes, the shared
+//! per-app rate limit with the gRPC `Exchange` service, and the listener's config, CLI and status.
+//! The codes redeemed here come from a real renderer over the daemon's socket.
+
+mod support;
+
+use std::{net::SocketAddr, process::Stdio};
+
+use axum::{
+    body::Bytes,
+    http::{Method, Request},
+};
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use miniapp_broker_client::{
+    HostClient, RendererClient, connect,
+    proto::v1::{
+        self, ExchangeError, SignedInUser, UserProfile, admin_client::AdminClient, exchange_client::ExchangeClient,
+    },
+};
+use miniapp_brokerd::config::AppConfig;
+use prost::Message;
+use serde_json::{Value, json};
+use support::{Daemon, T0_MS, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const APP: &str = "wxbackend0000001";
+const PLAIN: &str = "wxbackend0000002";
+
+/// A real HTTP/1.1 client (hyper-util's) aimed at the daemon's backend listener.
+struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Http {
+    fn new(address: SocketAddr) -> Http {
+        Http { client: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{address}") }
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let response = within(path, self.client.request(request)).await.expect("HTTP response");
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+        let bytes = within("body", response.into_body().collect()).await.expect("body").to_bytes();
+        assert_eq!(content_type.as_deref(), Some("application/json; charset=utf-8"), "{path}");
+        (status, serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {bytes:?}")))
+    }
+
+    /// A GET that must answer HTTP 200 (as WeChat always does).
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.send(Method::GET, path, Vec::new()).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Vec<u8>>) -> Value {
+        let (status, body) = self.send(Method::POST, path, body.into()).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+/// The errcode and errmsg of an answer (0 / absent on WeChat successes without them).
+#[track_caller]
+fn assert_err(body: &Value, errcode: i64, errmsg: &str) {
+    assert_eq!(body["errcode"], json!(errcode), "errcode of {body}");
+    assert_eq!(body["errmsg"], json!(errmsg), "errmsg of {body}");
+}
+
+/// A WeChat error answer: exactly errcode and errmsg.
+#[track_caller]
+fn assert_wechat_err(body: &Value, errcode: i64, errmsg: &str) {
+    assert_err(body, errcode, errmsg);
+    assert_eq!(body.as_object().unwrap().len(), 2, "WeChat errors carry only errcode and errmsg: {body}");
+}
+
+fn signature(session_key: &str) -> String {
+    let mac = Hmac::<sha2::Sha256>::new_from_slice(session_key.as_bytes()).unwrap();
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A daemon with its backend listener on, a host with a signed-in user, two registered apps (one in
+/// a union group), and a v2 renderer of each.
+struct Backend {
+    daemon: Daemon,
+    http: Http,
+    host: HostClient,
+    secret: String,
+    plain_secret: String,
+    renderer: RendererClient,
+    plain: RendererClient,
+}
+
+fn phone_user(uid: &str, phone: &str) -> SignedInUser {
+    SignedInUser {
+        uid: uid.into(),
+        profile: Some(UserProfile {
+            nick_name: "Nick".into(),
+            avatar_url: String::new(),
+            phone_number: phone.into(),
+            email: format!("{uid}@example.invalid"),
+        }),
+    }
+}
+
+impl Backend {
+    async fn start() -> Backend {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut miniapp_brokerd::Config)) -> Backend {
+        let daemon = Daemon::start_with(|c| {
+            c.backend_http.listen = Some("127.0.0.1:0".into());
+            c.apps.insert(APP.into(), AppConfig { union_group: Some("g".into()), secret: None });
+            tweak(c);
+        })
+        .await;
+        let address = daemon.server.backend_http_addr().expect("the backend listener is on");
+        assert!(address.ip().is_loopback() && address.port() != 0, "{address}");
+        let host = within("host", daemon.host().user(phone_user("u1", "+86 138 0013 8000")).connect())
+            .await
+            .expect("host connects");
+        let secret = host.register_app(APP, false).await.unwrap().secret;
+        let plain_secret = host.register_app(PLAIN, false).await.unwrap().secret;
+        let renderer =
+            daemon.renderer(&host.launch_app(APP, r#"{"apiVersion":"v2"}"#).await.unwrap().launch_token).await;
+        let plain =
+            daemon.renderer(&host.launch_app(PLAIN, r#"{"apiVersion":"v2"}"#).await.unwrap().launch_token).await;
+        Backend { http: Http::new(address), daemon, host, secret, plain_secret, renderer, plain }
+    }
+
+    async fn login_code(&self) -> String {
+        within("login", self.renderer.call(v1::LoginRequest::default())).await.expect("login").code
+    }
+
+    async fn phone_code(&self) -> String {
+        within("getPhoneNumber", self.renderer.call(v1::GetPhoneNumberRequest {})).await.expect("phone").code
+    }
+
+    async fn email_code(&self) -> String {
+        within("getEmail", self.renderer.call(v1::GetEmailRequest {})).await.expect("email").code
+    }
+
+    fn session_path(&self, prefix: &str, code: &str) -> String {
+        format!(
+            "{prefix}/sns/jscode2session?appid={APP}&secret={}&js_code={code}&grant_type=authorization_code",
+            self.secret
+        )
+    }
+
+    /// A login of the app without a union group, exchanged over HTTP.
+    async fn plain_session(&self) -> Value {
+        let code = within("login", self.plain.call(v1::LoginRequest::default())).await.expect("login").code;
+        let path = format!(
+            "/sns/jscode2session?appid={PLAIN}&secret={}&js_code={code}&grant_type=authorization_code",
+            self.plain_secret
+        );
+        self.http.get(&path).await
+    }
+
+    async fn token(&self) -> String {
+        let body = self
+            .http
+            .get(&format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", self.secret))
+            .await;
+        body["access_token"].as_str().expect("an access token").to_owned()
+    }
+}
+
+#[tokio::test]
+async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() {
+    let b = Backend::start().await;
+    let code = b.login_code().await;
+    // A stray access_token (wechatpy sends one) and unknown parameters are ignored.
+    let body = b.http.get(&format!("{}&access_token=stray&lang=en", b.session_path("", &code))).await;
+    let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["openid", "session_key", "unionid"], "{body}");
+    let openid = body["openid"].as_str().unwrap();
+    assert!(openid.starts_with('o') && openid.len() > 20, "{openid}");
+    assert!(!body["session_key"].as_str().unwrap().is_empty());
+
+    // The same user's openid as the operator's session list shows; unionid only with a union group.
+    let mut admin = AdminClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let sessions = admin.list_sessions(b.host.authorize(v1::ListSessionsRequest { app_id: APP.into() })).await.unwrap();
+    assert_eq!(sessions.into_inner().sessions[0].openid, openid);
+    let plain = b.plain_session().await;
+    assert!(plain.get("unionid").is_none() && plain["openid"].as_str().unwrap() != openid, "{plain}");
+
+    // One platform: a code redeemed over HTTP is spent for the gRPC Exchange service too.
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let request = v1::Code2SessionRequest { app_id: APP.into(), secret: b.secret.clone(), code: code.clone() };
+    let status = exchange.code2_session(request).await.unwrap_err();
+    assert_eq!(ExchangeError::decode(status.details()).unwrap().errcode, 40163);
+
+    // Every refusal: reused, unknown, another app's code, wrong secret, unknown app, malformed.
+    assert_wechat_err(&b.http.get(&b.session_path("", &code)).await, 40163, "code been used");
+    assert_wechat_err(&b.http.get(&b.session_path("", "no-such-code")).await, 40029, "invalid code");
+    let foreign = within("login", b.plain.call(v1::LoginRequest::default())).await.unwrap().code;
+    assert_wechat_err(&b.http.get(&b.session_path("", &foreign)).await, 40029, "invalid code");
+    let fresh = b.login_code().await;
+    let wrong_secret =
+        format!("/sns/jscode2session?appid={APP}&secret=wrong&js_code={fresh}&grant_type=authorization_code");
+    assert_wechat_err(&b.http.get(&wrong_secret).await, 40125, "invalid appsecret");
+    let unknown = format!(
+        "/sns/jscode2session?appid=wxnosuchapp00001&secret={}&js_code={fresh}&grant_type=authorization_code",
+        b.secret
+    );
+    assert_wechat_err(&b.http.get(&unknown).await, 40013, "invalid appid");
+    let no_grant = format!("/sns/jscode2session?appid={APP}&secret={}&js_code={fresh}", b.secret);
+    assert_wechat_err(&b.http.get(&no_grant).await, 40001, "malformed request: grant_type must be authorization_code");
+    let no_code = format!("/sns/jscode2session?appid={APP}&secret={}&grant_type=authorization_code", b.secret);
+    assert_wechat_err(&b.http.get(&no_code).await, 40001, "malformed request: code is required");
+    let doubled = format!("{}&appid={APP}", b.session_path("", &fresh));
+    assert_wechat_err(&b.http.get(&doubled).await, 47001, "data format error");
+
+    // None of the refusals spent the fresh code; an expired one is "invalid code" too.
+    assert!(b.http.get(&b.session_path("", &fresh)).await["openid"].is_string());
+    let late = b.login_code().await;
+    b.daemon.clock.advance_ms(300_000);
+    assert_wechat_err(&b.http.get(&b.session_path("", &late)).await, 40029, "invalid code: expired");
+}
+
+#[tokio::test]
+async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
+    let b = Backend::start().await;
+    let path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", b.secret);
+    let first = b.http.get(&path).await;
+    assert_eq!(first["expires_in"], json!(7200), "{first}");
+    let keys: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["access_token", "expires_in"]);
+    let second = b.http.get(&format!("{path}&force_refresh=yes")).await;
+    assert_ne!(first["access_token"], second["access_token"], "each /cgi-bin/token call issues a fresh token");
+
+    // stable_token: the same token until force_refresh.
+    let stable = |force: bool| json!({"grant_type": "client_credential", "appid": APP, "secret": b.secret, "force_refresh": force});
+    let s1 = b.http.post("/cgi-bin/stable_token", stable(false).to_string()).await;
+    let s2 = b.http.post("/cgi-bin/stable_token", stable(false).to_string()).await;
+    assert_eq!(s1["access_token"], s2["access_token"], "{s1} {s2}");
+    let s3 = b.http.post("/cgi-bin/stable_token", stable(true).to_string()).await;
+    assert_ne!(s1["access_token"], s3["access_token"]);
+    assert_eq!(s3["expires_in"], json!(7200));
+
+    // Refusals.
+    let wrong = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=nope");
+    assert_wechat_err(&b.http.get(&wrong).await, 40125, "invalid appsecret");
+    let bad_grant = format!("/cgi-bin/token?grant_type=password&appid={APP}&secret={}", b.secret);
+    assert_wechat_err(&b.http.get(&bad_grant).await, 40001, "malformed request: grant_type must be client_credential");
+    assert_wechat_err(&b.http.post("/cgi-bin/stable_token", "{not json").await, 47001, "data format error");
+    assert_wechat_err(&b.http.post("/cgi-bin/stable_token", "[1]").await, 47001, "data format error");
+    let typed = json!({"grant_type": "client_credential", "appid": APP, "secret": b.secret, "force_refresh": "yes"});
+    assert_wechat_err(&b.http.post("/cgi-bin/stable_token", typed.to_string()).await, 47001, "data format error");
+    let huge = format!(
+        r#"{{"grant_type":"client_credential","appid":"{APP}","secret":"{}","x":"{}"}}"#,
+        b.secret,
+        "a".repeat(64 * 1024)
+    );
+    assert_wechat_err(&b.http.post("/cgi-bin/stable_token", huge).await, 47001, "data format error");
+
+    // Tokens are bound to their app: another app's checksession with this token sees this app's
+    // users only (its own user's openid is unknown there).
+    let token = first["access_token"].as_str().unwrap();
+    let plain = b.plain_session().await;
+    let check = format!(
+        "/wxa/checksession?access_token={token}&openid={}&signature={}&sig_method=hmac_sha256",
+        plain["openid"].as_str().unwrap(),
+        signature(plain["session_key"].as_str().unwrap())
+    );
+    assert_wechat_err(&b.http.get(&check).await, 87009, "invalid signature");
+
+    // After 7200 s the token is expired (42001); a token never issued is 40001.
+    b.daemon.clock.advance_ms(7_200_000);
+    let expired = format!("/wxa/checksession?access_token={token}&openid=o&signature=s&sig_method=hmac_sha256");
+    assert_wechat_err(&b.http.get(&expired).await, 42001, "access_token expired");
+    let never = "/wxa/checksession?access_token=never-issued&openid=o&signature=s&sig_method=hmac_sha256";
+    assert_wechat_err(&b.http.get(never).await, 40001, "invalid credential, access_token is invalid or not latest");
+}
+
+#[tokio::test]
+async fn checksession_accepts_only_the_live_sessions_signature() {
+    let b = Backend::start().await;
+    let session = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    let (openid, key) = (session["openid"].as_str().unwrap(), session["session_key"].as_str().unwrap());
+    let token = b.token().await;
+    let path = |sig: &str, method: &str| {
+        format!("/wxa/checksession?access_token={token}&openid={openid}&signature={sig}&sig_method={method}")
+    };
+    assert_eq!(b.http.get(&path(&signature(key), "hmac_sha256")).await, json!({"errcode": 0, "errmsg": "ok"}));
+    assert_eq!(b.http.get(&path(&signature(key).to_uppercase(), "hmac_sha256")).await["errcode"], json!(0));
+    assert_wechat_err(&b.http.get(&path(&signature("not-the-key"), "hmac_sha256")).await, 87009, "invalid signature");
+    assert_wechat_err(
+        &b.http.get(&path(&signature(key), "md5")).await,
+        40001,
+        "malformed request: sig_method must be hmac_sha256",
+    );
+
+    // A new login replaces the session key: the old signature no longer holds.
+    let again = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    assert_ne!(again["session_key"].as_str().unwrap(), key);
+    assert_wechat_err(&b.http.get(&path(&signature(key), "hmac_sha256")).await, 87009, "invalid signature");
+    assert_eq!(
+        b.http.get(&path(&signature(again["session_key"].as_str().unwrap()), "hmac_sha256")).await["errcode"],
+        json!(0)
+    );
+}
+
+#[tokio::test]
+async fn getuserphonenumber_and_getuseremail_redeem_value_codes_with_an_access_token() {
+    let b = Backend::start().await;
+    let token = b.token().await;
+    let phone_path = format!("/wxa/business/getuserphonenumber?access_token={token}");
+    b.daemon.clock.advance_ms(5_000);
+    let code = b.phone_code().await;
+    let body = b.http.post(&phone_path, json!({ "code": code }).to_string()).await;
+    let timestamp = (T0_MS + 5_000) / 1000;
+    assert_eq!(
+        body,
+        json!({"errcode": 0, "errmsg": "ok", "phone_info": {
+            "phoneNumber": "13800138000", "purePhoneNumber": "13800138000", "countryCode": "86",
+            "watermark": {"timestamp": timestamp, "appid": APP}}})
+    );
+    assert_wechat_err(&b.http.post(&phone_path, json!({ "code": code }).to_string()).await, 40163, "code been used");
+
+    // With openid, the code must be that user's: another openid is "invalid code" and spends nothing.
+    let code = b.phone_code().await;
+    let wrong = json!({"code": code, "openid": "o-someone-else"}).to_string();
+    assert_wechat_err(&b.http.post(&phone_path, wrong).await, 40029, "invalid code");
+    let session = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    let right = json!({"code": code, "openid": session["openid"]}).to_string();
+    assert_eq!(b.http.post(&phone_path, right).await["phone_info"]["purePhoneNumber"], json!("13800138000"));
+
+    // A login code is not a phone code; bodies and tokens are checked.
+    let login = json!({ "code": b.login_code().await }).to_string();
+    assert_wechat_err(&b.http.post(&phone_path, login).await, 40029, "invalid code");
+    assert_wechat_err(&b.http.post(&phone_path, "code=1").await, 47001, "data format error");
+    assert_wechat_err(&b.http.post(&phone_path, "{}").await, 40001, "malformed request: code is required");
+    let no_token = json!({ "code": b.phone_code().await }).to_string();
+    assert_wechat_err(
+        &b.http.post("/wxa/business/getuserphonenumber", no_token).await,
+        40001,
+        "invalid credential, access_token is invalid or not latest",
+    );
+
+    // E-mail, our path in the same style.
+    let email_path = format!("/wxa/business/getuseremail?access_token={token}");
+    let email = b.http.post(&email_path, json!({ "code": b.email_code().await }).to_string()).await;
+    assert_eq!(
+        email,
+        json!({"errcode": 0, "errmsg": "ok", "email_info": {"email": "u1@example.invalid",
+            "watermark": {"timestamp": timestamp, "appid": APP}}})
+    );
+    let phone_as_email = json!({ "code": b.phone_code().await }).to_string();
+    assert_wechat_err(&b.http.post(&email_path, phone_as_email).await, 40029, "invalid code");
+}
+
+#[tokio::test]
+async fn openserver_paths_answer_in_tcmpp_shape() {
+    let b = Backend::start().await;
+    let is_request_id =
+        |v: &Value| v.as_str().is_some_and(|s| s.len() == 32 && s.bytes().all(|c| c.is_ascii_hexdigit()));
+
+    let ok = b.http.get(&b.session_path("/openserver", &b.login_code().await)).await;
+    assert_eq!((ok["errcode"].clone(), ok["errmsg"].clone()), (json!(0), json!("ok")), "{ok}");
+    assert!(is_request_id(&ok["requestId"]), "{ok}");
+    assert!(ok["openid"].as_str().unwrap().starts_with('o') && ok["unionid"].as_str().is_some_and(|u| !u.is_empty()));
+    let refused = b.http.get(&b.session_path("/openserver", "nope")).await;
+    assert!(is_request_id(&refused["requestId"]), "{refused}");
+    let mut without_id = refused.clone();
+    without_id.as_object_mut().unwrap().remove("requestId");
+    assert_eq!(
+        without_id,
+        json!({"errcode": 40029, "errmsg": "invalid code", "openid": "", "session_key": "", "unionid": ""})
+    );
+
+    let token_path = format!("/openserver/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", b.secret);
+    let token = b.http.get(&token_path).await;
+    assert_eq!((token["errcode"].clone(), token["expires_in"].clone()), (json!(0), json!(7200)), "{token}");
+    assert!(is_request_id(&token["requestId"]));
+    let bad = b.http.get(&format!("/openserver/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=x")).await;
+    assert_eq!((bad["errcode"].clone(), bad["access_token"].clone()), (json!(40125), json!("")), "{bad}");
+    assert!(is_request_id(&bad["requestId"]));
+
+    let session = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    let check = |sig: String| {
+        format!(
+            "/openserver/wxa/checksession?access_token={}&openid={}&signature={sig}&sig_method=hmac_sha256",
+            token["access_token"].as_str().unwrap(),
+            session["openid"].as_str().unwrap()
+        )
+    };
+    let good = b.http.get(&check(signature(session["session_key"].as_str().unwrap()))).await;
+    assert_eq!((good["errcode"].clone(), good["errmsg"].clone()), (json!(0), json!("ok")));
+    assert!(is_request_id(&good["requestId"]));
+    let bad = b.http.get(&check(signature("x"))).await;
+    assert_err(&bad, 87009, "invalid signature");
+    assert!(is_request_id(&bad["requestId"]));
+}
+
+#[tokio::test]
+async fn the_rate_limit_is_one_per_app_over_both_surfaces() {
+    let b = Backend::start_with(|c| {
+        c.limits.exchanges_per_minute_per_app = 1;
+        c.limits.exchange_burst_per_app = 3;
+    })
+    .await;
+    let wrong = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=wrong");
+    for _ in 0..3 {
+        assert_wechat_err(&b.http.get(&wrong).await, 40125, "invalid appsecret");
+    }
+    let limited = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    assert_wechat_err(&limited, 45011, "api minute-quota reach limit, rate limit exceeded");
+    let tcmpp = b.http.get(&b.session_path("/openserver", "x")).await;
+    assert_err(&tcmpp, 45011, "api minute-quota reach limit, rate limit exceeded");
+
+    // The gRPC Exchange service draws on the same bucket.
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let request = v1::Code2SessionRequest { app_id: APP.into(), secret: b.secret.clone(), code: "x".into() };
+    let status = exchange.code2_session(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(ExchangeError::decode(status.details()).unwrap().errcode, 45011);
+
+    // Another app is unaffected.
+    let plain = format!("/cgi-bin/token?grant_type=client_credential&appid={PLAIN}&secret={}", b.plain_secret);
+    assert!(b.http.get(&plain).await["access_token"].is_string());
+}
+
+#[tokio::test]
+async fn a_broken_store_answers_system_busy() {
+    let dir = tempfile::Builder::new().prefix("brokerd-test").tempdir().unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    config.ephemeral = false;
+    config.backend_http.listen = Some("127.0.0.1:0".into());
+    let daemon = Daemon::start_in(dir, config).await;
+    let http = Http::new(daemon.server.backend_http_addr().unwrap());
+    let host = within("host", daemon.host().connect()).await.unwrap();
+    let secret = host.register_app(APP, false).await.unwrap().secret;
+    let path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={secret}");
+    assert!(http.get(&path).await["access_token"].is_string());
+
+    // The database file is overwritten under the running daemon: its next read fails.
+    let db = daemon.dir.path().join("broker.db");
+    std::fs::write(&db, vec![0xA5u8; 64 * 1024]).unwrap();
+    for wal in ["broker.db-wal", "broker.db-shm"] {
+        let _ = std::fs::write(daemon.dir.path().join(wal), vec![0xA5u8; 64 * 1024]);
+    }
+    let body = http.get(&path).await;
+    assert_eq!(body["errcode"], json!(-1), "{body}");
+    assert!(body["errmsg"].as_str().unwrap().starts_with("system error"), "{body}");
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_refusals() {
+    let b = Backend::start().await;
+    let (status, body) = b.http.send(Method::GET, "/cgi-bin/nothing", Vec::new()).await;
+    assert_eq!((status, body["errcode"].clone()), (404, json!(40066)), "{body}");
+    let (status, body) = b.http.send(Method::POST, "/sns/jscode2session", Vec::new()).await;
+    assert_eq!((status, body["errcode"].clone()), (405, json!(40066)), "{body}");
+    let (status, body) = b.http.send(Method::POST, "/openserver/cgi-bin/token", Vec::new()).await;
+    assert_eq!((status, body["errcode"].clone()), (405, json!(40066)), "{body}");
+}
+
+#[tokio::test]
+async fn the_listener_is_off_by_default_and_refuses_a_remote_address_unless_allowed() {
+    let daemon = Daemon::start().await;
+    assert_eq!(daemon.server.backend_http_addr(), None);
+    let host = within("host", daemon.host().connect()).await.unwrap();
+    let status = host.admin().status(host.authorize(v1::StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!(status.backend_http, "");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    config.backend_http.listen = Some("0.0.0.0:0".into());
+    let refused = miniapp_brokerd::start(config).await.unwrap_err().to_string();
+    assert!(refused.contains("allow_remote") && refused.contains("TLS"), "{refused}");
+}
+
+/// `serve --backend-listen 127.0.0.1:0` (the real binary) logs the bound address, and
+/// `status --json` shows it under `backend_http`.
+#[tokio::test]
+async fn serve_backend_listen_logs_the_address_and_status_shows_it() {
+    let bin = env!("CARGO_BIN_EXE_miniapp-brokerd");
+    let dir = tempfile::Builder::new().prefix("brokerd-cli").tempdir().unwrap();
+    let socket = dir.path().join("brokerd.sock");
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["serve", "--ephemeral", "--backend-listen", "127.0.0.1:0", "--socket"])
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env_remove("MINIAPP_BROKERD_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let url = within("the backend address line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("miniapp-brokerd: backend HTTP API at ") {
+                return url.to_owned();
+            }
+            seen.push(line);
+        }
+        panic!("serve ended without printing the backend address: {seen:#?}");
+    })
+    .await;
+    let address: SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+    assert!(address.port() != 0);
+    assert!(
+        seen.iter().any(|l| l.contains("backend HTTP API listening") && l.contains(&address.to_string())),
+        "{seen:#?}"
+    );
+
+    let out = within(
+        "status --json",
+        tokio::process::Command::new(bin)
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .arg("--token-file")
+            .arg(data.join("host.token"))
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env_remove("MINIAPP_BROKERD_CONFIG")
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["backend_http"], json!(address.to_string()), "{status}");
+
+    // It really serves there.
+    let (code, body) =
+        Http::new(address).send(Method::GET, "/cgi-bin/token?grant_type=client_credential", Vec::new()).await;
+    assert_eq!((code, body["errcode"].clone()), (200, json!(40001)), "{body}");
+    child.kill().await.unwrap();
+}
+
+const WECHATPY_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/backend_wechatpy.py");
+const WECHATPY_INSTALL: &str = "python3 -m pip install -r clients/python/backend-requirements.txt";
+
+/// wechatpy, unmodified from PyPI, runs a backend's login, phone and checksession against the
+/// daemon with only where it connects changed (clients/python/backend_wechatpy.py). Without
+/// python3 or wechatpy this test fails with the install command: it never passes unrun.
+#[tokio::test]
+async fn wechatpy_backend_runs_against_the_daemon() {
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", "import wechatpy; print(wechatpy.__version__)"])
+        .kill_on_drop(true)
+        .output();
+    match within("python3 probe", probe).await {
+        Err(e) => panic!("python3 is not available ({e}); install Python 3, then: {WECHATPY_INSTALL}"),
+        Ok(out) if !out.status.success() => panic!(
+            "wechatpy is not installed; run: {WECHATPY_INSTALL}\n{}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+        ),
+        Ok(_) => {}
+    }
+    let b = Backend::start().await;
+    let base = format!("http://{}", b.daemon.server.backend_http_addr().unwrap());
+    let (login, phone) = (b.login_code().await, b.phone_code().await);
+    let run = tokio::process::Command::new("python3")
+        .arg(WECHATPY_SCRIPT)
+        // `--flag=value`: secrets and codes are base64url and may start with '-'.
+        .args([
+            format!("--base-url={base}"),
+            format!("--appid={APP}"),
+            format!("--secret={}", b.secret),
+            format!("--login-code={login}"),
+            format!("--phone-code={phone}"),
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = within("backend_wechatpy.py", run).await.expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "wechatpy backend failed ({}):\n{stdout}\n{stderr}", out.status);
+    let expected = [
+        "ok access token fetched and managed by wechatpy",
+        "ok code_to_session returned openid and session_key",
+        "ok getuserphonenumber purePhoneNumber=13800138000 countryCode=86",
+        "ok checksession accepted the session's signature",
+        "ok a reused login code is refused with 40163",
+        "ok a wrong checksession signature is refused with 87009",
+        "wechatpy backend: all ok",
+    ];
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "stderr:\n{stderr}");
+
+    // The daemon agrees: the login code and the phone code are spent.
+    let reuse = b.http.get(&b.session_path("", &login)).await;
+    assert_wechat_err(&reuse, 40163, "code been used");
+}
+
+/// At most `max_connections` at once, and a connection that sends nothing is closed after
+/// `idle_timeout_ms`: two silent clients hold both slots until the daemon closes them, and only
+/// then is the next client answered.
+#[tokio::test]
+async fn silent_connections_are_closed_and_connections_are_capped() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.idle_timeout_ms = 300;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let silent = [
+        tokio::net::TcpStream::connect(address).await.unwrap(),
+        tokio::net::TcpStream::connect(address).await.unwrap(),
+    ];
+    let path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", b.secret);
+    assert!(b.http.get(&path).await["access_token"].is_string());
+    // The answer came through a slot a silent client held: the daemon had closed that one first.
+    let closed = silent.iter().filter(|s| matches!(s.try_read(&mut [0u8; 1]), Ok(0))).count();
+    assert!(closed >= 1, "the third client was answered while both silent connections were open");
+    for mut s in silent {
+        let mut buf = [0u8; 1];
+        let n = within("the daemon closes a silent connection", tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await;
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}
