@@ -170,29 +170,23 @@ async fn pay(
     key: &str,
     caller: &CancellationToken,
 ) -> (bool, Outcome) {
-    let call = loop {
-        let session = tokio::select! {
-            biased;
-            _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
-            _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
-            session = b.host.wait_current() => session,
-        };
-        let session = match session {
-            Ok(session) => session,
-            Err(e) => return (false, Err(e)),
-        };
-        if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), &written_ahead(api), b.clock.now_ms()) {
-            return (false, Err(e.into()));
-        }
-        let app = Broker::app_info(inst, Some(version));
-        let request = delegate_call::Request::Api(request.clone());
-        match HostLink::start(&session, app, request, Expect::Api(api)) {
-            Ok(call) => break call,
-            // The host went between `wait_current` and the hand-off (it never saw the payment):
-            // wait for the next one, within the grace period, as a payment that found no host does.
-            Err(ApiError::HostGone) => tokio::task::yield_now().await,
-            Err(e) => return (false, Err(e)),
-        }
+    let session = tokio::select! {
+        biased;
+        _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
+        _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
+        session = b.host.wait_current() => session,
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(e) => return (false, Err(e)),
+    };
+    if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), &written_ahead(api), b.clock.now_ms()) {
+        return (false, Err(e.into()));
+    }
+    let app = Broker::app_info(inst, Some(version));
+    let call = match HostLink::start(&session, app, delegate_call::Request::Api(request), Expect::Api(api)) {
+        Ok(call) => call,
+        Err(e) => return (false, Err(e)),
     };
     // Handed off: from here on only the host's answer, the deadline, the host's departure or the
     // app's closing (which cancels the call on the host) ends it.
