@@ -406,9 +406,10 @@ impl Log {
         } else {
             *self.failures.entry(answer.errno).or_default() += 1;
             let expected = match answer.errno {
-                // A payment fails so only before it reached the host: the host that was asked
-                // for its instance's version died first. The key is unspent.
-                HOST_GONE => answer.err_msg.ends_with("host disconnected") && (!api.is_payment() || inst.host_chosen),
+                // A payment fails so only before it was handed to a host: the host that was asked
+                // for its instance's version died first, or the host the payment was about to be
+                // written to had just gone. The key is unspent.
+                HOST_GONE => answer.err_msg.ends_with("host disconnected"),
                 NO_HOST | TIMEOUT => !api.is_payment(),
                 // checkSession before any login of the app succeeded.
                 SESSION_EXPIRED => api == Api::CheckSession && inst.version != "v1",

@@ -10,8 +10,10 @@
 //! profile fields (refused before the host sees them); invalid app.json and app ids; a raw host
 //! that answers unknown, answered, cancelled calls or with the wrong result type (the renderer still
 //! gets exactly one answer); Exchange with wrong secrets and reused, foreign or mismatched codes;
-//! the per-instance, per-app and renderer-stream limits (another app is unaffected); and a peer of
-//! another uid (when the test runs as root and can become `nobody`).
+//! the per-instance, per-app and renderer-stream limits (another app is unaffected); one app's share
+//! of renderer streams and connections (per app, per instance); a connection that never presents a
+//! token (closed after `limits.auth_timeout_ms`); and a peer of another uid (when the test runs as
+//! root and can become `nobody`).
 
 mod support;
 
@@ -490,6 +492,13 @@ struct Ctx {
     r1a: Inst,
     r1b: Inst,
     r2: Inst,
+    /// Per app: 2 renderer streams, 1 connection; per instance: 1 stream; 1 s to present a token.
+    /// App F (three instances) and G.
+    fair: Target,
+    f1: Inst,
+    f2: Inst,
+    f3: Inst,
+    g: Inst,
     _keep: Vec<Box<dyn Any + Send + Sync>>,
 }
 
@@ -500,6 +509,7 @@ enum On {
     Bare,
     Limits,
     Rate,
+    Fair,
 }
 
 impl Ctx {
@@ -510,6 +520,7 @@ impl Ctx {
             On::Bare => &self.bare,
             On::Limits => &self.limits,
             On::Rate => &self.rate,
+            On::Fair => &self.fair,
         }
     }
 
@@ -572,6 +583,25 @@ impl Ctx {
         let r1b = launch_inst(&rate_host, "wxratelimited01", r#"{"apiVersion":"v2"}"#).await;
         let r2 = launch_inst(&rate_host, "wxratelimited02", r#"{"apiVersion":"v2"}"#).await;
 
+        // fair
+        let fair = Target::new(
+            Daemon::start_with(|c| {
+                c.limits.max_renderer_streams_per_app = 2;
+                c.limits.max_renderer_streams_per_instance = 1;
+                c.limits.max_connections_per_app = 1;
+                c.limits.auth_timeout_ms = 1000;
+            })
+            .await,
+        )
+        .await;
+        let fair_host = counting_host(&fair, None).connect().await.expect("host");
+        let f1 = launch_inst(&fair_host, "wxfairshare0001", r#"{"apiVersion":"v2"}"#).await;
+        let f2 = launch_inst(&fair_host, "wxfairshare0001", r#"{"apiVersion":"v2"}"#).await;
+        let f3 = launch_inst(&fair_host, "wxfairshare0001", r#"{"apiVersion":"v2"}"#).await;
+        let g = launch_inst(&fair_host, "wxfairshare0002", r#"{"apiVersion":"v2"}"#).await;
+        // The table's own channel presents the host token now, before the token deadline.
+        snapshot(&fair).await;
+
         Ctx {
             main,
             main_host,
@@ -592,7 +622,12 @@ impl Ctx {
             r1a,
             r1b,
             r2,
-            _keep: vec![Box::new(rv3), Box::new(limits_host), Box::new(rate_host)],
+            fair,
+            f1,
+            f2,
+            f3,
+            g,
+            _keep: vec![Box::new(rv3), Box::new(limits_host), Box::new(rate_host), Box::new(fair_host)],
         }
     }
 
@@ -1690,6 +1725,83 @@ fn cases() -> Vec<Case> {
         )
         .setup(drain_rate)
         .follow(other_rate_app_served),
+        row(
+            "more renderer streams than one app's or one instance's share (another app unaffected)",
+            On::Fair,
+            vec![
+                st(Code::ResourceExhausted, "more than 2 renderer streams open for this app"),
+                st(Code::ResourceExhausted, "more than 1 renderer streams open for this app instance"),
+            ],
+            |c, _| {
+                Box::pin(async move {
+                    let app = RawRenderer::open(&c.fair.channel, &c.f3.token).await.err().expect("app share full");
+                    let other = RawRenderer::open(&c.fair.channel, &c.g.token).await.expect("another app is served");
+                    let instance = RawRenderer::open(&c.fair.channel, &c.g.token).await.err().expect("instance full");
+                    drop(other);
+                    vec![of_status(&app), of_status(&instance)]
+                })
+            },
+        )
+        .setup(|c| {
+            Box::pin(async move {
+                let prep = Prep::default();
+                for inst in [&c.f1, &c.f2] {
+                    let stream = RawRenderer::open(&c.fair.channel, &inst.token).await.expect("within the share");
+                    prep.keep.lock().unwrap().push(Box::new(stream));
+                }
+                prep
+            })
+        }),
+        row(
+            "more connections than one app's share (another app unaffected)",
+            On::Fair,
+            vec![api_fail(Code::ResourceExhausted, "getNickName:fail more than 1 connections for this app", 1005)],
+            |c, _| {
+                Box::pin(async move {
+                    let second = c.fair.d.renderer(&c.f2.token).await;
+                    let refused = second.call(v1::GetNickNameRequest {}).await.unwrap_err();
+                    let other = c.fair.d.renderer(&c.g.token).await;
+                    other.call_unary(v1::GetNickNameRequest {}).await.expect("another app is served");
+                    vec![of_failure(&refused)]
+                })
+            },
+        )
+        .setup(|c| {
+            Box::pin(async move {
+                let first = c.fair.d.renderer(&c.f1.token).await;
+                first.call_unary(v1::GetNickNameRequest {}).await.expect("the app's one connection");
+                let prep = Prep::default();
+                prep.keep.lock().unwrap().push(Box::new(first));
+                prep
+            })
+        })
+        .follow(|c, p| {
+            Box::pin(async move {
+                // Once the app's connection closes, its share is free again.
+                drop(p.keep.lock().unwrap().pop());
+                let broker = c.fair.d.server.broker().clone();
+                until("the app's connection closed", || broker.occupancy.conns_per_app.held("wxfairshare0001") == 0)
+                    .await;
+                let again = c.fair.d.renderer(&c.f2.token).await;
+                again.call_unary(v1::GetNickNameRequest {}).await.expect("the app connects again");
+            })
+        }),
+        row(
+            "a connection that never presents a token (closed after limits.auth_timeout_ms)",
+            On::Fair,
+            vec![Refusal::ConnectionClosed, Refusal::ConnectionClosed],
+            |c, _| {
+                Box::pin(async move {
+                    let socket = c.fair.d.address();
+                    let (silent, talking) = tokio::task::spawn_blocking(move || {
+                        (until_closed(&socket, false), until_closed(&socket, true))
+                    })
+                    .await
+                    .unwrap();
+                    vec![silent, talking]
+                })
+            },
+        ),
     ];
     if unsafe { libc::geteuid() } == 0 {
         cases.push(
@@ -1801,6 +1913,29 @@ fn other_rate_app_served(c: Arc<Ctx>, _: Arc<Prep>) -> Fut<()> {
         let r = c.rate.d.renderer(&c.r2.token).await;
         assert_eq!(r.call(v1::GetNickNameRequest {}).await.expect("another app is served").nick_name, "nick-u1");
     })
+}
+
+/// Connects to `socket` (speaking HTTP/2 without a token if `talk`) and reads until the daemon
+/// closes the connection (bounded).
+fn until_closed(socket: &str, talk: bool) -> Refusal {
+    use std::io::ErrorKind;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    if talk {
+        let hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        s.write_all(hello).expect("preface");
+    }
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Refusal::ConnectionClosed,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                return Refusal::ConnectionClosed;
+            }
+            Err(e) => return st(Code::Unknown, &format!("still open: {e}")),
+        }
+    }
 }
 
 /// Connects to `socket`, sends the HTTP/2 preface and an empty SETTINGS frame, and reports

@@ -4,8 +4,9 @@
 //! login through the JSON bridge is answered by the daemon, and the app backend exchanges the code.
 //! A wrong host token is refused just as it is for Rust hosts.
 //!
-//! Without `python3` or its `grpcio`/`grpcio-tools` packages the tests print "skipped: ..." and
-//! pass; `.ci/run` installs `clients/python/requirements.txt` first, so CI runs them for real.
+//! Without `python3` or its `grpcio`/`grpcio-tools` packages the tests FAIL with the command that
+//! installs them: a test that could not run must never show as passed. The README's test command
+//! installs `clients/python/requirements.txt` first, so it runs them for real.
 
 mod support;
 
@@ -15,6 +16,16 @@ use support::{Daemon, within};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/broker_demo.py");
 
+/// What makes the Python side runnable.
+const INSTALL: &str = "python3 -m pip install -r clients/python/requirements.txt";
+
+/// Fails the test, with the install command, when the Python side cannot run here.
+async fn require_python() {
+    if let Some(why) = python_missing().await {
+        panic!("cannot run the Python client: {why}; install it with `{INSTALL}` (the README's test command does)");
+    }
+}
+
 /// Why the Python side cannot run here, if it cannot.
 async fn python_missing() -> Option<String> {
     let probe =
@@ -22,7 +33,7 @@ async fn python_missing() -> Option<String> {
     match within("python3 probe", probe).await {
         Err(e) => Some(format!("python3 is not available ({e})")),
         Ok(out) if !out.status.success() => Some(format!(
-            "python3 lacks grpcio/grpcio-tools (pip install -r clients/python/requirements.txt): {}",
+            "python3 lacks grpcio/grpcio-tools: {}",
             String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
         )),
         Ok(_) => None,
@@ -41,10 +52,7 @@ async fn run_script(socket: &str, token_file: &Path) -> Output {
 
 #[tokio::test]
 async fn python_host_and_renderer_run_v1_and_v2_login() {
-    if let Some(why) = python_missing().await {
-        println!("skipped: {why}");
-        return;
-    }
+    require_python().await;
     let daemon = Daemon::start().await;
     let out = run_script(&daemon.address(), daemon.server.token_file()).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -78,10 +86,7 @@ async fn python_host_and_renderer_run_v1_and_v2_login() {
 
 #[tokio::test]
 async fn python_host_with_a_wrong_token_is_refused() {
-    if let Some(why) = python_missing().await {
-        println!("skipped: {why}");
-        return;
-    }
+    require_python().await;
     let daemon = Daemon::start().await;
     let wrong = daemon.dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-host-token\n").unwrap();

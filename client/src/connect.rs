@@ -41,7 +41,71 @@ pub async fn local_stream(address: &str) -> io::Result<LocalStream> {
         use interprocess::local_socket::{GenericNamespaced, ToNsName};
         address.to_ns_name::<GenericNamespaced>()?
     };
-    LocalStream::connect(name).await
+    let stream = LocalStream::connect(name).await?;
+    check_server_owner(address, &stream)?;
+    Ok(stream)
+}
+
+/// The server at an address runs as another user than this process: nothing was sent to it.
+/// Every connection the library makes checks this before a byte goes out, so no launch token, host
+/// token or secret reaches a process that squats the daemon's address.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the server at {address} runs as uid {server_uid}, not as this user (uid {own_uid}); refusing to send it anything"
+)]
+pub struct ForeignServer {
+    pub address: String,
+    pub server_uid: u32,
+    pub own_uid: u32,
+}
+
+impl std::fmt::Debug for ForeignServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The [`ForeignServer`] refusal somewhere in `error`'s chain of sources, if that is why it failed.
+pub fn foreign_server<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a ForeignServer> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<ForeignServer>() {
+            return Some(found);
+        }
+        if let Some(found) =
+            e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|inner| inner.downcast_ref())
+        {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Unix: the peer's effective uid (SO_PEERCRED, getpeereid) must be this process's. Windows: the
+/// daemon's pipe admits only its own user, but a client does not check who created the pipe (see
+/// docs/windows.md).
+#[cfg(unix)]
+fn check_server_owner(address: &str, stream: &LocalStream) -> io::Result<()> {
+    use interprocess::local_socket::traits::StreamCommon as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() } as u32;
+    #[allow(clippy::unnecessary_cast)] // uid_t is u32 on Linux, not everywhere
+    let server_uid = stream.peer_creds()?.euid().map(|u| u as u32).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("cannot tell which user runs the server at {address}"))
+    })?;
+    if server_uid == own_uid {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        ForeignServer { address: address.to_owned(), server_uid, own_uid },
+    ))
+}
+
+#[cfg(not(unix))]
+fn check_server_owner(_address: &str, _stream: &LocalStream) -> io::Result<()> {
+    Ok(())
 }
 
 fn endpoint() -> Endpoint {

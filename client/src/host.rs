@@ -216,6 +216,10 @@ impl HostBuilder {
         loop {
             let retryable = match self.clone().connect().await {
                 Ok(host) => return Ok(host),
+                // A server of another user is not the daemon restarting: refuse at once.
+                Err(HostClientError::Transport(e)) if connect::foreign_server(&e).is_some() => {
+                    return Err(HostClientError::Transport(e));
+                }
                 Err(HostClientError::Transport(e)) => HostClientError::Transport(e),
                 Err(HostClientError::Refused(s))
                     if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::AlreadyExists) =>

@@ -23,7 +23,7 @@ use crate::{
     consent::Consent,
     error::ApiError,
     host_link::{AnswerCheck, Deferred, HostLink, ReplyPermit, ReplyTo},
-    limits::RateLimits,
+    limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
     store::Store,
@@ -50,6 +50,8 @@ pub struct Broker {
     pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
+    /// Streams and connections held per app and instance.
+    pub occupancy: Occupancy,
     pub payments: api::payments::InFlight,
     pub clock: Arc<dyn Clock>,
     pub host_token: HostToken,
@@ -94,6 +96,7 @@ impl Broker {
         let api = request.api();
         let slot = self.admit(instance)?;
         let (version, result) = self.resolve_and_handle(instance, request, slot).await;
+        instance.touch(self.clock.now_ms());
         log_answer(started, instance, api, version, &result);
         result
     }

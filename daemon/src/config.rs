@@ -95,8 +95,24 @@ pub struct LimitsConfig {
     pub burst_per_app: u32,
     /// Renderer streams (`OpenApi.Session`) open at once, over all apps.
     pub max_renderer_streams: u32,
+    /// Renderer streams open at once for one app id (all its instances), so one app cannot take
+    /// all of `max_renderer_streams`.
+    pub max_renderer_streams_per_app: u32,
+    /// Renderer streams open at once for one app instance.
+    pub max_renderer_streams_per_instance: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
+    /// Connections attributed to one app id at once (a connection belongs to the app whose launch
+    /// token or secret it first presents; see docs/reliability.md).
+    pub max_connections_per_app: u32,
+    /// Connections attributed to one app instance at once.
+    pub max_connections_per_instance: u32,
+    /// A connection that has presented no valid token (launch token, host token, app secret)
+    /// this long after it was accepted is closed.
+    pub auth_timeout_ms: u64,
+    /// An app instance whose host has disconnected, with no renderer stream open and no call in
+    /// flight, is closed after this many seconds.
+    pub orphan_idle_secs: u64,
     /// Exchange attempts (gRPC `Exchange` and the backend HTTP API together) per minute per app.
     pub exchanges_per_minute_per_app: u32,
     /// Burst of exchange attempts above that rate.
@@ -111,6 +127,8 @@ pub struct SessionConfig {
     pub lifetime_secs: u64,
     /// How long a one-time code may wait to be exchanged (the design fixes 5 minutes).
     pub code_ttl_secs: u64,
+    /// Outstanding one-time codes per (app, user); issuing one more drops the oldest.
+    pub max_codes_per_user: u32,
 }
 
 /// The embedded database.
@@ -197,10 +215,11 @@ fn user_dir(xdg_var: &str, home_default: &str, windows_var: &str) -> Option<Path
     base.map(|b| b.join("miniapp-broker"))
 }
 
-/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`.
-pub fn default_data_dir() -> PathBuf {
+/// Where the database and the host token live by default: `$XDG_DATA_HOME/miniapp-broker`. `None`
+/// when the environment names no per-user directory: the daemon then refuses to start rather than
+/// put its secrets in a shared directory such as `/tmp`.
+pub fn default_data_dir() -> Option<PathBuf> {
     user_dir("XDG_DATA_HOME", ".local/share", "LOCALAPPDATA")
-        .unwrap_or_else(|| std::env::temp_dir().join("miniapp-broker"))
 }
 
 /// Where `serve` and the operator commands look for a config file when none is named:
@@ -250,7 +269,13 @@ impl Default for LimitsConfig {
             calls_per_second_per_app: 2_000,
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
+            max_renderer_streams_per_app: 1_000,
+            max_renderer_streams_per_instance: 100,
             max_connections: 10_240,
+            max_connections_per_app: 1_000,
+            max_connections_per_instance: 100,
+            auth_timeout_ms: 10_000,
+            orphan_idle_secs: 600,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 100,
         }
@@ -259,7 +284,7 @@ impl Default for LimitsConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300 }
+        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100 }
     }
 }
 
@@ -300,13 +325,20 @@ impl Config {
         if self.limits.max_calls_in_flight_per_instance == 0
             || self.limits.calls_per_second_per_app == 0
             || self.limits.max_renderer_streams == 0
+            || self.limits.max_renderer_streams_per_app == 0
+            || self.limits.max_renderer_streams_per_instance == 0
             || self.limits.max_connections == 0
+            || self.limits.max_connections_per_app == 0
+            || self.limits.max_connections_per_instance == 0
+            || self.limits.auth_timeout_ms == 0
+            || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
         {
             return Err("limits must be above 0".into());
         }
-        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 {
+        if self.sessions.code_ttl_secs == 0 || self.sessions.lifetime_secs == 0 || self.sessions.max_codes_per_user == 0
+        {
             return Err("sessions.* must be above 0".into());
         }
         // Upper bounds keep the millisecond arithmetic (and the u32 deadline a host sees) exact.
@@ -317,6 +349,9 @@ impl Config {
         if !(1..=36_600).contains(&self.privacy.ledger_days) {
             return Err("privacy.ledger_days must be between 1 and 36600".into());
         }
+        if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
+            return Err("limits.orphan_idle_secs must be at most ten years".into());
+        }
         const DAY_MS: u64 = 24 * 3600 * 1000;
         if self.host.call_timeout_ms > DAY_MS
             || self.host.grace_ms > DAY_MS
@@ -324,6 +359,9 @@ impl Config {
             || self.host.stall_timeout_ms > DAY_MS
         {
             return Err("host.*_ms must be at most one day (86400000)".into());
+        }
+        if self.limits.auth_timeout_ms > DAY_MS {
+            return Err("limits.auth_timeout_ms must be at most one day (86400000)".into());
         }
         self.backend_http.address()?;
         Ok(())
@@ -420,29 +458,39 @@ mod tests {
                 token_file,
             },
         );
-        let limits = (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>(), 1u32.., 1u32.., 1u32.., 1u32..).prop_map(
-            |(
-                max_message_bytes,
-                max_calls_in_flight_per_instance,
-                calls_per_second_per_app,
-                burst_per_app,
-                max_renderer_streams,
-                max_connections,
-                exchanges_per_minute_per_app,
-                exchange_burst_per_app,
-            )| {
-                LimitsConfig {
-                    max_message_bytes,
-                    max_calls_in_flight_per_instance,
-                    calls_per_second_per_app,
-                    burst_per_app,
-                    max_renderer_streams,
-                    max_connections,
-                    exchanges_per_minute_per_app,
-                    exchange_burst_per_app,
-                }
-            },
-        );
+        let limits = (
+            (1024usize..1 << 30, 1u32.., 1u32.., any::<u32>()),
+            (1u32.., 1u32.., 1u32..),
+            (1u32.., 1u32.., 1u32..),
+            (1u64..=DAY_MS, 1u64..315_000_000),
+            (1u32.., 1u32..),
+        )
+            .prop_map(
+                |(
+                    (max_message_bytes, max_calls_in_flight_per_instance, calls_per_second_per_app, burst_per_app),
+                    (max_renderer_streams, max_renderer_streams_per_app, max_renderer_streams_per_instance),
+                    (max_connections, max_connections_per_app, max_connections_per_instance),
+                    (auth_timeout_ms, orphan_idle_secs),
+                    (exchanges_per_minute_per_app, exchange_burst_per_app),
+                )| {
+                    LimitsConfig {
+                        max_message_bytes,
+                        max_calls_in_flight_per_instance,
+                        calls_per_second_per_app,
+                        burst_per_app,
+                        max_renderer_streams,
+                        max_renderer_streams_per_app,
+                        max_renderer_streams_per_instance,
+                        max_connections,
+                        max_connections_per_app,
+                        max_connections_per_instance,
+                        auth_timeout_ms,
+                        orphan_idle_secs,
+                        exchanges_per_minute_per_app,
+                        exchange_burst_per_app,
+                    }
+                },
+            );
         let backend_http =
             (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
                 |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
@@ -453,8 +501,13 @@ mod tests {
                     idle_timeout_ms,
                 },
             );
-        let sessions = (1u64..315_000_000, 1u64..315_000_000)
-            .prop_map(|(lifetime_secs, code_ttl_secs)| SessionConfig { lifetime_secs, code_ttl_secs });
+        let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32..).prop_map(
+            |(lifetime_secs, code_ttl_secs, max_codes_per_user)| SessionConfig {
+                lifetime_secs,
+                code_ttl_secs,
+                max_codes_per_user,
+            },
+        );
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
             .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
@@ -521,6 +574,13 @@ mod tests {
             ("limits", "burst_per_app"),
             ("limits", "max_renderer_streams"),
             ("limits", "max_connections"),
+            ("limits", "max_renderer_streams_per_app"),
+            ("limits", "max_renderer_streams_per_instance"),
+            ("limits", "max_connections_per_app"),
+            ("limits", "max_connections_per_instance"),
+            ("limits", "auth_timeout_ms"),
+            ("limits", "orphan_idle_secs"),
+            ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
             ("sessions", "lifetime_secs"),

@@ -205,6 +205,14 @@ pub enum StartError {
     Listen { path: String, source: std::io::Error },
     #[error("data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    /// A directory the daemon would use is not its user's alone.
+    #[error("{what} {path} {why}; refusing to use it")]
+    UnsafeDir { what: &'static str, path: String, why: String },
+    #[error("no data directory: set XDG_DATA_HOME or HOME, or pass --data-dir")]
+    NoDataDir,
+    /// Another daemon holds the data dir's lock.
+    #[error("another daemon uses {0}")]
+    DataDirLocked(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("config: {0}")]

@@ -69,6 +69,8 @@ pub struct Server {
     /// The backend HTTP API's task, when its listener is on.
     backend_http: Option<JoinHandle<std::io::Result<()>>>,
     token_file: PathBuf,
+    /// The data dir's lock, released when the server is dropped.
+    _lock: std::fs::File,
 }
 
 impl Server {
@@ -143,11 +145,12 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 }
 
 /// Starts a daemon whose platform reads time from `clock` (tests move it instead of sleeping).
-pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
+pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
     config.validate().map_err(StartError::Config)?;
-    let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
-    transport::create_private_dir(&data_dir)
-        .map_err(|source| StartError::DataDir { path: data_dir.display().to_string(), source })?;
+    config.limits.max_connections = fit_open_files(config.limits.max_connections);
+    let data_dir = config.data_dir.clone().or_else(default_data_dir).ok_or(StartError::NoDataDir)?;
+    transport::create_owned_dir(&data_dir, "data directory")?;
+    let lock = lock_data_dir(&data_dir)?;
     let token_file = config.host.token_file.clone().unwrap_or_else(|| data_dir.join("host.token"));
     let host_token = HostToken::load_or_create(&token_file)
         .map_err(|source| StartError::DataDir { path: token_file.display().to_string(), source })?;
@@ -160,6 +163,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         config.apps.clone(),
         config.sessions.code_ttl_secs,
         config.sessions.lifetime_secs,
+        config.sessions.max_codes_per_user,
         RateLimits::exchanges(&config.limits),
     )?);
 
@@ -192,6 +196,7 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         consent,
         store,
         rates: RateLimits::new(&config.limits),
+        occupancy: Default::default(),
         payments: Default::default(),
         clock,
         host_token,
@@ -217,7 +222,25 @@ pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<S
         default_api_version = broker.config.default_api_version.as_str(),
         "miniapp-brokerd listening"
     );
-    Ok(Server { broker, task, backend_http, token_file })
+    Ok(Server { broker, task, backend_http, token_file, _lock: lock })
+}
+
+/// Takes the data dir's exclusive lock (`<data dir>/daemon.lock`), held until the [`Server`] is
+/// dropped (or the process dies: the OS releases it), so two daemons never share a database, a
+/// host token or a daemon secret.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = data_dir.join("daemon.lock");
+    let io_err = |source| StartError::DataDir { path: path.display().to_string(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&path).map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirLocked(data_dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(e)),
+    }
 }
 
 async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(), tonic::transport::Error> {
@@ -245,9 +268,11 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
-    let incoming = transport::incoming(listener, broker.config.limits.max_connections as usize);
+    let auth_timeout = Duration::from_millis(broker.config.limits.auth_timeout_ms);
+    let incoming = transport::incoming(listener, broker.config.limits.max_connections as usize, auth_timeout);
     let shutdown = broker.shutdown.clone();
     tonic::transport::Server::builder()
+        .layer(services::gate::GateLayer::new(broker.clone()))
         .add_service(open_api)
         .add_service(host)
         .add_service(exchange)
@@ -258,8 +283,12 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
         .await
 }
 
+/// Sweeps expired codes, idle rate buckets and idle orphaned app instances: every 30 s, or a
+/// quarter of `limits.orphan_idle_secs` if that is shorter.
 async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
-    let mut every = tokio::time::interval(SWEEP_EVERY);
+    let orphan_idle = Duration::from_secs(broker.config.limits.orphan_idle_secs);
+    let mut every = tokio::time::interval((orphan_idle / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = every.tick() => {
@@ -270,8 +299,68 @@ async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
                     Ok(pruned) => info!(pruned, "ledger rows past privacy.ledger_days deleted"),
                     Err(e) => warn!(error = %e, "could not prune the ledger"),
                 }
+                close_idle_orphans(&broker, orphan_idle);
             }
             _ = broker.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Closes the app instances whose host left and that no renderer has used for `idle`
+/// (docs/reliability.md, "Memory stays bounded").
+fn close_idle_orphans(broker: &Broker, idle: Duration) {
+    let now = broker.clock.now_ms();
+    for instance in broker.registry.idle_orphans(broker.host.current_id(), now, idle.as_millis() as u64) {
+        info!(
+            app_id = %instance.app_id,
+            instance = %instance.instance_id,
+            idle_secs = idle.as_secs(),
+            "closing an idle app instance: its host left and no renderer uses it"
+        );
+        broker.close_app(&instance.instance_id);
+    }
+}
+
+/// Descriptors the daemon needs besides its connections: the listener, the store's files, the
+/// runtime's, standard streams and a margin.
+#[cfg(unix)]
+const FD_RESERVE: u64 = 64;
+
+/// Raises the open-file soft limit to what `max_connections` needs (one descriptor each, plus
+/// [`FD_RESERVE`]); when the hard limit does not allow it, returns the number of connections that
+/// fit (and says so), so that connections beyond it are refused at once instead of failing to be
+/// accepted while the daemon itself runs out of descriptors.
+#[cfg(unix)]
+fn fit_open_files(max_connections: u32) -> u32 {
+    let needed = u64::from(max_connections) + FD_RESERVE;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return max_connections;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
+    let (soft, hard) = (limit.rlim_cur as u64, limit.rlim_max as u64);
+    if soft >= needed {
+        return max_connections;
+    }
+    let target = needed.min(hard);
+    let raised = libc::rlimit { rlim_cur: target as libc::rlim_t, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit reads the struct it is given.
+    let soft = if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 { target } else { soft };
+    if soft >= needed {
+        info!(open_files = soft, "raised the open-file limit to what limits.max_connections needs");
+        return max_connections;
+    }
+    let fit = soft.saturating_sub(FD_RESERVE).max(1) as u32;
+    warn!(
+        "limits.max_connections lowered from {max_connections} to {fit}: the open-file limit is {soft} \
+         (raise it with `ulimit -n` or LimitNOFILE= to serve more)"
+    );
+    fit
+}
+
+#[cfg(not(unix))]
+fn fit_open_files(max_connections: u32) -> u32 {
+    max_connections
 }

@@ -222,7 +222,9 @@ fn load_config(path: Option<&Path>) -> Result<Config, BoxError> {
 fn init_logs(config: &Config, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: files, pipes and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json || config.log.format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -251,14 +253,17 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     if let Some(address) = server.backend_http_addr() {
         eprintln!("miniapp-brokerd: backend HTTP API at http://{address}");
     }
-    notify_ready();
 
+    // The handlers are installed before readiness is announced: a SIGTERM right after READY=1
+    // shuts down cleanly instead of killing the process.
+    let signals = signals();
     let stop = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("signal received; shutting down");
         stop.cancel();
     });
+    notify_ready();
     server.wait().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -272,20 +277,31 @@ fn notify_ready() {
 }
 
 async fn wait_for_signal() {
+    signals().await
+}
+
+/// Installs the SIGTERM/SIGINT (Ctrl-C) handlers now; the future resolves on the first signal.
+fn signals() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        async move {
+            let (Ok(mut term), Ok(mut int)) = handlers else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        let ctrl_c = tokio::signal::ctrl_c();
+        async move {
+            let _ = ctrl_c.await;
+        }
     }
 }
 
@@ -312,9 +328,15 @@ fn target(a: &AdminArgs) -> Result<Target, BoxError> {
         .or(config.socket.clone())
         .map(|p| p.display().to_string())
         .unwrap_or_else(connect::default_address);
-    let token_file = a.token_file.clone().or(config.host.token_file.clone()).unwrap_or_else(|| {
-        config.data_dir.clone().unwrap_or_else(miniapp_brokerd::default_data_dir).join("host.token")
-    });
+    let token_file = match a.token_file.clone().or(config.host.token_file.clone()) {
+        Some(file) => file,
+        None => config
+            .data_dir
+            .clone()
+            .or_else(miniapp_brokerd::default_data_dir)
+            .ok_or("no data directory to find the host token in: set XDG_DATA_HOME or HOME, or pass --token-file")?
+            .join("host.token"),
+    };
     Ok(Target { address, token_file })
 }
 
@@ -331,9 +353,11 @@ fn read_token(t: &Target) -> Result<String, BoxError> {
 async fn admin(t: &Target) -> Result<(AdminClient<Channel>, String), BoxError> {
     // Connect first: with no daemon running there is usually no token file either, and "no daemon"
     // is the message that helps.
-    let channel = connect::channel(&t.address)
-        .await
-        .map_err(|_| format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address))?;
+    let channel = connect::channel(&t.address).await.map_err(|e| match connect::foreign_server(&e) {
+        // Not ours: the host token is never sent to it.
+        Some(foreign) => foreign.to_string(),
+        None => format!("no daemon is listening at {} (start one with `miniapp-brokerd serve`)", t.address),
+    })?;
     // Under socket activation this connection may be what starts the daemon, and the daemon creates
     // the token file as it starts: wait for an answer (health is not token-gated) before reading it.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());

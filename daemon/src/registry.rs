@@ -35,6 +35,14 @@ pub struct AppInstance {
     in_flight: AtomicU32,
     max_in_flight: u32,
     closed: CancellationToken,
+    /// The host session that launched the instance (0: none was connected).
+    launched_by: AtomicU64,
+    /// When that host session ended (0: not yet).
+    host_left_ms: AtomicU64,
+    /// Renderer streams open on the instance.
+    streams: AtomicU32,
+    /// When a renderer last stopped using the instance (a stream closed, a unary call ended).
+    last_active_ms: AtomicU64,
 }
 
 /// Counts one call against its instance's in-flight limit until dropped.
@@ -114,6 +122,57 @@ impl AppInstance {
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
+
+    /// Records the host session that launched the instance.
+    pub(crate) fn set_launched_by(&self, host_session: u64) {
+        self.launched_by.store(host_session, Ordering::Release);
+    }
+
+    /// Takes a renderer-stream slot of this instance unless it has `max` open; the slot is given
+    /// back by [`AppInstance::stream_closed`].
+    pub fn stream_opened(&self, max: u32) -> bool {
+        let before = self.streams.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// A renderer stream of this instance ended at `now_ms`.
+    pub fn stream_closed(&self, now_ms: u64) {
+        self.touch(now_ms);
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn streams(&self) -> u32 {
+        self.streams.load(Ordering::Acquire)
+    }
+
+    /// A renderer finished using the instance at `now_ms` (a unary call ended).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_active_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    /// Since when the instance has been an orphan: its launching host is not `current_host`
+    /// (it left), and no renderer stream or call uses it. `None` while it is in use or its host is
+    /// connected. `now_ms` stands in for a host departure nobody recorded (a launch that raced
+    /// with its host's disconnect).
+    pub fn orphaned_since(&self, current_host: u64, now_ms: u64) -> Option<u64> {
+        let launched_by = self.launched_by.load(Ordering::Acquire);
+        if launched_by != 0 && launched_by == current_host {
+            return None;
+        }
+        let host_left = self.host_left_ms.load(Ordering::Acquire);
+        if launched_by != 0 && host_left == 0 {
+            let _ = self.host_left_ms.compare_exchange(0, now_ms, Ordering::AcqRel, Ordering::Acquire);
+            return None;
+        }
+        if self.streams() > 0 || self.calls_in_flight() > 0 {
+            return None;
+        }
+        Some(host_left.max(self.last_active_ms.load(Ordering::Acquire)).max(self.launched_at_ms))
+    }
 }
 
 /// Why a launch token was refused. The messages say what is wrong without echoing the token.
@@ -153,6 +212,10 @@ impl AppRegistry {
             in_flight: AtomicU32::new(0),
             max_in_flight: self.max_in_flight,
             closed: CancellationToken::new(),
+            launched_by: AtomicU64::new(0),
+            host_left_ms: AtomicU64::new(0),
+            streams: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(now_ms),
         });
         self.instances.insert(instance_id.clone(), instance.clone());
         (instance, format!("{instance_id}.{secret}"))
@@ -186,6 +249,28 @@ impl AppRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.instances.is_empty()
+    }
+
+    /// The host session `host_session` ended at `now_ms`: the instances it launched are orphans
+    /// from then on, unless a renderer uses them.
+    pub fn host_left(&self, host_session: u64, now_ms: u64) {
+        for entry in self.instances.iter() {
+            if entry.launched_by.load(Ordering::Acquire) == host_session {
+                entry.host_left_ms.store(now_ms, Ordering::Release);
+            }
+        }
+    }
+
+    /// The instances that have been orphans (see [`AppInstance::orphaned_since`]) for at least
+    /// `idle_ms` at `now_ms`.
+    pub fn idle_orphans(&self, current_host: u64, now_ms: u64, idle_ms: u64) -> Vec<Arc<AppInstance>> {
+        self.instances
+            .iter()
+            .filter(|e| {
+                e.orphaned_since(current_host, now_ms).is_some_and(|since| now_ms.saturating_sub(since) >= idle_ms)
+            })
+            .map(|e| e.value().clone())
+            .collect()
     }
 
     /// Every live instance, oldest first.

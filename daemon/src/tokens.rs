@@ -47,36 +47,48 @@ impl std::fmt::Debug for HostToken {
 }
 
 impl HostToken {
-    /// Reads the token file, or creates it (mode 0600, 256 random bits) if it does not exist.
+    /// Reads the token file, or creates it (mode 0600, 256 random bits) if it does not exist or is
+    /// empty. The token is written to a private temporary file in the same directory and renamed
+    /// into place, so the file is never seen empty or half written, whoever reads it when, and a
+    /// daemon that dies while writing leaves no token file at all.
     pub fn load_or_create(path: &Path) -> io::Result<HostToken> {
-        match fs::read_to_string(path) {
-            Ok(text) if !text.trim().is_empty() => return Ok(HostToken(text.trim().to_owned())),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        let existing = |path: &Path| match fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => Ok(Some(HostToken(text.trim().to_owned()))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Some(token) = existing(path)? {
+            return Ok(token);
         }
-        if let Some(parent) = path.parent() {
-            crate::transport::create_private_dir(parent)?;
-        }
+        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(parent) => {
+                crate::transport::create_private_dir(parent)?;
+                parent
+            }
+            None => Path::new("."),
+        };
         let token = random_token(32);
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path)?;
-        // The mode above applies only to a file this call creates; an empty file already there
-        // keeps its own, so make it private before the secret goes in.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        }
+        // tempfile creates the file 0600 on Unix, before anything is written to it.
+        let mut file = tempfile::Builder::new().prefix(".host.token.").tempfile_in(dir)?;
         file.write_all(token.as_bytes())?;
         file.write_all(b"\n")?;
-        file.sync_all()?;
+        file.as_file().sync_all()?;
+        match file.persist_noclobber(path) {
+            Ok(_) => {}
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => match existing(path)? {
+                // Another process made one meanwhile: that one is the token.
+                Some(theirs) => return Ok(theirs),
+                // An empty file (an older daemon's leftover): replace it.
+                None => {
+                    e.file.persist(path).map_err(|e| e.error)?;
+                }
+            },
+            Err(e) => return Err(e.error),
+        }
+        // The rename itself survives a crash once the directory is synced.
+        #[cfg(unix)]
+        fs::File::open(dir)?.sync_all()?;
         Ok(HostToken(token))
     }
 

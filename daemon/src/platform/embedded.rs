@@ -12,8 +12,13 @@
 //! App backends (the gRPC `Exchange` service and the backend HTTP API alike) authenticate here,
 //! with the app's secret or an access token ([`super::access_tokens`]), and every attempt is taken
 //! from the app's exchange bucket (`limits.exchanges_per_minute_per_app`).
+//! At most `sessions.max_codes_per_user` codes of one (app, uid) are outstanding: issuing one more
+//! drops the oldest, so an app that logs in without ever exchanging cannot grow memory.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use dashmap::DashMap;
@@ -62,6 +67,9 @@ pub struct EmbeddedPlatform {
     codes: DashMap<String, CodeEntry>,
     /// Redeemed codes until they would have expired, so a replay gets "code been used".
     spent: DashMap<String, u64>,
+    /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
+    issued: DashMap<(String, String), VecDeque<String>>,
+    max_codes_per_user: usize,
     code_ttl_ms: u64,
     session_ttl_ms: u64,
     /// App backends' attempts, per app, over both surfaces.
@@ -101,6 +109,7 @@ impl EmbeddedPlatform {
         apps: BTreeMap<String, AppConfig>,
         code_ttl_secs: u64,
         session_ttl_secs: u64,
+        max_codes_per_user: u32,
         exchange_rate: RateLimits,
     ) -> Result<EmbeddedPlatform, crate::error::StoreError> {
         let secret = store.daemon_secret(crate::tokens::random_key)?;
@@ -116,6 +125,8 @@ impl EmbeddedPlatform {
             apps,
             codes: DashMap::new(),
             spent: DashMap::new(),
+            issued: DashMap::new(),
+            max_codes_per_user: max_codes_per_user.max(1) as usize,
             code_ttl_ms: code_ttl_secs * 1000,
             session_ttl_ms: session_ttl_secs * 1000,
             exchange_rate,
@@ -154,7 +165,18 @@ impl EmbeddedPlatform {
             expires_at_ms: now + self.code_ttl_ms,
             ledger,
         };
+        // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
+        let mut issued = self.issued.entry((app_id.to_owned(), uid.to_owned())).or_default();
+        if issued.len() >= self.max_codes_per_user {
+            issued.retain(|c| self.codes.contains_key(c));
+        }
+        while issued.len() >= self.max_codes_per_user {
+            if let Some(oldest) = issued.pop_front() {
+                self.codes.remove(&oldest);
+            }
+        }
         self.codes.insert(code.clone(), entry);
+        issued.push_back(code.clone());
         Ok(code)
     }
 
@@ -167,6 +189,10 @@ impl EmbeddedPlatform {
         let now = self.clock.now_ms();
         self.codes.retain(|_, e| e.expires_at_ms > now);
         self.spent.retain(|_, expires| *expires > now);
+        self.issued.retain(|_, issued| {
+            issued.retain(|c| self.codes.contains_key(c));
+            !issued.is_empty()
+        });
         self.tokens.sweep(now);
         self.exchange_rate.sweep();
     }
@@ -335,6 +361,7 @@ impl Platform for EmbeddedPlatform {
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError> {
         self.store.delete_sessions_of(old_uid)?;
         self.codes.retain(|_, e| e.uid != old_uid);
+        self.issued.retain(|(_, uid), _| uid != old_uid);
         Ok(())
     }
 
@@ -459,7 +486,7 @@ mod tests {
     fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
         let store = Arc::new(Store::open(None, false).unwrap());
         let rate = RateLimits::exchanges(&LimitsConfig::default());
-        EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, rate).unwrap()
+        EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, 100, rate).unwrap()
     }
 
     async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {

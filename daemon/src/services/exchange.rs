@@ -8,7 +8,11 @@ use miniapp_broker_proto::v1::{self, exchange_server::Exchange};
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 
-use crate::platform::{Credential, ExchangeFailure, Platform, Surface, ValueKind};
+use super::gate::prove_backend;
+use crate::{
+    platform::{Credential, ExchangeFailure, Platform, Surface, ValueKind},
+    transport::ConnInfo,
+};
 
 /// The `Exchange` service.
 #[derive(Clone)]
@@ -27,9 +31,11 @@ impl ExchangeService {
         ExchangeService { platform }
     }
 
-    async fn redeem(&self, r: v1::RedeemCodeRequest, kind: ValueKind) -> Result<String, Status> {
+    async fn redeem(&self, r: Request<v1::RedeemCodeRequest>, kind: ValueKind) -> Result<String, Status> {
+        let (connection, r) = (r.extensions().get::<ConnInfo>().cloned(), r.into_inner());
         let credential = Credential::Secret { app_id: &r.app_id, secret: &r.secret };
         let app = self.platform.authenticate(Surface::Exchange, credential).await.map_err(to_status)?;
+        prove_backend(connection);
         self.platform.redeem_value(Surface::Exchange, &app, &r.code, kind, None).await.map_err(to_status)
     }
 }
@@ -60,9 +66,10 @@ impl Exchange for ExchangeService {
         &self,
         r: Request<v1::Code2SessionRequest>,
     ) -> Result<Response<v1::Code2SessionResponse>, Status> {
-        let r = r.into_inner();
+        let (connection, r) = (r.extensions().get::<ConnInfo>().cloned(), r.into_inner());
         let credential = Credential::Secret { app_id: &r.app_id, secret: &r.secret };
         let app = self.platform.authenticate(Surface::Exchange, credential).await.map_err(to_status)?;
+        prove_backend(connection);
         let session = self.platform.code2session(Surface::Exchange, &app, &r.code).await.map_err(to_status)?;
         Ok(Response::new(session))
     }
@@ -71,12 +78,12 @@ impl Exchange for ExchangeService {
         &self,
         r: Request<v1::RedeemCodeRequest>,
     ) -> Result<Response<v1::PhoneNumberResponse>, Status> {
-        let phone_number = self.redeem(r.into_inner(), ValueKind::PhoneNumber).await?;
+        let phone_number = self.redeem(r, ValueKind::PhoneNumber).await?;
         Ok(Response::new(v1::PhoneNumberResponse { phone_number }))
     }
 
     async fn get_email(&self, r: Request<v1::RedeemCodeRequest>) -> Result<Response<v1::EmailResponse>, Status> {
-        let email = self.redeem(r.into_inner(), ValueKind::Email).await?;
+        let email = self.redeem(r, ValueKind::Email).await?;
         Ok(Response::new(v1::EmailResponse { email }))
     }
 }

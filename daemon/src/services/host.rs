@@ -55,6 +55,7 @@ impl Host for HostService {
         check_app_id(&app_id)?;
         let app_json = AppJson::parse(&app_json).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (instance, launch_token) = self.broker.registry.launch(&app_id, app_json, self.broker.clock.now_ms());
+        instance.set_launched_by(self.broker.host.current_id());
         if let Some(v) = instance.app_json.api_version {
             instance.set_version(v, VersionSource::AppJson, 0);
             if v == crate::version::ApiVersion::V3
@@ -149,6 +150,8 @@ async fn run_host(
         }
     };
     consent_forwarder.abort();
+    // Before the session stops being current, so whoever sees the host gone sees this too.
+    broker.registry.host_left(session.id, broker.clock.now_ms());
     let failed = broker.host.retire(&session);
     drop(slot);
     info!(host_session = session.id, reason, failed_calls = failed, "host disconnected");

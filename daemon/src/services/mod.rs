@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod exchange;
+pub mod gate;
 pub mod host;
 pub mod open_api;
 

@@ -158,6 +158,25 @@ impl OpenApi for OpenApiService {
                 broker.config.limits.max_renderer_streams
             )));
         }
+        // Below the global limit, one app (and one instance) may hold only its share.
+        let limits = &broker.config.limits;
+        let app_stream = broker
+            .occupancy
+            .streams_per_app
+            .try_take(&instance.app_id, limits.max_renderer_streams_per_app)
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "more than {} renderer streams open for this app",
+                    limits.max_renderer_streams_per_app
+                ))
+            })?;
+        if !instance.stream_opened(limits.max_renderer_streams_per_instance) {
+            return Err(Status::resource_exhausted(format!(
+                "more than {} renderer streams open for this app instance",
+                limits.max_renderer_streams_per_instance
+            )));
+        }
+        let instance_stream = InstanceStream { instance: instance.clone(), broker: broker.clone(), _app: app_stream };
         let stream_id = broker.stats.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
         // Cancelled when the response body goes (a reset, the connection's end, or the last answer
         // sent): the one signal that the renderer is gone. The end of its request side is not.
@@ -167,6 +186,7 @@ impl OpenApi for OpenApiService {
         debug!(app_id = %instance.app_id, instance = %instance.instance_id, stream = stream_id, "renderer stream opened");
         tokio::spawn(async move {
             let _guard = guard;
+            let _instance_stream = instance_stream;
             // Made once, not per call: each registers a waiter with its token.
             let closed = instance.closed();
             let stopping = broker.shutdown.cancelled();
@@ -352,6 +372,20 @@ enum StreamEnd {
     /// Nobody will read a final status (the renderer stopped reading, the app closed while it
     /// did, the daemon stopped, or the renderer is gone).
     Abandoned,
+}
+
+/// Holds a renderer stream's place in its app's and its instance's stream counts, and marks when
+/// the instance was last used, however the stream ends.
+struct InstanceStream {
+    instance: Arc<AppInstance>,
+    broker: Arc<Broker>,
+    _app: crate::limits::Held,
+}
+
+impl Drop for InstanceStream {
+    fn drop(&mut self) {
+        self.instance.stream_closed(self.broker.clock.now_ms());
+    }
 }
 
 /// Keeps the open-renderer-streams count honest however a stream ends.

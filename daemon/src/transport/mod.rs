@@ -4,7 +4,8 @@
 //! directory, the socket itself 0600), or a named pipe on Windows, through one code path. Each
 //! accepted connection carries its peer's credentials; on Unix a peer whose uid differs from the
 //! daemon's is refused before it can send a byte of gRPC. A connection limit keeps a flood of
-//! connections from exhausting the daemon.
+//! connections from exhausting the daemon, and a connection that proves nothing (no valid token
+//! on any request, see `services::gate`) within `limits.auth_timeout_ms` is closed.
 
 #[cfg(unix)]
 mod unix;
@@ -12,10 +13,15 @@ mod unix;
 mod windows;
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use futures::Stream;
@@ -31,9 +37,9 @@ use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 #[cfg(unix)]
-pub use unix::{bind, create_private_dir, default_address, systemd_listener};
+pub use unix::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
 #[cfg(windows)]
-pub use windows::{bind, create_private_dir, default_address, systemd_listener};
+pub use windows::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
 
 /// Who is on the other end of a connection, as the OS reports it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,23 +61,71 @@ impl std::fmt::Debug for Listener {
     }
 }
 
+/// What a connection has proven so far. Nothing, when accepted; a request that presents a valid
+/// launch token, host token or app secret proves it, and may attach what the connection then
+/// holds against its app's limits (released when the connection closes). Shared between the
+/// connection, which closes itself if nothing is proven in time, and its requests.
+#[derive(Debug, Default)]
+pub struct ConnAuth {
+    proven: AtomicBool,
+    holds: Mutex<Vec<crate::limits::Held>>,
+}
+
+impl ConnAuth {
+    pub fn is_proven(&self) -> bool {
+        self.proven.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection proven, holding `holds` until it closes. Returns false (and drops
+    /// `holds`) if it already was.
+    pub fn prove(&self, holds: Vec<crate::limits::Held>) -> bool {
+        let mut held = self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.proven.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *held = holds;
+        true
+    }
+}
+
+/// What each request of a connection learns about it (tonic puts it in the request extensions).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: PeerInfo,
+    pub auth: Arc<ConnAuth>,
+}
+
 /// One accepted connection, counted against the connection limit until it closes.
 pub struct Conn {
     io: LocalStream,
     peer: PeerInfo,
+    auth: Arc<ConnAuth>,
+    /// When the connection is closed unless a request proved it by then (`None` once proven).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.peer
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo { peer: self.peer, auth: self.auth.clone() }
     }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        // Checked before reading, so a peer that keeps sending cannot keep an unproven connection.
+        // The server always has a read pending on a connection, so the timer's wake-up lands here.
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.auth.is_proven() {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                debug!(peer_pid = this.peer.pid, "connection closed: no valid token within limits.auth_timeout_ms");
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no valid token presented in time")));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -89,10 +143,15 @@ impl AsyncWrite for Conn {
 
 /// The accepted connections of `listener`, for tonic's `serve_with_incoming`. Peers of another uid
 /// and connections beyond `max_connections` are closed at once and logged; accept errors are
-/// logged and retried, so the stream only ends when the server stops polling it.
-pub fn incoming(listener: Listener, max_connections: usize) -> impl Stream<Item = io::Result<Conn>> {
+/// logged and retried, so the stream only ends when the server stops polling it. Each connection
+/// must be proven within `auth_timeout` (see [`ConnAuth`]) or it is closed.
+pub fn incoming(
+    listener: Listener,
+    max_connections: usize,
+    auth_timeout: Duration,
+) -> impl Stream<Item = io::Result<Conn>> {
     let limit = Arc::new(Semaphore::new(max_connections));
-    futures::stream::unfold((listener, limit), |(listener, limit)| async move {
+    futures::stream::unfold((listener, limit), move |(listener, limit)| async move {
         loop {
             let io = match listener.inner.accept().await {
                 Ok(io) => io,
@@ -113,7 +172,14 @@ pub fn incoming(listener: Listener, max_connections: usize) -> impl Stream<Item 
                 continue;
             };
             debug!(peer_pid = peer.pid, "connection accepted");
-            return Some((Ok(Conn { io, peer, _permit: permit }), (listener, limit)));
+            let conn = Conn {
+                io,
+                peer,
+                auth: Arc::default(),
+                deadline: Some(Box::pin(tokio::time::sleep(auth_timeout))),
+                _permit: permit,
+            };
+            return Some((Ok(conn), (listener, limit)));
         }
     })
 }

@@ -4,7 +4,7 @@ use std::{
     fs, io,
     os::{
         fd::{FromRawFd, OwnedFd},
-        unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
 };
@@ -35,13 +35,51 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` private to the daemon's user (as [`create_private_dir`]), after making sure no
+/// other user controls it: every existing directory on the way must be owned by the daemon's uid
+/// or root and writable by nobody else (a sticky directory such as `/tmp` is fine), and `dir`
+/// itself must be the daemon's own and writable by nobody else. A directory someone else made
+/// first (a squatter of `/tmp/miniapp-broker-<uid>`) or that others can write is refused, never
+/// used: whoever controls it could swap the socket or read what the daemon writes there.
+pub fn create_owned_dir(dir: &Path, what: &'static str) -> Result<(), StartError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    let unsafe_dir = |path: &Path, why: String| StartError::UnsafeDir { what, path: path.display().to_string(), why };
+    let io_err = |path: &Path, e: io::Error| unsafe_dir(path, e.to_string());
+    let absolute = std::path::absolute(dir).map_err(|e| io_err(dir, e))?;
+    for ancestor in absolute.ancestors().skip(1) {
+        let meta = match fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(ancestor, e)),
+        };
+        if meta.uid() != own && meta.uid() != 0 {
+            return Err(unsafe_dir(ancestor, format!("is owned by uid {}, not by this user (uid {own})", meta.uid())));
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(unsafe_dir(ancestor, format!("is writable by group or others (mode {:o})", mode & 0o7777)));
+        }
+    }
+    create_private_dir(&absolute).map_err(|e| io_err(&absolute, e))?;
+    let meta = fs::metadata(&absolute).map_err(|e| io_err(&absolute, e))?;
+    if meta.uid() != own {
+        return Err(unsafe_dir(&absolute, format!("is owned by uid {}, not by this user (uid {own})", meta.uid())));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(&absolute, format!("is writable by group or others (mode {:o})", mode & 0o7777)));
+    }
+    Ok(())
+}
+
 /// Binds the socket at `path`: the directory is created private, a stale socket (nobody
 /// answers) is replaced, a live one means another daemon runs there.
 pub async fn bind(path: &Path) -> Result<Listener, StartError> {
     let display = path.display().to_string();
     let listen_err = |source: io::Error| StartError::Listen { path: display.clone(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        create_private_dir(dir).map_err(listen_err)?;
+        create_owned_dir(dir, "socket directory")?;
     }
     if path.exists() {
         match std::os::unix::net::UnixStream::connect(path) {

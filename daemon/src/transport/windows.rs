@@ -25,6 +25,16 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
+/// The data dir under `%LOCALAPPDATA%` inherits that profile directory's ACL (the user, SYSTEM and
+/// Administrators); no ownership check is made on Windows (see docs/windows.md).
+pub fn create_owned_dir(dir: &Path, what: &'static str) -> Result<(), StartError> {
+    create_private_dir(dir).map_err(|e| StartError::UnsafeDir {
+        what,
+        path: dir.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
 /// Creates the named pipe listener.
 pub async fn bind(name: &Path) -> Result<Listener, StartError> {
     let display = name.display().to_string();
