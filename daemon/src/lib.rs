@@ -113,10 +113,14 @@ impl Server {
 
     /// Serves until the shutdown token is cancelled, then finishes as [`Server::shutdown`] does.
     pub async fn wait(mut self) {
+        // Biased: once shutdown began, the server task ending too is part of the graceful stop,
+        // not an unexpected end (either way the stop is logged).
         tokio::select! {
+            biased;
             _ = self.broker.shutdown.cancelled() => {}
             result = &mut self.task => {
                 if let Ok(Err(e)) = result { warn!(error = %e, "server stopped"); }
+                info!("daemon stopped");
                 return;
             }
         }
