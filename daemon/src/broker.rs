@@ -20,8 +20,9 @@ use crate::{
     api,
     clock::Clock,
     config::Config,
+    consent::Consent,
     error::ApiError,
-    host_link::{Deferred, HostLink, ReplyPermit, ReplyTo},
+    host_link::{AnswerCheck, Deferred, HostLink, ReplyPermit, ReplyTo},
     limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
@@ -46,6 +47,7 @@ pub struct Broker {
     pub host: Arc<HostLink>,
     pub user: CurrentUser,
     pub platform: Arc<dyn Platform>,
+    pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
     /// Streams and connections held per app and instance.
@@ -168,6 +170,15 @@ impl Broker {
         };
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
         match resolved.map(|v| (v, api::route(api, v))) {
+            // A delegated answer that carries user data is recorded in the ledger on its way back.
+            Some((v, api::Route::Delegate)) if api::discloses(api) => {
+                let app = Broker::app_info(instance, Some(v));
+                let (broker, app_id) = (self.clone(), instance.app_id.clone());
+                let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();
+                let check = AnswerCheck(Box::new(move |_| api::record_passed_through(&broker, &app_id, &uid, api)));
+                let reply = ReplyTo::StreamChecked { permit, id, check };
+                self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
+            }
             Some((v, api::Route::Delegate)) => {
                 let app = Broker::app_info(instance, Some(v));
                 let reply = ReplyTo::Stream { permit, id };
@@ -207,7 +218,7 @@ impl Broker {
     /// The host pushed a (possibly new) signed-in user.
     pub async fn set_user(&self, user: SignedInUser) {
         let signed_in = !user.uid.is_empty();
-        if let Some(previous) = self.user.set(user) {
+        if let Some(previous) = self.user.set(user).await {
             info!(signed_in, "signed-in user changed; ending the previous user's sessions");
             if let Err(e) = self.platform.user_changed(&previous).await {
                 warn!(error = %e, "could not end the previous user's sessions");
