@@ -17,12 +17,19 @@ export const OPEN_APIS = {
   getUserProfile: 'GET_USER_PROFILE',
   requestPayment: 'REQUEST_PAYMENT',
   requestMidasPaymentGameItem: 'REQUEST_MIDAS_PAYMENT_GAME_ITEM',
-} as const satisfies Record<string, DelegateMethod>;
+  // Consent: getSetting never reaches the host; authorize asks it through getAuthCode.
+  getSetting: null,
+  authorize: null,
+  openSetting: 'OPEN_SETTING',
+} as const satisfies Record<string, DelegateMethod | null>;
 
 /** `"login"`, `"requestPayment"`, ...: the mini program name without `wx.`. */
 export type OpenApiName = keyof typeof OPEN_APIS;
 
 export const OPEN_API_NAMES = Object.keys(OPEN_APIS) as OpenApiName[];
+
+/** The APIs a host implements with a handler of their own. */
+export type DelegatedApiName = { [N in OpenApiName]: (typeof OPEN_APIS)[N] extends null ? never : N }[OpenApiName];
 
 /** What a caller passes for `api` (every field optional, as protobuf allows). */
 export type RequestOf<N extends OpenApiName> = NonNullable<ApiRequest[N]>;

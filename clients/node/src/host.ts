@@ -7,7 +7,7 @@
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { OPEN_APIS, OPEN_API_NAMES, type OpenApiName, type ReceivedRequestOf, type ResponseOf } from './apis';
+import { OPEN_APIS, OPEN_API_NAMES, type DelegatedApiName, type OpenApiName, type ReceivedRequestOf, type ResponseOf } from './apis';
 import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, defaultAddress, target } from './connect';
 import { HostError, UserCancelled } from './failure';
 import type { AdminClient } from './generated/miniapp/broker/v1/Admin';
@@ -23,6 +23,7 @@ import type { HostClient as GrpcHostClient } from './generated/miniapp/broker/v1
 import type { HostMessage } from './generated/miniapp/broker/v1/HostMessage';
 import type { LaunchAppResponse__Output } from './generated/miniapp/broker/v1/LaunchAppResponse';
 import type { RegisterAppResponse__Output } from './generated/miniapp/broker/v1/RegisterAppResponse';
+import type { SetDecision } from './generated/miniapp/broker/v1/SetDecision';
 import type { SignedInUser } from './generated/miniapp/broker/v1/SignedInUser';
 import type { StatusResponse__Output } from './generated/miniapp/broker/v1/StatusResponse';
 import type { Welcome__Output } from './generated/miniapp/broker/v1/Welcome';
@@ -45,7 +46,7 @@ export type ApiHandler<N extends OpenApiName> = (
   ctx: CallContext,
 ) => ResponseOf<N> | Promise<ResponseOf<N>>;
 
-export type HostHandlers = { [N in OpenApiName]?: ApiHandler<N> } & {
+export type HostHandlers = { [N in DelegatedApiName]?: ApiHandler<N> } & {
   /** v3 "mutual trust": asked before a default implementation runs. */
   getAuthCode?: (request: GetAuthCodeRequest__Output, ctx: CallContext) => GetAuthCodeResponse | Promise<GetAuthCodeResponse>;
   /** The version ("v1", "v2", "v3") an app instance uses when its app.json sets none. */
@@ -97,7 +98,8 @@ type Link = grpc.ClientDuplexStream<HostMessage, DaemonMessage__Output>;
 
 /**
  * A connected host. Events: `connected` (Welcome), `disconnected` (reason), `relaunched`
- * (`Relaunched`), `reconnectFailed` (Error; it keeps trying).
+ * (`Relaunched`), `reconnectFailed` (Error; it keeps trying), `consent` (ConsentChanged: a user's
+ * decision changed), `notice` (ProtocolNotice: the daemon refused something the host sent).
  */
 export class HostClient extends EventEmitter {
   private readonly grpc: GrpcHostClient;
@@ -159,7 +161,11 @@ export class HostClient extends EventEmitter {
   }
 
   private methods(): DelegateMethod[] {
-    const methods: DelegateMethod[] = OPEN_API_NAMES.filter((n) => this.handlers[n]).map((n) => OPEN_APIS[n]);
+    const methods: DelegateMethod[] = [];
+    for (const name of OPEN_API_NAMES) {
+      const method = OPEN_APIS[name];
+      if (method && this.handlers[name as DelegatedApiName]) methods.push(method);
+    }
     if (this.handlers.getAuthCode) methods.push('GET_AUTH_CODE');
     if (this.handlers.openApiVersion) methods.push('OPEN_API_VERSION');
     return methods;
@@ -206,6 +212,8 @@ export class HostClient extends EventEmitter {
       controller?.abort(new Error(`cancelled by the daemon: ${message.cancel.reason}`));
     } else if (message.msg === 'notice' && message.notice) {
       this.emit('notice', message.notice);
+    } else if (message.msg === 'consent' && message.consent) {
+      this.emit('consent', message.consent);
     }
   }
 
@@ -216,7 +224,7 @@ export class HostClient extends EventEmitter {
     let run: (() => Promise<DelegateResult>) | undefined;
     if (call.request === 'api' && call.api?.api && call.api.api in OPEN_APIS) {
       const api = call.api.api as OpenApiName;
-      const handler = this.handlers[api] as ApiHandler<OpenApiName> | undefined;
+      const handler = OPEN_APIS[api] ? (this.handlers[api as DelegatedApiName] as ApiHandler<OpenApiName> | undefined) : undefined;
       const request = call.api[api] as ReceivedRequestOf<OpenApiName>;
       if (handler) run = async () => ({ callId, api: { [api]: await handler(request, ctx) } });
     } else if (call.request === 'getAuthCode' && call.getAuthCode) {
@@ -303,6 +311,15 @@ export class HostClient extends EventEmitter {
   setUser(user: SignedInUser): void {
     this.user = user;
     this.link?.write({ user });
+  }
+
+  /**
+   * Sets one scope's decision for a user of an app, as the host's own settings UI would (an empty
+   * `uid`: the signed-in user; `DECISION_UNDECIDED` with an empty scope: every scope). The daemon
+   * answers with a `consent` event, or a `notice` if it refuses (unknown app or scope).
+   */
+  setDecision(decision: SetDecision): void {
+    this.link?.write({ decision });
   }
 
   /** The daemon's status (Admin.Status). */

@@ -5,7 +5,7 @@
  * - `RendererClient`: a mini app renderer's side (typed calls on the Session stream, `invoke`).
  * - `createWx(renderer)`: the `wx.*` surface over the JSON bridge.
  */
-export { OPEN_APIS, OPEN_API_NAMES, type OpenApiName, type RequestOf, type ResponseOf, type ReceivedRequestOf, type ReceivedResponseOf } from './apis';
+export { OPEN_APIS, OPEN_API_NAMES, type OpenApiName, type DelegatedApiName, type RequestOf, type ResponseOf, type ReceivedRequestOf, type ReceivedResponseOf } from './apis';
 export { Backoff, defaultAddress, target, CHANNEL_OPTIONS } from './connect';
 export { ApiError, HostError, UserCancelled, TRANSPORT_REASON } from './failure';
 export { HostClient, HostConnectError, type HostOptions, type HostHandlers, type ApiHandler, type CallContext, type Relaunched } from './host';
@@ -21,3 +21,6 @@ export type { StatusResponse__Output as StatusResponse } from './generated/minia
 export type { Welcome__Output as Welcome } from './generated/miniapp/broker/v1/Welcome';
 export type { GetAuthCodeRequest__Output as GetAuthCodeRequest } from './generated/miniapp/broker/v1/GetAuthCodeRequest';
 export type { GetAuthCodeResponse } from './generated/miniapp/broker/v1/GetAuthCodeResponse';
+export type { SetDecision } from './generated/miniapp/broker/v1/SetDecision';
+export type { ConsentChanged__Output as ConsentChanged } from './generated/miniapp/broker/v1/ConsentChanged';
+export type { Decision } from './generated/miniapp/broker/v1/Decision';

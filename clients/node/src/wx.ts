@@ -18,6 +18,9 @@ export const WX_APIS = [
   'getUserProfile',
   'requestPayment',
   'requestMidasPaymentGameItem',
+  'getSetting',
+  'authorize',
+  'openSetting',
 ] as const;
 
 export type WxApiName = (typeof WX_APIS)[number];
