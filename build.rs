@@ -37,6 +37,12 @@ const JSON_MESSAGES: &[&str] = &[
     "RequestMidasPaymentGameItemRequest",
     "RequestMidasPaymentGameItemResponse",
     "HostError",
+    "GetSettingRequest",
+    "GetSettingResponse",
+    "AuthorizeRequest",
+    "AuthorizeResponse",
+    "OpenSettingRequest",
+    "OpenSettingResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -62,6 +68,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             format!(".miniapp.broker.v1.{field}"),
             "#[serde(skip_serializing_if = \"Option::is_none\")]",
         );
+    }
+    // The user's decisions, in a stable order (scope names sort the same everywhere).
+    for field in
+        ["GetSettingResponse.auth_setting", "OpenSettingRequest.auth_setting", "OpenSettingResponse.auth_setting"]
+    {
+        builder = builder.btree_map(format!(".miniapp.broker.v1.{field}"));
     }
     builder.compile_fds(fds)?;
     Ok(())

@@ -16,6 +16,12 @@ pub enum Api {
     GetUserProfile,
     RequestPayment,
     RequestMidasPaymentGameItem,
+    /// wx.getSetting: the user's decisions for this app (answered by the daemon).
+    GetSetting,
+    /// wx.authorize: ask for a scope ahead of use (through getAuthCode).
+    Authorize,
+    /// wx.openSetting: the host's settings page for this app.
+    OpenSetting,
 }
 
 /// The v3 scopes of the seed (SCOPE_PHONE_NUMBER, ...).
@@ -26,10 +32,27 @@ pub mod scope {
     pub const NICKNAME: &str = "SCOPE_NICKNAME";
     /// Every scope the daemon knows, for validating what a host or an operator names.
     pub const ALL: [&str; 4] = [PHONE_NUMBER, EMAIL, AVATAR, NICKNAME];
+    /// WeChat's `scope.userInfo`: avatar and nickname together (getSetting, authorize).
+    pub const USER_INFO: &str = "scope.userInfo";
+
+    /// The v3 scopes a scope name stands for: itself, or avatar and nickname for
+    /// `scope.userInfo`; `None` for a name the daemon does not know.
+    pub fn expand(name: &str) -> Option<&'static [&'static str]> {
+        const USER_INFO_SCOPES: [&str; 2] = [AVATAR, NICKNAME];
+        match name {
+            USER_INFO => Some(&USER_INFO_SCOPES),
+            _ => ALL.iter().position(|s| *s == name).map(|i| std::slice::from_ref(&ALL[i])),
+        }
+    }
 }
 
 impl Api {
-    /// Every API, in the seed's order.
+    /// The settings APIs (getSetting, authorize, openSetting): answered by the daemon's consent
+    /// store in every version, never forwarded as themselves except openSetting's page.
+    pub const CONSENT: [Api; 3] = [Api::GetSetting, Api::Authorize, Api::OpenSetting];
+
+    /// Every open API of the seed, in its order (each has a delegate method of its own; the
+    /// settings APIs are in [`Api::CONSENT`]).
     pub const ALL: [Api; 10] = [
         Api::Login,
         Api::CheckSession,
@@ -56,13 +79,16 @@ impl Api {
             Api::GetUserProfile => "getUserProfile",
             Api::RequestPayment => "requestPayment",
             Api::RequestMidasPaymentGameItem => "requestMidasPaymentGameItem",
+            Api::GetSetting => "getSetting",
+            Api::Authorize => "authorize",
+            Api::OpenSetting => "openSetting",
         }
     }
 
     /// Looks an API up by its mini program name, with or without the `wx.` prefix.
     pub fn from_name(name: &str) -> Option<Api> {
         let name = name.strip_prefix("wx.").unwrap_or(name);
-        Api::ALL.into_iter().find(|api| api.name() == name)
+        Api::ALL.into_iter().chain(Api::CONSENT).find(|api| api.name() == name)
     }
 
     /// The TMFMiniAppSDKDelegate method the host implements for this API.
@@ -78,6 +104,10 @@ impl Api {
             Api::GetUserProfile => DelegateMethod::GetUserProfile,
             Api::RequestPayment => DelegateMethod::RequestPayment,
             Api::RequestMidasPaymentGameItem => DelegateMethod::RequestMidasPaymentGameItem,
+            // Never reaches the host.
+            Api::GetSetting => DelegateMethod::Unspecified,
+            Api::Authorize => DelegateMethod::GetAuthCode,
+            Api::OpenSetting => DelegateMethod::OpenSetting,
         }
     }
 
@@ -100,6 +130,11 @@ impl Api {
             self,
             Api::Login | Api::CheckSession | Api::GetPhoneNumber | Api::GetEmail | Api::ChooseAvatar | Api::GetNickName
         )
+    }
+
+    /// Whether the API is one of the settings APIs ([`Api::CONSENT`]).
+    pub const fn is_consent(self) -> bool {
+        matches!(self, Api::GetSetting | Api::Authorize | Api::OpenSetting)
     }
 
     /// Whether the API moves money, so it carries an idempotency key.
@@ -139,6 +174,9 @@ impl v1::ApiRequest {
             R::GetUserProfile(_) => Api::GetUserProfile,
             R::RequestPayment(_) => Api::RequestPayment,
             R::RequestMidasPaymentGameItem(_) => Api::RequestMidasPaymentGameItem,
+            R::GetSetting(_) => Api::GetSetting,
+            R::Authorize(_) => Api::Authorize,
+            R::OpenSetting(_) => Api::OpenSetting,
         })
     }
 }
@@ -158,6 +196,9 @@ impl v1::ApiResponse {
             R::GetUserProfile(_) => Api::GetUserProfile,
             R::RequestPayment(_) => Api::RequestPayment,
             R::RequestMidasPaymentGameItem(_) => Api::RequestMidasPaymentGameItem,
+            R::GetSetting(_) => Api::GetSetting,
+            R::Authorize(_) => Api::Authorize,
+            R::OpenSetting(_) => Api::OpenSetting,
         })
     }
 
@@ -175,6 +216,9 @@ impl v1::ApiResponse {
             Some(R::GetUserProfile(r)) => &r.err_msg,
             Some(R::RequestPayment(r)) => &r.err_msg,
             Some(R::RequestMidasPaymentGameItem(r)) => &r.err_msg,
+            Some(R::GetSetting(r)) => &r.err_msg,
+            Some(R::Authorize(r)) => &r.err_msg,
+            Some(R::OpenSetting(r)) => &r.err_msg,
             None => "",
         }
     }
@@ -195,6 +239,9 @@ impl v1::ApiResponse {
             Some(R::GetUserProfile(r)) => r.err_msg = msg,
             Some(R::RequestPayment(r)) => r.err_msg = msg,
             Some(R::RequestMidasPaymentGameItem(r)) => r.err_msg = msg,
+            Some(R::GetSetting(r)) => r.err_msg = msg,
+            Some(R::Authorize(r)) => r.err_msg = msg,
+            Some(R::OpenSetting(r)) => r.err_msg = msg,
             None => {}
         }
     }
@@ -255,6 +302,9 @@ api_calls! {
     GetUserProfile, GetUserProfileRequest, GetUserProfileResponse;
     RequestPayment, RequestPaymentRequest, RequestPaymentResponse;
     RequestMidasPaymentGameItem, RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse;
+    GetSetting, GetSettingRequest, GetSettingResponse;
+    Authorize, AuthorizeRequest, AuthorizeResponse;
+    OpenSetting, OpenSettingRequest, OpenSettingResponse;
 }
 
 #[cfg(test)]
@@ -267,6 +317,10 @@ mod tests {
             assert_eq!(Api::from_name(api.name()), Some(api));
             assert_eq!(Api::from_name(&format!("wx.{}", api.name())), Some(api));
         }
+        for api in Api::CONSENT {
+            assert_eq!(Api::from_name(api.name()), Some(api));
+            assert!(api.is_consent() && !api.has_default() && !Api::ALL.contains(&api));
+        }
         assert_eq!(Api::from_name("getLocation"), None);
     }
 
@@ -277,5 +331,8 @@ mod tests {
         assert!(!Api::RequestPayment.has_default());
         assert_eq!(Api::GetEmail.scope(), Some(scope::EMAIL));
         assert_eq!(Api::Login.scope(), None);
+        assert_eq!(scope::expand(scope::USER_INFO), Some(&[scope::AVATAR, scope::NICKNAME][..]));
+        assert_eq!(scope::expand(scope::EMAIL), Some(&[scope::EMAIL][..]));
+        assert_eq!(scope::expand("scope.userLocation"), None);
     }
 }

@@ -47,6 +47,12 @@ pub fn request_from_json(api: Api, params: &str) -> Result<v1::ApiRequest, JsonE
         Api::GetUserProfile => parse::<v1::GetUserProfileRequest>(params),
         Api::RequestPayment => parse::<v1::RequestPaymentRequest>(params),
         Api::RequestMidasPaymentGameItem => parse::<v1::RequestMidasPaymentGameItemRequest>(params),
+        Api::GetSetting => parse::<v1::GetSettingRequest>(params),
+        Api::Authorize => parse::<v1::AuthorizeRequest>(params),
+        // What the renderer may send is ignored: the daemon fills the request in for the host.
+        Api::OpenSetting => {
+            parse::<v1::OpenSettingRequest>(params).map(|_| ApiCall::into_request(v1::OpenSettingRequest::default()))
+        }
     }
 }
 
@@ -96,6 +102,9 @@ pub fn response_to_json(resp: &v1::ApiResponse) -> Value {
         Some(R::GetUserProfile(r)) => serde_json::to_value(r),
         Some(R::RequestPayment(r)) => serde_json::to_value(r),
         Some(R::RequestMidasPaymentGameItem(r)) => serde_json::to_value(r),
+        Some(R::GetSetting(r)) => serde_json::to_value(r),
+        Some(R::Authorize(r)) => serde_json::to_value(r),
+        Some(R::OpenSetting(r)) => serde_json::to_value(r),
         None => Ok(Value::Object(Map::new())),
     };
     // Serializing plain strings and numbers cannot fail.
@@ -139,6 +148,22 @@ mod tests {
         let shallow = r#"{"x":[[["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["]]]}"#;
         assert!(request_from_json(Api::Login, shallow).is_ok(), "brackets inside strings do not count");
         assert!(request_from_json(Api::Login, "").is_ok());
+    }
+
+    #[test]
+    fn settings_use_wechat_shapes() {
+        let req = request_from_json(Api::Authorize, r#"{"scope":"scope.userInfo","success":"fn"}"#).unwrap();
+        assert_eq!(v1::AuthorizeRequest::from_request(req).unwrap().scope, "scope.userInfo");
+        let req = request_from_json(Api::OpenSetting, r#"{"uid":"someone-else","withSubscriptions":true}"#).unwrap();
+        assert_eq!(v1::OpenSettingRequest::from_request(req), Some(v1::OpenSettingRequest::default()));
+        let resp = v1::GetSettingResponse {
+            err_msg: "getSetting:ok".into(),
+            auth_setting: [("scope.userInfo".to_owned(), true), ("SCOPE_EMAIL".to_owned(), false)].into(),
+        };
+        assert_eq!(
+            response_to_json(&v1::GetSettingRequest::wrap_response(resp)),
+            json!({"errMsg": "getSetting:ok", "authSetting": {"SCOPE_EMAIL": false, "scope.userInfo": true}})
+        );
     }
 
     #[test]
@@ -196,6 +221,9 @@ mod tests {
             (text(), text(), text(), text()).prop_map(|(sign_data, pay_sig, signature, idempotency_key)| {
                 v1::RequestMidasPaymentGameItemRequest { sign_data, pay_sig, signature, idempotency_key }.into_request()
             }),
+            Just(v1::GetSettingRequest {}.into_request()),
+            text().prop_map(|scope| v1::AuthorizeRequest { scope }.into_request()),
+            Just(v1::OpenSettingRequest::default().into_request()),
         ]
     }
 
@@ -213,6 +241,9 @@ mod tests {
             A::GetUserProfile(r) => serde_json::to_value(r),
             A::RequestPayment(r) => serde_json::to_value(r),
             A::RequestMidasPaymentGameItem(r) => serde_json::to_value(r),
+            A::GetSetting(r) => serde_json::to_value(r),
+            A::Authorize(r) => serde_json::to_value(r),
+            A::OpenSetting(r) => serde_json::to_value(r),
         }
         .expect("requests serialize")
     }
@@ -264,6 +295,13 @@ mod tests {
                     err_msg,
                 })
             }),
+            (text(), prop::collection::btree_map(text(), any::<bool>(), 0..5)).prop_map(|(err_msg, auth_setting)| {
+                v1::GetSettingRequest::wrap_response(v1::GetSettingResponse { err_msg, auth_setting })
+            }),
+            text().prop_map(|err_msg| v1::AuthorizeRequest::wrap_response(v1::AuthorizeResponse { err_msg })),
+            (text(), prop::collection::btree_map(text(), any::<bool>(), 0..5)).prop_map(|(err_msg, auth_setting)| {
+                v1::OpenSettingRequest::wrap_response(v1::OpenSettingResponse { err_msg, auth_setting })
+            }),
         ]
     }
 
@@ -286,6 +324,9 @@ mod tests {
             Api::GetUserProfile => read::<v1::GetUserProfileRequest>(value),
             Api::RequestPayment => read::<v1::RequestPaymentRequest>(value),
             Api::RequestMidasPaymentGameItem => read::<v1::RequestMidasPaymentGameItemRequest>(value),
+            Api::GetSetting => read::<v1::GetSettingRequest>(value),
+            Api::Authorize => read::<v1::AuthorizeRequest>(value),
+            Api::OpenSetting => read::<v1::OpenSettingRequest>(value),
         }
     }
 

@@ -632,3 +632,38 @@ async fn silent_connections_are_closed_and_connections_are_capped() {
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 }
+
+/// The disclosure ledger records what a backend redeemed over HTTP, with that surface (the
+/// platform's one redeem path stamps it), and a phone code whose scope the user turned off is
+/// refused over HTTP at once, as over gRPC.
+#[tokio::test]
+async fn http_redemptions_are_in_the_ledger_and_a_refused_scope_bites_over_http_too() {
+    use miniapp_broker_client::proto::{api::scope, v1::Decision};
+    let b = Backend::start().await;
+    let token = b.token().await;
+    let phone_path = format!("/wxa/business/getuserphonenumber?access_token={token}");
+    let session = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    assert!(session["openid"].is_string(), "{session}");
+    let redeemed = b.http.post(&phone_path, json!({ "code": b.phone_code().await }).to_string()).await;
+    assert_eq!(redeemed["errcode"], 0, "{redeemed}");
+
+    let outstanding = b.phone_code().await;
+    let mut events = b.host.consent_changes();
+    b.host.set_decision(APP, "u1", scope::PHONE_NUMBER, Decision::Refused).await.expect("the user turns it off");
+    let changed = within("consent event", events.recv()).await.expect("event");
+    assert_eq!((changed.scope.as_str(), changed.decision()), (scope::PHONE_NUMBER, Decision::Refused));
+    let refused = b.http.post(&phone_path, json!({ "code": outstanding }).to_string()).await;
+    assert_wechat_err(&refused, 40029, "invalid code");
+
+    let ledger = b.host.ledger(APP, "u1", 0).await.expect("ledger");
+    let rows: Vec<_> = ledger.iter().map(|d| (d.what.as_str(), d.via_code, d.redeemed_via.as_str())).collect();
+    assert_eq!(
+        rows,
+        [
+            ("openid", true, "backend_http"),
+            ("unionid", true, "backend_http"),
+            ("phone_number", true, "backend_http"),
+            ("phone_number", true, ""),
+        ]
+    );
+}

@@ -275,6 +275,9 @@ fn params_json(request: &ApiRequest) -> serde_json::Value {
         R::GetUserProfile(r) => serde_json::to_value(r),
         R::RequestPayment(r) => serde_json::to_value(r),
         R::RequestMidasPaymentGameItem(r) => serde_json::to_value(r),
+        R::GetSetting(r) => serde_json::to_value(r),
+        R::Authorize(r) => serde_json::to_value(r),
+        R::OpenSetting(r) => serde_json::to_value(r),
     };
     value.expect("requests serialize")
 }

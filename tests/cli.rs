@@ -298,6 +298,18 @@ async fn status_apps_sessions_grants_revoke_register_app() {
     assert!(sessions[0]["openid"].as_str().is_some_and(|o| !o.is_empty()));
     assert!(daemon.ok(&["sessions", "--app", APP]).await.contains("u1"));
 
+    // The ledger: the login code (openid) and the phone code, issued to the renderer, unredeemed.
+    let ledger = daemon.json(&["ledger", "--app", APP]).await;
+    let whats: Vec<_> = ledger.as_array().expect("rows").iter().map(|d| d["what"].as_str().unwrap_or("?")).collect();
+    assert_eq!(whats, ["openid", "phone_number"], "{ledger}");
+    assert_eq!((ledger[1]["uid"].as_str(), ledger[1]["viaCode"].as_bool()), (Some("u1"), Some(true)));
+    assert_eq!((ledger[1]["surface"].as_str(), ledger[1]["redeemedAtMs"].is_null()), (Some("renderer_api"), true));
+    assert!(daemon.ok(&["ledger", "--uid", "u1", "--since", "1h"]).await.contains("phone_number"));
+    assert_eq!(daemon.json(&["ledger", "--uid", "someone-else"]).await, serde_json::json!([]));
+    assert_eq!(daemon.json(&["ledger", "--since", "2999-01-01"]).await, serde_json::json!([]));
+    let bad = daemon.run(&["ledger", "--since", "last tuesday"]).await;
+    assert!(!bad.status.success() && text(&bad.stderr).contains("neither a time"), "{}", text(&bad.stderr));
+
     // Revoking: a bad scope is refused, then the grant goes and the next call asks the host again.
     let bad = daemon.run(&["revoke", "--app", APP, "--scope", "SCOPE_EVERYTHING"]).await;
     assert!(!bad.status.success() && text(&bad.stderr).contains("unknown scope"), "{}", text(&bad.stderr));
@@ -471,7 +483,7 @@ async fn demo_runs_with_nothing_unexpected() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", text(&out.stderr));
     let summary = stdout.lines().last().unwrap_or_default();
-    assert!(summary.starts_with("demo: ") && summary.ends_with(", 1 expected failure, 0 unexpected"), "{summary}");
+    assert!(summary.starts_with("demo: ") && summary.ends_with(", 2 expected failures, 0 unexpected"), "{summary}");
     for version in ["v1", "v2", "v3"] {
         assert!(
             stdout.lines().any(|l| l.starts_with(version) && l.contains("login:ok")),

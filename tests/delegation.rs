@@ -81,6 +81,10 @@ fn host_answer(api: Api) -> ApiResponse {
         Api::RequestMidasPaymentGameItem => {
             R::RequestMidasPaymentGameItem(v1::RequestMidasPaymentGameItemResponse { err_msg: String::new() })
         }
+        // The settings APIs (tests/consent.rs): only openSetting reaches a host, as its page.
+        Api::GetSetting => R::GetSetting(v1::GetSettingResponse::default()),
+        Api::Authorize => R::Authorize(v1::AuthorizeResponse::default()),
+        Api::OpenSetting => R::OpenSetting(v1::OpenSettingResponse::default()),
     };
     ApiResponse { api: Some(arm) }
 }

@@ -745,32 +745,3 @@ async fn app_instances_whose_host_left_and_renderers_are_gone_are_closed_after_t
     until("the second orphan is closed", || broker.registry.get(&used.instance_id).is_none()).await;
     assert!(broker.registry.get(&fresh.instance_id).is_some());
 }
-
-/// A redeemed code no longer counts against the cap: the next code does not push out an older
-/// one that is still outstanding.
-#[tokio::test]
-async fn a_redeemed_code_frees_its_place_under_the_cap() {
-    let d = Daemon::start_with(|c| c.sessions.max_codes_per_user = 3).await;
-    let host = d.host().user(user("u1")).connect().await.expect("host");
-    const A: &str = "wxcodecap0000003";
-    let a = d.renderer(&launch(&host, A, V2).await.launch_token).await;
-    let secret = host.register_app(A, false).await.unwrap().secret;
-    let mut codes = Vec::new();
-    for _ in 0..3 {
-        codes.push(a.call(v1::LoginRequest::default()).await.expect("A logs in").code);
-    }
-    assert!(exchange(&d, A, &secret, &codes[1]).await.is_ok(), "the middle code is redeemed");
-    codes.push(a.call(v1::LoginRequest::default()).await.expect("A logs in again").code);
-    for i in [0, 2, 3] {
-        assert!(exchange(&d, A, &secret, &codes[i]).await.is_ok(), "code #{i} is still good");
-    }
-    // With all three redeemed, the cap starts over: three more, none dropped.
-    let more: Vec<String> = futures::future::join_all((0..3).map(|_| a.call(v1::LoginRequest::default())))
-        .await
-        .into_iter()
-        .map(|r| r.expect("logs in").code)
-        .collect();
-    for code in &more {
-        assert!(exchange(&d, A, &secret, code).await.is_ok());
-    }
-}

@@ -26,13 +26,14 @@ use miniapp_broker_proto::{
     api::ApiCall,
     metadata,
     v1::{
-        self, AppInfo, DaemonMessage, DelegateMethod, DelegateResult, GetAuthCodeRequest, GetAuthCodeResponse,
-        HostMessage, OpenApiVersionResponse, SignedInUser, Welcome, admin_client::AdminClient, daemon_message,
-        delegate_call, delegate_result::Outcome, host_client::HostClient as GrpcHostClient, host_message,
+        self, AppInfo, ConsentChanged, DaemonMessage, Decision, DelegateMethod, DelegateResult, GetAuthCodeRequest,
+        GetAuthCodeResponse, HostMessage, OpenApiVersionResponse, SignedInUser, Welcome, admin_client::AdminClient,
+        daemon_message, delegate_call, delegate_result::Outcome, host_client::HostClient as GrpcHostClient,
+        host_message,
     },
 };
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{broadcast, mpsc, watch},
     task::AbortHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -257,8 +258,9 @@ impl HostBuilder {
             None => return Err(HostClientError::Closed),
         };
         let (closed_tx, closed_rx) = watch::channel(false);
-        let driver = tokio::spawn(drive(inbound, tx.clone(), Arc::new(self.handlers), closed_tx));
-        Ok(HostClient { channel, token, tx, welcome, driver: driver.abort_handle(), closed: closed_rx })
+        let (consent, _) = broadcast::channel(CONSENT_EVENTS);
+        let driver = tokio::spawn(drive(inbound, tx.clone(), Arc::new(self.handlers), closed_tx, consent.clone()));
+        Ok(HostClient { channel, token, tx, welcome, driver: driver.abort_handle(), closed: closed_rx, consent })
     }
 }
 
@@ -271,7 +273,11 @@ pub struct HostClient {
     welcome: Welcome,
     driver: AbortHandle,
     closed: watch::Receiver<bool>,
+    consent: broadcast::Sender<ConsentChanged>,
 }
+
+/// How many consent events a slow reader of [`HostClient::consent_changes`] may fall behind.
+const CONSENT_EVENTS: usize = 256;
 
 impl Drop for HostClient {
     fn drop(&mut self) {
@@ -319,7 +325,7 @@ impl HostClient {
 
     /// The scopes users granted apps (v3); empty filters match everything.
     pub async fn list_grants(&self, app_id: &str, uid: &str) -> Result<Vec<v1::Grant>, Status> {
-        let request = v1::ListGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned() };
+        let request = v1::ListGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), include_refusals: false };
         Ok(self.admin().list_grants(self.authorize(request)).await?.into_inner().grants)
     }
 
@@ -329,6 +335,42 @@ impl HostClient {
         let request =
             v1::RevokeGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), scope: scope.to_owned() };
         Ok(self.admin().revoke_grants(self.authorize(request)).await?.into_inner().revoked)
+    }
+
+    /// Every change of a user's decision the daemon reports from now on (grants, refusals,
+    /// revocations, from any source), so a settings page stays true. Subscribe right after
+    /// connecting.
+    pub fn consent_changes(&self) -> broadcast::Receiver<ConsentChanged> {
+        self.consent.subscribe()
+    }
+
+    /// Sets one scope's decision for (app, uid), as the user chose it in the host's own settings
+    /// UI: granted, refused, or undecided (revoked: asked again). An empty uid is the signed-in
+    /// user; an empty scope with `Decision::Undecided` revokes every scope. The daemon answers
+    /// with a ConsentChanged event per changed scope, or a notice if it refused the message.
+    pub async fn set_decision(
+        &self,
+        app_id: &str,
+        uid: &str,
+        scope: &str,
+        decision: Decision,
+    ) -> Result<(), HostClientError> {
+        let decision = v1::SetDecision {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            scope: scope.to_owned(),
+            decision: decision as i32,
+        };
+        self.tx
+            .send(HostMessage { msg: Some(host_message::Msg::Decision(decision)) })
+            .await
+            .map_err(|_| HostClientError::Closed)
+    }
+
+    /// The disclosure ledger (empty filters match everything), for a privacy page.
+    pub async fn ledger(&self, app_id: &str, uid: &str, since_ms: u64) -> Result<Vec<v1::Disclosure>, Status> {
+        let request = v1::ListLedgerRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), since_ms };
+        Ok(self.admin().list_ledger(self.authorize(request)).await?.into_inner().disclosures)
     }
 
     /// Registers an app's backend secret (returned once), for the Exchange service.
@@ -361,6 +403,7 @@ async fn drive(
     tx: mpsc::Sender<HostMessage>,
     handlers: Arc<HashMap<i32, Handler>>,
     closed: watch::Sender<bool>,
+    consent: broadcast::Sender<ConsentChanged>,
 ) {
     let running: Arc<DashMap<u64, AbortHandle>> = Arc::new(DashMap::new());
     // Handlers still working hold the stream's sender: when this driver ends, or is aborted
@@ -420,6 +463,10 @@ async fn drive(
             }
             Some(daemon_message::Msg::Notice(notice)) => {
                 warn!(call_id = notice.call_id, message = %notice.message, "daemon refused something this host sent");
+            }
+            Some(daemon_message::Msg::Consent(changed)) => {
+                // Nobody listening is fine.
+                let _ = consent.send(changed);
             }
             Some(daemon_message::Msg::Welcome(_)) | None => {}
         }

@@ -237,6 +237,9 @@ impl RendererClient {
             Some(R::RequestMidasPaymentGameItem(r)) => {
                 unary!(request_midas_payment_game_item, RequestMidasPaymentGameItemRequest, r)
             }
+            Some(R::GetSetting(r)) => unary!(get_setting, GetSettingRequest, r),
+            Some(R::Authorize(r)) => unary!(authorize, AuthorizeRequest, r),
+            Some(R::OpenSetting(r)) => unary!(open_setting, OpenSettingRequest, r),
             None => return Err(transport_failure(api, Code::InvalidArgument, "the request names no API")),
         };
         result.map_err(|s| status_failure(api, &s))

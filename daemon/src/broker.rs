@@ -20,8 +20,9 @@ use crate::{
     api,
     clock::Clock,
     config::Config,
+    consent::Consent,
     error::ApiError,
-    host_link::{Deferred, Expect, HostLink, ReplyPermit, ReplyTo},
+    host_link::{AnswerCheck, Deferred, Expect, HostAnswer, HostLink, ReplyPermit, ReplyTo},
     limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
@@ -46,6 +47,7 @@ pub struct Broker {
     pub host: Arc<HostLink>,
     pub user: CurrentUser,
     pub platform: Arc<dyn Platform>,
+    pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
     /// Streams and connections held per app and instance.
@@ -94,8 +96,8 @@ impl Broker {
         let api = request.api();
         let slot = self.admit(instance)?;
         let (version, result) = match self.delegate_now(instance, request) {
-            Ok((version, call)) => {
-                let result = call.await;
+            Ok((version, api, uid, call)) => {
+                let result = api::delegated(self, &instance.app_id, &uid, api, call.await);
                 drop(slot);
                 (Some(version), result)
             }
@@ -111,11 +113,12 @@ impl Broker {
     /// is awaited (no version lookup, no race with the instance's closing: closing an app fails
     /// its calls in the host's call table, and a close that came first is seen here). Any other
     /// call is handed back for [`resolve_and_handle`](Self::resolve_and_handle).
+    #[allow(clippy::type_complexity)]
     fn delegate_now(
         &self,
         instance: &AppInstance,
         request: ApiRequest,
-    ) -> Result<(ApiVersion, impl Future<Output = Result<ApiResponse, ApiError>> + use<>), ApiRequest> {
+    ) -> Result<(ApiVersion, Api, String, impl Future<Output = Result<HostAnswer, ApiError>> + use<>), ApiRequest> {
         let Some(session) = self.host.current() else { return Err(request) };
         let Some((version, _)) = instance.resolved(session.id) else { return Err(request) };
         let Ok(api) = api::validate(&request) else { return Err(request) };
@@ -123,15 +126,16 @@ impl Broker {
             return Err(request);
         }
         let app = Broker::app_info(instance, Some(version));
+        let uid = api::passed_through_to(self, api);
         let request = delegate_call::Request::Api(request);
         let call = HostLink::start_for(&session, app, instance.instance_id.clone(), request, Expect::Api(api));
         // A close that ran its sweep of the call table before this call was in it.
         let closed = instance.is_closed();
-        Ok((version, async move {
+        Ok((version, api, uid, async move {
             if closed {
                 return Err(ApiError::Cancelled("app instance closed"));
             }
-            api::delegated(call?.await)
+            call?.await
         }))
     }
 
@@ -204,6 +208,15 @@ impl Broker {
         };
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
         match resolved.map(|v| (v, api::route(api, v))) {
+            // A delegated answer that carries user data is recorded in the ledger on its way back.
+            Some((v, api::Route::Delegate)) if api::discloses(api) => {
+                let app = Broker::app_info(instance, Some(v));
+                let (broker, app_id) = (self.clone(), instance.app_id.clone());
+                let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();
+                let check = AnswerCheck(Box::new(move |_| api::record_passed_through(&broker, &app_id, &uid, api)));
+                let reply = ReplyTo::StreamChecked { permit, id, check };
+                self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
+            }
             Some((v, api::Route::Delegate)) => {
                 let app = Broker::app_info(instance, Some(v));
                 let reply = ReplyTo::Stream { permit, id };
@@ -243,7 +256,7 @@ impl Broker {
     /// The host pushed a (possibly new) signed-in user.
     pub async fn set_user(&self, user: SignedInUser) {
         let signed_in = !user.uid.is_empty();
-        if let Some(previous) = self.user.set(user) {
+        if let Some(previous) = self.user.set(user).await {
             info!(signed_in, "signed-in user changed; ending the previous user's sessions");
             if let Err(e) = self.platform.user_changed(&previous).await {
                 warn!(error = %e, "could not end the previous user's sessions");

@@ -25,9 +25,40 @@ pub struct Config {
     pub sessions: SessionConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub consent: ConsentConfig,
+    pub privacy: PrivacyConfig,
     pub backend_http: BackendHttpConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// How users' decisions about scopes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// A scope the user refused fails at once ("<api>:fail auth deny") without asking the host,
+    /// until the decision changes (openSetting, the host, the CLI). Off: the host is asked again.
+    pub remember_refusals: bool,
+}
+
+/// What the daemon keeps about disclosures of users' data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Ledger rows older than this many days are deleted by the daemon's sweep.
+    pub ledger_days: u32,
+}
+
+impl Default for ConsentConfig {
+    fn default() -> Self {
+        ConsentConfig { remember_refusals: true }
+    }
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig { ledger_days: 365 }
+    }
 }
 
 /// How the daemon treats its host.
@@ -209,6 +240,8 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            consent: ConsentConfig::default(),
+            privacy: PrivacyConfig::default(),
             backend_http: BackendHttpConfig::default(),
             apps: BTreeMap::new(),
         }
@@ -313,6 +346,9 @@ impl Config {
         if self.sessions.lifetime_secs > TEN_YEARS_SECS || self.sessions.code_ttl_secs > TEN_YEARS_SECS {
             return Err("sessions.* must be at most ten years".into());
         }
+        if !(1..=36_600).contains(&self.privacy.ledger_days) {
+            return Err("privacy.ledger_days must be between 1 and 36600".into());
+        }
         if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
             return Err("limits.orphan_idle_secs must be at most ten years".into());
         }
@@ -395,6 +431,8 @@ mod tests {
         assert!(Config::from_toml("").is_ok());
         assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
+        assert!(Config::from_toml("[privacy]\nledger_days = 0").is_err());
+        assert!(Config::from_toml("[consent]\nremember_refusal = false").is_err());
         assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
         assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
         assert!(Config::from_toml("[backend_http]\nlisten = \"localhost\"").is_err());
@@ -485,6 +523,7 @@ mod tests {
             prop_oneof![Just("normal"), Just("full")],
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
+            (any::<bool>(), 1u32..=36_600),
             backend_http,
         )
             .prop_map(
@@ -496,6 +535,7 @@ mod tests {
                     synchronous,
                     (filter, format),
                     apps,
+                    (remember_refusals, ledger_days),
                     backend_http,
                 )| Config {
                     socket,
@@ -507,6 +547,8 @@ mod tests {
                     sessions,
                     store: StoreConfig { synchronous: synchronous.into() },
                     log: LogConfig { filter, format: format.into() },
+                    consent: ConsentConfig { remember_refusals },
+                    privacy: PrivacyConfig { ledger_days },
                     backend_http,
                     apps,
                 },
@@ -546,6 +588,8 @@ mod tests {
             ("store", "synchronous"),
             ("log", "filter"),
             ("log", "format"),
+            ("consent", "remember_refusals"),
+            ("privacy", "ledger_days"),
             ("backend_http", "listen"),
             ("backend_http", "allow_remote"),
             ("backend_http", "max_connections"),

@@ -64,6 +64,9 @@ pub fn sample_request(api: Api) -> ApiRequest {
             signature: format!("signature-{nonce}"),
             idempotency_key: String::new(),
         }),
+        Api::GetSetting => R::GetSetting(v1::GetSettingRequest {}),
+        Api::Authorize => R::Authorize(v1::AuthorizeRequest { scope: scope::USER_INFO.into() }),
+        Api::OpenSetting => R::OpenSetting(v1::OpenSettingRequest::default()),
     };
     ApiRequest { api: Some(request) }
 }
@@ -99,8 +102,23 @@ pub fn demo_profile() -> dev_host::DevHostConfig {
     }
 }
 
+/// What a demo run did: whether every line was `:ok` or expected, and every secret or personal
+/// value it handed out (tokens, the app secret, codes, session keys, authCodes, the phone number
+/// and e-mail), so a test can check none of them reached the logs.
+#[derive(Debug, Default)]
+pub struct DemoReport {
+    pub passed: bool,
+    pub handed_out: Vec<(&'static str, String)>,
+}
+
 /// Runs the demo; `Ok(true)` when every line is `:ok` or an expected failure.
 pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(run_reporting().await?.passed)
+}
+
+/// Runs the demo and reports what it handed out.
+pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + Send + Sync>> {
+    let mut handed: Vec<(&'static str, String)> = Vec::new();
     let dir = tempfile::Builder::new().prefix("miniapp-broker-demo").tempdir()?;
     let mut config = Config::ephemeral_in(dir.path());
     config.apps.insert(DEMO_APP.into(), AppConfig { union_group: Some("demo".into()), secret: None });
@@ -111,10 +129,14 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     let backend = BackendHttp::new(server.backend_http_addr().ok_or("the backend HTTP API is off")?);
     println!("daemon   backend HTTP API at {} (WeChat's and TCMPP's server paths)", backend.base);
 
+    handed.push(("host token", server.host_token().to_owned()));
     let profile = demo_profile();
+    handed.push(("phone number", profile.user.phone_number.clone()));
+    handed.push(("e-mail", profile.user.email.clone()));
     let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {})).connect().await?;
     println!("host     {:?} connected, user {} signed in, refuses {}", profile.name, profile.user.uid, scope::NICKNAME);
     let secret = host.register_app(DEMO_APP, false).await?.secret;
+    handed.push(("app secret", secret.clone()));
     println!("backend  app {DEMO_APP} registered; its secret goes to the app's backend");
     let mut exchange = ExchangeClient::new(connect::channel(&address).await?);
 
@@ -123,27 +145,40 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     println!("{:<8} {:<28} errMsg", "version", "api");
     for version in ["v1", "v2", "v3"] {
         let launched = host.launch_app(DEMO_APP, &format!(r#"{{"apiVersion":"{version}"}}"#)).await?;
+        handed.push(("launch token", launched.launch_token.clone()));
         let renderer = RendererClient::connect(&address, &launched.launch_token).await?;
         let mut codes = Vec::new();
-        for api in Api::ALL {
+        // The settings APIs run in v3, after the refusal the demo host makes there.
+        let settings: &[Api] = if version == "v3" { &Api::CONSENT } else { &[] };
+        for &api in Api::ALL.iter().chain(settings) {
             let outcome =
                 tokio::time::timeout(Duration::from_secs(10), renderer.call_request(sample_request(api))).await;
             let (err_msg, good, note) = match outcome {
                 Err(_) => (format!("{}:fail no answer within 10s", api.name()), false, ""),
                 Ok(Ok(response)) => {
                     if let Some(code) = code_of(&response) {
+                        handed.push(("code", code.to_owned()));
                         codes.push((api, code.to_owned()));
                     }
-                    (response.err_msg().to_owned(), true, "")
+                    let setting = match response.api.as_ref() {
+                        Some(api_response::Api::GetSetting(r)) => format!(" authSetting={:?}", r.auth_setting),
+                        Some(api_response::Api::OpenSetting(r)) => format!(" authSetting={:?}", r.auth_setting),
+                        _ => String::new(),
+                    };
+                    (format!("{}{setting}", response.err_msg()), true, "")
                 }
                 Ok(Err(failure)) => {
                     let refused =
                         version == "v3" && api == Api::GetNickName && failure.err_msg.contains(scope::NICKNAME);
-                    (
-                        failure.err_msg,
-                        refused,
-                        if refused { "   (expected: the demo host refuses SCOPE_NICKNAME)" } else { "" },
-                    )
+                    let remembered = version == "v3" && api == Api::Authorize && failure.reason == "auth_deny";
+                    let note = if refused {
+                        "   (expected: the demo host refuses SCOPE_NICKNAME)"
+                    } else if remembered {
+                        "   (expected: scope.userInfo needs the nickname, refused above and remembered)"
+                    } else {
+                        ""
+                    };
+                    (failure.err_msg, refused || remembered, note)
                 }
             };
             match (good, note.is_empty()) {
@@ -184,6 +219,10 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
                     .await
                     .map(|r| {
                         let r = r.into_inner();
+                        handed.push(("session key", r.session_key.clone()));
+                        if !r.auth_code.is_empty() {
+                            handed.push(("authCode", r.auth_code.clone()));
+                        }
                         let auth = if r.auth_code.is_empty() {
                             String::new()
                         } else {
@@ -221,11 +260,28 @@ pub async fn run() -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
         }
     }
 
+    // What the host's privacy page shows: every disclosure, never a value.
+    println!();
+    println!("ledger   {:<6} {:<14} {:<14} {:<16} code redeemed", "uid", "what", "surface", "api");
+    for d in host.ledger(DEMO_APP, "", 0).await? {
+        let redeemed = match (d.via_code, d.redeemed_via.as_str()) {
+            (false, _) => "-",
+            (true, "") => "no",
+            (true, via) => via,
+        };
+        println!("ledger   {:<6} {:<14} {:<14} {:<16} {redeemed}", short(&d.uid), d.what, d.surface, d.api);
+    }
+
     host.disconnect();
     server.shutdown().await;
     println!();
-    println!("demo: {ok} ok, {expected} expected failure, {unexpected} unexpected");
-    Ok(unexpected == 0 && expected == 1)
+    println!("demo: {ok} ok, {expected} expected failures, {unexpected} unexpected");
+    Ok(DemoReport { passed: unexpected == 0 && expected == 2, handed_out: handed })
+}
+
+/// A uid shortened for the ledger table.
+fn short(uid: &str) -> String {
+    uid.chars().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect()
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

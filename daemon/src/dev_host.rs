@@ -16,8 +16,9 @@ use miniapp_broker_client::{
             GetAuthCodeRequest, GetAuthCodeResponse, GetEmailRequest, GetEmailResponse, GetNickNameRequest,
             GetNickNameResponse, GetPhoneNumberRequest, GetPhoneNumberResponse, GetUserInfoRequest,
             GetUserInfoResponse, GetUserProfileRequest, GetUserProfileResponse, LoginRequest, LoginResponse,
-            RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse, RequestPaymentRequest,
-            RequestPaymentResponse, SignedInUser, UserInfo, UserProfile,
+            OpenSettingRequest, OpenSettingResponse, RequestMidasPaymentGameItemRequest,
+            RequestMidasPaymentGameItemResponse, RequestPaymentRequest, RequestPaymentResponse, SignedInUser, UserInfo,
+            UserProfile,
         },
     },
 };
@@ -166,6 +167,18 @@ fn payment_outcome<T: Default>(policy: &str) -> Result<T, HostFailure> {
     }
 }
 
+/// One line for a consent event, as the dev-host prints it.
+pub fn describe_consent(e: &miniapp_broker_client::proto::v1::ConsentChanged) -> String {
+    format!(
+        "consent  {:<22} {:<18} app={} uid={} (from {})",
+        e.scope,
+        e.decision().as_str_name(),
+        e.app_id,
+        e.uid,
+        e.source().as_str_name()
+    )
+}
+
 /// A host builder that answers every delegate method from `config`, reporting each call to `print`.
 pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printer) -> HostBuilder {
     let cfg = Arc::new(config.clone());
@@ -247,6 +260,15 @@ pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printe
                 answer.auth_error_scopes = refused.into_iter().collect();
                 Ok(answer)
             }
+        });
+    }
+    {
+        // The settings page: the user turns every scope in `refuse` off and leaves the rest.
+        let (cfg, print) = (cfg.clone(), print.clone());
+        b = b.handle(move |app, _req: OpenSettingRequest| {
+            note(&print, &app, "openSetting");
+            let auth_setting = cfg.refuse.iter().map(|s| (s.clone(), false)).collect();
+            async move { Ok(OpenSettingResponse { auth_setting, ..Default::default() }) }
         });
     }
     if !config.open_api_version.is_empty() {

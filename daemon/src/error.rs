@@ -58,6 +58,14 @@ pub enum ApiError {
     /// A payment retry: the first outcome, exactly as the first caller got it.
     #[error("{}", .0.err_msg)]
     Replayed(Box<ApiFailure>),
+    /// The signed-in user changed (or signed out) while the call waited on the host: nothing was
+    /// issued or recorded for either user.
+    #[error("signed-in user changed")]
+    UserChanged,
+    /// The user refused the scope for this app earlier (a remembered refusal), or refused it when
+    /// wx.authorize asked: WeChat's "auth deny".
+    #[error("auth deny")]
+    AuthDeny,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -66,6 +74,7 @@ fn method_name(m: DelegateMethod) -> &'static str {
     match m {
         DelegateMethod::GetAuthCode => "getAuthCode",
         DelegateMethod::OpenApiVersion => "openApiVersion",
+        DelegateMethod::OpenSetting => "openSetting",
         other => Api::ALL.into_iter().find(|a| a.method() == other).map(Api::name).unwrap_or("unknown method"),
     }
 }
@@ -86,7 +95,8 @@ impl ApiError {
             ApiError::ScopeDenied { .. } => Code::PermissionDenied,
             ApiError::InvalidParams(_) | ApiError::UnknownApi(_) => Code::InvalidArgument,
             ApiError::Exhausted(_) => Code::ResourceExhausted,
-            ApiError::PaymentOutcomeUnknown(_) => Code::Aborted,
+            ApiError::PaymentOutcomeUnknown(_) | ApiError::UserChanged => Code::Aborted,
+            ApiError::AuthDeny => Code::PermissionDenied,
             ApiError::HostProtocol(_) | ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -114,6 +124,8 @@ impl ApiError {
             ApiError::PaymentOutcomeUnknown(_) => 1013,
             ApiError::UserCancelled => 1014,
             ApiError::NoProfileValue(_) => 1015,
+            ApiError::UserChanged => 1016,
+            ApiError::AuthDeny => 1017,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -140,6 +152,8 @@ impl ApiError {
             ApiError::PaymentOutcomeUnknown(_) => "payment_outcome_unknown",
             ApiError::NoProfileValue(_) => "no_profile_value",
             ApiError::Replayed(_) => "replayed",
+            ApiError::UserChanged => "user_changed",
+            ApiError::AuthDeny => "auth_deny",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -141,6 +141,36 @@ pub enum ReplyTo {
     Wait(oneshot::Sender<Result<HostAnswer, ApiError>>),
     /// Straight into a renderer stream, as the reply to the renderer's call `id`.
     Stream { permit: ReplyPermit, id: u64 },
+    /// As `Stream`, once `check` passed a successful answer (the ledger records a disclosure);
+    /// if it fails, the renderer gets its error instead of the answer.
+    StreamChecked { permit: ReplyPermit, id: u64, check: AnswerCheck },
+}
+
+/// A step a successful answer must pass before it goes into a renderer stream.
+pub struct AnswerCheck(pub Box<CheckFn>);
+
+type CheckFn = dyn FnOnce(&ApiResponse) -> Result<(), ApiError> + Send + Sync;
+
+impl std::fmt::Debug for AnswerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AnswerCheck")
+    }
+}
+
+impl ReplyTo {
+    /// Runs a `StreamChecked` reply's check, leaving a plain reply and the outcome to deliver.
+    fn checked(self, outcome: Result<HostAnswer, ApiError>) -> (ReplyTo, Result<HostAnswer, ApiError>) {
+        match self {
+            ReplyTo::StreamChecked { permit, id, check } => {
+                let outcome = match outcome {
+                    Ok(HostAnswer::Api(resp)) => (check.0)(&resp).map(|()| HostAnswer::Api(resp)),
+                    other => other,
+                };
+                (ReplyTo::Stream { permit, id }, outcome)
+            }
+            other => (other, outcome),
+        }
+    }
 }
 
 /// One call waiting for the host.
@@ -166,6 +196,7 @@ impl Pending {
 
     /// Delivers the call's one answer.
     fn finish(self, call_id: u64, outcome: Result<HostAnswer, ApiError>) {
+        let (reply, outcome) = self.reply.checked(outcome);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let latency_us = self.started.elapsed().as_micros() as u64;
             match &outcome {
@@ -177,7 +208,7 @@ impl Pending {
                 }
             }
         }
-        match self.reply {
+        match reply {
             ReplyTo::Wait(tx) => {
                 let _ = tx.send(outcome);
             }
@@ -199,6 +230,7 @@ impl Pending {
                 };
                 permit.send(Ok(RendererReply { id, outcome: Some(outcome) }));
             }
+            ReplyTo::StreamChecked { .. } => unreachable!("checked above"),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod backend_http;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod consent;
 pub mod demo;
 pub mod dev_host;
 pub mod error;
@@ -39,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::{
     broker::{Broker, Stats},
+    consent::Consent,
     host_link::HostLink,
     limits::RateLimits,
     platform::embedded::EmbeddedPlatform,
@@ -111,10 +113,14 @@ impl Server {
 
     /// Serves until the shutdown token is cancelled, then finishes as [`Server::shutdown`] does.
     pub async fn wait(mut self) {
+        // Biased: once shutdown began, the server task ending too is part of the graceful stop,
+        // not an unexpected end (either way the stop is logged).
         tokio::select! {
+            biased;
             _ = self.broker.shutdown.cancelled() => {}
             result = &mut self.task => {
                 if let Ok(Err(e)) = result { warn!(error = %e, "server stopped"); }
+                info!("daemon stopped");
                 return;
             }
         }
@@ -175,6 +181,13 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         None => transport::bind(&config.socket.clone().unwrap_or_else(transport::default_address)).await?,
     };
 
+    let consent = Consent::new(
+        store.clone(),
+        platform.clone(),
+        clock.clone(),
+        config.consent.remember_refusals,
+        config.privacy.ledger_days,
+    );
     let broker = Arc::new(Broker {
         registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance),
         host: Arc::new(HostLink::new(
@@ -184,6 +197,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         )),
         user: CurrentUser::default(),
         platform: platform.clone(),
+        consent,
         store,
         rates: RateLimits::new(&config.limits),
         occupancy: Default::default(),
@@ -284,6 +298,11 @@ async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
             _ = every.tick() => {
                 platform.sweep();
                 broker.rates.sweep();
+                match broker.consent.ledger.prune() {
+                    Ok(0) => {}
+                    Ok(pruned) => info!(pruned, "ledger rows past privacy.ledger_days deleted"),
+                    Err(e) => warn!(error = %e, "could not prune the ledger"),
+                }
                 close_idle_orphans(&broker, orphan_idle);
             }
             _ = broker.shutdown.cancelled() => return,

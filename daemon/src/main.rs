@@ -1,5 +1,5 @@
 //! `miniapp-brokerd`: serve (the default), the demo, the dev-host, and the operator's commands
-//! (`status`, `apps`, `sessions`, `grants`, `revoke`, `register-app`), which talk to the running
+//! (`status`, `apps`, `sessions`, `grants`, `revoke`, `ledger`, `register-app`), which talk to the running
 //! daemon's Admin service over its socket with the host token.
 
 use std::{
@@ -57,7 +57,8 @@ enum Command {
         #[arg(long)]
         uid: Option<String>,
     },
-    /// Revoke granted scopes: the next v3 call asks the user again.
+    /// Revoke decisions (grants and remembered refusals): the next call asks the user again, and
+    /// the app's outstanding codes of a revoked scope stop working at once.
     Revoke {
         #[command(flatten)]
         admin: AdminArgs,
@@ -69,6 +70,21 @@ enum Command {
         /// Default: every scope.
         #[arg(long)]
         scope: Option<String>,
+    },
+    /// The disclosure ledger: which app got which of a user's data, through which surface, when.
+    Ledger {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this user.
+        #[arg(long)]
+        uid: Option<String>,
+        /// Only rows since TIME: an RFC 3339 time or date (2026-01-31, 2026-01-31T08:00:00Z), or an
+        /// age (30m, 24h, 7d).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
     },
     /// Create (or with --rotate, replace) an app's backend secret for the Exchange service.
     RegisterApp {
@@ -160,6 +176,7 @@ fn main() -> ExitCode {
             Some(Command::Sessions { admin, app }) => sessions(&admin, app).await,
             Some(Command::Grants { admin, app, uid }) => grants(&admin, app, uid).await,
             Some(Command::Revoke { admin, app, uid, scope }) => revoke(&admin, app, uid, scope).await,
+            Some(Command::Ledger { admin, app, uid, since }) => ledger(&admin, app, uid, since).await,
             Some(Command::RegisterApp { admin, app_id, rotate }) => register_app(&admin, app_id, rotate).await,
             Some(Command::DevHost(args)) => dev_host(args).await,
         }
@@ -292,6 +309,10 @@ fn signals() -> impl std::future::Future<Output = ()> + Send + 'static {
 }
 
 async fn demo() -> Result<ExitCode, BoxError> {
+    // Logs only when asked for (`RUST_LOG=trace miniapp-brokerd demo`): the demo's own lines are the point.
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_logs(&Config::default(), false);
+    }
     let ok = miniapp_brokerd::demo::run().await?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -512,7 +533,11 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
 async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request = v1::ListGrantsRequest { app_id: app.unwrap_or_default(), uid: uid.unwrap_or_default() };
+    let request = v1::ListGrantsRequest {
+        app_id: app.unwrap_or_default(),
+        uid: uid.unwrap_or_default(),
+        include_refusals: false,
+    };
     let rows = c.list_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().grants;
     if a.json {
         print_json(
@@ -538,6 +563,80 @@ async fn revoke(a: &AdminArgs, app: String, uid: Option<String>, scope: Option<S
         print_json(serde_json::json!({ "revoked": revoked }));
     } else {
         println!("revoked {revoked} grant(s)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--since`: an RFC 3339 time or date, or an age before now; as milliseconds since the epoch.
+fn parse_since(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let time =
+        if text.len() == 10 && text.as_bytes()[4] == b'-' { format!("{text}T00:00:00Z") } else { text.to_owned() };
+    if let Ok(at) = humantime::parse_rfc3339_weak(&time) {
+        return at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|_| "a time before 1970".to_owned());
+    }
+    match humantime::parse_duration(text) {
+        Ok(age) => Ok(SystemClock.now_ms().saturating_sub(age.as_millis() as u64)),
+        Err(_) => Err(format!("{text:?} is neither a time (2026-01-31, 2026-01-31T08:00:00Z) nor an age (7d, 24h)")),
+    }
+}
+
+/// A time as RFC 3339 (UTC, seconds).
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+async fn ledger(
+    a: &AdminArgs,
+    app: Option<String>,
+    uid: Option<String>,
+    since: Option<u64>,
+) -> Result<ExitCode, BoxError> {
+    let t = target(a)?;
+    let (mut c, token) = admin(&t).await?;
+    let request = v1::ListLedgerRequest {
+        app_id: app.unwrap_or_default(),
+        uid: uid.unwrap_or_default(),
+        since_ms: since.unwrap_or(0),
+    };
+    let rows = c.list_ledger(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().disclosures;
+    if a.json {
+        print_json(
+            rows.iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "id": d.id, "appId": d.app_id, "uid": d.uid, "what": d.what, "surface": d.surface,
+                        "api": d.api, "atMs": d.at_ms, "viaCode": d.via_code,
+                        "redeemedAtMs": (d.redeemed_at_ms > 0).then_some(d.redeemed_at_ms),
+                        "redeemedVia": (!d.redeemed_via.is_empty()).then_some(&d.redeemed_via),
+                    })
+                })
+                .collect(),
+        );
+    } else {
+        let rows = rows
+            .iter()
+            .map(|d| {
+                let redeemed = match (d.via_code, d.redeemed_at_ms) {
+                    (false, _) => "-".to_owned(),
+                    (true, 0) => "not redeemed".to_owned(),
+                    (true, at) => format!("{} via {}", rfc3339(at), d.redeemed_via),
+                };
+                vec![
+                    rfc3339(d.at_ms),
+                    d.app_id.clone(),
+                    d.uid.clone(),
+                    d.what.clone(),
+                    d.surface.clone(),
+                    d.api.clone(),
+                    redeemed,
+                ]
+            })
+            .collect();
+        print_table(&["when", "app", "uid", "what", "surface", "api", "code redeemed"], rows);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -609,6 +708,12 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
             println!("launched {app_id}: instance {} version {version}", launched.instance_id);
             println!("  MINIAPP_LAUNCH_TOKEN={}", launched.launch_token);
         }
+        let mut consent = host.consent_changes();
+        let consent_printer = tokio::spawn(async move {
+            while let Ok(changed) = consent.recv().await {
+                println!("{}", dev_host::describe_consent(&changed));
+            }
+        });
         // Where the app's backend points its WeChat library (the daemon's backend HTTP API).
         match status_client.status(authorized(&token, v1::StatusRequest {})?).await {
             Ok(s) if !s.get_ref().backend_http.is_empty() => {
@@ -626,6 +731,7 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
                 eprintln!("dev-host: the daemon closed the host link; reconnecting (apps are launched again)");
             }
         }
+        consent_printer.abort();
         first = false;
     }
 }

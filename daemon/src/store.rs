@@ -1,4 +1,5 @@
-//! The embedded database: sessions, grants, app secrets, payment outcomes and the daemon secret.
+//! The embedded database: sessions, grants and refusals, app secrets, payment outcomes, the
+//! disclosure ledger and the daemon secret.
 //!
 //! SQLite (bundled, so nothing is needed from the system) in WAL mode: a write that returned is on
 //! disk for any later reader, and survives the daemon being killed. Writes are short and few
@@ -33,6 +34,22 @@ pub struct GrantRow {
     pub granted_at_ms: u64,
 }
 
+/// One row of the disclosure ledger: what of a user's data went to an app, through which surface,
+/// when (never the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub id: u64,
+    pub app_id: String,
+    pub uid: String,
+    pub what: String,
+    pub surface: String,
+    pub api: String,
+    pub at_ms: u64,
+    pub via_code: bool,
+    pub redeemed_at_ms: Option<u64>,
+    pub redeemed_via: Option<String>,
+}
+
 /// The recorded outcome of a payment: `ok` with an encoded ApiResponse, else an encoded ApiFailure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRow {
@@ -62,6 +79,14 @@ CREATE TABLE IF NOT EXISTS payments (
     app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
     ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app_id, idempotency_key));
+CREATE TABLE IF NOT EXISTS refusals (
+    app_id TEXT NOT NULL, uid TEXT NOT NULL, scope TEXT NOT NULL, refused_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (app_id, uid, scope));
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
+    surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
+    redeemed_at_ms INTEGER, redeemed_via TEXT);
+CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at_ms);
 ";
 
 /// A payment's first record wins (the write-ahead record).
@@ -184,11 +209,23 @@ impl Store {
     }
 
     pub fn list_grants(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.decision_rows(
             "SELECT app_id, uid, scope, granted_at_ms FROM grants
              WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
-        )?;
+            app_id,
+            uid,
+        )
+    }
+
+    /// Grants or refusals, as `sql` (app filter ?1, uid filter ?2) selects them.
+    fn decision_rows(
+        &self,
+        sql: &'static str,
+        app_id: Option<&str>,
+        uid: Option<&str>,
+    ) -> Result<Vec<GrantRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
         let rows = stmt
             .query_map(params![app_id, uid], |r| {
                 Ok(GrantRow {
@@ -208,6 +245,128 @@ impl Store {
             "DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND (?3 IS NULL OR scope = ?3)",
             params![app_id, uid, scope],
         )?)
+    }
+
+    /// The scopes `uid` refused `app_id` (remembered refusals).
+    pub fn refused_scopes(&self, app_id: &str, uid: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT scope FROM refusals WHERE app_id = ?1 AND uid = ?2 ORDER BY scope")?;
+        let rows = stmt.query_map(params![app_id, uid], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Remembered refusals, as [`GrantRow`]s (the time is when the scope was refused).
+    pub fn list_refusals(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
+        self.decision_rows(
+            "SELECT app_id, uid, scope, refused_at_ms FROM refusals
+             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
+            app_id,
+            uid,
+        )
+    }
+
+    /// Sets one scope's decision: `Some(true)` granted, `Some(false)` refused, `None` undecided.
+    /// Returns the decision it replaced (the same shape), in one transaction.
+    pub fn decide(
+        &self,
+        app_id: &str,
+        uid: &str,
+        scope: &str,
+        decision: Option<bool>,
+        now_ms: u64,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let key = params![app_id, uid, scope];
+        let was_granted = tx.execute("DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+        let was_refused = tx.execute("DELETE FROM refusals WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+        match decision {
+            Some(true) => tx.execute(
+                "INSERT INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![app_id, uid, scope, now_ms as i64],
+            )?,
+            Some(false) => tx.execute(
+                "INSERT INTO refusals (app_id, uid, scope, refused_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![app_id, uid, scope, now_ms as i64],
+            )?,
+            None => 0,
+        };
+        tx.commit()?;
+        Ok(if was_granted {
+            Some(true)
+        } else if was_refused {
+            Some(false)
+        } else {
+            None
+        })
+    }
+
+    /// Adds a ledger row; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ledger_add(
+        &self,
+        app_id: &str,
+        uid: &str,
+        what: &str,
+        surface: &str,
+        api: &str,
+        at_ms: u64,
+        via_code: bool,
+    ) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![app_id, uid, what, surface, api, at_ms as i64, via_code as i64])?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    /// Marks the rows of a code as redeemed through `via` at `at_ms`.
+    pub fn ledger_redeemed(&self, ids: &[u64], via: &str, at_ms: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE ledger SET redeemed_at_ms = ?2, redeemed_via = ?3 WHERE id = ?1 AND redeemed_at_ms IS NULL",
+            )?;
+            for id in ids {
+                stmt.execute(params![*id as i64, at_ms as i64, via])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ledger rows, oldest first; `None` filters match everything.
+    pub fn ledger(&self, app_id: Option<&str>, uid: Option<&str>, since_ms: u64) -> Result<Vec<LedgerRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via FROM ledger
+             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) AND at_ms >= ?3 ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map(params![app_id, uid, since_ms as i64], |r| {
+                Ok(LedgerRow {
+                    id: r.get::<_, i64>(0)? as u64,
+                    app_id: r.get(1)?,
+                    uid: r.get(2)?,
+                    what: r.get(3)?,
+                    surface: r.get(4)?,
+                    api: r.get(5)?,
+                    at_ms: r.get::<_, i64>(6)? as u64,
+                    via_code: r.get::<_, i64>(7)? != 0,
+                    redeemed_at_ms: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
+                    redeemed_via: r.get(9)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Drops ledger rows older than `before_ms` (retention); returns how many.
+    pub fn ledger_prune(&self, before_ms: u64) -> Result<usize, StoreError> {
+        Ok(self.conn().execute("DELETE FROM ledger WHERE at_ms < ?1", params![before_ms as i64])?)
     }
 
     pub fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -352,5 +511,30 @@ mod tests {
         store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
         assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);
         assert_eq!(store.revoke_grants("a", "u", None).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_decision_replaces_the_previous_one() {
+        let store = Store::open(None, false).unwrap();
+        assert_eq!(store.decide("a", "u", "S", Some(true), 1).unwrap(), None);
+        assert_eq!(store.decide("a", "u", "S", Some(false), 2).unwrap(), Some(true));
+        assert!(store.granted_scopes("a", "u").unwrap().is_empty());
+        assert_eq!(store.refused_scopes("a", "u").unwrap(), vec!["S".to_string()]);
+        assert_eq!(store.decide("a", "u", "S", None, 3).unwrap(), Some(false));
+        assert!(store.refused_scopes("a", "u").unwrap().is_empty());
+    }
+
+    #[test]
+    fn ledger_rows_are_stamped_once_and_pruned_by_age() {
+        let store = Store::open(None, false).unwrap();
+        let old = store.ledger_add("a", "u", "openid", "renderer_api", "login", 10, true).unwrap();
+        let new = store.ledger_add("a", "u", "avatar", "renderer_api", "chooseAvatar", 20, false).unwrap();
+        store.ledger_redeemed(&[old], "exchange", 15).unwrap();
+        store.ledger_redeemed(&[old], "backend_http", 16).unwrap();
+        let rows = store.ledger(Some("a"), None, 0).unwrap();
+        assert_eq!((rows[0].redeemed_at_ms, rows[0].redeemed_via.as_deref()), (Some(15), Some("exchange")));
+        assert_eq!(store.ledger(None, Some("u"), 11).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [new]);
+        assert_eq!(store.ledger_prune(20).unwrap(), 1);
+        assert_eq!(store.ledger(None, None, 0).unwrap().len(), 1);
     }
 }

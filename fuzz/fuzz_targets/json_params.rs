@@ -22,6 +22,9 @@ fn params_of(req: &ApiRequest) -> String {
         A::GetUserProfile(r) => serde_json::to_string(r),
         A::RequestPayment(r) => serde_json::to_string(r),
         A::RequestMidasPaymentGameItem(r) => serde_json::to_string(r),
+        A::GetSetting(r) => serde_json::to_string(r),
+        A::Authorize(r) => serde_json::to_string(r),
+        A::OpenSetting(r) => serde_json::to_string(r),
     }
     .expect("requests serialize")
 }

@@ -110,6 +110,8 @@ pub mod errno {
     pub const SESSION_EXPIRED: i64 = 1011;
     pub const OUTCOME_UNKNOWN: i64 = 1013;
     pub const USER_CANCEL: i64 = 1014;
+    pub const USER_CHANGED: i64 = 1016;
+    pub const AUTH_DENY: i64 = 1017;
 }
 
 /// Asserts a failure's errMsg, errno, gRPC code and reason, and that no host error rode along.

@@ -4,9 +4,10 @@
 use miniapp_broker_proto::{Api, v1::ChooseAvatarResponse};
 
 use super::profile;
-use crate::{broker::Broker, error::ApiError, registry::AppInstance, version::ApiVersion};
+use crate::{broker::Broker, error::ApiError, platform::Disclosed, registry::AppInstance, version::ApiVersion};
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<ChooseAvatarResponse, ApiError> {
-    let (_, avatar_url) = profile::value(b, inst, version, Api::ChooseAvatar, "avatar", |p| p.avatar_url).await?;
+    let (hold, avatar_url) = profile::value(b, inst, version, Api::ChooseAvatar, "avatar", |p| p.avatar_url).await?;
+    b.consent.ledger.record(&inst.app_id, &hold.uid, Disclosed::Avatar, Api::ChooseAvatar)?;
     Ok(ChooseAvatarResponse { err_msg: Api::ChooseAvatar.ok_msg(), avatar_url })
 }

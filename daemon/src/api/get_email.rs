@@ -6,7 +6,7 @@ use super::profile;
 use crate::{broker::Broker, error::ApiError, platform::ValueKind, registry::AppInstance, version::ApiVersion};
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<GetEmailResponse, ApiError> {
-    let (uid, email) = profile::value(b, inst, version, Api::GetEmail, "email", |p| p.email).await?;
-    let code = b.platform.value_code(&inst.app_id, &uid, ValueKind::Email, email).await?;
+    let (hold, email) = profile::value(b, inst, version, Api::GetEmail, "email", |p| p.email).await?;
+    let code = b.platform.value_code(&inst.app_id, &hold.uid, ValueKind::Email, email).await?;
     Ok(GetEmailResponse { err_msg: Api::GetEmail.ok_msg(), code })
 }

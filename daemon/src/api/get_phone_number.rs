@@ -8,8 +8,8 @@ use super::profile;
 use crate::{broker::Broker, error::ApiError, platform::ValueKind, registry::AppInstance, version::ApiVersion};
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<GetPhoneNumberResponse, ApiError> {
-    let (uid, phone) =
+    let (hold, phone) =
         profile::value(b, inst, version, Api::GetPhoneNumber, "phone number", |p| p.phone_number).await?;
-    let code = b.platform.value_code(&inst.app_id, &uid, ValueKind::PhoneNumber, phone).await?;
+    let code = b.platform.value_code(&inst.app_id, &hold.uid, ValueKind::PhoneNumber, phone).await?;
     Ok(GetPhoneNumberResponse { err_msg: Api::GetPhoneNumber.ok_msg(), code })
 }

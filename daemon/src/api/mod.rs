@@ -1,16 +1,21 @@
 //! The open APIs: for each, the decision "default or delegate", its parameters, and the default
-//! implementation where the daemon has one. One file per API; `auth_code` is v3's getAuthCode
-//! step, `profile` the signed-in user's data, `payments` the idempotency shared by both payments.
+//! implementation where the daemon has one. One file per API; `auth_code` is the getAuthCode step
+//! (v3's defaults and wx.authorize), `profile` the signed-in user's data, `payments` the
+//! idempotency shared by both payments; `get_setting`, `authorize` and `open_setting` are the
+//! settings APIs over the consent store.
 
 mod auth_code;
+mod authorize;
 mod check_session;
 mod choose_avatar;
 mod get_email;
 mod get_nick_name;
 mod get_phone_number;
+mod get_setting;
 mod get_user_info;
 mod get_user_profile;
 mod login;
+mod open_setting;
 pub mod payments;
 mod profile;
 mod request_midas_payment_game_item;
@@ -28,6 +33,7 @@ use crate::{
     broker::Broker,
     error::ApiError,
     host_link::{Expect, HostAnswer},
+    platform::Disclosed,
     registry::{AppInstance, CallSlot},
     version::ApiVersion,
 };
@@ -41,11 +47,15 @@ pub enum Route {
     Default,
     /// The host answers, once per idempotency key.
     Payment,
+    /// The consent store answers, asking the host where the API does (every version).
+    Consent,
 }
 
 /// The route of `api` in an instance running `version`.
 pub fn route(api: Api, version: ApiVersion) -> Route {
-    if api.is_payment() {
+    if api.is_consent() {
+        Route::Consent
+    } else if api.is_payment() {
         Route::Payment
     } else if version == ApiVersion::V1 || !api.has_default() {
         Route::Delegate
@@ -61,6 +71,7 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
         Some(Req::GetUserProfile(r)) => get_user_profile::validate(r)?,
         Some(Req::RequestPayment(r)) => request_payment::validate(r)?,
         Some(Req::RequestMidasPaymentGameItem(r)) => request_midas_payment_game_item::validate(r)?,
+        Some(Req::Authorize(r)) => authorize::validate(r)?,
         Some(_) => {}
     }
     request.api().ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))
@@ -81,9 +92,52 @@ pub async fn handle(
         Route::Delegate => delegate(b, inst, version, api, request).await,
         Route::Default => run_default(b, inst, version, request).await,
         Route::Payment => return payments::run(b, inst, version, api, request, slot).await,
+        Route::Consent => run_consent(b, inst, version, request).await,
     };
     drop(slot);
     outcome
+}
+
+/// Answers a settings API (getSetting, authorize, openSetting).
+async fn run_consent(
+    b: &Broker,
+    inst: &AppInstance,
+    version: ApiVersion,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
+    Ok(match request.api {
+        Some(Req::GetSetting(_)) => v1::GetSettingRequest::wrap_response(get_setting::run(b, inst)?),
+        Some(Req::Authorize(r)) => v1::AuthorizeRequest::wrap_response(authorize::run(b, inst, version, r).await?),
+        Some(Req::OpenSetting(_)) => v1::OpenSettingRequest::wrap_response(open_setting::run(b, inst, version).await?),
+        _ => return Err(ApiError::Internal("not a settings API".into())),
+    })
+}
+
+/// What of the user a delegated API's answer carries, for the ledger (the host's data passed
+/// through to a renderer); `None` for APIs whose answer discloses nothing the daemon can name.
+fn disclosed_by(api: Api) -> Option<Disclosed> {
+    match api {
+        Api::ChooseAvatar => Some(Disclosed::Avatar),
+        Api::GetNickName => Some(Disclosed::Nickname),
+        Api::GetUserInfo => Some(Disclosed::UserInfo),
+        Api::GetUserProfile => Some(Disclosed::UserProfile),
+        _ => None,
+    }
+}
+
+/// Whether a delegated answer of `api` is recorded in the ledger.
+pub fn discloses(api: Api) -> bool {
+    disclosed_by(api).is_some()
+}
+
+/// Records in the ledger that the host's answer to a delegated `api` call, about `uid` (signed
+/// in when the call was made), went to `app_id`'s renderer. Every delegate path calls it before
+/// the answer leaves.
+pub fn record_passed_through(b: &Broker, app_id: &str, uid: &str, api: Api) -> Result<(), ApiError> {
+    match disclosed_by(api) {
+        Some(what) => Ok(b.consent.ledger.record(app_id, uid, what, api)?),
+        None => Ok(()),
+    }
 }
 
 /// Runs the daemon's default implementation of a validated request.
@@ -121,13 +175,34 @@ pub async fn delegate(
     request: ApiRequest,
 ) -> Result<ApiResponse, ApiError> {
     let app = Broker::app_info(inst, Some(version));
-    delegated(b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await)
+    let uid = passed_through_to(b, api);
+    delegated(
+        b,
+        &inst.app_id,
+        &uid,
+        api,
+        b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await,
+    )
 }
 
-/// The renderer's answer from the host's answer to a delegated open-API call.
-pub fn delegated(answer: Result<HostAnswer, ApiError>) -> Result<ApiResponse, ApiError> {
+/// The user a delegated `api` call's answer is about: the one signed in when the call was made
+/// (empty, and nothing copied, for an API whose answer carries no user data).
+pub fn passed_through_to(b: &Broker, api: Api) -> String {
+    if discloses(api) { b.user.get().map(|u| u.uid.clone()).unwrap_or_default() } else { String::new() }
+}
+
+/// The renderer's answer from the host's answer to a delegated open-API call about `uid`, recorded
+/// in the ledger first when it carries user data.
+pub fn delegated(
+    b: &Broker,
+    app_id: &str,
+    uid: &str,
+    api: Api,
+    answer: Result<HostAnswer, ApiError>,
+) -> Result<ApiResponse, ApiError> {
     match answer? {
         HostAnswer::Api(mut resp) => {
+            record_passed_through(b, app_id, uid, api)?;
             resp.stamp_ok();
             Ok(resp)
         }

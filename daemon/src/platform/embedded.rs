@@ -5,6 +5,10 @@
 //! `sessions.code_ttl_secs` (5 minutes). They live in memory only: a daemon restart invalidates
 //! outstanding codes (the mini app logs in again), while sessions, grants and secrets are durable.
 //!
+//! Every code is a disclosure: issuing one writes its ledger rows (what it stands for, to which app
+//! and user), and redeeming it stamps them with when and through which surface, whichever surface
+//! redeems it. A code whose rows cannot be written is not issued.
+//!
 //! App backends (the gRPC `Exchange` service and the backend HTTP API alike) authenticate here,
 //! with the app's secret or an access token ([`super::access_tokens`]), and every attempt is taken
 //! from the app's exchange bucket (`limits.exchanges_per_minute_per_app`).
@@ -25,7 +29,7 @@ use sha2::Sha256;
 use tracing::info;
 
 use super::{
-    AccessToken, AuthorizedApp, Credential, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
     access_tokens::AccessTokens,
 };
 use crate::{
@@ -50,6 +54,8 @@ struct CodeEntry {
     uid: String,
     purpose: Purpose,
     expires_at_ms: u64,
+    /// Its rows in the disclosure ledger.
+    ledger: Vec<u64>,
 }
 
 /// The embedded platform. See the module docs.
@@ -61,8 +67,7 @@ pub struct EmbeddedPlatform {
     codes: DashMap<String, CodeEntry>,
     /// Redeemed codes until they would have expired, so a replay gets "code been used".
     spent: DashMap<String, u64>,
-    /// The outstanding codes of each (app, uid), oldest first: redeeming a code takes it out, the
-    /// sweep drops expired ones, so its length is what counts against `max_codes_per_user`.
+    /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
     issued: DashMap<(String, String), VecDeque<String>>,
     max_codes_per_user: usize,
     code_ttl_ms: u64,
@@ -138,18 +143,34 @@ impl EmbeddedPlatform {
         URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..21])
     }
 
-    fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> String {
+    fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> Result<String, ApiError> {
+        let now = self.clock.now_ms();
+        let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
+            Purpose::Login { .. } if self.union_group(app_id).is_some() => {
+                ("login", &[Disclosed::Openid, Disclosed::Unionid])
+            }
+            Purpose::Login { .. } => ("login", &[Disclosed::Openid]),
+            Purpose::Value { kind: ValueKind::PhoneNumber, .. } => ("getPhoneNumber", &[Disclosed::PhoneNumber]),
+            Purpose::Value { kind: ValueKind::Email, .. } => ("getEmail", &[Disclosed::Email]),
+        };
+        let ledger = disclosed
+            .iter()
+            .map(|d| self.store.ledger_add(app_id, uid, d.as_str(), Surface::RendererApi.as_str(), api, now, true))
+            .collect::<Result<Vec<_>, _>>()?;
         let code = random_token(18);
         let entry = CodeEntry {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
             purpose,
-            expires_at_ms: self.clock.now_ms() + self.code_ttl_ms,
+            expires_at_ms: now + self.code_ttl_ms,
+            ledger,
         };
         // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
+        // At the cap the oldest entry goes: a code already gone (redeemed, expired, invalidated)
+        // for free, else the oldest outstanding one. Each code leaves the queue once, so an issue
+        // costs O(1) even at the cap (a scan of the queue here cost every login at the cap ~100
+        // map lookups); gone codes further back count until they reach the front or the sweep.
         let mut issued = self.issued.entry((app_id.to_owned(), uid.to_owned())).or_default();
-        // No scan of the list per login at the cap (up to 100 map lookups, which doubled a v2
-        // login's cost under a login flood): it holds outstanding codes only.
         while issued.len() >= self.max_codes_per_user {
             if let Some(oldest) = issued.pop_front() {
                 self.codes.remove(&oldest);
@@ -157,7 +178,11 @@ impl EmbeddedPlatform {
         }
         self.codes.insert(code.clone(), entry);
         issued.push_back(code.clone());
-        code
+        Ok(code)
+    }
+
+    fn union_group(&self, app_id: &str) -> Option<&str> {
+        self.apps.get(app_id).and_then(|a| a.union_group.as_deref())
     }
 
     /// Drops expired codes and tombstones; called periodically.
@@ -231,11 +256,13 @@ impl EmbeddedPlatform {
     }
 
     /// Takes a code out if it belongs to `app_id` and `accept` likes its purpose; a code that does
-    /// not match stays where it is (a wrong guess changes nothing).
+    /// not match stays where it is (a wrong guess changes nothing). A redeemed code's ledger rows
+    /// are stamped with `surface` before its value may leave.
     fn redeem(
         &self,
         app_id: &str,
         code: &str,
+        surface: Surface,
         accept: impl Fn(&str, &Purpose) -> bool,
     ) -> Result<CodeEntry, ExchangeFailure> {
         if code.is_empty() {
@@ -246,12 +273,11 @@ impl EmbeddedPlatform {
             .codes
             .remove_if(code, |_, e| e.app_id == app_id && accept(&e.uid, &e.purpose) && e.expires_at_ms > now);
         if let Some((code, entry)) = taken {
-            if let Some(mut issued) = self.issued.get_mut(&(entry.app_id.clone(), entry.uid.clone())) {
-                if let Some(at) = issued.iter().position(|c| *c == code) {
-                    issued.remove(at);
-                }
-            }
             self.spent.insert(code, entry.expires_at_ms);
+            // The value leaves only once its disclosure is on record.
+            self.store
+                .ledger_redeemed(&entry.ledger, surface.as_str(), now)
+                .map_err(|e| ExchangeFailure::System(e.to_string()))?;
             return Ok(entry);
         }
         if self.spent.contains_key(code) {
@@ -297,7 +323,7 @@ pub fn session_signature(session_key: &str) -> String {
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
         let session_key = self.start_session(app_id, uid).await?;
-        Ok(self.issue(app_id, uid, Purpose::Login { session_key, auth_code }))
+        self.issue(app_id, uid, Purpose::Login { session_key, auth_code })
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
@@ -321,7 +347,16 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError> {
-        Ok(self.issue(app_id, uid, Purpose::Value { kind, value }))
+        self.issue(app_id, uid, Purpose::Value { kind, value })
+    }
+
+    async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
+        let before = self.codes.len();
+        self.codes.retain(|_, e| {
+            let of_kind = matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
+            !(of_kind && e.app_id == app_id && e.uid == uid)
+        });
+        before.saturating_sub(self.codes.len())
     }
 
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError> {
@@ -356,7 +391,7 @@ impl Platform for EmbeddedPlatform {
         app: &AuthorizedApp,
         code: &str,
     ) -> Result<Code2SessionResponse, ExchangeFailure> {
-        let entry = match self.redeem(app.app_id(), code, |_, p| matches!(p, Purpose::Login { .. })) {
+        let entry = match self.redeem(app.app_id(), code, surface, |_, p| matches!(p, Purpose::Login { .. })) {
             Ok(entry) => entry,
             Err(e) => {
                 self.refused(surface, Some(app), "code2Session", &e);
@@ -393,7 +428,7 @@ impl Platform for EmbeddedPlatform {
             matches!(p, Purpose::Value { kind: k, .. } if *k == kind)
                 && openid.is_none_or(|o| self.openid(app.app_id(), uid) == o)
         };
-        let entry = match self.redeem(app.app_id(), code, accept) {
+        let entry = match self.redeem(app.app_id(), code, surface, accept) {
             Ok(entry) => entry,
             Err(e) => {
                 let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
@@ -483,6 +518,29 @@ mod tests {
             p.redeem_value(Surface::Exchange, &a, &code, ValueKind::Email, None).await,
             Err(ExchangeFailure::CodeExpired)
         );
+    }
+
+    #[tokio::test]
+    async fn invalidation_takes_only_the_codes_of_that_app_user_and_kind() {
+        let p = platform(ManualClock::new(1_000));
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let phone = p.value_code("a", "u", ValueKind::PhoneNumber, "1".into()).await.unwrap();
+        let email = p.value_code("a", "u", ValueKind::Email, "e".into()).await.unwrap();
+        let other_user = p.value_code("a", "v", ValueKind::PhoneNumber, "2".into()).await.unwrap();
+        let login = p.login_code("a", "u", None).await.unwrap();
+        assert_eq!(p.invalidate_codes("a", "u", Some(ValueKind::PhoneNumber)).await, 1);
+        let (x, h) = (Surface::Exchange, Surface::BackendHttp);
+        let phone_kind = ValueKind::PhoneNumber;
+        assert_eq!(p.redeem_value(x, &a, &phone, phone_kind, None).await, Err(ExchangeFailure::InvalidCode));
+        assert_eq!(p.redeem_value(h, &a, &email, ValueKind::Email, None).await.as_deref(), Ok("e"));
+        assert_eq!(p.redeem_value(x, &a, &other_user, phone_kind, None).await.as_deref(), Ok("2"));
+        assert!(p.code2session(x, &a, &login).await.is_ok());
+        // Issued and redeemed codes are on record with the redeeming surface, the invalidated one
+        // unredeemed.
+        let rows = p.store.ledger(Some("a"), Some("u"), 0).unwrap();
+        let redeemed: Vec<_> = rows.iter().map(|r| (r.what.as_str(), r.redeemed_via.as_deref())).collect();
+        assert_eq!(redeemed, [("phone_number", None), ("email", Some("backend_http")), ("openid", Some("exchange"))]);
     }
 
     #[tokio::test]

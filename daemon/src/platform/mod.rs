@@ -19,19 +19,69 @@ pub enum ValueKind {
     Email,
 }
 
-/// The surface an app backend used: the gRPC `Exchange` service or the backend HTTP API. Every
-/// redemption is recorded with it at one point in the platform (the disclosure ledger's hook).
+impl ValueKind {
+    /// The v3 scope that grants this value.
+    pub const fn scope(self) -> &'static str {
+        match self {
+            ValueKind::PhoneNumber => miniapp_broker_proto::api::scope::PHONE_NUMBER,
+            ValueKind::Email => miniapp_broker_proto::api::scope::EMAIL,
+        }
+    }
+
+    /// The value a code of a scope stands for; `None` for scopes without codes (avatar, nickname).
+    pub fn of_scope(scope: &str) -> Option<ValueKind> {
+        [ValueKind::PhoneNumber, ValueKind::Email].into_iter().find(|k| k.scope() == scope)
+    }
+}
+
+/// The surface through which user data leaves the daemon for an app (the disclosure ledger's
+/// `surface`): the renderer's OpenApi, where codes and profile values go, or the surface an app
+/// backend used, the gRPC `Exchange` service or the backend HTTP API. Every redemption is recorded
+/// with it at one point in the platform (the disclosure ledger's hook).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Surface {
     Exchange,
     BackendHttp,
+    /// The renderer's OpenApi (typed RPCs, Invoke, the Session stream).
+    RendererApi,
 }
 
 impl Surface {
     pub fn as_str(self) -> &'static str {
         match self {
+            Surface::RendererApi => "renderer_api",
             Surface::Exchange => "exchange",
             Surface::BackendHttp => "backend_http",
+        }
+    }
+}
+
+/// What of a user's data a disclosure carries (the ledger's `what`; never the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disclosed {
+    Openid,
+    Unionid,
+    PhoneNumber,
+    Email,
+    Avatar,
+    Nickname,
+    /// The host's getUserInfo answer, passed through to a renderer.
+    UserInfo,
+    /// The host's getUserProfile answer, passed through to a renderer.
+    UserProfile,
+}
+
+impl Disclosed {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Disclosed::Openid => "openid",
+            Disclosed::Unionid => "unionid",
+            Disclosed::PhoneNumber => "phone_number",
+            Disclosed::Email => "email",
+            Disclosed::Avatar => "avatar",
+            Disclosed::Nickname => "nickname",
+            Disclosed::UserInfo => "user_info",
+            Disclosed::UserProfile => "user_profile",
         }
     }
 }
@@ -147,11 +197,16 @@ pub trait Platform: Send + Sync + 'static {
     /// wx.checkSession: ok while the (app, uid) session exists and has not expired.
     async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), ApiError>;
 
-    /// wx.getPhoneNumber / wx.getEmail: a one-time code standing for `value`.
+    /// wx.getPhoneNumber / wx.getEmail: a one-time code standing for `value`. Codes are recorded
+    /// in the disclosure ledger when issued and stamped when redeemed.
     async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError>;
 
     /// The signed-in user changed away from `old_uid`: its sessions end.
     async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError>;
+
+    /// Invalidates at once every outstanding value code of (app, uid) standing for `kind` (every
+    /// kind for `None`): the user revoked the scope. Returns how many.
+    async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize;
 
     /// Authenticates an app's backend and takes one attempt from the app's rate limit; every
     /// backend operation (both surfaces, every endpoint) starts here. Refusals are logged here too,

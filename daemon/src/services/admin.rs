@@ -5,7 +5,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use miniapp_broker_proto::{
     api::scope,
-    v1::{self, admin_server::Admin},
+    v1::{self, DecisionSource, admin_server::Admin},
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -106,10 +106,20 @@ impl Admin for AdminService {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
         let rows = self.broker.store.list_grants(filter(&q.app_id), filter(&q.uid)).map_err(internal)?;
-        let grants = rows
-            .into_iter()
-            .map(|g| v1::Grant { app_id: g.app_id, uid: g.uid, scope: g.scope, granted_at_ms: g.granted_at_ms })
-            .collect();
+        let refusals = match q.include_refusals {
+            true => self.broker.store.list_refusals(filter(&q.app_id), filter(&q.uid)).map_err(internal)?,
+            false => Vec::new(),
+        };
+        let grant = |refused: bool| {
+            move |g: crate::store::GrantRow| v1::Grant {
+                app_id: g.app_id,
+                uid: g.uid,
+                scope: g.scope,
+                granted_at_ms: g.granted_at_ms,
+                refused,
+            }
+        };
+        let grants = rows.into_iter().map(grant(false)).chain(refusals.into_iter().map(grant(true))).collect();
         Ok(Response::new(v1::ListGrantsResponse { grants }))
     }
 
@@ -132,9 +142,21 @@ impl Admin for AdminService {
                 .map(|u| u.uid.clone())
                 .ok_or_else(|| Status::invalid_argument("no uid given and no user signed in"))?,
         };
-        let revoked = self.broker.store.revoke_grants(&q.app_id, &uid, filter(&q.scope)).map_err(internal)?;
+        let revoked = self
+            .broker
+            .consent
+            .revoke(&q.app_id, &uid, filter(&q.scope), DecisionSource::Admin)
+            .await
+            .map_err(internal)?;
         info!(app_id = %q.app_id, scope = %q.scope, revoked, "grants revoked");
         Ok(Response::new(v1::RevokeGrantsResponse { revoked: revoked as u32 }))
+    }
+
+    async fn list_ledger(&self, r: Request<v1::ListLedgerRequest>) -> Result<Response<v1::ListLedgerResponse>, Status> {
+        require_host_token(&self.broker, r.metadata())?;
+        let q = r.into_inner();
+        let disclosures = self.broker.consent.ledger.list(&q.app_id, &q.uid, q.since_ms).map_err(internal)?;
+        Ok(Response::new(v1::ListLedgerResponse { disclosures }))
     }
 
     async fn register_app(

@@ -3,9 +3,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use miniapp_broker_proto::v1::{
-    self, DaemonMessage, DelegateMethod, HostMessage, Welcome, daemon_message, host_message, host_server::Host,
+use miniapp_broker_proto::{
+    api::scope,
+    v1::{
+        self, DaemonMessage, Decision, DecisionSource, DelegateMethod, HostMessage, SetDecision, Welcome,
+        daemon_message, host_message, host_server::Host,
+    },
 };
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -105,6 +110,7 @@ async fn run_host(
         broker.set_user(user).await;
     }
     let session = broker.host.prepare(&slot, &hello, tx.clone(), progress);
+    let consent_events = broker.consent.subscribe();
     let welcome = Welcome {
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         default_api_version: broker.config.default_api_version.as_str().to_owned(),
@@ -114,6 +120,7 @@ async fn run_host(
         return;
     }
     broker.host.publish(&session);
+    let consent_forwarder = tokio::spawn(forward_consent(consent_events, tx.clone()));
     let methods: Vec<&str> = session.methods().iter().map(|m| m.as_str_name()).collect();
     info!(host_session = session.id, host_name = %session.name, ?methods, "host connected");
 
@@ -129,6 +136,11 @@ async fn run_host(
         match message {
             Ok(Some(HostMessage { msg: Some(host_message::Msg::Result(result)) })) => session.on_result(result),
             Ok(Some(HostMessage { msg: Some(host_message::Msg::User(user)) })) => broker.set_user(user).await,
+            Ok(Some(HostMessage { msg: Some(host_message::Msg::Decision(decision)) })) => {
+                if let Err(why) = set_decision(&broker, decision).await {
+                    session.notice(0, &format!("SetDecision refused: {why}"));
+                }
+            }
             Ok(Some(HostMessage { msg: Some(host_message::Msg::Hello(_)) })) => {
                 session.notice(0, "Hello was already received; ignored")
             }
@@ -137,9 +149,63 @@ async fn run_host(
             Err(_) => break "host stream broke",
         }
     };
+    consent_forwarder.abort();
     // Before the session stops being current, so whoever sees the host gone sees this too.
     broker.registry.host_left(session.id, broker.clock.now_ms());
     let failed = broker.host.retire(&session);
     drop(slot);
     info!(host_session = session.id, reason, failed_calls = failed, "host disconnected");
+}
+
+/// Tells the host of every decision change, on its own task so a host that reads slowly delays
+/// only its own events (a host that falls more than the channel's capacity behind misses the
+/// oldest; the Admin service's ListGrants has the truth).
+async fn forward_consent(mut events: broadcast::Receiver<v1::ConsentChanged>, tx: HostSender) {
+    loop {
+        match events.recv().await {
+            Ok(changed) => {
+                let message = DaemonMessage { msg: Some(daemon_message::Msg::Consent(changed)) };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => warn!(missed, "host missed consent events"),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Applies the host's SetDecision; a refusal changes nothing.
+async fn set_decision(broker: &Broker, d: SetDecision) -> Result<(), String> {
+    check_app_id(&d.app_id).map_err(|s| s.message().to_owned())?;
+    let decision = match Decision::try_from(d.decision) {
+        Ok(Decision::Granted) => Some(true),
+        Ok(Decision::Refused) => Some(false),
+        Ok(Decision::Undecided) => None,
+        _ => return Err("decision must be GRANTED, REFUSED or UNDECIDED".into()),
+    };
+    let scopes: Option<&[&str]> = match d.scope.as_str() {
+        "" if decision.is_none() => None,
+        "" => return Err("a scope is required unless the decision is UNDECIDED".into()),
+        name => Some(scope::expand(name).ok_or("unknown scope")?),
+    };
+    let uid = match d.uid.as_str() {
+        "" => broker.user.get().map(|u| u.uid.clone()).ok_or("no uid given and no user signed in")?,
+        uid => uid.to_owned(),
+    };
+    let consent = &broker.consent;
+    let outcome = match scopes {
+        None => consent.revoke(&d.app_id, &uid, None, DecisionSource::Host).await.map(drop),
+        Some(scopes) => {
+            let mut result = Ok(());
+            for scope in scopes {
+                result = consent.decide(&d.app_id, &uid, scope, decision, DecisionSource::Host).await.map(drop);
+                if result.is_err() {
+                    break;
+                }
+            }
+            result
+        }
+    };
+    outcome.map_err(|e| e.to_string())
 }

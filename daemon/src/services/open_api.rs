@@ -108,6 +108,17 @@ impl OpenApi for OpenApiService {
     ) -> Unary<v1::RequestMidasPaymentGameItemResponse> {
         self.unary(r).await
     }
+    async fn get_setting(&self, r: Request<v1::GetSettingRequest>) -> Unary<v1::GetSettingResponse> {
+        self.unary(r).await
+    }
+    async fn authorize(&self, r: Request<v1::AuthorizeRequest>) -> Unary<v1::AuthorizeResponse> {
+        self.unary(r).await
+    }
+    async fn open_setting(&self, r: Request<v1::OpenSettingRequest>) -> Unary<v1::OpenSettingResponse> {
+        // What a renderer puts in the request is the daemon's to fill in.
+        let (metadata, extensions, _) = r.into_parts();
+        self.unary(Request::from_parts(metadata, extensions, v1::OpenSettingRequest::default())).await
+    }
 
     async fn invoke(&self, r: Request<v1::InvokeRequest>) -> Unary<v1::InvokeResponse> {
         let instance = self.instance(r.metadata())?;

@@ -1,0 +1,45 @@
+//! wx.openSetting: the host shows its settings page for this app (delegate method OPEN_SETTING,
+//! in every version), given the current decisions and the user; it answers with the user's
+//! choices, which the daemon checks whole (an unknown scope changes nothing), records for the
+//! user still signed in, and answers with the new authSetting.
+
+use miniapp_broker_proto::{
+    Api,
+    api::{ApiCall, scope},
+    v1::{DecisionSource, OpenSettingRequest, OpenSettingResponse, delegate_call},
+};
+
+use crate::{
+    broker::Broker,
+    error::ApiError,
+    host_link::{Expect, HostAnswer},
+    registry::AppInstance,
+    version::ApiVersion,
+};
+
+pub async fn run(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<OpenSettingResponse, ApiError> {
+    let (ticket, _) = b.user.ticket()?;
+    let request = OpenSettingRequest {
+        auth_setting: b.consent.auth_setting(&inst.app_id, &ticket.uid)?,
+        uid: ticket.uid.clone(),
+    };
+    let app = Broker::app_info(inst, Some(version));
+    let request = delegate_call::Request::Api(request.into_request());
+    let answer = match b.host.call(app, request, Expect::Api(Api::OpenSetting)).await? {
+        HostAnswer::Api(resp) => OpenSettingRequest::unwrap_response(resp)
+            .ok_or_else(|| ApiError::HostProtocol("unexpected answer type".into()))?,
+        _ => return Err(ApiError::HostProtocol("unexpected answer type".into())),
+    };
+    let mut choices = Vec::new();
+    for (name, granted) in &answer.auth_setting {
+        let scopes = scope::expand(name)
+            .ok_or_else(|| ApiError::HostProtocol("openSetting answered a scope the daemon does not know".into()))?;
+        choices.extend(scopes.iter().map(|s| (*s, *granted)));
+    }
+    let hold = b.user.hold(&ticket).await?;
+    for (scope, granted) in choices {
+        b.consent.decide(&inst.app_id, &hold.uid, scope, Some(granted), DecisionSource::OpenSetting).await?;
+    }
+    let auth_setting = b.consent.auth_setting(&inst.app_id, &hold.uid)?;
+    Ok(OpenSettingResponse { err_msg: Api::OpenSetting.ok_msg(), auth_setting })
+}

@@ -1,0 +1,66 @@
+//! The disclosure ledger: one durable row each time a user's data leaves the daemon for an app
+//! (what, to which app, for which user, through which surface, when; never the value), as the
+//! privacy reports of mobile systems keep it. Codes are recorded by the platform when issued and
+//! stamped when redeemed (one redeem path for every surface); what the daemon hands to a renderer
+//! directly (avatar, nickname, the host's user info passed through) is recorded here.
+//! Rows older than `privacy.ledger_days` are deleted by the daemon's sweep.
+
+use std::sync::Arc;
+
+use miniapp_broker_proto::{Api, v1::Disclosure};
+
+use crate::{
+    clock::Clock,
+    error::StoreError,
+    platform::{Disclosed, Surface},
+    store::{LedgerRow, Store},
+};
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The ledger over the store. See the module docs.
+pub struct Ledger {
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    retention_ms: u64,
+}
+
+impl Ledger {
+    pub fn new(store: Arc<Store>, clock: Arc<dyn Clock>, days: u32) -> Ledger {
+        Ledger { store, clock, retention_ms: u64::from(days) * DAY_MS }
+    }
+
+    /// Records that `what` of `uid` went to `app_id` as the answer to a renderer's `api` call.
+    pub fn record(&self, app_id: &str, uid: &str, what: Disclosed, api: Api) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        self.store.ledger_add(app_id, uid, what.as_str(), Surface::RendererApi.as_str(), api.name(), now, false)?;
+        Ok(())
+    }
+
+    /// The rows matching the filters (empty: any), oldest first.
+    pub fn list(&self, app_id: &str, uid: &str, since_ms: u64) -> Result<Vec<Disclosure>, StoreError> {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let rows = self.store.ledger(some(app_id).as_deref(), some(uid).as_deref(), since_ms)?;
+        Ok(rows.into_iter().map(disclosure).collect())
+    }
+
+    /// Deletes rows past the retention; returns how many.
+    pub fn prune(&self) -> Result<usize, StoreError> {
+        self.store.ledger_prune(self.clock.now_ms().saturating_sub(self.retention_ms))
+    }
+}
+
+fn disclosure(r: LedgerRow) -> Disclosure {
+    Disclosure {
+        id: r.id,
+        app_id: r.app_id,
+        uid: r.uid,
+        what: r.what,
+        surface: r.surface,
+        api: r.api,
+        at_ms: r.at_ms,
+        via_code: r.via_code,
+        redeemed_at_ms: r.redeemed_at_ms.unwrap_or(0),
+        redeemed_via: r.redeemed_via.unwrap_or_default(),
+    }
+}

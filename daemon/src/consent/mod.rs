@@ -1,0 +1,169 @@
+//! Consent: users' decisions about scopes per app (grants and remembered refusals, as a permission
+//! store keeps them), the events that tell the host of every change, and the disclosure
+//! [`ledger`].
+//!
+//! Every source of a decision (the host's getAuthCode answer, wx.authorize, wx.openSetting, the
+//! host's SetDecision, the operator's revoke) goes through [`Consent::decide`], so each change is
+//! stored, announced, and, when a scope stops being granted, bites at once: the app's outstanding
+//! codes of that scope for that user are invalidated on the platform.
+
+pub mod ledger;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use miniapp_broker_proto::{
+    api::scope,
+    v1::{ConsentChanged, Decision, DecisionSource},
+};
+use tokio::sync::broadcast;
+use tracing::info;
+
+use crate::{
+    clock::Clock,
+    error::StoreError,
+    platform::{Platform, ValueKind},
+    store::Store,
+};
+pub use ledger::Ledger;
+
+/// How many decision events may wait for a slow host before the oldest are dropped.
+const EVENTS: usize = 256;
+
+/// The consent store and its change events. See the module docs.
+pub struct Consent {
+    store: Arc<Store>,
+    platform: Arc<dyn Platform>,
+    clock: Arc<dyn Clock>,
+    remember_refusals: bool,
+    events: broadcast::Sender<ConsentChanged>,
+    pub ledger: Ledger,
+}
+
+impl std::fmt::Debug for Consent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consent").field("remember_refusals", &self.remember_refusals).finish_non_exhaustive()
+    }
+}
+
+impl Consent {
+    pub fn new(
+        store: Arc<Store>,
+        platform: Arc<dyn Platform>,
+        clock: Arc<dyn Clock>,
+        remember_refusals: bool,
+        ledger_days: u32,
+    ) -> Consent {
+        let ledger = Ledger::new(store.clone(), clock.clone(), ledger_days);
+        Consent { store, platform, clock, remember_refusals, events: broadcast::channel(EVENTS).0, ledger }
+    }
+
+    /// Every decision change from now on (the host link forwards them to the host).
+    pub fn subscribe(&self) -> broadcast::Receiver<ConsentChanged> {
+        self.events.subscribe()
+    }
+
+    /// Whether a refusal is remembered (config `consent.remember_refusals`).
+    pub fn remembers_refusals(&self) -> bool {
+        self.remember_refusals
+    }
+
+    /// The scopes `uid` granted `app_id`.
+    pub fn granted(&self, app_id: &str, uid: &str) -> Result<Vec<String>, StoreError> {
+        self.store.granted_scopes(app_id, uid)
+    }
+
+    /// Whether `uid` refused `scope` for `app_id` and the refusal stands (remembered refusals on).
+    pub fn refuses(&self, app_id: &str, uid: &str, scope: &str) -> Result<bool, StoreError> {
+        Ok(self.remember_refusals && self.store.refused_scopes(app_id, uid)?.iter().any(|s| s == scope))
+    }
+
+    /// The decided scopes of (app, uid): scope → granted.
+    pub fn decisions(&self, app_id: &str, uid: &str) -> Result<BTreeMap<String, bool>, StoreError> {
+        let mut out: BTreeMap<String, bool> =
+            self.store.refused_scopes(app_id, uid)?.into_iter().map(|s| (s, false)).collect();
+        out.extend(self.store.granted_scopes(app_id, uid)?.into_iter().map(|s| (s, true)));
+        Ok(out)
+    }
+
+    /// The decisions as wx.getSetting answers them: the v3 scopes, plus `scope.userInfo`, true when
+    /// avatar and nickname are both granted and false when either is refused.
+    pub fn auth_setting(&self, app_id: &str, uid: &str) -> Result<BTreeMap<String, bool>, StoreError> {
+        let mut setting = self.decisions(app_id, uid)?;
+        let (avatar, nickname) = (setting.get(scope::AVATAR).copied(), setting.get(scope::NICKNAME).copied());
+        if avatar == Some(false) || nickname == Some(false) {
+            setting.insert(scope::USER_INFO.to_owned(), false);
+        } else if avatar == Some(true) && nickname == Some(true) {
+            setting.insert(scope::USER_INFO.to_owned(), true);
+        }
+        Ok(setting)
+    }
+
+    /// Sets one scope's decision (`Some(true)` granted, `Some(false)` refused, `None` undecided)
+    /// and, if it changed, tells the host; a scope that stops being granted invalidates the app's
+    /// outstanding codes of it for that user. Returns whether anything changed. Callers that acted
+    /// on behalf of the signed-in user hold its ticket around this (see `user.rs`).
+    pub async fn decide(
+        &self,
+        app_id: &str,
+        uid: &str,
+        scope: &str,
+        decision: Option<bool>,
+        source: DecisionSource,
+    ) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let previous = self.store.decide(app_id, uid, scope, decision, now)?;
+        if previous == decision {
+            return Ok(false);
+        }
+        let mut invalidated = 0;
+        if decision != Some(true)
+            && let Some(kind) = ValueKind::of_scope(scope)
+        {
+            invalidated = self.platform.invalidate_codes(app_id, uid, Some(kind)).await;
+        }
+        let proto = match decision {
+            Some(true) => Decision::Granted,
+            Some(false) => Decision::Refused,
+            None => Decision::Undecided,
+        };
+        info!(
+            app_id,
+            scope,
+            decision = proto.as_str_name(),
+            source = source.as_str_name(),
+            invalidated,
+            "consent changed"
+        );
+        let event = ConsentChanged {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            scope: scope.to_owned(),
+            decision: proto as i32,
+            source: source as i32,
+            at_ms: now,
+        };
+        // No receiver (no host connected) is fine: the store is the truth, the event a courtesy.
+        let _ = self.events.send(event);
+        Ok(true)
+    }
+
+    /// Returns one scope, or every decided scope for `None`, of (app, uid) to undecided: the
+    /// user is asked again. Returns how many decisions were revoked.
+    pub async fn revoke(
+        &self,
+        app_id: &str,
+        uid: &str,
+        scope: Option<&str>,
+        source: DecisionSource,
+    ) -> Result<usize, StoreError> {
+        let scopes: Vec<String> = match scope {
+            Some(s) => vec![s.to_owned()],
+            None => self.decisions(app_id, uid)?.into_keys().collect(),
+        };
+        let mut revoked = 0;
+        for s in scopes {
+            revoked += self.decide(app_id, uid, &s, None, source).await? as usize;
+        }
+        Ok(revoked)
+    }
+}
