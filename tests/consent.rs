@@ -632,6 +632,22 @@ async fn the_ledger_keeps_rows_for_privacy_ledger_days() {
 }
 
 #[tokio::test]
+async fn a_ledger_larger_than_one_message_is_listed_whole() {
+    // Small messages, so a few hundred rows are more than one answer can carry.
+    let daemon = Daemon::start_with(|c| c.limits.max_message_bytes = 4096).await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let app = launch(&host, APP, r#"{"apiVersion":"v2"}"#).await;
+    let r = daemon.renderer(&app.launch_token).await;
+    for _ in 0..150 {
+        within("login", r.call(v1::LoginRequest::default())).await.expect("login");
+    }
+    let ledger = host.ledger(APP, "", 0).await.expect("a long ledger still lists");
+    assert_eq!(ledger.len(), 150, "one openid row per login code");
+    let ids: Vec<u64> = ledger.iter().map(|d| d.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first, no row twice");
+}
+
+#[tokio::test]
 async fn with_remember_refusals_off_the_host_is_asked_again() {
     let daemon = Daemon::start_with(|c| c.consent.remember_refusals = false).await;
     let (host, desk) = consent_host(&daemon, "u1", false).await;
