@@ -19,6 +19,7 @@ use super::{
 };
 use crate::platform::{AuthorizedApp, Credential, ExchangeFailure, Surface, TokenRequest, ValueKind};
 
+/// An endpoint's data fields, or the failure [`answer`] shapes for the path's platform.
 type Outcome = Result<Map<String, Value>, ExchangeFailure>;
 
 /// `GET /sns/jscode2session?appid=&secret=&js_code=&grant_type=authorization_code`

@@ -20,6 +20,7 @@ pub const TOKEN_TTL_SECS: u64 = 7200;
 /// Tokens one app may hold at once (a backend normally holds one or two).
 pub const MAX_TOKENS_PER_APP: usize = 32;
 
+/// What a token's hash stands for: the app it was issued to, and until when.
 #[derive(Debug, Clone)]
 struct Entry {
     app_id: Arc<str>,
