@@ -471,6 +471,15 @@ async fn open_setting_goes_through_the_host_and_records_its_choices() {
     assert_failure(&f, "getPhoneNumber:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
     assert!(asked(&desk).is_empty());
 
+    // A host that answers the whole page, as WeChat's openSetting does, with the user's one change:
+    // avatar off. The echoed scope.userInfo (true) must not undo it.
+    desk.lock().unwrap().choices =
+        map(&[(scope::AVATAR, false), (scope::NICKNAME, true), (scope::PHONE_NUMBER, false), (scope::USER_INFO, true)]);
+    within("openSetting", r.call_unary(v1::OpenSettingRequest::default())).await.expect("the host answered");
+    assert_eq!(event(&mut events).await, (scope::AVATAR.into(), Decision::Refused, DecisionSource::OpenSetting));
+    let now = setting(&r).await;
+    assert_eq!((now[scope::AVATAR], now[scope::NICKNAME], now[scope::USER_INFO]), (false, true, false));
+
     // A host answer naming an unknown scope is refused whole: nothing changes.
     desk.lock().unwrap().choices = map(&[(scope::PHONE_NUMBER, true), ("scope.userLocation", true)]);
     let f = within("openSetting", r.call_unary(v1::OpenSettingRequest::default())).await.expect_err("bad answer");
