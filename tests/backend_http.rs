@@ -254,6 +254,18 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
     let s3 = b.http.post("/cgi-bin/stable_token", stable(true).to_string()).await;
     assert_ne!(s1["access_token"], s3["access_token"]);
     assert_eq!(s3["expires_in"], json!(7200));
+    // Fresh tokens do not push the stable token out: a backend holding it keeps working however
+    // often other code calls /cgi-bin/token (an app keeps at most 32 fresh tokens).
+    let mut latest = Value::Null;
+    for _ in 0..40 {
+        latest = b.http.get(&path).await;
+        assert!(latest["access_token"].is_string(), "{latest}");
+    }
+    let with_stable = format!(
+        "/wxa/checksession?access_token={}&openid=o&signature=s&sig_method=hmac_sha256",
+        s3["access_token"].as_str().unwrap()
+    );
+    assert_wechat_err(&b.http.get(&with_stable).await, 87009, "invalid signature");
 
     // Refusals.
     let wrong = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=nope");
@@ -273,7 +285,7 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
 
     // Tokens are bound to their app: another app's checksession with this token sees this app's
     // users only (its own user's openid is unknown there).
-    let token = first["access_token"].as_str().unwrap();
+    let token = latest["access_token"].as_str().unwrap();
     let plain = b.plain_session().await;
     let check = format!(
         "/wxa/checksession?access_token={token}&openid={}&signature={}&sig_method=hmac_sha256",
