@@ -218,9 +218,13 @@ async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() 
     );
     assert_wechat_err(&b.http.get(&unknown).await, 40013, "invalid appid");
     let no_grant = format!("/sns/jscode2session?appid={APP}&secret={}&js_code={fresh}", b.secret);
-    assert_wechat_err(&b.http.get(&no_grant).await, 40001, "malformed request: grant_type must be authorization_code");
+    // WeChat's own codes for a bad or missing parameter, never 40001: on 40001 a backend library
+    // (wechatpy) fetches a new access token and retries, over and over.
+    assert_wechat_err(&b.http.get(&no_grant).await, 40002, "malformed request: grant_type must be authorization_code");
     let no_code = format!("/sns/jscode2session?appid={APP}&secret={}&grant_type=authorization_code", b.secret);
-    assert_wechat_err(&b.http.get(&no_code).await, 40001, "malformed request: code is required");
+    assert_wechat_err(&b.http.get(&no_code).await, 41008, "malformed request: code is required");
+    let no_secret = format!("/sns/jscode2session?appid={APP}&js_code={fresh}&grant_type=authorization_code");
+    assert_wechat_err(&b.http.get(&no_secret).await, 41004, "malformed request: secret is required");
     let doubled = format!("{}&appid={APP}", b.session_path("", &fresh));
     assert_wechat_err(&b.http.get(&doubled).await, 47001, "data format error");
 
@@ -250,12 +254,24 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
     let s3 = b.http.post("/cgi-bin/stable_token", stable(true).to_string()).await;
     assert_ne!(s1["access_token"], s3["access_token"]);
     assert_eq!(s3["expires_in"], json!(7200));
+    // Fresh tokens do not push the stable token out: a backend holding it keeps working however
+    // often other code calls /cgi-bin/token (an app keeps at most 32 fresh tokens).
+    let mut latest = Value::Null;
+    for _ in 0..40 {
+        latest = b.http.get(&path).await;
+        assert!(latest["access_token"].is_string(), "{latest}");
+    }
+    let with_stable = format!(
+        "/wxa/checksession?access_token={}&openid=o&signature=s&sig_method=hmac_sha256",
+        s3["access_token"].as_str().unwrap()
+    );
+    assert_wechat_err(&b.http.get(&with_stable).await, 87009, "invalid signature");
 
     // Refusals.
     let wrong = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=nope");
     assert_wechat_err(&b.http.get(&wrong).await, 40125, "invalid appsecret");
     let bad_grant = format!("/cgi-bin/token?grant_type=password&appid={APP}&secret={}", b.secret);
-    assert_wechat_err(&b.http.get(&bad_grant).await, 40001, "malformed request: grant_type must be client_credential");
+    assert_wechat_err(&b.http.get(&bad_grant).await, 40002, "malformed request: grant_type must be client_credential");
     assert_wechat_err(&b.http.post("/cgi-bin/stable_token", "{not json").await, 47001, "data format error");
     assert_wechat_err(&b.http.post("/cgi-bin/stable_token", "[1]").await, 47001, "data format error");
     let typed = json!({"grant_type": "client_credential", "appid": APP, "secret": b.secret, "force_refresh": "yes"});
@@ -269,7 +285,7 @@ async fn access_tokens_are_issued_bound_to_the_app_and_expire() {
 
     // Tokens are bound to their app: another app's checksession with this token sees this app's
     // users only (its own user's openid is unknown there).
-    let token = first["access_token"].as_str().unwrap();
+    let token = latest["access_token"].as_str().unwrap();
     let plain = b.plain_session().await;
     let check = format!(
         "/wxa/checksession?access_token={token}&openid={}&signature={}&sig_method=hmac_sha256",
@@ -300,7 +316,7 @@ async fn checksession_accepts_only_the_live_sessions_signature() {
     assert_wechat_err(&b.http.get(&path(&signature("not-the-key"), "hmac_sha256")).await, 87009, "invalid signature");
     assert_wechat_err(
         &b.http.get(&path(&signature(key), "md5")).await,
-        40001,
+        87009,
         "malformed request: sig_method must be hmac_sha256",
     );
 
@@ -343,7 +359,7 @@ async fn getuserphonenumber_and_getuseremail_redeem_value_codes_with_an_access_t
     let login = json!({ "code": b.login_code().await }).to_string();
     assert_wechat_err(&b.http.post(&phone_path, login).await, 40029, "invalid code");
     assert_wechat_err(&b.http.post(&phone_path, "code=1").await, 47001, "data format error");
-    assert_wechat_err(&b.http.post(&phone_path, "{}").await, 40001, "malformed request: code is required");
+    assert_wechat_err(&b.http.post(&phone_path, "{}").await, 41008, "malformed request: code is required");
     let no_token = json!({ "code": b.phone_code().await }).to_string();
     assert_wechat_err(
         &b.http.post("/wxa/business/getuserphonenumber", no_token).await,
@@ -547,7 +563,7 @@ async fn serve_backend_listen_logs_the_address_and_status_shows_it() {
     // It really serves there.
     let (code, body) =
         Http::new(address).send(Method::GET, "/cgi-bin/token?grant_type=client_credential", Vec::new()).await;
-    assert_eq!((code, body["errcode"].clone()), (200, json!(40001)), "{body}");
+    assert_eq!((code, body["errcode"].clone()), (200, json!(41002)), "{body}");
     child.kill().await.unwrap();
 }
 

@@ -471,6 +471,15 @@ async fn open_setting_goes_through_the_host_and_records_its_choices() {
     assert_failure(&f, "getPhoneNumber:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
     assert!(asked(&desk).is_empty());
 
+    // A host that answers the whole page, as WeChat's openSetting does, with the user's one change:
+    // avatar off. The echoed scope.userInfo (true) must not undo it.
+    desk.lock().unwrap().choices =
+        map(&[(scope::AVATAR, false), (scope::NICKNAME, true), (scope::PHONE_NUMBER, false), (scope::USER_INFO, true)]);
+    within("openSetting", r.call_unary(v1::OpenSettingRequest::default())).await.expect("the host answered");
+    assert_eq!(event(&mut events).await, (scope::AVATAR.into(), Decision::Refused, DecisionSource::OpenSetting));
+    let now = setting(&r).await;
+    assert_eq!((now[scope::AVATAR], now[scope::NICKNAME], now[scope::USER_INFO]), (false, true, false));
+
     // A host answer naming an unknown scope is refused whole: nothing changes.
     desk.lock().unwrap().choices = map(&[(scope::PHONE_NUMBER, true), ("scope.userLocation", true)]);
     let f = within("openSetting", r.call_unary(v1::OpenSettingRequest::default())).await.expect_err("bad answer");
@@ -629,6 +638,22 @@ async fn the_ledger_keeps_rows_for_privacy_ledger_days() {
     daemon.server.broker().consent.ledger.prune().expect("prune");
     let left: Vec<_> = host.ledger(APP, "", 0).await.expect("ledger").into_iter().map(|d| d.what).collect();
     assert_eq!(left, ["nickname"]);
+}
+
+#[tokio::test]
+async fn a_ledger_larger_than_one_message_is_listed_whole() {
+    // Small messages, so a few hundred rows are more than one answer can carry.
+    let daemon = Daemon::start_with(|c| c.limits.max_message_bytes = 4096).await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let app = launch(&host, APP, r#"{"apiVersion":"v2"}"#).await;
+    let r = daemon.renderer(&app.launch_token).await;
+    for _ in 0..150 {
+        within("login", r.call(v1::LoginRequest::default())).await.expect("login");
+    }
+    let ledger = host.ledger(APP, "", 0).await.expect("a long ledger still lists");
+    assert_eq!(ledger.len(), 150, "one openid row per login code");
+    let ids: Vec<u64> = ledger.iter().map(|d| d.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first, no row twice");
 }
 
 #[tokio::test]

@@ -662,6 +662,20 @@ async fn the_open_file_limit_is_raised_or_max_connections_lowered_to_fit() {
     .unwrap();
     assert_eq!(beyond, "closed", "a connection beyond the fitted limit is refused at once");
     stop(child).await;
+
+    // The backend HTTP API's connections need descriptors too: they come off what gRPC may use.
+    std::fs::write(&config, "[backend_http]\nlisten = \"127.0.0.1:0\"\nmax_connections = 32\n").unwrap();
+    let mut with_http = args(&socket);
+    with_http.extend(["--config".into(), config.clone().into()]);
+    let with_http: Vec<&std::ffi::OsStr> = with_http.iter().map(|a| a.as_os_str()).collect();
+    let log = dir.path().join("with_http.log");
+    let child = serve(with_open_files(bin(dir.path()), 256, 256), &with_http, &log).await.ready();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("limits.max_connections lowered from 10240 to 160: the open-file limit is 256"),
+        "32 descriptors are kept for backend_http.max_connections:\n{said}"
+    );
+    stop(child).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1553,7 +1553,7 @@ fn cases() -> Vec<Case> {
         row(
             "Code2Session with an empty secret",
             On::Main,
-            vec![exch(Code::InvalidArgument, 40001, "malformed request: app_id and secret are required")],
+            vec![exch(Code::InvalidArgument, 41004, "malformed request: secret is required")],
             |c, p| {
                 Box::pin(
                     async move { vec![of_exchange(&c.main.code2session(&c.a.app_id, "", &p.code).await.unwrap_err())] },

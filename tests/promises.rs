@@ -196,6 +196,25 @@ async fn stalled_host(daemon: &Daemon) -> (GrpcHostClient<tonic::transport::Chan
     (client, tx)
 }
 
+/// A [`stalled_host`], published, and an app launched for it through a plain host client (the
+/// stalled connection cannot launch one itself), which the test may use to close the app.
+async fn stalled_host_with_app(
+    daemon: &Daemon,
+) -> (
+    (GrpcHostClient<tonic::transport::Channel>, mpsc::Sender<HostMessage>),
+    GrpcHostClient<tonic::transport::Channel>,
+    v1::LaunchAppResponse,
+) {
+    let stalled = stalled_host(daemon).await;
+    let broker = daemon.server.broker().clone();
+    until("the stalled host is published", || broker.host.current().is_some()).await;
+    let mut launcher = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
+    let mut launch = Request::new(v1::LaunchAppRequest { app_id: APP.into(), app_json: V1.into() });
+    launch.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(&daemon.token()).parse().unwrap());
+    let app = launcher.launch_app(launch).await.expect("launched").into_inner();
+    (stalled, launcher, app)
+}
+
 /// A host that stays connected but stops reading fills its queue. No call waits for room: every
 /// surface answers at once ("host is not keeping up") or by its deadline, the renderer's stream
 /// keeps reading calls and still ends when its app closes.
@@ -209,13 +228,8 @@ async fn a_host_that_stops_reading_cannot_make_calls_outlive_their_deadline() {
         c.limits.burst_per_app = 100_000;
     })
     .await;
-    let (_raw, _hello) = stalled_host(&daemon).await;
+    let (_stalled, mut launcher, app) = stalled_host_with_app(&daemon).await;
     let broker = daemon.server.broker().clone();
-    until("the stalled host is published", || broker.host.current().is_some()).await;
-    let mut launcher = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
-    let mut launch = Request::new(v1::LaunchAppRequest { app_id: APP.into(), app_json: V1.into() });
-    launch.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(&daemon.token()).parse().unwrap());
-    let app = launcher.launch_app(launch).await.expect("launched").into_inner();
     let renderer = daemon.renderer(&app.launch_token).await;
 
     // Fill the host's queue (the Welcome already holds one place) through renderer streams, each
@@ -269,13 +283,8 @@ async fn a_stalled_host_is_disconnected_and_another_takes_over() {
         c.host.stall_timeout_ms = 300;
     })
     .await;
-    let (_raw, _hello) = stalled_host(&daemon).await;
+    let (_stalled, _launcher, app) = stalled_host_with_app(&daemon).await;
     let broker = daemon.server.broker().clone();
-    until("the stalled host is published", || broker.host.current().is_some()).await;
-    let mut launcher = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
-    let mut launch = Request::new(v1::LaunchAppRequest { app_id: APP.into(), app_json: V1.into() });
-    launch.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(&daemon.token()).parse().unwrap());
-    let app = launcher.launch_app(launch).await.expect("launched").into_inner();
     let renderer = daemon.renderer(&app.launch_token).await;
 
     let failure = within("a call to the stalled host", renderer.call(tagged("stuck"))).await.unwrap_err();

@@ -367,10 +367,19 @@ impl HostClient {
             .map_err(|_| HostClientError::Closed)
     }
 
-    /// The disclosure ledger (empty filters match everything), for a privacy page.
+    /// The disclosure ledger (empty filters match everything), for a privacy page: every page of it.
     pub async fn ledger(&self, app_id: &str, uid: &str, since_ms: u64) -> Result<Vec<v1::Disclosure>, Status> {
-        let request = v1::ListLedgerRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), since_ms };
-        Ok(self.admin().list_ledger(self.authorize(request)).await?.into_inner().disclosures)
+        let mut request =
+            v1::ListLedgerRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), since_ms, after_id: 0 };
+        let mut rows = Vec::new();
+        loop {
+            let page = self.admin().list_ledger(self.authorize(request.clone())).await?.into_inner();
+            rows.extend(page.disclosures);
+            if page.next_after_id == 0 {
+                return Ok(rows);
+            }
+            request.after_id = page.next_after_id;
+        }
     }
 
     /// Registers an app's backend secret (returned once), for the Exchange service.

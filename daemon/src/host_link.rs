@@ -149,6 +149,7 @@ pub enum ReplyTo {
 /// A step a successful answer must pass before it goes into a renderer stream.
 pub struct AnswerCheck(pub Box<CheckFn>);
 
+/// The check itself: runs once, on the host's successful answer, where the answer is delivered.
 type CheckFn = dyn FnOnce(&ApiResponse) -> Result<(), ApiError> + Send + Sync;
 
 impl std::fmt::Debug for AnswerCheck {

@@ -151,7 +151,12 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 /// Starts a daemon whose platform reads time from `clock` (tests move it instead of sleeping).
 pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Result<Server, StartError> {
     config.validate().map_err(StartError::Config)?;
-    config.limits.max_connections = fit_open_files(config.limits.max_connections);
+    // The backend HTTP API's connections, when it listens, take descriptors too.
+    let http_connections = match config.backend_http.listen {
+        Some(_) => config.backend_http.max_connections,
+        None => 0,
+    };
+    config.limits.max_connections = fit_open_files(config.limits.max_connections, http_connections);
     let data_dir = config.data_dir.clone().or_else(default_data_dir).ok_or(StartError::NoDataDir)?;
     transport::create_owned_dir(&data_dir, "data directory")?;
     let lock = lock_data_dir(&data_dir)?;
@@ -330,13 +335,15 @@ fn close_idle_orphans(broker: &Broker, idle: Duration) {
 #[cfg(unix)]
 const FD_RESERVE: u64 = 64;
 
-/// Raises the open-file soft limit to what `max_connections` needs (one descriptor each, plus
-/// [`FD_RESERVE`]); when the hard limit does not allow it, returns the number of connections that
-/// fit (and says so), so that connections beyond it are refused at once instead of failing to be
-/// accepted while the daemon itself runs out of descriptors.
+/// Raises the open-file soft limit to what `max_connections` needs (one descriptor each, plus the
+/// backend HTTP API's `http_connections` and [`FD_RESERVE`]); when the hard limit does not allow
+/// it, returns the number of gRPC connections that fit (and says so), so that connections beyond
+/// it are refused at once instead of failing to be accepted while the daemon itself runs out of
+/// descriptors.
 #[cfg(unix)]
-fn fit_open_files(max_connections: u32) -> u32 {
-    let needed = u64::from(max_connections) + FD_RESERVE;
+fn fit_open_files(max_connections: u32, http_connections: u32) -> u32 {
+    let reserve = FD_RESERVE + u64::from(http_connections);
+    let needed = u64::from(max_connections) + reserve;
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
@@ -356,7 +363,7 @@ fn fit_open_files(max_connections: u32) -> u32 {
         info!(open_files = soft, "raised the open-file limit to what limits.max_connections needs");
         return max_connections;
     }
-    let fit = soft.saturating_sub(FD_RESERVE).max(1) as u32;
+    let fit = soft.saturating_sub(reserve).max(1) as u32;
     warn!(
         "limits.max_connections lowered from {max_connections} to {fit}: the open-file limit is {soft} \
          (raise it with `ulimit -n` or LimitNOFILE= to serve more)"
@@ -365,6 +372,6 @@ fn fit_open_files(max_connections: u32) -> u32 {
 }
 
 #[cfg(not(unix))]
-fn fit_open_files(max_connections: u32) -> u32 {
+fn fit_open_files(max_connections: u32, _http_connections: u32) -> u32 {
     max_connections
 }

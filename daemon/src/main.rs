@@ -597,12 +597,22 @@ async fn ledger(
 ) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request = v1::ListLedgerRequest {
+    let mut request = v1::ListLedgerRequest {
         app_id: app.unwrap_or_default(),
         uid: uid.unwrap_or_default(),
         since_ms: since.unwrap_or(0),
+        after_id: 0,
     };
-    let rows = c.list_ledger(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().disclosures;
+    // The daemon answers in pages that fit one message.
+    let mut rows = Vec::new();
+    loop {
+        let page = c.list_ledger(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
+        rows.extend(page.disclosures);
+        if page.next_after_id == 0 {
+            break;
+        }
+        request.after_id = page.next_after_id;
+    }
     if a.json {
         print_json(
             rows.iter()

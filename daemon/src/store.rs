@@ -340,13 +340,26 @@ impl Store {
 
     /// Ledger rows, oldest first; `None` filters match everything.
     pub fn ledger(&self, app_id: Option<&str>, uid: Option<&str>, since_ms: u64) -> Result<Vec<LedgerRow>, StoreError> {
+        self.ledger_page(app_id, uid, since_ms, 0, u32::MAX)
+    }
+
+    /// At most `limit` of the matching rows with an id above `after_id`, oldest first.
+    pub fn ledger_page(
+        &self,
+        app_id: Option<&str>,
+        uid: Option<&str>,
+        since_ms: u64,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via FROM ledger
-             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) AND at_ms >= ?3 ORDER BY id",
+             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) AND at_ms >= ?3 AND id > ?4
+             ORDER BY id LIMIT ?5",
         )?;
         let rows = stmt
-            .query_map(params![app_id, uid, since_ms as i64], |r| {
+            .query_map(params![app_id, uid, since_ms as i64, after_id as i64, i64::from(limit)], |r| {
                 Ok(LedgerRow {
                     id: r.get::<_, i64>(0)? as u64,
                     app_id: r.get(1)?,

@@ -30,12 +30,20 @@ pub async fn run(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<
             .ok_or_else(|| ApiError::HostProtocol("unexpected answer type".into()))?,
         _ => return Err(ApiError::HostProtocol("unexpected answer type".into())),
     };
-    let mut choices = Vec::new();
+    // One decision per scope. A scope named by itself wins over `scope.userInfo` (which stands for
+    // avatar and nickname together): a host that answers the whole page echoes userInfo as it was,
+    // and the user's change is the single scope.
+    let mut choices = std::collections::BTreeMap::new();
+    let mut named = Vec::new();
     for (name, granted) in &answer.auth_setting {
         let scopes = scope::expand(name)
             .ok_or_else(|| ApiError::HostProtocol("openSetting answered a scope the daemon does not know".into()))?;
-        choices.extend(scopes.iter().map(|s| (*s, *granted)));
+        match scopes {
+            [single] => named.push((*single, *granted)),
+            several => choices.extend(several.iter().map(|s| (*s, *granted))),
+        }
     }
+    choices.extend(named);
     let hold = b.user.hold(&ticket).await?;
     for (scope, granted) in choices {
         b.consent.decide(&inst.app_id, &hold.uid, scope, Some(granted), DecisionSource::OpenSetting).await?;

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::platform::{AuthorizedApp, Credential, ExchangeFailure, Surface, TokenRequest, ValueKind};
 
+/// An endpoint's data fields, or the failure [`answer`] shapes for the path's platform.
 type Outcome = Result<Map<String, Value>, ExchangeFailure>;
 
 /// `GET /sns/jscode2session?appid=&secret=&js_code=&grant_type=authorization_code`
@@ -88,8 +89,9 @@ fn body<T: serde::de::DeserializeOwned>(b: Result<Bytes, BytesRejection>) -> Res
     }
 }
 
-fn require(ok: bool, why: &'static str) -> Result<(), ExchangeFailure> {
-    if ok { Ok(()) } else { Err(ExchangeFailure::Malformed(why)) }
+/// `ok`, or a malformed request with WeChat's `errcode` for it.
+fn require(ok: bool, errcode: i32, why: &'static str) -> Result<(), ExchangeFailure> {
+    if ok { Ok(()) } else { Err(ExchangeFailure::Malformed(errcode, why)) }
 }
 
 async fn by_secret(s: &Shared, app_id: &str, secret: &str) -> Result<AuthorizedApp, ExchangeFailure> {
@@ -110,7 +112,7 @@ pub(super) async fn jscode2session(
 ) -> Response {
     let outcome: Outcome = async {
         let q = query(q)?;
-        require(q.grant_type == "authorization_code", "grant_type must be authorization_code")?;
+        require(q.grant_type == "authorization_code", 40002, "grant_type must be authorization_code")?;
         let app = by_secret(&s, &q.appid, &q.secret).await?;
         let session = s.platform.code2session(Surface::BackendHttp, &app, &q.js_code).await?;
         let mut out = fields([("openid", json!(session.openid)), ("session_key", json!(session.session_key))]);
@@ -125,7 +127,7 @@ pub(super) async fn jscode2session(
 }
 
 async fn issue_token(s: &Shared, p: TokenParams, request: TokenRequest) -> Outcome {
-    require(p.grant_type == "client_credential", "grant_type must be client_credential")?;
+    require(p.grant_type == "client_credential", 40002, "grant_type must be client_credential")?;
     let app = by_secret(s, &p.appid, &p.secret).await?;
     let token = s.platform.access_token(&app, request).await?;
     Ok(fields([("access_token", json!(token.token)), ("expires_in", json!(token.expires_in_secs))]))
@@ -161,7 +163,7 @@ pub(super) async fn checksession(
     let outcome: Outcome = async {
         let q = query(q)?;
         let app = by_token(&s, &q.access_token).await?;
-        require(q.sig_method == "hmac_sha256", "sig_method must be hmac_sha256")?;
+        require(q.sig_method == "hmac_sha256", 87009, "sig_method must be hmac_sha256")?;
         s.platform.check_session_signature(&app, &q.openid, &q.signature).await?;
         Ok(fields([("errcode", json!(0)), ("errmsg", json!("ok"))]))
     }

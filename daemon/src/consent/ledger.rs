@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use miniapp_broker_proto::{Api, v1::Disclosure};
+use prost::Message;
 
 use crate::{
     clock::Clock,
@@ -17,6 +18,8 @@ use crate::{
 };
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
+/// Rows one page reads from the store at most (fewer go out when they do not fit one message).
+const PAGE_ROWS: u32 = 1000;
 
 /// The ledger over the store. See the module docs.
 pub struct Ledger {
@@ -37,17 +40,46 @@ impl Ledger {
         Ok(())
     }
 
-    /// The rows matching the filters (empty: any), oldest first.
-    pub fn list(&self, app_id: &str, uid: &str, since_ms: u64) -> Result<Vec<Disclosure>, StoreError> {
+    /// One page of the rows matching the filters (empty: any) with an id above `after_id`, oldest
+    /// first, as many as fit in `max_bytes` once encoded (at least one), and the id to continue
+    /// after (0: no more rows). A year of a busy daemon's rows never fits one gRPC message.
+    pub fn page(
+        &self,
+        app_id: &str,
+        uid: &str,
+        since_ms: u64,
+        after_id: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<Disclosure>, u64), StoreError> {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-        let rows = self.store.ledger(some(app_id).as_deref(), some(uid).as_deref(), since_ms)?;
-        Ok(rows.into_iter().map(disclosure).collect())
+        let rows =
+            self.store.ledger_page(some(app_id).as_deref(), some(uid).as_deref(), since_ms, after_id, PAGE_ROWS)?;
+        let more = rows.len() == PAGE_ROWS as usize;
+        let (mut page, mut bytes) = (Vec::new(), 0);
+        for row in rows {
+            let row = disclosure(row);
+            // A repeated field's entry: a tag, a length prefix and the row.
+            let size = 1 + prost::length_delimiter_len(row.encoded_len()) + row.encoded_len();
+            if bytes + size > max_bytes && !page.is_empty() {
+                let next = after(&page);
+                return Ok((page, next));
+            }
+            bytes += size;
+            page.push(row);
+        }
+        let next = if more { after(&page) } else { 0 };
+        Ok((page, next))
     }
 
     /// Deletes rows past the retention; returns how many.
     pub fn prune(&self) -> Result<usize, StoreError> {
         self.store.ledger_prune(self.clock.now_ms().saturating_sub(self.retention_ms))
     }
+}
+
+/// The id a page ends at, for the next page to start after.
+fn after(page: &[Disclosure]) -> u64 {
+    page.last().map_or(0, |d| d.id)
 }
 
 fn disclosure(r: LedgerRow) -> Disclosure {

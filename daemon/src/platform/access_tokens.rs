@@ -5,8 +5,8 @@
 //! lookup compares hashes, never the token itself): a daemon restart invalidates them and the
 //! backend fetches a new one, as it does when WeChat rotates tokens (docs/decisions.md). An
 //! expired token is remembered for one more lifetime so that its backend hears "access_token
-//! expired" (42001) rather than "invalid credential" (40001). Each app holds at most
-//! [`MAX_TOKENS_PER_APP`] live tokens; the oldest is dropped first.
+//! expired" (42001) rather than "invalid credential" (40001). Each app holds its stable token and
+//! at most [`MAX_TOKENS_PER_APP`] other live tokens; the oldest of those is dropped first.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -20,6 +20,7 @@ pub const TOKEN_TTL_SECS: u64 = 7200;
 /// Tokens one app may hold at once (a backend normally holds one or two).
 pub const MAX_TOKENS_PER_APP: usize = 32;
 
+/// What a token's hash stands for: the app it was issued to, and until when.
 #[derive(Debug, Clone)]
 struct Entry {
     app_id: Arc<str>,
@@ -30,7 +31,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct AccessTokens {
     by_hash: DashMap<[u8; 32], Entry>,
-    /// Each app's token hashes, oldest first (bounds the tokens per app).
+    /// Each app's fresh token hashes (and replaced stable ones), oldest first (bounds the tokens
+    /// per app).
     per_app: DashMap<Arc<str>, VecDeque<[u8; 32]>>,
     /// Each app's current stable token (stable_token hands the same one out until it expires).
     stable: DashMap<Arc<str>, (String, u64)>,
@@ -52,16 +54,22 @@ impl AccessTokens {
         let hash = hash_secret(&token);
         let expires_at_ms = now_ms + ttl_ms;
         self.by_hash.insert(hash, Entry { app_id: app.clone(), expires_at_ms });
-        let mut owned = self.per_app.entry(app.clone()).or_default();
-        owned.push_back(hash);
-        while owned.len() > MAX_TOKENS_PER_APP {
-            if let Some(old) = owned.pop_front() {
-                self.by_hash.remove(&old);
+        // The stable token is kept apart from the fresh ones, so no number of fresh tokens pushes
+        // it out; one that force_refresh replaced joins the fresh ones and ages out with them.
+        let bounded = match request {
+            TokenRequest::Fresh => Some(hash),
+            TokenRequest::Stable { .. } => {
+                self.stable.insert(app.clone(), (token.clone(), expires_at_ms)).map(|(old, _)| hash_secret(&old))
             }
-        }
-        drop(owned);
-        if request != TokenRequest::Fresh {
-            self.stable.insert(app, (token.clone(), expires_at_ms));
+        };
+        if let Some(bounded) = bounded {
+            let mut owned = self.per_app.entry(app).or_default();
+            owned.push_back(bounded);
+            while owned.len() > MAX_TOKENS_PER_APP {
+                if let Some(old) = owned.pop_front() {
+                    self.by_hash.remove(&old);
+                }
+            }
         }
         AccessToken { token, expires_in_secs: TOKEN_TTL_SECS }
     }
@@ -83,7 +91,9 @@ impl AccessTokens {
         if let Some((_, hashes)) = self.per_app.remove(app_id) {
             hashes.iter().for_each(|h| drop(self.by_hash.remove(h)));
         }
-        self.stable.remove(app_id);
+        if let Some((_, (token, _))) = self.stable.remove(app_id) {
+            self.by_hash.remove(&hash_secret(&token));
+        }
     }
 
     /// Drops tokens that expired more than one lifetime ago; called periodically.
@@ -136,8 +146,9 @@ mod tests {
         for _ in 0..MAX_TOKENS_PER_APP {
             tokens.issue("a", TokenRequest::Fresh, 0);
         }
-        assert_eq!(tokens.len(), MAX_TOKENS_PER_APP);
+        assert_eq!(tokens.len(), MAX_TOKENS_PER_APP + 1, "the fresh ones, and the stable one");
         assert_eq!(tokens.verify(&s1.token, 0), Err(ExchangeFailure::InvalidCredential), "the oldest went first");
+        assert_eq!(tokens.verify(&s3.token, 0).as_deref(), Ok("a"), "the stable token stays");
         tokens.revoke_app("a");
         assert!(tokens.is_empty());
     }

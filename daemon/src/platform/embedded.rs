@@ -208,8 +208,11 @@ impl EmbeddedPlatform {
     fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
         match credential {
             Credential::Secret { app_id, secret } => {
-                if app_id.is_empty() || secret.is_empty() {
-                    return Err(ExchangeFailure::Malformed("app_id and secret are required"));
+                if app_id.is_empty() {
+                    return Err(ExchangeFailure::Malformed(41002, "app id is required"));
+                }
+                if secret.is_empty() {
+                    return Err(ExchangeFailure::Malformed(41004, "secret is required"));
                 }
                 let stored = self
                     .store
@@ -266,7 +269,7 @@ impl EmbeddedPlatform {
         accept: impl Fn(&str, &Purpose) -> bool,
     ) -> Result<CodeEntry, ExchangeFailure> {
         if code.is_empty() {
-            return Err(ExchangeFailure::Malformed("code is required"));
+            return Err(ExchangeFailure::Malformed(41008, "code is required"));
         }
         let now = self.clock.now_ms();
         let taken = self
@@ -294,8 +297,11 @@ impl EmbeddedPlatform {
 
 impl EmbeddedPlatform {
     fn check_signature_now(&self, app: &AuthorizedApp, openid: &str, signature: &str) -> Result<(), ExchangeFailure> {
-        if openid.is_empty() || signature.is_empty() {
-            return Err(ExchangeFailure::Malformed("openid and signature are required"));
+        if openid.is_empty() {
+            return Err(ExchangeFailure::Malformed(41009, "openid is required"));
+        }
+        if signature.is_empty() {
+            return Err(ExchangeFailure::Malformed(87009, "signature is required"));
         }
         let now = self.clock.now_ms();
         let sessions =

@@ -141,8 +141,11 @@ pub enum ExchangeFailure {
     CodeUsed,
     #[error("invalid code: expired")]
     CodeExpired,
-    #[error("malformed request: {0}")]
-    Malformed(&'static str),
+    /// A parameter is missing or wrong, with WeChat's errcode for it (40002 grant_type, 41002
+    /// appid, 41004 secret, 41008 code, 41009 openid, 87009 signature). Never 40001: on 40001 a
+    /// backend library (wechatpy) fetches a new access token and retries the request.
+    #[error("malformed request: {1}")]
+    Malformed(i32, &'static str),
     /// The access token is unknown (or was never issued).
     #[error("invalid credential, access_token is invalid or not latest")]
     InvalidCredential,
@@ -169,7 +172,8 @@ impl ExchangeFailure {
             ExchangeFailure::InvalidSecret => 40125,
             ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired => 40029,
             ExchangeFailure::CodeUsed => 40163,
-            ExchangeFailure::Malformed(_) | ExchangeFailure::InvalidCredential => 40001,
+            ExchangeFailure::Malformed(errcode, _) => *errcode,
+            ExchangeFailure::InvalidCredential => 40001,
             ExchangeFailure::TokenExpired => 42001,
             ExchangeFailure::RateLimited => 45011,
             ExchangeFailure::DataFormat => 47001,

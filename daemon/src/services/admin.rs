@@ -155,8 +155,11 @@ impl Admin for AdminService {
     async fn list_ledger(&self, r: Request<v1::ListLedgerRequest>) -> Result<Response<v1::ListLedgerResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
-        let disclosures = self.broker.consent.ledger.list(&q.app_id, &q.uid, q.since_ms).map_err(internal)?;
-        Ok(Response::new(v1::ListLedgerResponse { disclosures }))
+        // Room for the page's other field and some to spare.
+        let max_bytes = self.broker.config.limits.max_message_bytes.saturating_sub(64);
+        let (disclosures, next_after_id) =
+            self.broker.consent.ledger.page(&q.app_id, &q.uid, q.since_ms, q.after_id, max_bytes).map_err(internal)?;
+        Ok(Response::new(v1::ListLedgerResponse { disclosures, next_after_id }))
     }
 
     async fn register_app(

@@ -50,7 +50,7 @@ pub fn to_status(e: ExchangeFailure) -> Status {
         | ExchangeFailure::InvalidSignature => Code::Unauthenticated,
         ExchangeFailure::InvalidCode
         | ExchangeFailure::CodeExpired
-        | ExchangeFailure::Malformed(_)
+        | ExchangeFailure::Malformed(..)
         | ExchangeFailure::DataFormat => Code::InvalidArgument,
         ExchangeFailure::CodeUsed => Code::FailedPrecondition,
         ExchangeFailure::RateLimited => Code::ResourceExhausted,
