@@ -37,7 +37,7 @@ use super::{request_midas_payment_game_item, request_payment};
 use crate::{
     broker::Broker,
     error::ApiError,
-    host_link::{Expect, HostAnswer, HostLink},
+    host_link::{Expect, HostLink},
     registry::{AppInstance, CallSlot},
     store::PaymentRow,
     version::ApiVersion,
@@ -190,14 +190,7 @@ async fn pay(
     };
     // Handed off: from here on only the host's answer, the deadline, the host's departure or the
     // app's closing (which cancels the call on the host) ends it.
-    let outcome = match call.await {
-        Ok(HostAnswer::Api(mut resp)) => {
-            resp.stamp_ok();
-            Ok(resp)
-        }
-        Ok(_) => Err(ApiError::HostProtocol("unexpected answer type".into())),
-        Err(e) => Err(e),
-    };
+    let outcome = super::delegated(b, &inst.app_id, &super::passed_through_to(b, api), api, call.await);
     (true, outcome)
 }
 
