@@ -19,9 +19,7 @@ use hyper_util::{
 };
 use miniapp_broker_client::{
     HostClient, RendererClient, connect,
-    proto::v1::{
-        self, ExchangeError, SignedInUser, UserProfile, admin_client::AdminClient, exchange_client::ExchangeClient,
-    },
+    proto::v1::{self, ExchangeError, SignedInUser, UserProfile, exchange_client::ExchangeClient},
 };
 use miniapp_brokerd::config::AppConfig;
 use prost::Message;
@@ -191,9 +189,8 @@ async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() 
     assert!(!body["session_key"].as_str().unwrap().is_empty());
 
     // The same user's openid as the operator's session list shows; unionid only with a union group.
-    let mut admin = AdminClient::new(connect::channel(&b.daemon.address()).await.unwrap());
-    let sessions = admin.list_sessions(b.host.authorize(v1::ListSessionsRequest { app_id: APP.into() })).await.unwrap();
-    assert_eq!(sessions.into_inner().sessions[0].openid, openid);
+    let sessions = b.host.list_sessions(APP).await.unwrap();
+    assert_eq!(sessions[0].openid, openid);
     let plain = b.plain_session().await;
     assert!(plain.get("unionid").is_none() && plain["openid"].as_str().unwrap() != openid, "{plain}");
 

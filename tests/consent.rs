@@ -42,8 +42,7 @@ async fn signed_in(daemon: &Daemon, uid: &str) {
 }
 
 async fn sessions(host: &HostClient) -> Vec<v1::SessionInfo> {
-    let request = host.authorize(v1::ListSessionsRequest { app_id: APP.into() });
-    host.admin().list_sessions(request).await.expect("list sessions").into_inner().sessions
+    host.list_sessions(APP).await.expect("list sessions")
 }
 
 fn granting(req: &GetAuthCodeRequest, auth_code: &str, code: &str) -> GetAuthCodeResponse {
@@ -324,17 +323,7 @@ async fn settings_follow_grants_refusals_and_revocations_and_the_host_hears_each
         assert_failure(&f, "getEmail:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
     }
     assert!(asked(&desk).is_empty(), "a remembered refusal never reaches the host");
-    let listed = host
-        .admin()
-        .list_grants(host.authorize(v1::ListGrantsRequest {
-            app_id: APP.into(),
-            uid: "u1".into(),
-            include_refusals: true,
-        }))
-        .await
-        .expect("list grants")
-        .into_inner()
-        .grants;
+    let listed = host.list_decisions(APP, "u1", true).await.expect("list grants");
     let listed: Vec<_> = listed.iter().map(|g| (g.scope.as_str(), g.refused)).collect();
     assert_eq!(listed, [(scope::PHONE_NUMBER, false), (scope::EMAIL, true)], "the operator sees refusals on request");
     assert_eq!(host.list_grants(APP, "u1").await.expect("grants").len(), 1, "and only grants by default");
@@ -654,6 +643,48 @@ async fn a_ledger_larger_than_one_message_is_listed_whole() {
     assert_eq!(ledger.len(), 150, "one openid row per login code");
     let ids: Vec<u64> = ledger.iter().map(|d| d.id).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first, no row twice");
+}
+
+#[tokio::test]
+async fn grants_refusals_and_sessions_larger_than_one_message_are_listed_whole() {
+    // Small messages, so a hundred decisions or sessions are more than one answer can carry.
+    let daemon = Daemon::start_with(|c| c.limits.max_message_bytes = 4096).await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let mut events = host.consent_changes();
+    const USERS: usize = 100;
+    let uids: Vec<String> = (0..USERS).map(|i| format!("user{i:03}")).collect();
+    for uid in &uids {
+        host.set_decision(APP, uid, scope::EMAIL, Decision::Granted).await.expect("grant");
+        host.set_decision(APP, uid, scope::PHONE_NUMBER, Decision::Refused).await.expect("refuse");
+    }
+    for _ in 0..2 * USERS {
+        event(&mut events).await;
+    }
+    let listed = host.list_decisions(APP, "", true).await.expect("a long list of decisions still lists");
+    let listed: Vec<_> = listed.iter().map(|g| (g.refused, g.uid.as_str(), g.scope.as_str())).collect();
+    let grants = uids.iter().map(|u| (false, u.as_str(), scope::EMAIL));
+    let refusals = uids.iter().map(|u| (true, u.as_str(), scope::PHONE_NUMBER));
+    assert_eq!(listed, grants.chain(refusals).collect::<Vec<_>>(), "every grant, then every refusal, each once");
+    assert_eq!(host.list_grants(APP, "").await.expect("grants").len(), USERS, "only grants by default");
+
+    // A session per app the user logged in to.
+    const APPS: usize = 80;
+    let mut apps = Vec::new();
+    for i in 0..APPS {
+        let app_id = format!("wxpaged{i:03}");
+        let app = launch(&host, &app_id, r#"{"apiVersion":"v2"}"#).await;
+        let r = daemon.renderer(&app.launch_token).await;
+        within("login", r.call(v1::LoginRequest::default())).await.expect("login");
+        apps.push(app_id);
+    }
+    let sessions = host.list_sessions("").await.expect("a long list of sessions still lists");
+    let listed: Vec<_> = sessions.iter().map(|s| (s.app_id.as_str(), s.uid.as_str())).collect();
+    assert_eq!(listed, apps.iter().map(|a| (a.as_str(), "u1")).collect::<Vec<_>>(), "every session once, in order");
+
+    // A token that no page gave is refused, not read as a place to start.
+    let bad = v1::ListSessionsRequest { app_id: String::new(), after: "not a token".into() };
+    let err = host.admin().list_sessions(host.authorize(bad)).await.expect_err("a made-up token");
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]

@@ -323,10 +323,48 @@ impl HostClient {
         Ok(GrpcHostClient::new(self.channel.clone()).close_app(self.authorize(request)).await?.into_inner())
     }
 
-    /// The scopes users granted apps (v3); empty filters match everything.
+    /// The scopes users granted apps (v3); empty filters match everything: every page of them.
     pub async fn list_grants(&self, app_id: &str, uid: &str) -> Result<Vec<v1::Grant>, Status> {
-        let request = v1::ListGrantsRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), include_refusals: false };
-        Ok(self.admin().list_grants(self.authorize(request)).await?.into_inner().grants)
+        self.list_decisions(app_id, uid, false).await
+    }
+
+    /// The grants and, with `include_refusals`, the remembered refusals (`Grant.refused`) of
+    /// users for apps; empty filters match everything: every page of them.
+    pub async fn list_decisions(
+        &self,
+        app_id: &str,
+        uid: &str,
+        include_refusals: bool,
+    ) -> Result<Vec<v1::Grant>, Status> {
+        let mut request = v1::ListGrantsRequest {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            include_refusals,
+            after: String::new(),
+        };
+        let mut rows = Vec::new();
+        loop {
+            let page = self.admin().list_grants(self.authorize(request.clone())).await?.into_inner();
+            rows.extend(page.grants);
+            if page.next_after.is_empty() {
+                return Ok(rows);
+            }
+            request.after = page.next_after;
+        }
+    }
+
+    /// The stored login sessions of an app (empty: every app): every page of them.
+    pub async fn list_sessions(&self, app_id: &str) -> Result<Vec<v1::SessionInfo>, Status> {
+        let mut request = v1::ListSessionsRequest { app_id: app_id.to_owned(), after: String::new() };
+        let mut rows = Vec::new();
+        loop {
+            let page = self.admin().list_sessions(self.authorize(request.clone())).await?.into_inner();
+            rows.extend(page.sessions);
+            if page.next_after.is_empty() {
+                return Ok(rows);
+            }
+            request.after = page.next_after;
+        }
     }
 
     /// Revokes one scope (or all, with an empty scope) of (app, uid); an empty uid means the

@@ -16,6 +16,7 @@ pub mod dev_host;
 pub mod error;
 pub mod host_link;
 pub mod limits;
+pub mod page;
 pub mod platform;
 pub mod registry;
 pub mod services;

@@ -503,8 +503,18 @@ async fn apps(a: &AdminArgs) -> Result<ExitCode, BoxError> {
 async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request = v1::ListSessionsRequest { app_id: app.unwrap_or_default() };
-    let rows = c.list_sessions(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().sessions;
+    let mut request = v1::ListSessionsRequest { app_id: app.unwrap_or_default(), after: String::new() };
+    // The daemon answers in pages that fit one message.
+    let mut rows = Vec::new();
+    loop {
+        let page =
+            c.list_sessions(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
+        rows.extend(page.sessions);
+        if page.next_after.is_empty() {
+            break;
+        }
+        request.after = page.next_after;
+    }
     if a.json {
         print_json(
             rows.iter()
@@ -533,12 +543,22 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
 async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
     let (mut c, token) = admin(&t).await?;
-    let request = v1::ListGrantsRequest {
+    let mut request = v1::ListGrantsRequest {
         app_id: app.unwrap_or_default(),
         uid: uid.unwrap_or_default(),
         include_refusals: false,
+        after: String::new(),
     };
-    let rows = c.list_grants(authorized(&token, request)?).await.map_err(|e| explain(&t, e))?.into_inner().grants;
+    // The daemon answers in pages that fit one message.
+    let mut rows = Vec::new();
+    loop {
+        let page = c.list_grants(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
+        rows.extend(page.grants);
+        if page.next_after.is_empty() {
+            break;
+        }
+        request.after = page.next_after;
+    }
     if a.json {
         print_json(
             rows.iter()

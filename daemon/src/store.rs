@@ -25,6 +25,9 @@ pub struct SessionRow {
     pub expires_at_ms: u64,
 }
 
+/// The key of one decision (grant or refusal): (app, uid, scope).
+pub type DecisionKey<'a> = (&'a str, &'a str, &'a str);
+
 /// One scope a user granted an app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantRow {
@@ -88,6 +91,22 @@ CREATE TABLE IF NOT EXISTS ledger (
     redeemed_at_ms INTEGER, redeemed_via TEXT);
 CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at_ms);
 ";
+
+/// A page of the decisions in `$table` (grants or refusals), whose time is `$at`: app filter ?1,
+/// uid filter ?2, the key to start after ?3-?5 (NULL: from the first), the limit ?6.
+macro_rules! decisions_page {
+    ($table:literal, $at:literal) => {
+        concat!(
+            "SELECT app_id, uid, scope, ",
+            $at,
+            " FROM ",
+            $table,
+            " WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2)
+               AND (?3 IS NULL OR (app_id, uid, scope) > (?3, ?4, ?5))
+             ORDER BY app_id, uid, scope LIMIT ?6"
+        )
+    };
+}
 
 /// A payment's first record wins (the write-ahead record).
 const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
@@ -175,13 +194,24 @@ impl Store {
         Ok(self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?)
     }
 
-    pub fn list_sessions(&self, app_id: Option<&str>) -> Result<Vec<SessionRow>, StoreError> {
+    /// At most `limit` sessions (of `app_id`, or every app), by app then uid, after the session
+    /// `after` = (app, uid) names (`None`: from the first).
+    pub fn list_sessions(
+        &self,
+        app_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<SessionRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT app_id, uid, session_key, created_at_ms, expires_at_ms FROM sessions
-             WHERE ?1 IS NULL OR app_id = ?1 ORDER BY app_id, uid",
+             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR (app_id, uid) > (?2, ?3))
+             ORDER BY app_id, uid LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![app_id], session_row)?.collect::<Result<_, _>>()?;
+        let (after_app, after_uid) = after.unzip();
+        let rows = stmt
+            .query_map(params![app_id, after_app, after_uid, i64::from(limit)], session_row)?
+            .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
@@ -208,26 +238,29 @@ impl Store {
         Ok(())
     }
 
-    pub fn list_grants(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
-        self.decision_rows(
-            "SELECT app_id, uid, scope, granted_at_ms FROM grants
-             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
-            app_id,
-            uid,
-        )
-    }
-
-    /// Grants or refusals, as `sql` (app filter ?1, uid filter ?2) selects them.
-    fn decision_rows(
+    /// At most `limit` grants, or with `refusals` remembered refusals (the time is then when the
+    /// scope was refused), matching the filters (`None`: any), by app, uid and scope, after the
+    /// decision `after` = (app, uid, scope) names (`None`: from the first).
+    pub fn list_decisions(
         &self,
-        sql: &'static str,
+        refusals: bool,
         app_id: Option<&str>,
         uid: Option<&str>,
+        after: Option<DecisionKey<'_>>,
+        limit: u32,
     ) -> Result<Vec<GrantRow>, StoreError> {
+        let sql = match refusals {
+            false => decisions_page!("grants", "granted_at_ms"),
+            true => decisions_page!("refusals", "refused_at_ms"),
+        };
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(sql)?;
+        let (after_app, after_uid, after_scope) = match after {
+            Some((a, u, s)) => (Some(a), Some(u), Some(s)),
+            None => (None, None, None),
+        };
         let rows = stmt
-            .query_map(params![app_id, uid], |r| {
+            .query_map(params![app_id, uid, after_app, after_uid, after_scope, i64::from(limit)], |r| {
                 Ok(GrantRow {
                     app_id: r.get(0)?,
                     uid: r.get(1)?,
@@ -254,16 +287,6 @@ impl Store {
             conn.prepare_cached("SELECT scope FROM refusals WHERE app_id = ?1 AND uid = ?2 ORDER BY scope")?;
         let rows = stmt.query_map(params![app_id, uid], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(rows)
-    }
-
-    /// Remembered refusals, as [`GrantRow`]s (the time is when the scope was refused).
-    pub fn list_refusals(&self, app_id: Option<&str>, uid: Option<&str>) -> Result<Vec<GrantRow>, StoreError> {
-        self.decision_rows(
-            "SELECT app_id, uid, scope, refused_at_ms FROM refusals
-             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) ORDER BY app_id, uid, scope",
-            app_id,
-            uid,
-        )
     }
 
     /// Sets one scope's decision: `Some(true)` granted, `Some(false)` refused, `None` undecided.

@@ -8,18 +8,18 @@
 use std::sync::Arc;
 
 use miniapp_broker_proto::{Api, v1::Disclosure};
-use prost::Message;
 
 use crate::{
     clock::Clock,
     error::StoreError,
+    page,
     platform::{Disclosed, Surface},
     store::{LedgerRow, Store},
 };
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
-/// Rows one page reads from the store at most (fewer go out when they do not fit one message).
-const PAGE_ROWS: u32 = 1000;
+/// The most a page's `next_after_id` takes: a tag and a 64-bit varint.
+const NEXT_ID_BYTES: usize = 11;
 
 /// The ledger over the store. See the module docs.
 pub struct Ledger {
@@ -53,22 +53,11 @@ impl Ledger {
     ) -> Result<(Vec<Disclosure>, u64), StoreError> {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         let rows =
-            self.store.ledger_page(some(app_id).as_deref(), some(uid).as_deref(), since_ms, after_id, PAGE_ROWS)?;
-        let more = rows.len() == PAGE_ROWS as usize;
-        let (mut page, mut bytes) = (Vec::new(), 0);
-        for row in rows {
-            let row = disclosure(row);
-            // A repeated field's entry: a tag, a length prefix and the row.
-            let size = 1 + prost::length_delimiter_len(row.encoded_len()) + row.encoded_len();
-            if bytes + size > max_bytes && !page.is_empty() {
-                let next = after(&page);
-                return Ok((page, next));
-            }
-            bytes += size;
-            page.push(row);
-        }
-        let next = if more { after(&page) } else { 0 };
-        Ok((page, next))
+            self.store.ledger_page(some(app_id).as_deref(), some(uid).as_deref(), since_ms, after_id, page::ROWS)?;
+        let more = rows.len() == page::ROWS as usize;
+        let (rows, cut) = page::fit(rows.into_iter().map(disclosure), max_bytes, |_| NEXT_ID_BYTES);
+        let next = if cut || more { after(&rows) } else { 0 };
+        Ok((rows, next))
     }
 
     /// Deletes rows past the retention; returns how many.

@@ -305,7 +305,7 @@ impl EmbeddedPlatform {
         }
         let now = self.clock.now_ms();
         let sessions =
-            self.store.list_sessions(Some(app.app_id())).map_err(|e| ExchangeFailure::System(e.to_string()))?;
+            self.store.list_sessions(Some(app.app_id()), None, u32::MAX).map_err(|e| ExchangeFailure::System(e.to_string()))?;
         let session = sessions
             .into_iter()
             .find(|s| s.expires_at_ms > now && self.openid(app.app_id(), &s.uid) == openid)

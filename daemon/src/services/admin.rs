@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::{check_app_id, require_host_token};
-use crate::broker::Broker;
+use crate::{broker::Broker, page};
 
 /// The `Admin` service.
 #[derive(Debug, Clone)]
@@ -23,6 +23,39 @@ impl AdminService {
     pub fn new(broker: Arc<Broker>) -> Self {
         AdminService { broker }
     }
+
+    /// How many bytes one page of a listing may take: one message.
+    fn page_bytes(&self) -> usize {
+        self.broker.config.limits.max_message_bytes
+    }
+
+    /// One page of `rows` (read from the store, at most [`page::ROWS`]) that fits one message with
+    /// its continuation token, and that token: `key` of the page's last row, or empty when the
+    /// page ends the listing.
+    fn page<T: prost::Message>(&self, rows: Vec<T>, key: impl Fn(&T) -> String) -> (Vec<T>, String) {
+        let more = rows.len() == page::ROWS as usize;
+        let (rows, cut) = page::fit(rows, self.page_bytes(), |row| page::field_bytes(key(row).len()));
+        let next = match rows.last() {
+            Some(row) if cut || more => key(row),
+            _ => String::new(),
+        };
+        (rows, next)
+    }
+}
+
+/// A listing's continuation key as the opaque `next_after` token: the last row's key, as JSON.
+fn token(key: &impl serde::Serialize) -> String {
+    serde_json::to_string(key).expect("a key of strings serializes")
+}
+
+/// The key a request's `after` token names (`None` for an empty one: from the first row).
+fn cursor<K: serde::de::DeserializeOwned>(after: &str) -> Result<Option<K>, Status> {
+    if after.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(after)
+        .map(Some)
+        .map_err(|_| Status::invalid_argument("after must be empty or the next_after of an earlier page"))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -87,9 +120,11 @@ impl Admin for AdminService {
         r: Request<v1::ListSessionsRequest>,
     ) -> Result<Response<v1::ListSessionsResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
-        let app_id = r.into_inner().app_id;
-        let rows = self.broker.store.list_sessions(filter(&app_id)).map_err(internal)?;
-        let sessions = rows
+        let q = r.into_inner();
+        let after: Option<(String, String)> = cursor(&q.after)?;
+        let after = after.as_ref().map(|(app, uid)| (app.as_str(), uid.as_str()));
+        let rows = self.broker.store.list_sessions(filter(&q.app_id), after, page::ROWS).map_err(internal)?;
+        let rows: Vec<_> = rows
             .into_iter()
             .map(|s| v1::SessionInfo {
                 openid: self.broker.platform.openid(&s.app_id, &s.uid),
@@ -99,17 +134,19 @@ impl Admin for AdminService {
                 expires_at_ms: s.expires_at_ms,
             })
             .collect();
-        Ok(Response::new(v1::ListSessionsResponse { sessions }))
+        let (sessions, next_after) = self.page(rows, |s| token(&(&s.app_id, &s.uid)));
+        Ok(Response::new(v1::ListSessionsResponse { sessions, next_after }))
     }
 
     async fn list_grants(&self, r: Request<v1::ListGrantsRequest>) -> Result<Response<v1::ListGrantsResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
-        let rows = self.broker.store.list_grants(filter(&q.app_id), filter(&q.uid)).map_err(internal)?;
-        let refusals = match q.include_refusals {
-            true => self.broker.store.list_refusals(filter(&q.app_id), filter(&q.uid)).map_err(internal)?,
-            false => Vec::new(),
-        };
+        let (app_id, uid) = (filter(&q.app_id), filter(&q.uid));
+        // The grants come first, then the refusals: the cursor says which, and the key in it.
+        let after: Option<(bool, String, String, String)> = cursor(&q.after)?;
+        let in_refusals = after.as_ref().is_some_and(|a| a.0);
+        let key = after.as_ref().map(|(_, app, uid, scope)| (app.as_str(), uid.as_str(), scope.as_str()));
+        let store = &self.broker.store;
         let grant = |refused: bool| {
             move |g: crate::store::GrantRow| v1::Grant {
                 app_id: g.app_id,
@@ -119,8 +156,25 @@ impl Admin for AdminService {
                 refused,
             }
         };
-        let grants = rows.into_iter().map(grant(false)).chain(refusals.into_iter().map(grant(true))).collect();
-        Ok(Response::new(v1::ListGrantsResponse { grants }))
+        let mut rows = Vec::new();
+        if !in_refusals {
+            rows.extend(
+                store
+                    .list_decisions(false, app_id, uid, key, page::ROWS)
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(grant(false)),
+            );
+        }
+        if q.include_refusals && rows.len() < page::ROWS as usize {
+            let key = if in_refusals { key } else { None };
+            let limit = page::ROWS - rows.len() as u32;
+            rows.extend(
+                store.list_decisions(true, app_id, uid, key, limit).map_err(internal)?.into_iter().map(grant(true)),
+            );
+        }
+        let (grants, next_after) = self.page(rows, |g| token(&(g.refused, &g.app_id, &g.uid, &g.scope)));
+        Ok(Response::new(v1::ListGrantsResponse { grants, next_after }))
     }
 
     async fn revoke_grants(
@@ -155,10 +209,12 @@ impl Admin for AdminService {
     async fn list_ledger(&self, r: Request<v1::ListLedgerRequest>) -> Result<Response<v1::ListLedgerResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
-        // Room for the page's other field and some to spare.
-        let max_bytes = self.broker.config.limits.max_message_bytes.saturating_sub(64);
-        let (disclosures, next_after_id) =
-            self.broker.consent.ledger.page(&q.app_id, &q.uid, q.since_ms, q.after_id, max_bytes).map_err(internal)?;
+        let (disclosures, next_after_id) = self
+            .broker
+            .consent
+            .ledger
+            .page(&q.app_id, &q.uid, q.since_ms, q.after_id, self.page_bytes())
+            .map_err(internal)?;
         Ok(Response::new(v1::ListLedgerResponse { disclosures, next_after_id }))
     }
 
