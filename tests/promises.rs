@@ -357,6 +357,59 @@ async fn a_payment_called_off_by_its_app_closing_never_reaches_a_later_host() {
     assert_eq!(broker.store.payment_count().unwrap(), 0, "nothing recorded: the key is unspent");
 }
 
+/// Retries of one payment (the same idempotency key) join the first call. Before the hand-off the
+/// payment is called off only when every caller waiting on it went away: the first leaving alone
+/// leaves the payment to the retries, which get its answer.
+#[tokio::test]
+async fn a_payment_waits_for_a_host_while_any_of_its_callers_remains() {
+    let daemon = Daemon::start_with(|c| c.host.grace_ms = 60_000).await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
+    let paying_host = || {
+        let seen = seen_tx.clone();
+        daemon.host().handle(move |_app, req: v1::RequestPaymentRequest| {
+            let _ = seen.send(req.idempotency_key.clone());
+            async { Ok::<_, HostFailure>(v1::RequestPaymentResponse::default()) }
+        })
+    };
+    let host = paying_host().connect().await.expect("host connects");
+    let app = launch(&host, APP, V1).await;
+    host.disconnect();
+    let broker = daemon.server.broker().clone();
+    until("the host is gone", || broker.host.current().is_none()).await;
+
+    // Two callers of one payment on their own connections: the first, and a retry that joins it.
+    let pay = async |key: &'static str| {
+        let renderer = daemon.renderer(&app.launch_token).await;
+        tokio::spawn(async move {
+            renderer.call_unary(payment_of(with_key(sample_request(Api::RequestPayment), key))).await
+        })
+    };
+    let first = pay("order-both-leave").await;
+    until("the payment waits for a host", || broker.payments.callers() == 1).await;
+    let retry = pay("order-both-leave").await;
+    until("the retry joined it", || broker.payments.callers() == 2 && broker.payments.len() == 1).await;
+    // Both go: the payment is called off, nothing recorded.
+    first.abort();
+    retry.abort();
+    until("the payment is called off", || broker.payments.is_empty()).await;
+
+    let first = pay("order-retry-stays").await;
+    until("the payment waits for a host", || broker.payments.callers() == 1).await;
+    let retry = pay("order-retry-stays").await;
+    until("the retry joined it", || broker.payments.callers() == 2 && broker.payments.len() == 1).await;
+    // The first caller goes; the retry still waits, and so does the payment.
+    first.abort();
+    until("the first caller is gone", || broker.payments.callers() < 2).await;
+    assert_eq!(broker.payments.len(), 1, "the payment still waits for a host");
+    let host = paying_host().connect().await.expect("a host comes");
+    let answer = within("the retry's answer", retry).await.expect("task");
+    assert_eq!(answer.expect("the payment went through").err_msg, "requestPayment:ok");
+    assert_eq!(within("what the host saw", seen.recv()).await.as_deref(), Some("order-retry-stays"));
+    assert!(seen.try_recv().is_err(), "the payment every caller left never reached a host");
+    assert_eq!(broker.store.payment_count().unwrap(), 1, "only the payment that went through is recorded");
+    drop(host);
+}
+
 /// A payment the host holds when its app closes may have happened: the renderer is told "outcome
 /// unknown" (1013), never "cancelled", and a retry gets the same answer without reaching a host.
 #[tokio::test]

@@ -6,9 +6,11 @@
 //! while it runs joins it; a retry after it ended gets the recorded outcome from the store.
 //!
 //! The line that matters is the hand-off: the moment the call is written to the host's queue.
-//! Before it, the payment can still be called off: if the app closes or the caller goes away while
-//! the leader waits for a host, the payment never reaches any host, the caller is told
-//! "cancelled", and nothing is recorded (the key is unspent). After it, the host may have seen the
+//! Before it, the payment can still be called off: if the app closes, or every caller waiting on
+//! it (the first and the retries that joined it) goes away, while the leader waits for a host, the
+//! payment never reaches any host, the callers are told "cancelled", and nothing is recorded (the
+//! key is unspent). The first caller leaving alone calls nothing off: the retries that joined it
+//! still want the payment, and get its answer. After it, the host may have seen the
 //! key: a host that never answers (it disconnected, the deadline passed, the app closed) leaves
 //! the payment "outcome unknown", recorded, and the host never sees the key again. The record is
 //! written ahead, right before the hand-off, as "outcome unknown" and replaced by the outcome: a
@@ -18,7 +20,7 @@
 //! The outcome is recorded before the key leaves the in-flight table, so a retry always finds one
 //! or the other.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use miniapp_broker_proto::{
@@ -28,7 +30,7 @@ use miniapp_broker_proto::{
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
 use miniapp_broker_proto::v1::delegate_call;
@@ -48,7 +50,7 @@ type Key = (Arc<str>, String);
 
 /// Payments on their way to the host, with the retries waiting on them.
 #[derive(Debug, Default)]
-pub struct InFlight(DashMap<Key, Vec<oneshot::Sender<Outcome>>>);
+pub struct InFlight(DashMap<Key, Pending>);
 
 impl InFlight {
     pub fn len(&self) -> usize {
@@ -58,6 +60,22 @@ impl InFlight {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// How many callers wait on the payments in flight, first callers and joined retries alike
+    /// (status, tests).
+    pub fn callers(&self) -> usize {
+        self.0.iter().map(|p| p.callers.strong_count()).sum()
+    }
+}
+
+/// One payment on its way to the host: the retries to answer when it ends, and the callers still
+/// waiting on it. Each waiting caller holds a strong reference to `callers`; when the last one
+/// lets go (they all went away), the guard cancels the leader's token and a payment not yet handed
+/// off is called off.
+#[derive(Debug)]
+struct Pending {
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    callers: Weak<DropGuard>,
 }
 
 /// A key from parts, for callers that gave none.
@@ -83,11 +101,11 @@ fn key_of(request: &ApiRequest) -> String {
     }
 }
 
-/// What a retry finds.
+/// What a retry finds. A caller that waits holds its share of the payment's callers while it does.
 enum Found {
     Recorded(Box<Outcome>),
-    Joined(oneshot::Receiver<Outcome>),
-    Leader,
+    Joined(oneshot::Receiver<Outcome>, Option<Arc<DropGuard>>),
+    Leader(Arc<DropGuard>),
 }
 
 /// The store key of a payment: its API, the signed-in user and the caller's key. The uid is
@@ -116,17 +134,23 @@ pub async fn run(
     let uid = b.user.get().map(|u| u.uid.clone()).unwrap_or_default();
     let key = scoped_key(api, &uid, &key);
     let slot_key: Key = (inst.app_id.clone(), key.clone());
+    // Cancelled when every caller stopped waiting (their streams or connections went away).
+    let caller = CancellationToken::new();
     let found = match b.payments.0.entry(slot_key.clone()) {
-        Entry::Occupied(mut waiting) => {
+        Entry::Occupied(mut pending) => {
             let (tx, rx) = oneshot::channel();
-            waiting.get_mut().push(tx);
-            Found::Joined(rx)
+            let pending = pending.get_mut();
+            pending.waiters.push(tx);
+            // None: every caller went already, and the payment is being called off (or was
+            // handed off, and this retry gets its answer).
+            Found::Joined(rx, pending.callers.upgrade())
         }
         Entry::Vacant(vacant) => match b.store.payment(&inst.app_id, &key)? {
             Some(row) => Found::Recorded(Box::new(replay(api, &row))),
             None => {
-                vacant.insert(Vec::new());
-                Found::Leader
+                let waits = Arc::new(caller.clone().drop_guard());
+                vacant.insert(Pending { waiters: Vec::new(), callers: Arc::downgrade(&waits) });
+                Found::Leader(waits)
             }
         },
     };
@@ -135,19 +159,16 @@ pub async fn run(
             info!(app_id = %inst.app_id, api = api.name(), "payment retry answered from the record");
             *outcome
         }
-        Found::Joined(rx) => rx.await.unwrap_or(Err(ApiError::Internal("payment leader vanished".into()))),
-        Found::Leader => {
+        Found::Joined(rx, _waits) => rx.await.unwrap_or(Err(ApiError::Internal("payment leader vanished".into()))),
+        Found::Leader(_waits) => {
             let (tx, rx) = oneshot::channel();
             let broker = b.clone();
             let instance = inst.clone();
-            // Cancelled when the caller stops waiting (its stream or connection went away).
-            let caller = CancellationToken::new();
-            let _caller_waits = caller.clone().drop_guard();
             tokio::spawn(async move {
                 let (handed_off, outcome) = pay(&broker, &instance, version, api, request, &key, &caller).await;
                 drop(slot);
                 let outcome = settle(&broker, &instance.app_id, &key, api, handed_off, outcome);
-                let waiters = broker.payments.0.remove(&slot_key).map(|(_, w)| w).unwrap_or_default();
+                let waiters = broker.payments.0.remove(&slot_key).map(|(_, p)| p.waiters).unwrap_or_default();
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }
@@ -158,7 +179,7 @@ pub async fn run(
     }
 }
 
-/// The leader's work: waits for a host (called off if the app closes or the caller goes first),
+/// The leader's work: waits for a host (called off if the app closes or every caller goes first),
 /// writes the record ahead, hands the payment to the host and waits for its answer. Returns
 /// whether the host may have seen the payment, and the outcome.
 async fn pay(
