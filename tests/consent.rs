@@ -688,6 +688,41 @@ async fn grants_refusals_and_sessions_larger_than_one_message_are_listed_whole()
 }
 
 #[tokio::test]
+async fn scope_user_info_is_decided_whole_or_not_at_all() {
+    // On disk, so the test can make the store fail the second of userInfo's two scopes, as a full
+    // disk (or a crash) between two writes would.
+    let daemon = Daemon::start_with(|c| c.ephemeral = false).await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let mut events = host.consent_changes();
+    let [first, second] = scope::expand(scope::USER_INFO).expect("userInfo") else { panic!("two scopes") };
+    let db = rusqlite::Connection::open(daemon.dir.path().join("broker.db")).expect("open the daemon's store");
+    db.execute_batch(&format!(
+        "CREATE TRIGGER fail_second BEFORE INSERT ON grants WHEN NEW.scope = '{second}'
+         BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    ))
+    .expect("trigger");
+    host.set_decision(APP, "u1", scope::USER_INFO, Decision::Granted).await.expect("send");
+    // The host's messages are applied in order: once a later decision is announced, the first
+    // was tried.
+    host.set_decision(APP, "u1", scope::EMAIL, Decision::Granted).await.expect("send");
+    assert_eq!(event(&mut events).await, (scope::EMAIL.into(), Decision::Granted, DecisionSource::Host));
+    let listed: Vec<_> =
+        host.list_decisions(APP, "u1", true).await.expect("list").into_iter().map(|g| g.scope).collect();
+    assert_eq!(listed, [scope::EMAIL], "neither half of the failed userInfo decision is stored");
+
+    // The store works again: userInfo is granted whole.
+    db.execute_batch("DROP TRIGGER fail_second").expect("drop trigger");
+    host.set_decision(APP, "u1", scope::USER_INFO, Decision::Granted).await.expect("send");
+    assert_eq!(event(&mut events).await, ((*first).into(), Decision::Granted, DecisionSource::Host));
+    assert_eq!(event(&mut events).await, ((*second).into(), Decision::Granted, DecisionSource::Host));
+    let mut listed: Vec<_> = host.list_grants(APP, "u1").await.expect("list").into_iter().map(|g| g.scope).collect();
+    listed.sort();
+    let mut expected = vec![scope::EMAIL, first, second];
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+#[tokio::test]
 async fn with_remember_refusals_off_the_host_is_asked_again() {
     let daemon = Daemon::start_with(|c| c.consent.remember_refusals = false).await;
     let (host, desk) = consent_host(&daemon, "u1", false).await;

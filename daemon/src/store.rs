@@ -289,40 +289,46 @@ impl Store {
         Ok(rows)
     }
 
-    /// Sets one scope's decision: `Some(true)` granted, `Some(false)` refused, `None` undecided.
-    /// Returns the decision it replaced (the same shape), in one transaction.
+    /// Sets scopes' decisions of (app, uid): each `Some(true)` granted, `Some(false)` refused,
+    /// `None` undecided. All in one transaction: every one is stored, or (on an error) none, so no
+    /// reader and no restart sees half of a decision that spans scopes (scope.userInfo is avatar
+    /// and nickname). Returns the decisions they replaced (the same shape), in order.
     pub fn decide(
         &self,
         app_id: &str,
         uid: &str,
-        scope: &str,
-        decision: Option<bool>,
+        decisions: &[(&str, Option<bool>)],
         now_ms: u64,
-    ) -> Result<Option<bool>, StoreError> {
+    ) -> Result<Vec<Option<bool>>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let key = params![app_id, uid, scope];
-        let was_granted = tx.execute("DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
-        let was_refused = tx.execute("DELETE FROM refusals WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
-        match decision {
-            Some(true) => tx.execute(
-                "INSERT INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![app_id, uid, scope, now_ms as i64],
-            )?,
-            Some(false) => tx.execute(
-                "INSERT INTO refusals (app_id, uid, scope, refused_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![app_id, uid, scope, now_ms as i64],
-            )?,
-            None => 0,
-        };
+        let mut previous = Vec::with_capacity(decisions.len());
+        for &(scope, decision) in decisions {
+            let key = params![app_id, uid, scope];
+            let was_granted = tx.execute("DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+            let was_refused =
+                tx.execute("DELETE FROM refusals WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+            match decision {
+                Some(true) => tx.execute(
+                    "INSERT INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![app_id, uid, scope, now_ms as i64],
+                )?,
+                Some(false) => tx.execute(
+                    "INSERT INTO refusals (app_id, uid, scope, refused_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![app_id, uid, scope, now_ms as i64],
+                )?,
+                None => 0,
+            };
+            previous.push(if was_granted {
+                Some(true)
+            } else if was_refused {
+                Some(false)
+            } else {
+                None
+            });
+        }
         tx.commit()?;
-        Ok(if was_granted {
-            Some(true)
-        } else if was_refused {
-            Some(false)
-        } else {
-            None
-        })
+        Ok(previous)
     }
 
     /// Adds a ledger row; returns its id.
@@ -552,12 +558,31 @@ mod tests {
     #[test]
     fn a_decision_replaces_the_previous_one() {
         let store = Store::open(None, false).unwrap();
-        assert_eq!(store.decide("a", "u", "S", Some(true), 1).unwrap(), None);
-        assert_eq!(store.decide("a", "u", "S", Some(false), 2).unwrap(), Some(true));
+        assert_eq!(store.decide("a", "u", &[("S", Some(true))], 1).unwrap(), [None]);
+        assert_eq!(store.decide("a", "u", &[("S", Some(false))], 2).unwrap(), [Some(true)]);
         assert!(store.granted_scopes("a", "u").unwrap().is_empty());
         assert_eq!(store.refused_scopes("a", "u").unwrap(), vec!["S".to_string()]);
-        assert_eq!(store.decide("a", "u", "S", None, 3).unwrap(), Some(false));
+        assert_eq!(store.decide("a", "u", &[("S", None)], 3).unwrap(), [Some(false)]);
         assert!(store.refused_scopes("a", "u").unwrap().is_empty());
+    }
+
+    #[test]
+    fn decisions_of_several_scopes_are_stored_together_or_not_at_all() {
+        let store = Store::open(None, false).unwrap();
+        let both = [("AVATAR", Some(true)), ("NICKNAME", Some(true))];
+        // The second write fails, as a full disk would.
+        store
+            .conn()
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON grants WHEN NEW.scope = 'NICKNAME'
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+            )
+            .unwrap();
+        assert!(store.decide("a", "u", &both, 1).is_err());
+        assert!(store.granted_scopes("a", "u").unwrap().is_empty(), "no half of the decision stays");
+        store.conn().execute_batch("DROP TRIGGER fail").unwrap();
+        assert_eq!(store.decide("a", "u", &both, 2).unwrap(), [None, None]);
+        assert_eq!(store.granted_scopes("a", "u").unwrap(), ["AVATAR", "NICKNAME"]);
     }
 
     #[test]

@@ -87,21 +87,23 @@ pub async fn record(
     answer: &GetAuthCodeResponse,
     source: DecisionSource,
 ) -> Result<Vec<(String, String)>, ApiError> {
-    let mut refused = Vec::new();
+    let (mut refused, mut decisions) = (Vec::new(), Vec::new());
     for wanted in scopes {
         if !scope::ALL.contains(wanted) {
             continue;
         }
         if answer.auth_success_scopes.iter().any(|s| s == wanted) {
-            b.consent.decide(&inst.app_id, &hold.uid, wanted, Some(true), source).await?;
+            decisions.push((*wanted, Some(true)));
         } else {
             if b.consent.remembers_refusals() {
-                b.consent.decide(&inst.app_id, &hold.uid, wanted, Some(false), source).await?;
+                decisions.push((*wanted, Some(false)));
             }
             let message = answer.auth_error_scopes.get(*wanted).cloned().unwrap_or_else(|| "not granted".to_owned());
             refused.push(((*wanted).to_owned(), message));
         }
     }
+    // One answer's decisions (scope.userInfo is two scopes) are stored together.
+    b.consent.decide(&inst.app_id, &hold.uid, &decisions, source).await?;
     Ok(refused)
 }
 

@@ -45,9 +45,9 @@ pub async fn run(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<
     }
     choices.extend(named);
     let hold = b.user.hold(&ticket).await?;
-    for (scope, granted) in choices {
-        b.consent.decide(&inst.app_id, &hold.uid, scope, Some(granted), DecisionSource::OpenSetting).await?;
-    }
+    // The page's choices are stored together: none is seen without the others.
+    let decisions: Vec<(&str, Option<bool>)> = choices.into_iter().map(|(s, granted)| (s, Some(granted))).collect();
+    b.consent.decide(&inst.app_id, &hold.uid, &decisions, DecisionSource::OpenSetting).await?;
     let auth_setting = b.consent.auth_setting(&inst.app_id, &hold.uid)?;
     Ok(OpenSettingResponse { err_msg: Api::OpenSetting.ok_msg(), auth_setting })
 }

@@ -98,53 +98,58 @@ impl Consent {
         Ok(setting)
     }
 
-    /// Sets one scope's decision (`Some(true)` granted, `Some(false)` refused, `None` undecided)
-    /// and, if it changed, tells the host; a scope that stops being granted invalidates the app's
-    /// outstanding codes of it for that user. Returns whether anything changed. Callers that acted
-    /// on behalf of the signed-in user hold its ticket around this (see `user.rs`).
+    /// Sets scopes' decisions of (app, uid) (`Some(true)` granted, `Some(false)` refused, `None`
+    /// undecided), stored together in one transaction (scope.userInfo is two scopes, and no reader
+    /// may see one without the other), and tells the host of each that changed; a scope that stops
+    /// being granted invalidates the app's outstanding codes of it for that user. Returns how many
+    /// changed. Callers that acted on behalf of the signed-in user hold its ticket around this (see
+    /// `user.rs`).
     pub async fn decide(
         &self,
         app_id: &str,
         uid: &str,
-        scope: &str,
-        decision: Option<bool>,
+        decisions: &[(&str, Option<bool>)],
         source: DecisionSource,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<usize, StoreError> {
         let now = self.clock.now_ms();
-        let previous = self.store.decide(app_id, uid, scope, decision, now)?;
-        if previous == decision {
-            return Ok(false);
+        let previous = self.store.decide(app_id, uid, decisions, now)?;
+        let mut changed = 0;
+        for (&(scope, decision), previous) in decisions.iter().zip(previous) {
+            if previous == decision {
+                continue;
+            }
+            changed += 1;
+            let mut invalidated = 0;
+            if decision != Some(true)
+                && let Some(kind) = ValueKind::of_scope(scope)
+            {
+                invalidated = self.platform.invalidate_codes(app_id, uid, Some(kind)).await;
+            }
+            let proto = match decision {
+                Some(true) => Decision::Granted,
+                Some(false) => Decision::Refused,
+                None => Decision::Undecided,
+            };
+            info!(
+                app_id,
+                scope,
+                decision = proto.as_str_name(),
+                source = source.as_str_name(),
+                invalidated,
+                "consent changed"
+            );
+            let event = ConsentChanged {
+                app_id: app_id.to_owned(),
+                uid: uid.to_owned(),
+                scope: scope.to_owned(),
+                decision: proto as i32,
+                source: source as i32,
+                at_ms: now,
+            };
+            // No receiver (no host connected) is fine: the store is the truth, the event a courtesy.
+            let _ = self.events.send(event);
         }
-        let mut invalidated = 0;
-        if decision != Some(true)
-            && let Some(kind) = ValueKind::of_scope(scope)
-        {
-            invalidated = self.platform.invalidate_codes(app_id, uid, Some(kind)).await;
-        }
-        let proto = match decision {
-            Some(true) => Decision::Granted,
-            Some(false) => Decision::Refused,
-            None => Decision::Undecided,
-        };
-        info!(
-            app_id,
-            scope,
-            decision = proto.as_str_name(),
-            source = source.as_str_name(),
-            invalidated,
-            "consent changed"
-        );
-        let event = ConsentChanged {
-            app_id: app_id.to_owned(),
-            uid: uid.to_owned(),
-            scope: scope.to_owned(),
-            decision: proto as i32,
-            source: source as i32,
-            at_ms: now,
-        };
-        // No receiver (no host connected) is fine: the store is the truth, the event a courtesy.
-        let _ = self.events.send(event);
-        Ok(true)
+        Ok(changed)
     }
 
     /// Returns one scope, or every decided scope for `None`, of (app, uid) to undecided: the
@@ -160,10 +165,7 @@ impl Consent {
             Some(s) => vec![s.to_owned()],
             None => self.decisions(app_id, uid)?.into_keys().collect(),
         };
-        let mut revoked = 0;
-        for s in scopes {
-            revoked += self.decide(app_id, uid, &s, None, source).await? as usize;
-        }
-        Ok(revoked)
+        let undecided: Vec<(&str, Option<bool>)> = scopes.iter().map(|s| (s.as_str(), None)).collect();
+        self.decide(app_id, uid, &undecided, source).await
     }
 }

@@ -197,14 +197,9 @@ async fn set_decision(broker: &Broker, d: SetDecision) -> Result<(), String> {
     let outcome = match scopes {
         None => consent.revoke(&d.app_id, &uid, None, DecisionSource::Host).await.map(drop),
         Some(scopes) => {
-            let mut result = Ok(());
-            for scope in scopes {
-                result = consent.decide(&d.app_id, &uid, scope, decision, DecisionSource::Host).await.map(drop);
-                if result.is_err() {
-                    break;
-                }
-            }
-            result
+            // scope.userInfo's two scopes are decided together, in one transaction.
+            let decisions: Vec<(&str, Option<bool>)> = scopes.iter().map(|s| (*s, decision)).collect();
+            consent.decide(&d.app_id, &uid, &decisions, DecisionSource::Host).await.map(drop)
         }
     };
     outcome.map_err(|e| e.to_string())
