@@ -20,6 +20,8 @@ use crate::error::StoreError;
 pub struct SessionRow {
     pub app_id: String,
     pub uid: String,
+    /// The user's openid in the app, kept so that a backend's openid finds its session by key.
+    pub openid: String,
     pub session_key: String,
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
@@ -71,7 +73,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, openid TEXT,
     PRIMARY KEY (app_id, uid));
 CREATE INDEX IF NOT EXISTS sessions_uid ON sessions (uid);
 CREATE TABLE IF NOT EXISTS grants (
@@ -108,6 +110,26 @@ macro_rules! decisions_page {
     };
 }
 
+/// Brings a database an earlier version created up to [`SCHEMA`]: sessions gained their openid
+/// (NULL in the rows of before, which the platform fills in when it starts: see
+/// [`Store::fill_session_openids`]) and an index on it.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_openid: bool =
+        conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'openid'")?.exists([])?;
+    if !has_openid {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN openid TEXT")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS sessions_openid ON sessions (app_id, openid)")?;
+    Ok(())
+}
+
+/// `SELECT`s the columns [`session_row`] reads, in its order, followed by `$rest`.
+macro_rules! select_sessions {
+    ($rest:literal) => {
+        concat!("SELECT app_id, uid, session_key, created_at_ms, expires_at_ms, openid FROM sessions ", $rest)
+    };
+}
+
 /// A payment's first record wins (the write-ahead record).
 const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -134,6 +156,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn: Mutex::new(conn), location })
     }
 
@@ -165,26 +188,55 @@ impl Store {
     pub fn upsert_session(&self, row: &SessionRow) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached(
-                "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5",
+                "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (app_id, uid)
+                 DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5, openid = ?6",
             )?
             .execute(params![
                 row.app_id,
                 row.uid,
                 row.session_key,
                 row.created_at_ms as i64,
-                row.expires_at_ms as i64
+                row.expires_at_ms as i64,
+                row.openid
             ])?;
         Ok(())
+    }
+
+    /// The session of the user whose openid in `app_id` is `openid`, by key (no scan of the app's
+    /// sessions).
+    pub fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(select_sessions!("WHERE app_id = ?1 AND openid = ?2"))?
+            .query_row(params![app_id, openid], session_row)
+            .optional()?)
+    }
+
+    /// Fills in the openid of the sessions stored without one (by a daemon from before sessions
+    /// kept it), as `openid` of (app, uid) computes it; returns how many.
+    pub fn fill_session_openids(&self, openid: impl Fn(&str, &str) -> String) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let missing: Vec<(String, String)> = tx
+            .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (app_id, uid) in &missing {
+            tx.execute(
+                "UPDATE sessions SET openid = ?3 WHERE app_id = ?1 AND uid = ?2",
+                params![app_id, uid, openid(app_id, uid)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(missing.len())
     }
 
     pub fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached(
-                "SELECT app_id, uid, session_key, created_at_ms, expires_at_ms FROM sessions WHERE app_id = ?1 AND uid = ?2",
-            )?
+            .prepare_cached(select_sessions!("WHERE app_id = ?1 AND uid = ?2"))?
             .query_row(params![app_id, uid], session_row)
             .optional()?)
     }
@@ -203,11 +255,10 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<SessionRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT app_id, uid, session_key, created_at_ms, expires_at_ms FROM sessions
-             WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR (app_id, uid) > (?2, ?3))
-             ORDER BY app_id, uid LIMIT ?4",
-        )?;
+        let mut stmt = conn.prepare_cached(select_sessions!(
+            "WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR (app_id, uid) > (?2, ?3))
+             ORDER BY app_id, uid LIMIT ?4"
+        ))?;
         let (after_app, after_uid) = after.unzip();
         let rows = stmt
             .query_map(params![app_id, after_app, after_uid, i64::from(limit)], session_row)?
@@ -495,6 +546,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         session_key: r.get(2)?,
         created_at_ms: r.get::<_, i64>(3)? as u64,
         expires_at_ms: r.get::<_, i64>(4)? as u64,
+        // NULL only until the platform fills it in at start.
+        openid: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
     })
 }
 
@@ -513,6 +566,7 @@ mod tests {
                 .upsert_session(&SessionRow {
                     app_id: "a".into(),
                     uid: "u".into(),
+                    openid: "oa-u".into(),
                     session_key: "k".into(),
                     created_at_ms: 1,
                     expires_at_ms: 2,
@@ -553,6 +607,20 @@ mod tests {
         store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
         assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);
         assert_eq!(store.revoke_grants("a", "u", None).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_session_is_found_by_its_openid_through_an_index() {
+        let store = Store::open(None, false).unwrap();
+        let plan: String = store
+            .conn()
+            .query_row(
+                concat!("EXPLAIN QUERY PLAN ", select_sessions!("WHERE app_id = ?1 AND openid = ?2")),
+                params!["a", "o"],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("USING INDEX sessions_openid"), "{plan}");
     }
 
     #[test]

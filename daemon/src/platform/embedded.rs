@@ -102,6 +102,21 @@ impl std::fmt::Debug for EmbeddedPlatform {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// A stable identifier of (`a`, `b`) for `label`, keyed by the daemon secret: openid, unionid.
+fn keyed(secret: &[u8; 32], label: &str, a: &str, b: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    for part in [label, a, b] {
+        mac.update(part.as_bytes());
+        mac.update(&[0]);
+    }
+    URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..21])
+}
+
+/// The openid of (app, uid): see [`keyed`].
+fn openid_of(secret: &[u8; 32], app_id: &str, uid: &str) -> String {
+    format!("o{}", keyed(secret, "openid", app_id, uid))
+}
+
 impl EmbeddedPlatform {
     pub fn new(
         store: Arc<Store>,
@@ -113,6 +128,11 @@ impl EmbeddedPlatform {
         exchange_rate: RateLimits,
     ) -> Result<EmbeddedPlatform, crate::error::StoreError> {
         let secret = store.daemon_secret(crate::tokens::random_key)?;
+        // Sessions a daemon from before sessions kept their openid stored: find them by it too.
+        let filled = store.fill_session_openids(|app_id, uid| openid_of(&secret, app_id, uid))?;
+        if filled > 0 {
+            info!(sessions = filled, "stored the openid of sessions from an earlier version");
+        }
         for (app_id, app) in &apps {
             if let Some(secret) = &app.secret {
                 store.set_app_secret_hash(app_id, &hash_secret(secret), true)?;
@@ -135,12 +155,7 @@ impl EmbeddedPlatform {
     }
 
     fn keyed(&self, label: &str, a: &str, b: &str) -> String {
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        for part in [label, a, b] {
-            mac.update(part.as_bytes());
-            mac.update(&[0]);
-        }
-        URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..21])
+        keyed(&self.secret, label, a, b)
     }
 
     fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> Result<String, ApiError> {
@@ -304,11 +319,12 @@ impl EmbeddedPlatform {
             return Err(ExchangeFailure::Malformed(87009, "signature is required"));
         }
         let now = self.clock.now_ms();
-        let sessions =
-            self.store.list_sessions(Some(app.app_id()), None, u32::MAX).map_err(|e| ExchangeFailure::System(e.to_string()))?;
-        let session = sessions
-            .into_iter()
-            .find(|s| s.expires_at_ms > now && self.openid(app.app_id(), &s.uid) == openid)
+        // The session by its (app, openid) key: the store keeps each session's openid.
+        let session = self
+            .store
+            .session_by_openid(app.app_id(), openid)
+            .map_err(|e| ExchangeFailure::System(e.to_string()))?
+            .filter(|s| s.expires_at_ms > now)
             .ok_or(ExchangeFailure::InvalidSignature)?;
         let expected = session_signature(&session.session_key);
         if secrets_equal(expected.as_bytes(), signature.to_ascii_lowercase().as_bytes()) {
@@ -338,6 +354,7 @@ impl Platform for EmbeddedPlatform {
         self.store.upsert_session(&SessionRow {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
+            openid: self.openid(app_id, uid),
             session_key: session_key.clone(),
             created_at_ms: now,
             expires_at_ms: now + self.session_ttl_ms,
@@ -471,7 +488,7 @@ impl Platform for EmbeddedPlatform {
     }
 
     fn openid(&self, app_id: &str, uid: &str) -> String {
-        format!("o{}", self.keyed("openid", app_id, uid))
+        openid_of(&self.secret, app_id, uid)
     }
 
     async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, ApiError> {
@@ -498,6 +515,57 @@ mod tests {
 
     async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
         p.authenticate(Surface::Exchange, Credential::Secret { app_id, secret }).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn checksession_finds_the_session_of_the_openid_among_many() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone());
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let mut keys = Vec::new();
+        for i in 0..300 {
+            let uid = format!("u{i}");
+            keys.push((p.openid("a", &uid), p.start_session("a", &uid).await.unwrap()));
+            p.start_session("b", &uid).await.unwrap();
+        }
+        for (openid, key) in keys.iter().step_by(37) {
+            assert_eq!(p.check_signature_now(&a, openid, &session_signature(key)), Ok(()));
+        }
+        let (openid, key) = &keys[5];
+        let other_key = &keys[6].1;
+        let fail = |openid: &str, key: &str| p.check_signature_now(&a, openid, &session_signature(key));
+        assert_eq!(fail(openid, other_key), Err(ExchangeFailure::InvalidSignature), "another user's session");
+        assert_eq!(fail(&p.openid("b", "u5"), key), Err(ExchangeFailure::InvalidSignature), "another app's openid");
+        assert_eq!(fail(&p.openid("a", "nobody"), key), Err(ExchangeFailure::InvalidSignature), "no session");
+        clock.advance_ms(3_600_000);
+        assert_eq!(fail(openid, key), Err(ExchangeFailure::InvalidSignature), "expired");
+    }
+
+    #[tokio::test]
+    async fn a_session_stored_before_sessions_kept_their_openid_is_found_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            // The sessions table as an earlier version created it, with one live session.
+            let old = rusqlite::Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE sessions (
+                    app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
+                    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+                    PRIMARY KEY (app_id, uid));
+                 INSERT INTO sessions VALUES ('a', 'u', 'key-from-before', 1000, 9000000);",
+            )
+            .unwrap();
+        }
+        let store = Arc::new(Store::open(Some(&path), false).unwrap());
+        let rate = RateLimits::exchanges(&LimitsConfig::default());
+        let clock = ManualClock::new(2_000);
+        let p = EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, 100, rate).unwrap();
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let signature = session_signature("key-from-before");
+        assert_eq!(p.check_signature_now(&a, &p.openid("a", "u"), &signature), Ok(()));
     }
 
     #[tokio::test]
