@@ -207,11 +207,12 @@ impl Store {
     /// The session of the user whose openid in `app_id` is `openid`, by key (no scan of the app's
     /// sessions).
     pub fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<SessionRow>, StoreError> {
-        Ok(self
-            .conn()
-            .prepare_cached(select_sessions!("WHERE app_id = ?1 AND openid = ?2"))?
-            .query_row(params![app_id, openid], session_row)
-            .optional()?)
+        self.one_session(select_sessions!("WHERE app_id = ?1 AND openid = ?2"), app_id, openid)
+    }
+
+    /// The session `sql` selects by the app (?1) and one other key (?2), if any.
+    fn one_session(&self, sql: &'static str, app_id: &str, key: &str) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self.conn().prepare_cached(sql)?.query_row(params![app_id, key], session_row).optional()?)
     }
 
     /// Fills in the openid of the sessions stored without one (by a daemon from before sessions
@@ -234,11 +235,7 @@ impl Store {
     }
 
     pub fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
-        Ok(self
-            .conn()
-            .prepare_cached(select_sessions!("WHERE app_id = ?1 AND uid = ?2"))?
-            .query_row(params![app_id, uid], session_row)
-            .optional()?)
+        self.one_session(select_sessions!("WHERE app_id = ?1 AND uid = ?2"), app_id, uid)
     }
 
     /// Ends every session of `uid` (the host signed out or switched users).
