@@ -10,7 +10,7 @@ mod support;
 use std::{sync::Arc, time::Instant};
 
 use miniapp_broker_client::{
-    HostBuilder, HostClientError, HostFailure, RendererClient, connect,
+    HostBuilder, HostClient, HostClientError, HostFailure, RendererClient, connect,
     proto::{
         Api,
         api::ApiCall,
@@ -150,6 +150,80 @@ impl Drop for ReportDrop {
     }
 }
 
+/// A daemon with a [`stuck_host`] connected, an app launched on it and its renderer connected:
+/// what the tests of calls the host holds start from.
+struct Stuck {
+    daemon: Daemon,
+    host: HostClient,
+    app: v1::LaunchAppResponse,
+    renderer: RendererClient,
+    /// The tag of each call the host started.
+    started: mpsc::UnboundedReceiver<String>,
+    /// The tag of each call the host was told to stop working on.
+    dropped: mpsc::UnboundedReceiver<String>,
+}
+
+impl Stuck {
+    /// With the host's deadline `call_timeout_ms`.
+    async fn start(call_timeout_ms: u64) -> Stuck {
+        let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = call_timeout_ms).await;
+        let (started_tx, started) = mpsc::unbounded_channel();
+        let (dropped_tx, dropped) = mpsc::unbounded_channel();
+        let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
+        let app = launch(&host, APP_A, V1).await;
+        let renderer = daemon.renderer(&app.launch_token).await;
+        Stuck { daemon, host, app, renderer, started, dropped }
+    }
+
+    /// The tags of the next `n` calls the host started, sorted.
+    async fn started(&mut self, n: usize) -> Vec<String> {
+        tags(&mut self.started, "the host gets a call", n).await
+    }
+
+    /// The tags of the next `n` calls the host was told to stop working on, sorted.
+    async fn dropped(&mut self, n: usize) -> Vec<String> {
+        tags(&mut self.dropped, "a cancel reaches the host", n).await
+    }
+}
+
+/// The next `n` tags from `rx`, sorted (calls on their own tasks reach the host in any order).
+async fn tags(rx: &mut mpsc::UnboundedReceiver<String>, what: &str, n: usize) -> Vec<String> {
+    let mut tags = Vec::new();
+    for i in 0..n {
+        tags.push(within(&format!("{what} ({i})"), rx.recv()).await.expect(what));
+    }
+    tags.sort();
+    tags
+}
+
+/// A getUserInfo tagged `tag` on its own task, as a unary call or over the renderer's stream.
+fn user_info_task(
+    renderer: &RendererClient,
+    tag: &'static str,
+    unary: bool,
+) -> tokio::task::JoinHandle<Result<v1::GetUserInfoResponse, v1::ApiFailure>> {
+    let r = renderer.clone();
+    tokio::spawn(async move {
+        if unary { r.call_unary(tagged_user_info(tag)).await } else { r.call(tagged_user_info(tag)).await }
+    })
+}
+
+/// Each of the getUserInfo `calls` (by surface) ended "cancelled" by its app's closing.
+async fn assert_ended_by_close(
+    calls: Vec<(&str, tokio::task::JoinHandle<Result<v1::GetUserInfoResponse, v1::ApiFailure>>)>,
+) {
+    for (surface, waiting) in calls {
+        let failure = within(surface, waiting).await.expect("task").unwrap_err();
+        assert_failure(
+            &failure,
+            "getUserInfo:fail call cancelled: app instance closed",
+            1007,
+            Code::Cancelled,
+            "cancelled",
+        );
+    }
+}
+
 /// The request with its payment idempotency key taken out, after checking the client library gave
 /// a payment one (the key is the library's, so it cannot be compared with what the test sent).
 fn without_key(mut request: ApiRequest) -> ApiRequest {
@@ -286,47 +360,26 @@ async fn with_no_host_connected_a_call_fails_clearly() {
 #[tokio::test]
 async fn a_host_that_disconnects_mid_call_fails_the_call_promptly() {
     // A deadline far beyond `within`'s bound: the answer below can only come from the disconnect.
-    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = 120_000).await;
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let (dropped_tx, _dropped) = mpsc::unbounded_channel();
-    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
-    let app = launch(&host, APP_A, V1).await;
-    let renderer = daemon.renderer(&app.launch_token).await;
-
-    let streamed = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call(tagged_user_info("streamed")).await }
-    });
-    let unary = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call_unary(tagged_user_info("unary")).await }
-    });
-    let mut tags = vec![
-        within("host gets call 1", started.recv()).await.expect("started"),
-        within("host gets call 2", started.recv()).await.expect("started"),
-    ];
-    tags.sort();
-    assert_eq!(tags, ["streamed", "unary"]);
+    let mut s = Stuck::start(120_000).await;
+    let streamed = user_info_task(&s.renderer, "streamed", false);
+    let unary = user_info_task(&s.renderer, "unary", true);
+    assert_eq!(s.started(2).await, ["streamed", "unary"]);
 
     let gone = Instant::now();
-    host.disconnect();
+    s.host.disconnect();
     let streamed = within("streamed call after disconnect", streamed).await.expect("task").unwrap_err();
     let unary = within("unary call after disconnect", unary).await.expect("task").unwrap_err();
     assert_failure(&streamed, "getUserInfo:fail host disconnected", 1005, Code::Unavailable, "host_gone");
     assert_failure(&unary, "getUserInfo:fail host disconnected", 1005, Code::Unavailable, "host_gone");
     assert!(gone.elapsed().as_secs() < 10, "failed promptly: {:?}", gone.elapsed());
-    assert!(daemon.server.broker().host.current().is_none());
+    assert!(s.daemon.server.broker().host.current().is_none());
 }
 
 #[tokio::test]
 async fn a_host_answer_past_the_deadline_times_out_and_is_cancelled_on_the_host() {
     const DEADLINE_MS: u64 = 200;
-    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = DEADLINE_MS).await;
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
-    let app = launch(&host, APP_A, V1).await;
-    let renderer = daemon.renderer(&app.launch_token).await;
+    let mut s = Stuck::start(DEADLINE_MS).await;
+    let renderer = s.renderer.clone();
 
     for (surface, unary) in [("streamed", false), ("unary", true)] {
         let asked = Instant::now();
@@ -341,11 +394,11 @@ async fn a_host_answer_past_the_deadline_times_out_and_is_cancelled_on_the_host(
         let waited = asked.elapsed();
         assert_failure(&failure, "getUserInfo:fail timeout", 1006, Code::DeadlineExceeded, "timeout");
         assert!(waited.as_millis() >= DEADLINE_MS as u128, "{surface}: not before the deadline ({waited:?})");
-        assert_eq!(started.try_recv().as_deref(), Ok(surface), "{surface}: the host had the call");
+        assert_eq!(s.started.try_recv().as_deref(), Ok(surface), "{surface}: the host had the call");
         // The daemon told the host to stop: the client dropped the handler's work.
-        assert_eq!(within("cancel reaches the host", dropped.recv()).await.as_deref(), Some(surface));
+        assert_eq!(s.dropped(1).await, [surface]);
     }
-    assert!(host.is_connected(), "a slow answer does not cost the host its link");
+    assert!(s.host.is_connected(), "a slow answer does not cost the host its link");
 }
 
 #[tokio::test]
@@ -561,19 +614,10 @@ async fn one_renderer_stream_takes_answers_out_of_order() {
 #[tokio::test]
 async fn closing_a_renderer_fails_its_pending_calls_and_cancels_them_on_the_host() {
     // A deadline far beyond `within`'s bound: the answer can only come from the close.
-    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = 120_000).await;
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
-    let app = launch(&host, APP_A, V1).await;
-    let renderer = daemon.renderer(&app.launch_token).await;
-
-    let pending = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call(tagged_user_info("closed")).await }
-    });
-    assert_eq!(within("the host has the call", started.recv()).await.as_deref(), Some("closed"));
-    renderer.close().await;
+    let mut s = Stuck::start(120_000).await;
+    let pending = user_info_task(&s.renderer, "closed", false);
+    assert_eq!(s.started(1).await, ["closed"]);
+    s.renderer.close().await;
     let failure = within("the pending call after close", pending).await.expect("task").unwrap_err();
     assert_eq!(
         (failure.code(), failure.errno, failure.reason.as_str()),
@@ -581,11 +625,11 @@ async fn closing_a_renderer_fails_its_pending_calls_and_cancels_them_on_the_host
         "{failure:?}"
     );
     // The daemon saw the stream end and told the host to stop.
-    assert_eq!(within("cancel reaches the host", dropped.recv()).await.as_deref(), Some("closed"));
-    until("no call left in the daemon", || daemon.server.broker().host.calls_in_flight() == 0).await;
+    assert_eq!(s.dropped(1).await, ["closed"]);
+    until("no call left in the daemon", || s.daemon.server.broker().host.calls_in_flight() == 0).await;
 
     // The client is still usable: the next call opens a new stream.
-    let next = within("a call after close", renderer.call(v1::CheckSessionRequest {})).await.unwrap_err();
+    let next = within("a call after close", s.renderer.call(v1::CheckSessionRequest {})).await.unwrap_err();
     assert_eq!(next.err_msg, "checkSession:fail checkSession not implemented by host");
 }
 
@@ -633,31 +677,15 @@ async fn closing_an_app_ends_a_call_waiting_for_a_host() {
     until("the host is gone", || broker.host.current().is_none()).await;
 
     let renderer = daemon.renderer(&app.launch_token).await;
-    let unary = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call_unary(tagged_user_info("unary")).await }
-    });
-    let streamed = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call(tagged_user_info("streamed")).await }
-    });
+    let unary = user_info_task(&renderer, "unary", true);
+    let streamed = user_info_task(&renderer, "streamed", false);
     until("both calls wait for a host", || broker.registry.list().iter().any(|i| i.calls_in_flight() == 2)).await;
 
     let mut raw = GrpcHostClient::new(connect::channel(&daemon.address()).await.expect("channel"));
     let mut close = Request::new(v1::CloseAppRequest { instance_id: app.instance_id.clone() });
     close.metadata_mut().insert(metadata::AUTHORIZATION, metadata::bearer(&daemon.token()).parse().unwrap());
     within("close", raw.close_app(close)).await.expect("closed");
-
-    for (surface, waiting) in [("unary", unary), ("stream", streamed)] {
-        let failure = within(surface, waiting).await.expect("task").unwrap_err();
-        assert_failure(
-            &failure,
-            "getUserInfo:fail call cancelled: app instance closed",
-            1007,
-            Code::Cancelled,
-            "cancelled",
-        );
-    }
+    assert_ended_by_close(vec![("unary", unary), ("stream", streamed)]).await;
 
     // A host that connects now gets nothing for the closed app.
     let host = answering_host(daemon.host(), &seen).connect().await.expect("a new host connects");
@@ -675,52 +703,22 @@ async fn closing_an_app_ends_a_call_waiting_for_a_host() {
 /// sweep on close, not a wait on the instance, that must end them.
 #[tokio::test]
 async fn closing_an_app_ends_the_calls_its_host_holds_on_every_surface() {
-    let daemon = Daemon::start_with(|c| c.host.call_timeout_ms = 120_000).await;
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let host = stuck_host(daemon.host(), started_tx, dropped_tx).connect().await.expect("host connects");
-    let app = launch(&host, APP_A, V1).await;
-    let renderer = daemon.renderer(&app.launch_token).await;
+    let mut s = Stuck::start(120_000).await;
     // A first call resolves the instance's version (login is not registered: it fails at once).
-    within("first call", renderer.call_unary(v1::LoginRequest::default())).await.unwrap_err();
+    within("first call", s.renderer.call_unary(v1::LoginRequest::default())).await.unwrap_err();
 
-    let unary = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call_unary(tagged_user_info("unary")).await }
-    });
+    let unary = user_info_task(&s.renderer, "unary", true);
     let invoked = tokio::spawn({
-        let r = renderer.clone();
+        let r = s.renderer.clone();
         async move { r.invoke_json("getUserInfo", &json!({ "lang": "invoke" })).await }
     });
-    let streamed = tokio::spawn({
-        let r = renderer.clone();
-        async move { r.call(tagged_user_info("streamed")).await }
-    });
-    let mut tags = Vec::new();
-    for n in 0..3 {
-        tags.push(within(&format!("host gets call {n}"), started.recv()).await.expect("started"));
-    }
-    tags.sort();
-    assert_eq!(tags, ["invoke", "streamed", "unary"]);
+    let streamed = user_info_task(&s.renderer, "streamed", false);
+    assert_eq!(s.started(3).await, ["invoke", "streamed", "unary"]);
 
-    host.close_app(&app.instance_id).await.expect("closed");
-    for (surface, waiting) in [("unary", unary), ("stream", streamed)] {
-        let failure = within(surface, waiting).await.expect("task").unwrap_err();
-        assert_failure(
-            &failure,
-            "getUserInfo:fail call cancelled: app instance closed",
-            1007,
-            Code::Cancelled,
-            "cancelled",
-        );
-    }
+    s.host.close_app(&s.app.instance_id).await.expect("closed");
+    assert_ended_by_close(vec![("unary", unary), ("stream", streamed)]).await;
     let failure = within("invoke", invoked).await.expect("task").unwrap_err();
     assert_eq!(failure["errMsg"], "getUserInfo:fail call cancelled: app instance closed");
     // The host was told to stop working on each of them.
-    let mut stopped = Vec::new();
-    for n in 0..3 {
-        stopped.push(within(&format!("cancel {n} reaches the host"), dropped.recv()).await.expect("dropped"));
-    }
-    stopped.sort();
-    assert_eq!(stopped, ["invoke", "streamed", "unary"]);
+    assert_eq!(s.dropped(3).await, ["invoke", "streamed", "unary"]);
 }
