@@ -378,24 +378,25 @@ async fn a_payment_waits_for_a_host_while_any_of_its_callers_remains() {
     until("the host is gone", || broker.host.current().is_none()).await;
 
     // Two callers of one payment on their own connections: the first, and a retry that joins it.
-    let pay = async |key: &'static str| {
-        let renderer = daemon.renderer(&app.launch_token).await;
+    let pay = |key: &'static str| {
+        let (address, token) = (daemon.address(), app.launch_token.clone());
         tokio::spawn(async move {
+            let renderer = RendererClient::connect(&address, &token).await.expect("renderer connects");
             renderer.call_unary(payment_of(with_key(sample_request(Api::RequestPayment), key))).await
         })
     };
-    let first = pay("order-both-leave").await;
+    let first = pay("order-both-leave");
     until("the payment waits for a host", || broker.payments.callers() == 1).await;
-    let retry = pay("order-both-leave").await;
+    let retry = pay("order-both-leave");
     until("the retry joined it", || broker.payments.callers() == 2 && broker.payments.len() == 1).await;
     // Both go: the payment is called off, nothing recorded.
     first.abort();
     retry.abort();
     until("the payment is called off", || broker.payments.is_empty()).await;
 
-    let first = pay("order-retry-stays").await;
+    let first = pay("order-retry-stays");
     until("the payment waits for a host", || broker.payments.callers() == 1).await;
-    let retry = pay("order-retry-stays").await;
+    let retry = pay("order-retry-stays");
     until("the retry joined it", || broker.payments.callers() == 2 && broker.payments.len() == 1).await;
     // The first caller goes; the retry still waits, and so does the payment.
     first.abort();
