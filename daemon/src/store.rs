@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS refusals (
     app_id TEXT NOT NULL, uid TEXT NOT NULL, scope TEXT NOT NULL, refused_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app_id, uid, scope));
 CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
     surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
     redeemed_at_ms INTEGER, redeemed_via TEXT);
 CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at_ms);
@@ -130,6 +130,82 @@ macro_rules! select_sessions {
     };
 }
 
+/// Ledger ids are rowids: each new row gets the highest id + 1, and only the oldest rows are ever
+/// deleted (retention), so ids grow as `ListLedger`'s paging needs. The first schema declared the
+/// id AUTOINCREMENT, which costs every insert a second table's write (half a v2 login's store
+/// time); such a table is rebuilt once, ids kept.
+const LEDGER_WITHOUT_AUTOINCREMENT: &str = "
+CREATE TABLE ledger_new (
+    id INTEGER PRIMARY KEY, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
+    surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
+    redeemed_at_ms INTEGER, redeemed_via TEXT);
+INSERT INTO ledger_new SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via
+    FROM ledger;
+DROP TABLE ledger;
+ALTER TABLE ledger_new RENAME TO ledger;
+CREATE INDEX ledger_at ON ledger (at_ms);
+";
+
+const INSERT_LEDGER: &str =
+    "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+const UPSERT_SESSION: &str = "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5, openid = ?6";
+
+/// A ledger row about to be written (the id is the store's).
+#[derive(Debug, Clone, Copy)]
+pub struct NewLedgerRow<'a> {
+    pub app_id: &'a str,
+    pub uid: &'a str,
+    pub what: &'a str,
+    pub surface: &'a str,
+    pub api: &'a str,
+    pub at_ms: u64,
+    pub via_code: bool,
+}
+
+/// Runs `f` in one transaction on `conn`. rusqlite's `Transaction` parses "BEGIN" and "COMMIT"
+/// anew each time (a third of a v2 login's store time); these statements are prepared once.
+fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    match f(conn).and_then(|t| Ok(conn.prepare_cached("COMMIT")?.execute([]).map(|_| t)?)) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            // After a failed COMMIT SQLite may have rolled back already; ROLLBACK then fails, harmlessly.
+            if !conn.is_autocommit() {
+                let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
+    conn.prepare_cached(INSERT_LEDGER)?.execute(params![
+        row.app_id,
+        row.uid,
+        row.what,
+        row.surface,
+        row.api,
+        row.at_ms as i64,
+        row.via_code as i64
+    ])?;
+    Ok(conn.last_insert_rowid() as u64)
+}
+
+fn upsert_session(conn: &Connection, row: &SessionRow) -> Result<(), StoreError> {
+    conn.prepare_cached(UPSERT_SESSION)?.execute(params![
+        row.app_id,
+        row.uid,
+        row.session_key,
+        row.created_at_ms as i64,
+        row.expires_at_ms as i64,
+        row.openid
+    ])?;
+    Ok(())
+}
+
 /// A payment's first record wins (the write-ahead record).
 const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -157,6 +233,11 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        let ledger_sql: String =
+            conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
+        if ledger_sql.contains("AUTOINCREMENT") {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
+        }
         Ok(Store { conn: Mutex::new(conn), location })
     }
 
@@ -186,22 +267,18 @@ impl Store {
     }
 
     pub fn upsert_session(&self, row: &SessionRow) -> Result<(), StoreError> {
-        self.conn()
-            .prepare_cached(
-                "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (app_id, uid)
-                 DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5, openid = ?6",
-            )?
-            .execute(params![
-                row.app_id,
-                row.uid,
-                row.session_key,
-                row.created_at_ms as i64,
-                row.expires_at_ms as i64,
-                row.openid
-            ])?;
-        Ok(())
+        upsert_session(&self.conn(), row)
+    }
+
+    /// Writes a code's ledger rows and, for a login code, the session it starts, in one
+    /// transaction (both or neither); returns the rows' ids.
+    pub fn issue_code(&self, session: Option<&SessionRow>, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
+        in_transaction(&self.conn(), |conn| {
+            if let Some(session) = session {
+                upsert_session(conn, session)?;
+            }
+            rows.iter().map(|row| insert_ledger(conn, row)).collect()
+        })
     }
 
     /// The session of the user whose openid in `app_id` is `openid`, by key (no scan of the app's
@@ -380,39 +457,21 @@ impl Store {
     }
 
     /// Adds a ledger row; returns its id.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ledger_add(
-        &self,
-        app_id: &str,
-        uid: &str,
-        what: &str,
-        surface: &str,
-        api: &str,
-        at_ms: u64,
-        via_code: bool,
-    ) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![app_id, uid, what, surface, api, at_ms as i64, via_code as i64])?;
-        Ok(conn.last_insert_rowid() as u64)
+    pub fn ledger_add(&self, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
+        insert_ledger(&self.conn(), row)
     }
 
     /// Marks the rows of a code as redeemed through `via` at `at_ms`.
     pub fn ledger_redeemed(&self, ids: &[u64], via: &str, at_ms: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
+        in_transaction(&self.conn(), |conn| {
+            let mut stmt = conn.prepare_cached(
                 "UPDATE ledger SET redeemed_at_ms = ?2, redeemed_via = ?3 WHERE id = ?1 AND redeemed_at_ms IS NULL",
             )?;
             for id in ids {
                 stmt.execute(params![*id as i64, at_ms as i64, via])?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Ledger rows, oldest first; `None` filters match everything.
@@ -631,6 +690,75 @@ mod tests {
         assert!(store.refused_scopes("a", "u").unwrap().is_empty());
     }
 
+    fn row<'a>(what: &'a str, api: &'a str, at_ms: u64, via_code: bool) -> NewLedgerRow<'a> {
+        NewLedgerRow { app_id: "a", uid: "u", what, surface: "renderer_api", api, at_ms, via_code }
+    }
+
+    #[test]
+    fn a_login_code_writes_its_session_and_ledger_rows_together() {
+        let store = Store::open(None, false).unwrap();
+        let session = SessionRow {
+            app_id: "a".into(),
+            uid: "u".into(),
+            openid: "oa-u".into(),
+            session_key: "k".into(),
+            created_at_ms: 5,
+            expires_at_ms: 9,
+        };
+        let ids =
+            store.issue_code(Some(&session), &[row("openid", "login", 5, true), row("unionid", "login", 5, true)]);
+        let ids = ids.unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(ids[0] < ids[1]);
+        assert_eq!(store.session("a", "u").unwrap(), Some(session));
+        let rows = store.ledger(None, None, 0).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| (r.id, r.what.as_str())).collect::<Vec<_>>(),
+            [(ids[0], "openid"), (ids[1], "unionid")]
+        );
+        // A value code writes its rows only.
+        assert_eq!(store.issue_code(None, &[row("phone_number", "getPhoneNumber", 6, true)]).unwrap(), [ids[1] + 1]);
+        // Neither is written when the rows cannot be, and the connection is usable afterwards.
+        store.conn().execute_batch("ALTER TABLE ledger RENAME TO gone").unwrap();
+        let other = SessionRow { uid: "v".into(), ..store.session("a", "u").unwrap().unwrap() };
+        assert!(store.issue_code(Some(&other), &[row("openid", "login", 7, true)]).is_err());
+        assert_eq!(store.session("a", "v").unwrap(), None);
+        store.upsert_session(&other).unwrap();
+        assert_eq!(store.session("a", "v").unwrap(), Some(other));
+    }
+
+    #[test]
+    fn a_ledger_of_the_first_schema_keeps_its_rows_and_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE ledger (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, app_id TEXT NOT NULL, uid TEXT NOT NULL,
+                    what TEXT NOT NULL, surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                    via_code INTEGER NOT NULL, redeemed_at_ms INTEGER, redeemed_via TEXT);
+                 CREATE INDEX ledger_at ON ledger (at_ms);
+                 INSERT INTO ledger (id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via)
+                     VALUES (7, 'a', 'u', 'openid', 'renderer_api', 'login', 10, 1, 12, 'exchange');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(Some(&path), false).unwrap();
+        let rows = store.ledger(None, None, 0).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].id, rows[0].redeemed_via.as_deref()), (7, Some("exchange")));
+        assert_eq!(store.ledger_add(&row("avatar", "chooseAvatar", 20, false)).unwrap(), 8);
+        drop(store);
+        let sql: String = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT group_concat(sql, ';') FROM sqlite_master WHERE tbl_name = 'ledger'", [], |r| r.get(0))
+            .unwrap();
+        assert!(!sql.contains("AUTOINCREMENT") && sql.contains("ledger_at"), "{sql}");
+        // Opening again leaves it as it is.
+        assert_eq!(Store::open(Some(&path), false).unwrap().ledger(None, None, 0).unwrap().len(), 2);
+    }
+
     #[test]
     fn decisions_of_several_scopes_are_stored_together_or_not_at_all() {
         let store = Store::open(None, false).unwrap();
@@ -653,8 +781,8 @@ mod tests {
     #[test]
     fn ledger_rows_are_stamped_once_and_pruned_by_age() {
         let store = Store::open(None, false).unwrap();
-        let old = store.ledger_add("a", "u", "openid", "renderer_api", "login", 10, true).unwrap();
-        let new = store.ledger_add("a", "u", "avatar", "renderer_api", "chooseAvatar", 20, false).unwrap();
+        let old = store.ledger_add(&row("openid", "login", 10, true)).unwrap();
+        let new = store.ledger_add(&row("avatar", "chooseAvatar", 20, false)).unwrap();
         store.ledger_redeemed(&[old], "exchange", 15).unwrap();
         store.ledger_redeemed(&[old], "backend_http", 16).unwrap();
         let rows = store.ledger(Some("a"), None, 0).unwrap();

@@ -14,7 +14,7 @@ use crate::{
     error::StoreError,
     page,
     platform::{Disclosed, Surface},
-    store::{LedgerRow, Store},
+    store::{LedgerRow, NewLedgerRow, Store},
 };
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -36,7 +36,15 @@ impl Ledger {
     /// Records that `what` of `uid` went to `app_id` as the answer to a renderer's `api` call.
     pub fn record(&self, app_id: &str, uid: &str, what: Disclosed, api: Api) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
-        self.store.ledger_add(app_id, uid, what.as_str(), Surface::RendererApi.as_str(), api.name(), now, false)?;
+        self.store.ledger_add(&NewLedgerRow {
+            app_id,
+            uid,
+            what: what.as_str(),
+            surface: Surface::RendererApi.as_str(),
+            api: api.name(),
+            at_ms: now,
+            via_code: false,
+        })?;
         Ok(())
     }
 

@@ -37,7 +37,7 @@ use crate::{
     config::AppConfig,
     error::ApiError,
     limits::RateLimits,
-    store::{SessionRow, Store},
+    store::{NewLedgerRow, SessionRow, Store},
     tokens::{hash_secret, random_token, secrets_equal},
 };
 
@@ -158,7 +158,14 @@ impl EmbeddedPlatform {
         keyed(&self.secret, label, a, b)
     }
 
-    fn issue(&self, app_id: &str, uid: &str, purpose: Purpose) -> Result<String, ApiError> {
+    /// Issues a code for `purpose`; a login code's `session` is written with its ledger rows.
+    fn issue(
+        &self,
+        app_id: &str,
+        uid: &str,
+        purpose: Purpose,
+        session: Option<&SessionRow>,
+    ) -> Result<String, ApiError> {
         let now = self.clock.now_ms();
         let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
             Purpose::Login { .. } if self.union_group(app_id).is_some() => {
@@ -168,10 +175,19 @@ impl EmbeddedPlatform {
             Purpose::Value { kind: ValueKind::PhoneNumber, .. } => ("getPhoneNumber", &[Disclosed::PhoneNumber]),
             Purpose::Value { kind: ValueKind::Email, .. } => ("getEmail", &[Disclosed::Email]),
         };
-        let ledger = disclosed
+        let rows: Vec<NewLedgerRow<'_>> = disclosed
             .iter()
-            .map(|d| self.store.ledger_add(app_id, uid, d.as_str(), Surface::RendererApi.as_str(), api, now, true))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|d| NewLedgerRow {
+                app_id,
+                uid,
+                what: d.as_str(),
+                surface: Surface::RendererApi.as_str(),
+                api,
+                at_ms: now,
+                via_code: true,
+            })
+            .collect();
+        let ledger = self.store.issue_code(session, &rows)?;
         let code = random_token(18);
         let entry = CodeEntry {
             app_id: app_id.to_owned(),
@@ -194,6 +210,19 @@ impl EmbeddedPlatform {
         self.codes.insert(code.clone(), entry);
         issued.push_back(code.clone());
         Ok(code)
+    }
+
+    /// A fresh session of (app, uid), not yet stored.
+    fn new_session(&self, app_id: &str, uid: &str) -> SessionRow {
+        let now = self.clock.now_ms();
+        SessionRow {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            openid: self.openid(app_id, uid),
+            session_key: random_token(16),
+            created_at_ms: now,
+            expires_at_ms: now + self.session_ttl_ms,
+        }
     }
 
     fn union_group(&self, app_id: &str) -> Option<&str> {
@@ -344,22 +373,16 @@ pub fn session_signature(session_key: &str) -> String {
 #[tonic::async_trait]
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
-        let session_key = self.start_session(app_id, uid).await?;
-        self.issue(app_id, uid, Purpose::Login { session_key, auth_code })
+        // The session and the code's ledger rows are one write: both or neither.
+        let session = self.new_session(app_id, uid);
+        let session_key = session.session_key.clone();
+        self.issue(app_id, uid, Purpose::Login { session_key, auth_code }, Some(&session))
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
-        let now = self.clock.now_ms();
-        let session_key = random_token(16);
-        self.store.upsert_session(&SessionRow {
-            app_id: app_id.to_owned(),
-            uid: uid.to_owned(),
-            openid: self.openid(app_id, uid),
-            session_key: session_key.clone(),
-            created_at_ms: now,
-            expires_at_ms: now + self.session_ttl_ms,
-        })?;
-        Ok(session_key)
+        let session = self.new_session(app_id, uid);
+        self.store.upsert_session(&session)?;
+        Ok(session.session_key)
     }
 
     async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), ApiError> {
@@ -370,7 +393,7 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError> {
-        self.issue(app_id, uid, Purpose::Value { kind, value })
+        self.issue(app_id, uid, Purpose::Value { kind, value }, None)
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
