@@ -471,6 +471,10 @@ impl DaemonProcess {
     /// Spawns `miniapp-brokerd serve` in a fresh temp dir; returns once the socket accepts, with
     /// the time that took.
     fn spawn() -> (DaemonProcess, Duration) {
+        DaemonProcess::spawn_binary(&daemon_binary())
+    }
+
+    fn spawn_binary(binary: &Path) -> (DaemonProcess, Duration) {
         let dir = tempfile::Builder::new().prefix("brokerd-bench").tempdir().expect("temp dir");
         let socket = dir.path().join("brokerd.sock");
         let data = dir.path().join("data");
@@ -484,10 +488,10 @@ impl DaemonProcess {
         let mut command = match wrapper.split_first() {
             Some((tool, args)) => {
                 let mut c = Command::new(tool);
-                c.args(args).arg(daemon_binary());
+                c.args(args).arg(binary);
                 c
             }
-            None => Command::new(daemon_binary()),
+            None => Command::new(binary),
         };
         let patience = if wrapper.is_empty() { 10 } else { 120 };
         let child = command
@@ -506,7 +510,7 @@ impl DaemonProcess {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", daemon_binary().display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         let mut daemon = DaemonProcess { child, socket, data, _dir: dir };
         let deadline = start + Duration::from_secs(patience);
         loop {
@@ -1157,6 +1161,7 @@ fn main() {
         a == "--bench"
             || a.starts_with("--soak")
             || a.starts_with("--calls")
+            || a.starts_with("--latency")
             || a.starts_with("--idle")
             || a == "--sizes"
     });
@@ -1230,6 +1235,56 @@ fn main() {
             let soak = Params { throughput_secs: secs, throughput_warmup_secs: 0.0, ..p };
             let load = throughput(&fleet, &soak, server).await;
             println!("{:.0} calls/s, {:.1} us of server CPU per call", load.calls_per_sec, load.cpu_us_per_call);
+        });
+        return;
+    }
+    if let Some(kinds) = args.iter().find_map(|a| a.strip_prefix("--latency=")) {
+        // Only the latency rounds, for the kinds named (direct is always measured), with
+        // --samples=N per kind; with BROKER_BENCH_DAEMON_B a second daemon build is measured in
+        // the same interleaved rounds: an A/B of two builds on a noisy machine.
+        let kinds: Vec<Kind> = kinds.split(',').map(|k| Kind::parse(k).expect("--latency=KIND,KIND")).collect();
+        let samples = args.iter().find_map(|a| a.strip_prefix("--samples=")).map_or(20_000, |n| n.parse().unwrap());
+        let p = Params { samples, rounds: 10, warmup: 1_000, ..p };
+        let mut binaries = vec![("A", daemon_binary())];
+        if let Some(b) = std::env::var_os("BROKER_BENCH_DAEMON_B") {
+            binaries.push(("B", PathBuf::from(b)));
+        }
+        let daemons: Vec<(&str, DaemonProcess, Host)> = binaries
+            .iter()
+            .map(|(name, bin)| {
+                let (daemon, _) = DaemonProcess::spawn_binary(bin);
+                let host = Host::connect(&daemon.address(), &daemon.host_token());
+                (*name, daemon, host)
+            })
+            .collect();
+        runtime.block_on(async {
+            let mut singles = Vec::new();
+            let mut names = Vec::new();
+            let direct = fleet(Kind::Direct, 1, &echo_path, &daemons[0].1, &daemons[0].2).await;
+            singles.push((Kind::Direct, direct.clients.into_iter().next().expect("one")));
+            names.push("".to_owned());
+            for kind in kinds.iter().filter(|k| **k != Kind::Direct) {
+                for (name, daemon, host) in &daemons {
+                    let f = fleet(*kind, 1, &echo_path, daemon, host).await;
+                    let client = f.clients.into_iter().next().expect("one client");
+                    client.check().await;
+                    singles.push((*kind, client));
+                    names.push(format!(" {name}"));
+                }
+            }
+            let lat = latencies(&singles, &p).await;
+            let direct = lat[0].1;
+            for ((k, l), name) in lat.iter().zip(&names) {
+                println!(
+                    "{:<18} p50 {:>7.1} us ({:.2}x)  p99 {:>7.1} us ({:.2}x)  mean {:>7.1} us",
+                    format!("{}{name}", k.key()),
+                    l.p50_us,
+                    l.p50_us / direct.p50_us,
+                    l.p99_us,
+                    l.p99_us / direct.p99_us,
+                    l.mean_us
+                );
+            }
         });
         return;
     }

@@ -149,9 +149,12 @@ CREATE INDEX ledger_at ON ledger (at_ms);
 const INSERT_LEDGER: &str =
     "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
+/// A new session of (app, uid) replaces the old one. The openid of (app, uid) never changes (it is
+/// keyed by the daemon secret, which lives in this database), so a replacement leaves it, and its
+/// index, untouched: an index entry rewritten on every login cost a third of the upsert.
 const UPSERT_SESSION: &str = "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-     ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5, openid = ?6";
+     ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5";
 
 /// A ledger row about to be written (the id is the store's).
 #[derive(Debug, Clone, Copy)]
