@@ -24,6 +24,7 @@ use miniapp_broker_client::{
     HostBuilder, RendererClient, connect,
     proto::v1::{self, exchange_client::ExchangeClient},
 };
+use miniapp_brokerd::limits::Counted;
 use prost::Message as _;
 use support::{Daemon, launch, until, user, within};
 use tempfile::TempDir;
@@ -591,7 +592,8 @@ async fn one_app_cannot_take_every_connection_and_silent_connections_are_closed(
     // And the refused ones gave nothing away: once x1's renderers leave, x1 connects again.
     keep.clear();
     let broker = d.server.broker().clone();
-    until("x1's connections closed", || broker.occupancy.conns_per_app.held("wxconnhog0000001") == 0).await;
+    until("x1's connections closed", || broker.occupancy.per_app.held("wxconnhog0000001", Counted::Connections) == 0)
+        .await;
     for _ in 0..2 {
         open_stream(&d, &x1, &mut keep).await.expect("the instance's share is back");
     }

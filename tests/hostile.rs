@@ -42,6 +42,7 @@ use miniapp_broker_client::{
         },
     },
 };
+use miniapp_brokerd::limits::Counted;
 use prost::Message as _;
 use serde_json::{Value, json};
 use support::{Daemon, launch, until, user, within};
@@ -1780,8 +1781,10 @@ fn cases() -> Vec<Case> {
                 // Once the app's connection closes, its share is free again.
                 drop(p.keep.lock().unwrap().pop());
                 let broker = c.fair.d.server.broker().clone();
-                until("the app's connection closed", || broker.occupancy.conns_per_app.held("wxfairshare0001") == 0)
-                    .await;
+                until("the app's connection closed", || {
+                    broker.occupancy.per_app.held("wxfairshare0001", Counted::Connections) == 0
+                })
+                .await;
                 let again = c.fair.d.renderer(&c.f2.token).await;
                 again.call_unary(v1::GetNickNameRequest {}).await.expect("the app connects again");
             })

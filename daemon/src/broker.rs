@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     consent::Consent,
     error::ApiError,
-    host_link::{AnswerCheck, Deferred, Expect, HostAnswer, HostLink, ReplyPermit, ReplyTo},
+    host_link::{AnswerCheck, Deferred, Expect, HostAnswer, HostLink, RendererGone, ReplyPermit, ReplyTo},
     limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
@@ -191,7 +191,7 @@ impl Broker {
         call: RendererCall,
         permit: ReplyPermit,
         stream: u64,
-        renderer_gone: &CancellationToken,
+        renderer_gone: &RendererGone,
     ) -> Option<Deferred> {
         let id = call.id;
         let request = call.request.unwrap_or_default();
@@ -244,7 +244,7 @@ impl Broker {
                     let started = log_start();
                     let (version, outcome) = tokio::select! {
                         biased;
-                        _ = gone.cancelled() => (None, Err(ApiError::Cancelled("renderer went away"))),
+                        _ = gone.wait() => (None, Err(ApiError::Cancelled("renderer went away"))),
                         done = broker.resolve_and_handle(&instance, request, slot) => done,
                     };
                     log_answer(started, &instance, Some(api), version, &outcome);

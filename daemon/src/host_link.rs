@@ -31,7 +31,7 @@ use miniapp_broker_proto::{
         delegate_call, delegate_result, renderer_reply,
     },
 };
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::Status;
 use tracing::{debug, warn};
@@ -662,14 +662,14 @@ impl HostLink {
             }
             None => {
                 let link = self.clone();
-                let closed = pending.slot.as_ref().map(CallSlot::closed_token);
+                let instance = pending.slot.as_ref().map(|slot| slot.instance().clone());
                 Some(Box::pin(async move {
                     // An app closed while its call waits for a host: the call ends now and never
                     // reaches the next host.
-                    let waited = match closed {
-                        Some(closed) => tokio::select! {
+                    let waited = match instance {
+                        Some(instance) => tokio::select! {
                             biased;
-                            _ = closed.cancelled() => Err(ApiError::Cancelled("app instance closed")),
+                            _ = instance.closed() => Err(ApiError::Cancelled("app instance closed")),
                             session = link.wait_current() => session,
                         },
                         None => link.wait_current().await,
@@ -760,8 +760,11 @@ struct ReplyQueue {
     /// The sender and the reserved, not yet used permits. The stream ends when this reaches 0 and
     /// the queue is empty.
     writers: AtomicUsize,
-    /// Woken each time a writer is done, for a final status that must go out last.
-    writer_left: Notify,
+    /// Woken each time a writer is done (for a final status that must go out last) and when the
+    /// renderer goes; whoever waits checks which.
+    changed: Notify,
+    /// Set when the renderer is gone: see [`RendererGone`].
+    gone: AtomicBool,
 }
 
 impl ReplyQueue {
@@ -778,24 +781,63 @@ impl ReplyQueue {
     fn writer_done(&self) {
         self.writers.fetch_sub(1, Ordering::AcqRel);
         self.reader.wake();
-        self.writer_left.notify_waiters();
+        self.changed.notify_waiters();
     }
 }
 
 /// A renderer stream's reply queue with room for `capacity` replies: the writing half (its
-/// session task's) and the stream the response body reads. `gone` is cancelled when the response
-/// body is dropped: the renderer reset the stream or its connection ended, or every answer went
-/// out. (The end of the renderer's request side is not the end: a client that half-closes still
-/// reads its answers.)
-pub fn reply_queue(capacity: usize, gone: CancellationToken) -> (ReplySender, ReplyStream) {
+/// session task's), the stream the response body reads, and the signal that the renderer is gone
+/// ([`RendererGone`]), which the response body gives when it is dropped: the renderer reset the
+/// stream or its connection ended, or every answer went out. (The end of the renderer's request
+/// side is not the end: a client that half-closes still reads its answers.)
+pub fn reply_queue(capacity: usize) -> (ReplySender, ReplyStream, RendererGone) {
     let queue = Arc::new(ReplyQueue {
         room: Semaphore::new(capacity),
         items: std::sync::Mutex::new(VecDeque::new()),
         reader: AtomicWaker::new(),
         writers: AtomicUsize::new(1),
-        writer_left: Notify::new(),
+        changed: Notify::new(),
+        gone: AtomicBool::new(false),
     });
-    (ReplySender(queue.clone()), ReplyStream(queue, gone))
+    (ReplySender(queue.clone()), ReplyStream(queue.clone()), RendererGone(queue))
+}
+
+/// Whether a renderer stream's renderer is gone, and a wait for it: what calls on their own task
+/// watch to cancel their host calls. It lives in the stream's reply queue (a cancellation token of
+/// its own cost every connected renderer ~100 bytes more).
+#[derive(Clone)]
+pub struct RendererGone(Arc<ReplyQueue>);
+
+impl RendererGone {
+    /// Marks the renderer gone and wakes whoever waits for it.
+    pub fn set(&self) {
+        self.0.gone.store(true, Ordering::Release);
+        self.0.changed.notify_waiters();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.gone.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the renderer is gone.
+    pub async fn wait(&self) {
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so a `set` in between is not missed.
+            changed.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for RendererGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RendererGone").field(&self.is_set()).finish()
+    }
 }
 
 /// Reserves room for replies on a renderer stream.
@@ -806,6 +848,17 @@ pub struct ReplySender(Arc<ReplyQueue>);
 pub struct ReplyQueueClosed;
 
 impl ReplySender {
+    /// Room for one reply if there is some now; `None` if the queue is full.
+    pub fn try_reserve(&self) -> Result<Option<ReplyPermit>, ReplyQueueClosed> {
+        match self.0.room.try_acquire() {
+            Ok(room) => room.forget(),
+            Err(TryAcquireError::NoPermits) => return Ok(None),
+            Err(TryAcquireError::Closed) => return Err(ReplyQueueClosed),
+        }
+        self.0.writers.fetch_add(1, Ordering::AcqRel);
+        Ok(Some(ReplyPermit { queue: self.0.clone(), used: false }))
+    }
+
     /// Waits for room for one reply.
     pub async fn reserve(&self) -> Result<ReplyPermit, ReplyQueueClosed> {
         self.0.room.acquire().await.map_err(|_| ReplyQueueClosed)?.forget();
@@ -838,7 +891,7 @@ impl ReplyPermit {
     /// call has been answered), so what it sends, a final status, goes out after every answer.
     pub async fn wait_until_last(&self) {
         loop {
-            let left = self.queue.writer_left.notified();
+            let left = self.queue.changed.notified();
             if self.queue.writers.load(Ordering::Acquire) <= 1 {
                 return;
             }
@@ -866,7 +919,7 @@ impl Drop for ReplyPermit {
 
 /// The replies of a renderer stream, in the order they were sent; ends once the sender and every
 /// permit are gone. Dropping it tells the stream's calls their renderer is gone.
-pub struct ReplyStream(Arc<ReplyQueue>, CancellationToken);
+pub struct ReplyStream(Arc<ReplyQueue>);
 
 impl Stream for ReplyStream {
     type Item = Result<RendererReply, Status>;
@@ -892,7 +945,7 @@ impl Drop for ReplyStream {
     fn drop(&mut self) {
         self.0.room.close();
         self.0.items().clear();
-        self.1.cancel();
+        RendererGone(self.0.clone()).set();
     }
 }
 
@@ -913,8 +966,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_renderer_is_gone_once_its_reply_stream_is_dropped_or_it_is_set() {
+        let (_tx, rx, gone) = reply_queue(1);
+        let waiting = gone.clone();
+        let mut wait = Box::pin(async move { waiting.wait().await });
+        assert!(futures::poll!(wait.as_mut()).is_pending());
+        assert!(!gone.is_set());
+        drop(rx);
+        assert!(gone.is_set());
+        wait.await;
+        // Set before anyone waits: the wait ends at once.
+        let (_tx, _rx, gone) = reply_queue(1);
+        gone.set();
+        gone.wait().await;
+    }
+
+    #[tokio::test]
     async fn replies_arrive_in_order_and_the_stream_ends_with_its_last_writer() {
-        let (tx, mut rx) = reply_queue(2, Default::default());
+        let (tx, mut rx, _) = reply_queue(2);
         let first = tx.reserve().await.unwrap();
         let second = tx.reserve().await.unwrap();
         // Full: a third reservation waits until a reply is read.
@@ -934,7 +1003,7 @@ mod tests {
 
     #[tokio::test]
     async fn unused_room_comes_back_and_a_dropped_stream_refuses_writers() {
-        let (tx, rx) = reply_queue(1, Default::default());
+        let (tx, rx, _) = reply_queue(1);
         drop(tx.reserve().await.unwrap());
         let permit = tx.reserve().await.expect("the unused permit gave its room back");
         drop(rx);

@@ -1,7 +1,7 @@
-//! Per-app call rate limits, and per-key counts of held resources (renderer streams and
-//! connections per app and per instance). (Per-instance in-flight limits live with the instance in
-//! the registry; message size limits are set on the gRPC services; the global connection limit in
-//! transport.)
+//! Per-app call rate limits, and per-app counts of held resources (renderer streams and
+//! connections). (Per-instance calls in flight, streams and connections are counted on the
+//! instance in the registry; message size limits are set on the gRPC services; the global
+//! connection limit in transport.)
 
 use std::{num::NonZeroU32, sync::Arc};
 
@@ -57,21 +57,26 @@ impl RateLimits {
     }
 }
 
-/// What apps and instances hold against the per-app and per-instance caps on renderer streams and
-/// connections (`[limits]` in the config). Per-instance streams are counted on the instance.
+/// What apps hold against the per-app caps on renderer streams and connections (`[limits]` in
+/// the config). Per-instance streams and connections are counted on the instance itself.
 #[derive(Debug, Default)]
 pub struct Occupancy {
-    pub streams_per_app: Arc<KeyedCount>,
-    pub conns_per_app: Arc<KeyedCount>,
-    pub conns_per_instance: Arc<KeyedCount>,
+    pub per_app: Arc<KeyedCount>,
 }
 
-/// How many of something (renderer streams, connections) each key (an app id, an instance id)
-/// holds, so one key cannot take what a global limit leaves for everyone. A key's entry exists only
-/// while it holds something.
+/// What a [`KeyedCount`] counts per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Streams = 0,
+    Connections = 1,
+}
+
+/// How many renderer streams and connections each key (an app id) holds, so one key cannot take
+/// what a global limit leaves for everyone. A key's entry exists only while it holds something;
+/// one entry counts both, so an app costs one map entry however it connects.
 #[derive(Debug, Default)]
 pub struct KeyedCount {
-    counts: DashMap<Arc<str>, u32>,
+    counts: DashMap<Arc<str>, [u32; 2]>,
 }
 
 /// One unit held by a key in a [`KeyedCount`], given back when dropped.
@@ -79,30 +84,37 @@ pub struct KeyedCount {
 pub struct Held {
     owner: Arc<KeyedCount>,
     key: Arc<str>,
+    what: Counted,
 }
 
 impl KeyedCount {
-    /// Takes one unit for `key` unless it already holds `max`.
-    pub fn try_take(self: &Arc<Self>, key: &Arc<str>, max: u32) -> Option<Held> {
-        let mut count = self.counts.entry(key.clone()).or_insert(0);
+    /// Takes one unit of `what` for `key` unless it already holds `max`.
+    pub fn try_take(self: &Arc<Self>, key: &Arc<str>, what: Counted, max: u32) -> Option<Held> {
+        let mut counts = self.counts.entry(key.clone()).or_insert([0, 0]);
+        let count = &mut counts[what as usize];
         if *count >= max {
+            let empty = *counts == [0, 0];
+            drop(counts);
+            if empty {
+                self.counts.remove_if(key, |_, c| *c == [0, 0]);
+            }
             return None;
         }
         *count += 1;
-        Some(Held { owner: self.clone(), key: key.clone() })
+        Some(Held { owner: self.clone(), key: key.clone(), what })
     }
 
-    /// How many units `key` holds.
-    pub fn held(&self, key: &str) -> u32 {
-        self.counts.get(key).map_or(0, |c| *c)
+    /// How many units of `what` `key` holds.
+    pub fn held(&self, key: &str, what: Counted) -> u32 {
+        self.counts.get(key).map_or(0, |c| c[what as usize])
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         if let Entry::Occupied(mut entry) = self.owner.counts.entry(self.key.clone()) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
+            entry.get_mut()[self.what as usize] -= 1;
+            if *entry.get() == [0, 0] {
                 entry.remove();
             }
         }
@@ -115,16 +127,23 @@ mod tests {
 
     #[test]
     fn a_key_holds_at_most_its_cap_and_gives_units_back() {
+        use Counted::*;
         let counts = Arc::new(KeyedCount::default());
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        let first = counts.try_take(&a, 2).unwrap();
-        let _second = counts.try_take(&a, 2).unwrap();
-        assert!(counts.try_take(&a, 2).is_none());
-        assert!(counts.try_take(&b, 2).is_some(), "another key is unaffected");
+        let first = counts.try_take(&a, Streams, 2).unwrap();
+        let _second = counts.try_take(&a, Streams, 2).unwrap();
+        assert!(counts.try_take(&a, Streams, 2).is_none());
+        let conn = counts.try_take(&a, Connections, 1).expect("connections are counted apart from streams");
+        assert!(counts.try_take(&a, Connections, 1).is_none());
+        assert!(counts.try_take(&b, Streams, 2).is_some(), "another key is unaffected");
         drop(first);
-        assert_eq!(counts.held("a"), 1);
-        assert!(counts.try_take(&a, 2).is_some());
-        assert_eq!(counts.held("b"), 0, "a key that holds nothing has no entry");
+        assert_eq!((counts.held("a", Streams), counts.held("a", Connections)), (1, 1));
+        assert!(counts.try_take(&a, Streams, 2).is_some());
+        assert_eq!(counts.held("b", Streams), 0, "a key that holds nothing has no entry");
         assert!(counts.counts.get("b").is_none());
+        assert!(counts.try_take(&b, Streams, 0).is_none());
+        assert!(counts.counts.get("b").is_none(), "a refusal leaves no entry behind");
+        drop(conn);
+        assert_eq!(counts.held("a", Connections), 0);
     }
 }

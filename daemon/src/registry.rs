@@ -6,11 +6,11 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
 };
 
 use dashmap::DashMap;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::{
     error::ApiError,
@@ -34,15 +34,32 @@ pub struct AppInstance {
     pub(crate) resolving: tokio::sync::Mutex<()>,
     in_flight: AtomicU32,
     max_in_flight: u32,
-    closed: CancellationToken,
+    /// Set when the instance closes; `closing` wakes whoever waits for it. (A cancellation token
+    /// would cost every instance ~100 bytes more.)
+    closed: AtomicBool,
+    closing: Notify,
     /// The host session that launched the instance (0: none was connected).
     launched_by: AtomicU64,
     /// When that host session ended (0: not yet).
     host_left_ms: AtomicU64,
     /// Renderer streams open on the instance.
     streams: AtomicU32,
+    /// Renderer connections attributed to the instance (see [`ConnSlot`]).
+    conns: AtomicU32,
     /// When a renderer last stopped using the instance (a stream closed, a unary call ended).
     last_active_ms: AtomicU64,
+}
+
+/// Counts one connection against its instance's connection limit until dropped (the connection
+/// closes). A closed instance's connections count against nothing: nobody can attribute a
+/// connection to it any more.
+#[derive(Debug)]
+pub struct ConnSlot(Arc<AppInstance>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.conns.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counts one call against its instance's in-flight limit until dropped.
@@ -50,9 +67,9 @@ pub struct AppInstance {
 pub struct CallSlot(Arc<AppInstance>);
 
 impl CallSlot {
-    /// A token that is cancelled when the calling instance closes.
-    pub(crate) fn closed_token(&self) -> tokio_util::sync::CancellationToken {
-        self.0.closed.clone()
+    /// The calling instance.
+    pub(crate) fn instance(&self) -> &Arc<AppInstance> {
+        &self.0
     }
 }
 
@@ -115,12 +132,19 @@ impl AppInstance {
     }
 
     /// Resolves when the instance is closed.
-    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.closed.cancelled()
+    pub async fn closed(&self) {
+        loop {
+            // Made before the check: a close in between wakes it.
+            let closing = self.closing.notified();
+            if self.is_closed() {
+                return;
+            }
+            closing.await;
+        }
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Records the host session that launched the instance.
@@ -137,6 +161,18 @@ impl AppInstance {
             return false;
         }
         true
+    }
+
+    /// Attributes a connection to this instance unless it holds `max` already.
+    pub fn connection_opened(self: &Arc<Self>, max: u32) -> Option<ConnSlot> {
+        let before = self.conns.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnSlot(self.clone());
+        (before < max).then_some(slot)
+    }
+
+    /// Connections attributed to this instance.
+    pub fn connections(&self) -> u32 {
+        self.conns.load(Ordering::Acquire)
     }
 
     /// A renderer stream of this instance ended at `now_ms`.
@@ -211,10 +247,12 @@ impl AppRegistry {
             resolving: tokio::sync::Mutex::new(()),
             in_flight: AtomicU32::new(0),
             max_in_flight: self.max_in_flight,
-            closed: CancellationToken::new(),
+            closed: AtomicBool::new(false),
+            closing: Notify::new(),
             launched_by: AtomicU64::new(0),
             host_left_ms: AtomicU64::new(0),
             streams: AtomicU32::new(0),
+            conns: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(now_ms),
         });
         self.instances.insert(instance_id.clone(), instance.clone());
@@ -235,7 +273,8 @@ impl AppRegistry {
     /// Closes an instance: its token stops working and waiters on `closed()` wake.
     pub fn close(&self, instance_id: &str) -> Option<Arc<AppInstance>> {
         let (_, instance) = self.instances.remove(instance_id)?;
-        instance.closed.cancel();
+        instance.closed.store(true, Ordering::Release);
+        instance.closing.notify_waiters();
         Some(instance)
     }
 

@@ -22,6 +22,7 @@ use tracing::debug;
 
 use crate::{
     broker::Broker,
+    limits::Counted,
     transport::{ConnAuth, ConnInfo},
 };
 
@@ -80,30 +81,29 @@ fn prove(broker: &Broker, auth: &ConnAuth, headers: &http::HeaderMap) -> Result<
     if let Some(token) = headers.get(metadata::LAUNCH_TOKEN).and_then(|v| v.to_str().ok()) {
         let Ok(instance) = broker.registry.authenticate(Some(token)) else { return Ok(()) };
         let limits = &broker.config.limits;
-        let occupancy = &broker.occupancy;
-        let app =
-            occupancy.conns_per_app.try_take(&instance.app_id, limits.max_connections_per_app).ok_or_else(|| {
+        let app = broker
+            .occupancy
+            .per_app
+            .try_take(&instance.app_id, Counted::Connections, limits.max_connections_per_app)
+            .ok_or_else(|| {
                 debug!(app_id = %instance.app_id, "connection refused: the app holds its connection limit");
                 Status::resource_exhausted(format!(
                     "more than {} connections for this app",
                     limits.max_connections_per_app
                 ))
             })?;
-        let own = occupancy
-            .conns_per_instance
-            .try_take(&instance.instance_id, limits.max_connections_per_instance)
-            .ok_or_else(|| {
-                debug!(app_id = %instance.app_id, instance = %instance.instance_id, "connection refused: the instance holds its connection limit");
-                Status::resource_exhausted(format!(
-                    "more than {} connections for this app instance",
-                    limits.max_connections_per_instance
-                ))
-            })?;
-        auth.prove(vec![app, own]);
+        let own = instance.connection_opened(limits.max_connections_per_instance).ok_or_else(|| {
+            debug!(app_id = %instance.app_id, instance = %instance.instance_id, "connection refused: the instance holds its connection limit");
+            Status::resource_exhausted(format!(
+                "more than {} connections for this app instance",
+                limits.max_connections_per_instance
+            ))
+        })?;
+        auth.prove(Some((app, own)));
     } else if let Some(value) = headers.get(metadata::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && broker.host_token.verify(value)
     {
-        auth.prove(Vec::new());
+        auth.prove(None);
     }
     Ok(())
 }
@@ -112,6 +112,6 @@ fn prove(broker: &Broker, auth: &ConnAuth, headers: &http::HeaderMap) -> Result<
 /// is not counted against the app's renderer connections.
 pub(crate) fn prove_backend(connection: Option<ConnInfo>) {
     if let Some(conn) = connection {
-        conn.auth.prove(Vec::new());
+        conn.auth.prove(None);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::{
     convert::Infallible,
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
 };
@@ -17,7 +18,7 @@ use miniapp_broker_proto::{
         open_api_server::{OpenApi, OpenApiServer},
     },
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFuture;
 use tonic::{
     Request, Response, Status, Streaming,
     codec::{BufferSettings, Codec},
@@ -31,7 +32,7 @@ use tracing::{debug, info};
 use crate::{
     broker::Broker,
     error::ApiError,
-    host_link::{ReplyStream, reply_queue},
+    host_link::{RendererGone, ReplyPermit, ReplySender, ReplyStream, reply_queue},
     registry::AppInstance,
 };
 
@@ -162,8 +163,8 @@ impl OpenApi for OpenApiService {
         let limits = &broker.config.limits;
         let app_stream = broker
             .occupancy
-            .streams_per_app
-            .try_take(&instance.app_id, limits.max_renderer_streams_per_app)
+            .per_app
+            .try_take(&instance.app_id, crate::limits::Counted::Streams, limits.max_renderer_streams_per_app)
             .ok_or_else(|| {
                 Status::resource_exhausted(format!(
                     "more than {} renderer streams open for this app",
@@ -178,30 +179,37 @@ impl OpenApi for OpenApiService {
         }
         let instance_stream = InstanceStream { instance: instance.clone(), broker: broker.clone(), _app: app_stream };
         let stream_id = broker.stats.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
-        // Cancelled when the response body goes (a reset, the connection's end, or the last answer
-        // sent): the one signal that the renderer is gone. The end of its request side is not.
-        let gone = CancellationToken::new();
-        let (tx, rx) = reply_queue(STREAM_REPLY_CAPACITY, gone.clone());
+        // `gone` is set when the response body goes (a reset, the connection's end, or the last
+        // answer sent): the one signal that the renderer is gone. The end of its request side is not.
+        let (tx, rx, gone) = reply_queue(STREAM_REPLY_CAPACITY);
         let mut inbound = r.into_inner();
         debug!(app_id = %instance.app_id, instance = %instance.instance_id, stream = stream_id, "renderer stream opened");
         tokio::spawn(async move {
-            let _guard = guard;
-            let _instance_stream = instance_stream;
-            // Made once, not per call: each registers a waiter with its token.
-            let closed = instance.closed();
-            let stopping = broker.shutdown.cancelled();
-            let renderer_gone = gone.cancelled();
-            tokio::pin!(closed, stopping, renderer_gone);
+            // Used in place: moving a captured value into a local would store it twice.
+            let (_guard, _instance_stream) = (&guard, &instance_stream);
+            // Made once, not per call: each registers a waiter with its token. This task lives as
+            // long as its renderer's stream, idle most of the time: what it keeps while it waits
+            // for the next call is what every connected renderer costs (docs/benchmarks.md).
+            let mut closed = std::pin::pin!(instance.closed());
+            let mut stopping = std::pin::pin!(broker.shutdown.cancelled());
             let end = loop {
                 // Room for the answer first, then the call: a call is never held while the
                 // renderer's replies are backed up, and the stream's final status has its room.
                 // A renderer that stops reading its replies must not keep a closed instance's (or a
                 // stopping daemon's) stream alive: nobody reads a final status then, so none is sent.
-                let reserved = tokio::select! {
-                    biased;
-                    permit = tx.reserve() => permit,
-                    _ = &mut closed => break StreamEnd::Abandoned,
-                    _ = &mut stopping => break StreamEnd::Abandoned,
+                let reserved = match tx.try_reserve() {
+                    Ok(Some(permit)) => Ok(permit),
+                    Ok(None) => {
+                        // Only a stream whose replies back up waits here, on the heap.
+                        let room = Box::pin(tx.reserve());
+                        tokio::select! {
+                            biased;
+                            permit = room => permit,
+                            _ = &mut closed => break StreamEnd::Abandoned,
+                            _ = &mut stopping => break StreamEnd::Abandoned,
+                        }
+                    }
+                    Err(closed) => Err(closed),
                 };
                 let Ok(permit) = reserved else { break StreamEnd::Abandoned };
                 // Biased: a call read after the instance closed (or the daemon began stopping)
@@ -209,7 +217,7 @@ impl OpenApi for OpenApiService {
                 let message = tokio::select! {
                     biased;
                     _ = &mut closed => break StreamEnd::Closed(permit),
-                    _ = &mut stopping => break StreamEnd::Status(Status::unavailable("daemon shutting down"), permit),
+                    _ = &mut stopping => break StreamEnd::Status(Box::new(Status::unavailable("daemon shutting down")), permit),
                     m = inbound.message() => m,
                 };
                 let call = match message {
@@ -221,46 +229,30 @@ impl OpenApi for OpenApiService {
                         // undecodable) ends the stream with that status, so the renderer learns why
                         // instead of seeing a silent close; after a broken connection nobody reads it.
                         debug!(stream = stream_id, code = ?status.code(), "renderer stream error");
-                        break StreamEnd::Status(status, permit);
+                        break StreamEnd::Status(Box::new(status), permit);
                     }
                 };
                 if let Some(rest) = broker.call_streamed(&instance, call, permit, stream_id, &gone) {
                     // Only a call waiting for a host (within the grace period) waits here; it ends
-                    // by itself when its app closes.
-                    tokio::select! {
-                        biased;
-                        _ = &mut stopping => break StreamEnd::Abandoned,
-                        _ = &mut renderer_gone => break StreamEnd::Abandoned,
-                        _ = rest => {}
+                    // by itself when its app closes. (`rest` is on the heap already.)
+                    let renderer_gone = gone.wait();
+                    let waited = async {
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopping => false,
+                            _ = renderer_gone => false,
+                            _ = rest => true,
+                        }
+                    };
+                    if !Box::pin(waited).await {
+                        break StreamEnd::Abandoned;
                     }
                 }
             };
-            match end {
-                StreamEnd::HalfClosed => {
-                    // Once the sender goes, the stream ends after the last pending answer; until then
-                    // the calls run on. Only the renderer going (or its app, or the daemon) ends them.
-                    drop(tx);
-                    tokio::select! {
-                        _ = &mut renderer_gone => {}
-                        _ = &mut closed => {}
-                        _ = &mut stopping => {}
-                    }
-                }
-                StreamEnd::Status(status, permit) => permit.send(Err(status)),
-                StreamEnd::Closed(permit) => {
-                    // Closing the app ends every pending call at once (a payment the host may have
-                    // seen with "outcome unknown"): those answers go out, then the final status.
-                    drop(tx);
-                    tokio::select! {
-                        _ = permit.wait_until_last() => permit.send(Err(Status::unauthenticated("app instance closed"))),
-                        _ = &mut renderer_gone => {}
-                        _ = &mut stopping => {}
-                    }
-                }
-                StreamEnd::Abandoned => {}
-            }
+            // On the heap too: the end's waits would otherwise size the task for its whole life.
+            Box::pin(end.finish(tx, closed, stopping, &gone)).await;
             // Whatever is still pending now has nobody to answer to.
-            gone.cancel();
+            gone.set();
             let cancelled = broker.host.cancel_stream(stream_id);
             if cancelled > 0 {
                 info!(app_id = %instance.app_id, stream = stream_id, cancelled, "renderer went away; its host calls were cancelled");
@@ -366,12 +358,49 @@ enum StreamEnd {
     /// The renderer closed its request side; its pending calls are still answered.
     HalfClosed,
     /// The stream ends with this status (sent in the room reserved for it).
-    Status(Status, crate::host_link::ReplyPermit),
+    Status(Box<Status>, ReplyPermit),
     /// The app instance closed: pending calls are answered first, then the stream ends.
-    Closed(crate::host_link::ReplyPermit),
+    Closed(ReplyPermit),
     /// Nobody will read a final status (the renderer stopped reading, the app closed while it
     /// did, the daemon stopped, or the renderer is gone).
     Abandoned,
+}
+
+impl StreamEnd {
+    /// Ends the stream as its reading loop ended: waits for what must still go out, until the
+    /// renderer goes (`gone`), its app closes or the daemon stops.
+    async fn finish(
+        self,
+        tx: ReplySender,
+        closed: Pin<&mut impl Future<Output = ()>>,
+        stopping: Pin<&mut WaitForCancellationFuture<'_>>,
+        gone: &RendererGone,
+    ) {
+        match self {
+            StreamEnd::HalfClosed => {
+                // Once the sender goes, the stream ends after the last pending answer; until then
+                // the calls run on. Only the renderer going (or its app, or the daemon) ends them.
+                drop(tx);
+                tokio::select! {
+                    _ = gone.wait() => {}
+                    _ = closed => {}
+                    _ = stopping => {}
+                }
+            }
+            StreamEnd::Status(status, permit) => permit.send(Err(*status)),
+            StreamEnd::Closed(permit) => {
+                // Closing the app ends every pending call at once (a payment the host may have
+                // seen with "outcome unknown"): those answers go out, then the final status.
+                drop(tx);
+                tokio::select! {
+                    _ = permit.wait_until_last() => permit.send(Err(Status::unauthenticated("app instance closed"))),
+                    _ = gone.wait() => {}
+                    _ = stopping => {}
+                }
+            }
+            StreamEnd::Abandoned => {}
+        }
+    }
 }
 
 /// Holds a renderer stream's place in its app's and its instance's stream counts, and marks when

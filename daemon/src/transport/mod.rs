@@ -68,7 +68,7 @@ impl std::fmt::Debug for Listener {
 #[derive(Debug, Default)]
 pub struct ConnAuth {
     proven: AtomicBool,
-    holds: Mutex<Vec<crate::limits::Held>>,
+    holds: Mutex<Option<ConnHolds>>,
 }
 
 impl ConnAuth {
@@ -78,7 +78,7 @@ impl ConnAuth {
 
     /// Marks the connection proven, holding `holds` until it closes. Returns false (and drops
     /// `holds`) if it already was.
-    pub fn prove(&self, holds: Vec<crate::limits::Held>) -> bool {
+    pub fn prove(&self, holds: Option<ConnHolds>) -> bool {
         let mut held = self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.proven.swap(true, Ordering::AcqRel) {
             return false;
@@ -87,6 +87,9 @@ impl ConnAuth {
         true
     }
 }
+
+/// What a renderer's connection holds against its app's and its instance's connection limits.
+pub type ConnHolds = (crate::limits::Held, crate::registry::ConnSlot);
 
 /// What each request of a connection learns about it (tonic puts it in the request extensions).
 #[derive(Debug, Clone)]
