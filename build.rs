@@ -56,7 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // No `connect(endpoint)` constructors: clients reach the daemon over local sockets through
     // their own connector, and the constructor would collide with the `Host.Connect` RPC.
-    let mut builder = tonic_prost_build::configure().build_transport(false);
+    // Prost with buffers sized for this protocol (src/codec.rs), instead of tonic's 8 KiB ones.
+    let mut builder = tonic_prost_build::configure().build_transport(false).codec_path("crate::codec::ProstCodec");
     for name in JSON_MESSAGES {
         builder = builder.type_attribute(
             format!(".miniapp.broker.v1.{name}"),

@@ -1,11 +1,12 @@
 //! The wire contract of miniapp-broker.
 //!
 //! `proto/` is the single source of truth; this crate is its Rust face: the generated messages and
-//! tonic services ([`v1`]), the table of open APIs ([`api::Api`]), the WeChat JSON mapping used by
+//! tonic services ([`v1`], with the [`codec`] they use), the table of open APIs ([`api::Api`]), the WeChat JSON mapping used by
 //! `OpenApi.Invoke` ([`json`]), how a failure travels in a gRPC status ([`failure`]) and the
 //! metadata keys both sides agree on ([`metadata`]).
 
 pub mod api;
+pub mod codec;
 pub mod failure;
 pub mod json;
 pub mod metadata;
