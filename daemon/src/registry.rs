@@ -170,11 +170,6 @@ impl AppInstance {
         (before < max).then_some(slot)
     }
 
-    /// Connections attributed to this instance.
-    pub fn connections(&self) -> u32 {
-        self.conns.load(Ordering::Acquire)
-    }
-
     /// A renderer stream of this instance ended at `now_ms`.
     pub fn stream_closed(&self, now_ms: u64) {
         self.touch(now_ms);

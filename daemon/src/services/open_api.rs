@@ -187,7 +187,7 @@ impl OpenApi for OpenApiService {
         tokio::spawn(async move {
             // Used in place: moving a captured value into a local would store it twice.
             let (_guard, _instance_stream) = (&guard, &instance_stream);
-            // Made once, not per call: each registers a waiter with its token. This task lives as
+            // Made once, not per call: each registers a waiter when first polled. This task lives as
             // long as its renderer's stream, idle most of the time: what it keeps while it waits
             // for the next call is what every connected renderer costs (docs/benchmarks.md).
             let mut closed = std::pin::pin!(instance.closed());
@@ -209,7 +209,7 @@ impl OpenApi for OpenApiService {
                             _ = &mut stopping => break StreamEnd::Abandoned,
                         }
                     }
-                    Err(closed) => Err(closed),
+                    Err(queue_closed) => Err(queue_closed),
                 };
                 let Ok(permit) = reserved else { break StreamEnd::Abandoned };
                 // Biased: a call read after the instance closed (or the daemon began stopping)
