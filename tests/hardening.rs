@@ -482,6 +482,35 @@ async fn open_stream(d: &Daemon, token: &str, keep: &mut Vec<RendererClient>) ->
 }
 
 #[tokio::test]
+async fn a_closed_instance_gives_its_connections_back_to_its_app() {
+    let d = Daemon::start_with(|c| {
+        c.limits.max_connections_per_app = 3;
+        c.limits.max_connections_per_instance = 2;
+    })
+    .await;
+    let host = d.host().user(user("u1")).connect().await.expect("host");
+    let old = launch(&host, "wxrelaunch000001", V2).await;
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        open_stream(&d, &old.launch_token, &mut keep).await.expect("within the instance's share");
+    }
+    // The shell closes the app and launches it again while the old renderers linger, connected.
+    host.close_app(&old.instance_id).await.expect("close");
+    let again = launch(&host, "wxrelaunch000001", V2).await.launch_token;
+    let other = launch(&host, "wxrelaunch000001", V2).await.launch_token;
+    for _ in 0..2 {
+        open_stream(&d, &again, &mut keep).await.expect("a closed instance's connections count against nothing");
+    }
+    open_stream(&d, &other, &mut keep).await.expect("the app's whole share is there");
+    assert_eq!(
+        open_stream(&d, &other, &mut keep).await,
+        Err("getNickName:fail more than 3 connections for this app".to_owned())
+    );
+    // (That a lingering connection gives nothing back twice when it closes is
+    // registry::tests::a_closed_instance_gives_its_connections_back_once.)
+}
+
+#[tokio::test]
 async fn one_app_cannot_take_every_renderer_stream() {
     let d = Daemon::start_with(|c| {
         c.limits.max_renderer_streams = 6;

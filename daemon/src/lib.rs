@@ -194,8 +194,9 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         config.consent.remember_refusals,
         config.privacy.ledger_days,
     );
+    let occupancy = limits::Occupancy::default();
     let broker = Arc::new(Broker {
-        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance),
+        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance, occupancy.per_app.clone()),
         host: Arc::new(HostLink::new(
             config.call_timeout(),
             Duration::from_millis(config.host.grace_ms),
@@ -206,7 +207,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         consent,
         store,
         rates: RateLimits::new(&config.limits),
-        occupancy: Default::default(),
+        occupancy,
         payments: Default::default(),
         clock,
         host_token,

@@ -90,18 +90,35 @@ pub struct Held {
 impl KeyedCount {
     /// Takes one unit of `what` for `key` unless it already holds `max`.
     pub fn try_take(self: &Arc<Self>, key: &Arc<str>, what: Counted, max: u32) -> Option<Held> {
+        self.try_add(key, what, max).then(|| Held { owner: self.clone(), key: key.clone(), what })
+    }
+
+    /// Counts one unit of `what` for `key` unless it already holds `max`; whoever counted it
+    /// gives it back with [`KeyedCount::give_back`].
+    pub fn try_add(&self, key: &Arc<str>, what: Counted, max: u32) -> bool {
         let mut counts = self.counts.entry(key.clone()).or_insert([0, 0]);
         let count = &mut counts[what as usize];
-        if *count >= max {
-            let empty = *counts == [0, 0];
-            drop(counts);
-            if empty {
-                self.counts.remove_if(key, |_, c| *c == [0, 0]);
-            }
-            return None;
+        if *count < max {
+            *count += 1;
+            return true;
         }
-        *count += 1;
-        Some(Held { owner: self.clone(), key: key.clone(), what })
+        let empty = *counts == [0, 0];
+        drop(counts);
+        if empty {
+            self.counts.remove_if(key, |_, c| *c == [0, 0]);
+        }
+        false
+    }
+
+    /// Gives `n` units of `what` back for `key`.
+    pub fn give_back(&self, key: &Arc<str>, what: Counted, n: u32) {
+        if let Entry::Occupied(mut entry) = self.counts.entry(key.clone()) {
+            let count = &mut entry.get_mut()[what as usize];
+            *count = count.saturating_sub(n);
+            if *entry.get() == [0, 0] {
+                entry.remove();
+            }
+        }
     }
 
     /// How many units of `what` `key` holds.
@@ -112,12 +129,7 @@ impl KeyedCount {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Entry::Occupied(mut entry) = self.owner.counts.entry(self.key.clone()) {
-            entry.get_mut()[self.what as usize] -= 1;
-            if *entry.get() == [0, 0] {
-                entry.remove();
-            }
-        }
+        self.owner.give_back(&self.key, self.what, 1);
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::{
     error::ApiError,
+    limits::{Counted, KeyedCount},
     tokens::{random_token, secrets_equal},
     version::{ApiVersion, AppJson, VersionSource},
 };
@@ -50,16 +51,35 @@ pub struct AppInstance {
     last_active_ms: AtomicU64,
 }
 
-/// Counts one connection against its instance's connection limit until dropped (the connection
-/// closes). A closed instance's connections count against nothing: nobody can attribute a
-/// connection to it any more.
+/// The bit of [`AppInstance`]'s connection count that says the instance closed and gave its
+/// connections' units of its app's connection count back.
+const CONNS_CLOSED: u32 = 1 << 31;
+
+/// Counts one connection against its instance's and its app's connection limits until dropped
+/// (the connection closes) or its instance closes, whichever comes first: a closed instance's
+/// lingering renderers hold nothing of their app's share, so the app can be launched again.
 #[derive(Debug)]
-pub struct ConnSlot(Arc<AppInstance>);
+pub struct ConnSlot {
+    instance: Arc<AppInstance>,
+    per_app: Arc<KeyedCount>,
+}
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.conns.fetch_sub(1, Ordering::AcqRel);
+        let was = self.instance.conns.fetch_sub(1, Ordering::AcqRel);
+        if was & CONNS_CLOSED == 0 {
+            self.per_app.give_back(&self.instance.app_id, Counted::Connections, 1);
+        }
     }
+}
+
+/// Why a connection was not attributed to its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRefused {
+    /// The app holds `limits.max_connections_per_app`.
+    App,
+    /// The instance holds `limits.max_connections_per_instance`.
+    Instance,
 }
 
 /// Counts one call against its instance's in-flight limit until dropped.
@@ -163,11 +183,29 @@ impl AppInstance {
         true
     }
 
-    /// Attributes a connection to this instance unless it holds `max` already.
-    pub fn connection_opened(self: &Arc<Self>, max: u32) -> Option<ConnSlot> {
+    /// Attributes a connection to this instance and its app (counted in `per_app`) unless either
+    /// holds its maximum. `Ok(None)`: the instance closed meanwhile, and nothing is attributed.
+    pub fn connection_opened(
+        self: &Arc<Self>,
+        per_app: &Arc<KeyedCount>,
+        max_per_app: u32,
+        max_per_instance: u32,
+    ) -> Result<Option<ConnSlot>, ConnRefused> {
+        // The app's unit first: once the instance counts the connection, its closing gives the
+        // unit back (`AppRegistry::close`); until then this call does.
+        if !per_app.try_add(&self.app_id, Counted::Connections, max_per_app) {
+            return Err(ConnRefused::App);
+        }
         let before = self.conns.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnSlot(self.clone());
-        (before < max).then_some(slot)
+        if before & CONNS_CLOSED == 0 && before < max_per_instance {
+            return Ok(Some(ConnSlot { instance: self.clone(), per_app: per_app.clone() }));
+        }
+        let was = self.conns.fetch_sub(1, Ordering::AcqRel);
+        // A close between the two counted this connection and gave its unit back already.
+        if before & CONNS_CLOSED != 0 || was & CONNS_CLOSED == 0 {
+            per_app.give_back(&self.app_id, Counted::Connections, 1);
+        }
+        if before & CONNS_CLOSED != 0 { Ok(None) } else { Err(ConnRefused::Instance) }
     }
 
     /// A renderer stream of this instance ended at `now_ms`.
@@ -220,11 +258,13 @@ pub enum TokenError {
 pub struct AppRegistry {
     instances: DashMap<Arc<str>, Arc<AppInstance>>,
     max_in_flight: u32,
+    /// The per-app counts the instances' connections are counted in (see [`ConnSlot`]).
+    per_app: Arc<KeyedCount>,
 }
 
 impl AppRegistry {
-    pub fn new(max_in_flight: u32) -> Self {
-        AppRegistry { instances: DashMap::new(), max_in_flight }
+    pub fn new(max_in_flight: u32, per_app: Arc<KeyedCount>) -> Self {
+        AppRegistry { instances: DashMap::new(), max_in_flight, per_app }
     }
 
     /// Registers a new instance; returns it and its launch token.
@@ -270,6 +310,11 @@ impl AppRegistry {
         let (_, instance) = self.instances.remove(instance_id)?;
         instance.closed.store(true, Ordering::Release);
         instance.closing.notify_waiters();
+        // Its lingering connections count no more against the app.
+        let was = instance.conns.fetch_or(CONNS_CLOSED, Ordering::AcqRel);
+        if was & CONNS_CLOSED == 0 && was > 0 {
+            self.per_app.give_back(&instance.app_id, Counted::Connections, was);
+        }
         Some(instance)
     }
 
@@ -321,7 +366,7 @@ mod tests {
 
     #[test]
     fn tokens_name_one_instance_and_die_with_it() {
-        let reg = AppRegistry::new(2);
+        let reg = AppRegistry::new(2, Arc::default());
         let (a, token_a) = reg.launch("app-a", AppJson::default(), 0);
         let (_b, token_b) = reg.launch("app-b", AppJson::default(), 0);
         assert_eq!(reg.authenticate(Some(&token_a)).unwrap().instance_id, a.instance_id);
@@ -335,8 +380,35 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_instance_gives_its_connections_back_once() {
+        use Counted::Connections;
+        let per_app: Arc<KeyedCount> = Arc::default();
+        let reg = AppRegistry::new(2, per_app.clone());
+        let (a, _) = reg.launch("app", AppJson::default(), 0);
+        let (b, _) = reg.launch("app", AppJson::default(), 0);
+        let app: Arc<str> = "app".into();
+        let a1 = a.connection_opened(&per_app, 3, 2).unwrap().unwrap();
+        let a2 = a.connection_opened(&per_app, 3, 2).unwrap().unwrap();
+        assert_eq!(a.connection_opened(&per_app, 3, 2).unwrap_err(), ConnRefused::Instance);
+        let b1 = b.connection_opened(&per_app, 3, 2).unwrap().unwrap();
+        assert_eq!(b.connection_opened(&per_app, 3, 2).unwrap_err(), ConnRefused::App);
+        assert_eq!(per_app.held("app", Connections), 3, "refusals took nothing");
+        drop(a1);
+        assert_eq!(per_app.held("app", Connections), 2);
+        // Closing gives the lingering connection's unit back, and its end gives nothing again.
+        reg.close(&a.instance_id);
+        assert_eq!(per_app.held("app", Connections), 1);
+        drop(a2);
+        assert_eq!(per_app.held("app", Connections), 1);
+        assert!(a.connection_opened(&per_app, 3, 2).unwrap().is_none(), "a closed instance takes none");
+        assert_eq!(per_app.held(&app, Connections), 1);
+        drop(b1);
+        assert_eq!(per_app.held("app", Connections), 0);
+    }
+
+    #[test]
     fn in_flight_slots_are_bounded_and_returned() {
-        let reg = AppRegistry::new(2);
+        let reg = AppRegistry::new(2, Arc::default());
         let (a, _) = reg.launch("app", AppJson::default(), 0);
         let s1 = a.begin_call().unwrap();
         let _s2 = a.begin_call().unwrap();

@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::{
     broker::Broker,
-    limits::Counted,
+    registry::ConnRefused,
     transport::{ConnAuth, ConnInfo},
 };
 
@@ -81,25 +81,24 @@ fn prove(broker: &Broker, auth: &ConnAuth, headers: &http::HeaderMap) -> Result<
     if let Some(token) = headers.get(metadata::LAUNCH_TOKEN).and_then(|v| v.to_str().ok()) {
         let Ok(instance) = broker.registry.authenticate(Some(token)) else { return Ok(()) };
         let limits = &broker.config.limits;
-        let app = broker
-            .occupancy
-            .per_app
-            .try_take(&instance.app_id, Counted::Connections, limits.max_connections_per_app)
-            .ok_or_else(|| {
+        let (max_app, max_instance) = (limits.max_connections_per_app, limits.max_connections_per_instance);
+        match instance.connection_opened(&broker.occupancy.per_app, max_app, max_instance) {
+            Ok(Some(slot)) => {
+                auth.prove(Some(slot));
+            }
+            // The instance closed meanwhile: its service refuses the token.
+            Ok(None) => {}
+            Err(ConnRefused::App) => {
                 debug!(app_id = %instance.app_id, "connection refused: the app holds its connection limit");
-                Status::resource_exhausted(format!(
-                    "more than {} connections for this app",
-                    limits.max_connections_per_app
-                ))
-            })?;
-        let own = instance.connection_opened(limits.max_connections_per_instance).ok_or_else(|| {
-            debug!(app_id = %instance.app_id, instance = %instance.instance_id, "connection refused: the instance holds its connection limit");
-            Status::resource_exhausted(format!(
-                "more than {} connections for this app instance",
-                limits.max_connections_per_instance
-            ))
-        })?;
-        auth.prove(Some((app, own)));
+                return Err(Status::resource_exhausted(format!("more than {max_app} connections for this app")));
+            }
+            Err(ConnRefused::Instance) => {
+                debug!(app_id = %instance.app_id, instance = %instance.instance_id, "connection refused: the instance holds its connection limit");
+                return Err(Status::resource_exhausted(format!(
+                    "more than {max_instance} connections for this app instance"
+                )));
+            }
+        }
     } else if let Some(value) = headers.get(metadata::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && broker.host_token.verify(value)
     {

@@ -36,6 +36,8 @@ use tokio::{
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
+use crate::registry::ConnSlot;
+
 #[cfg(unix)]
 pub use unix::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
 #[cfg(windows)]
@@ -63,12 +65,13 @@ impl std::fmt::Debug for Listener {
 
 /// What a connection has proven so far. Nothing, when accepted; a request that presents a valid
 /// launch token, host token or app secret proves it, and may attach what the connection then
-/// holds against its app's limits (released when the connection closes). Shared between the
+/// holds against its app's and instance's limits (released when the connection closes, or when
+/// its instance does: [`ConnSlot`]). Shared between the
 /// connection, which closes itself if nothing is proven in time, and its requests.
 #[derive(Debug, Default)]
 pub struct ConnAuth {
     proven: AtomicBool,
-    holds: Mutex<Option<ConnHolds>>,
+    holds: Mutex<Option<ConnSlot>>,
 }
 
 impl ConnAuth {
@@ -78,7 +81,7 @@ impl ConnAuth {
 
     /// Marks the connection proven, holding `holds` until it closes. Returns false (and drops
     /// `holds`) if it already was.
-    pub fn prove(&self, holds: Option<ConnHolds>) -> bool {
+    pub fn prove(&self, holds: Option<ConnSlot>) -> bool {
         let mut held = self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.proven.swap(true, Ordering::AcqRel) {
             return false;
@@ -87,9 +90,6 @@ impl ConnAuth {
         true
     }
 }
-
-/// What a renderer's connection holds against its app's and its instance's connection limits.
-pub type ConnHolds = (crate::limits::Held, crate::registry::ConnSlot);
 
 /// What each request of a connection learns about it (tonic puts it in the request extensions).
 #[derive(Debug, Clone)]
