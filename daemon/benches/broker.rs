@@ -1162,6 +1162,7 @@ fn main() {
             || a.starts_with("--soak")
             || a.starts_with("--calls")
             || a.starts_with("--latency")
+            || a == "--scale-only"
             || a.starts_with("--idle")
             || a == "--sizes"
     });
@@ -1236,6 +1237,14 @@ fn main() {
             let load = throughput(&fleet, &soak, server).await;
             println!("{:.0} calls/s, {:.1} us of server CPU per call", load.calls_per_sec, load.cpu_us_per_call);
         });
+        return;
+    }
+    if args.iter().any(|a| a == "--scale-only") {
+        // Only the scale curve, at the full run's levels and duration.
+        let p = Params::new(false, false);
+        let (daemon, _) = DaemonProcess::spawn();
+        let host = Host::connect(&daemon.address(), &daemon.host_token());
+        runtime.block_on(scale_curve(&p, &echo_path, &daemon, &host));
         return;
     }
     if let Some(kinds) = args.iter().find_map(|a| a.strip_prefix("--latency=")) {

@@ -198,10 +198,16 @@ fn main() -> ExitCode {
 /// `store.synchronous = "normal"` (the default) only a WAL checkpoint waits for the disk; a
 /// deployment with `"full"` may set `TOKIO_WORKER_THREADS=2` so that renderers are served while
 /// a write waits.
+///
+/// The one worker takes from the runtime's shared queue every 4th task instead of at tokio's
+/// self-tuned interval: with many busy renderers, the tasks beyond its local queue of 256 wait
+/// there, and at 1,024 renderers calling back to back some v2 logins waited 290–380 ms while
+/// others took 1 ms; every 4th brings that p99 to 58–73 ms (docs/benchmarks.md, "Fairness under
+/// overload"), for ~10 % fewer calls per second at that load and no change below it.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
+        builder.worker_threads(1).global_queue_interval(4);
     }
     builder.enable_all().build()
 }
