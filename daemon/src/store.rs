@@ -112,7 +112,8 @@ macro_rules! decisions_page {
 
 /// Brings a database an earlier version created up to [`SCHEMA`]: sessions gained their openid
 /// (NULL in the rows of before, which the platform fills in when it starts: see
-/// [`Store::fill_session_openids`]) and an index on it.
+/// [`Store::fill_session_openids`]) and an index on it; the ledger's ids lost AUTOINCREMENT
+/// ([`LEDGER_WITHOUT_AUTOINCREMENT`]).
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let has_openid: bool =
         conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'openid'")?.exists([])?;
@@ -120,6 +121,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN openid TEXT")?;
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS sessions_openid ON sessions (app_id, openid)")?;
+    let ledger_sql: String =
+        conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
+    if ledger_sql.contains("AUTOINCREMENT") {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
+    }
     Ok(())
 }
 
@@ -168,8 +174,9 @@ pub struct NewLedgerRow<'a> {
     pub via_code: bool,
 }
 
-/// Runs `f` in one transaction on `conn`. rusqlite's `Transaction` parses "BEGIN" and "COMMIT"
-/// anew each time (a third of a v2 login's store time); these statements are prepared once.
+/// Runs `f` in one transaction on `conn`: every multi-statement write of the store goes through
+/// here. rusqlite's `Transaction` parses "BEGIN" and "COMMIT" anew each time (a third of a v2
+/// login's store time); these statements are prepared once.
 fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
     conn.prepare_cached("BEGIN")?.execute([])?;
     match f(conn).and_then(|t| Ok(conn.prepare_cached("COMMIT")?.execute([]).map(|_| t)?)) {
@@ -236,11 +243,6 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        let ledger_sql: String =
-            conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
-        if ledger_sql.contains("AUTOINCREMENT") {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
-        }
         Ok(Store { conn: Mutex::new(conn), location })
     }
 
@@ -298,20 +300,19 @@ impl Store {
     /// Fills in the openid of the sessions stored without one (by a daemon from before sessions
     /// kept it), as `openid` of (app, uid) computes it; returns how many.
     pub fn fill_session_openids(&self, openid: impl Fn(&str, &str) -> String) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let missing: Vec<(String, String)> = tx
-            .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (app_id, uid) in &missing {
-            tx.execute(
-                "UPDATE sessions SET openid = ?3 WHERE app_id = ?1 AND uid = ?2",
-                params![app_id, uid, openid(app_id, uid)],
-            )?;
-        }
-        tx.commit()?;
-        Ok(missing.len())
+        in_transaction(&self.conn(), |conn| {
+            let missing: Vec<(String, String)> = conn
+                .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (app_id, uid) in &missing {
+                conn.execute(
+                    "UPDATE sessions SET openid = ?3 WHERE app_id = ?1 AND uid = ?2",
+                    params![app_id, uid, openid(app_id, uid)],
+                )?;
+            }
+            Ok(missing.len())
+        })
     }
 
     pub fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
@@ -352,18 +353,15 @@ impl Store {
     }
 
     pub fn add_grants(&self, app_id: &str, uid: &str, scopes: &[String], now_ms: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
+        in_transaction(&self.conn(), |conn| {
+            let mut stmt = conn.prepare_cached(
                 "INSERT OR IGNORE INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for scope in scopes {
                 stmt.execute(params![app_id, uid, scope, now_ms as i64])?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// At most `limit` grants, or with `refusals` remembered refusals (the time is then when the
@@ -428,35 +426,35 @@ impl Store {
         decisions: &[(&str, Option<bool>)],
         now_ms: u64,
     ) -> Result<Vec<Option<bool>>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut previous = Vec::with_capacity(decisions.len());
-        for &(scope, decision) in decisions {
-            let key = params![app_id, uid, scope];
-            let was_granted = tx.execute("DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
-            let was_refused =
-                tx.execute("DELETE FROM refusals WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
-            match decision {
-                Some(true) => tx.execute(
-                    "INSERT INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![app_id, uid, scope, now_ms as i64],
-                )?,
-                Some(false) => tx.execute(
-                    "INSERT INTO refusals (app_id, uid, scope, refused_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![app_id, uid, scope, now_ms as i64],
-                )?,
-                None => 0,
-            };
-            previous.push(if was_granted {
-                Some(true)
-            } else if was_refused {
-                Some(false)
-            } else {
-                None
-            });
-        }
-        tx.commit()?;
-        Ok(previous)
+        in_transaction(&self.conn(), |tx| {
+            let mut previous = Vec::with_capacity(decisions.len());
+            for &(scope, decision) in decisions {
+                let key = params![app_id, uid, scope];
+                let was_granted =
+                    tx.execute("DELETE FROM grants WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+                let was_refused =
+                    tx.execute("DELETE FROM refusals WHERE app_id = ?1 AND uid = ?2 AND scope = ?3", key)? > 0;
+                match decision {
+                    Some(true) => tx.execute(
+                        "INSERT INTO grants (app_id, uid, scope, granted_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                        params![app_id, uid, scope, now_ms as i64],
+                    )?,
+                    Some(false) => tx.execute(
+                        "INSERT INTO refusals (app_id, uid, scope, refused_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                        params![app_id, uid, scope, now_ms as i64],
+                    )?,
+                    None => 0,
+                };
+                previous.push(if was_granted {
+                    Some(true)
+                } else if was_refused {
+                    Some(false)
+                } else {
+                    None
+                });
+            }
+            Ok(previous)
+        })
     }
 
     /// Adds a ledger row; returns its id.

@@ -127,7 +127,8 @@ impl Admin for AdminService {
         let rows: Vec<_> = rows
             .into_iter()
             .map(|s| v1::SessionInfo {
-                openid: self.broker.platform.openid(&s.app_id, &s.uid),
+                // Stored with the session (the platform's openid of (app, uid)): no HMAC per row.
+                openid: s.openid,
                 app_id: s.app_id,
                 uid: s.uid,
                 created_at_ms: s.created_at_ms,
