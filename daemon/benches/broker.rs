@@ -35,6 +35,11 @@
 //! (after one checked call per client) and stops: run it twice under
 //! `BROKER_BENCH_WRAPPER="valgrind --tool=callgrind"` for the daemon's instructions per call
 //! (`BROKER_BENCH_ECHO_WRAPPER` does the same for the echo server).
+//! `--latency=KIND,... [--samples=N] [--current-thread] [--floor]` runs only the latency rounds
+//! (with `BROKER_BENCH_DAEMON_B`, two daemon builds in the same rounds); `--current-thread` drives
+//! the clients from one current-thread runtime instead of the multi-thread one, to see how much of
+//! a figure is the client's own scheduling; `--floor` adds the least a unary call through the
+//! daemon costs (its Health/Check, and a renderer call whose launch token is refused).
 //! `--idle-only [--idle-renderers=N]` runs only the idle-RSS part; with `BROKER_BENCH_WRAPPER` set
 //! (e.g. `valgrind --tool=massif`) the daemon runs under that tool.
 
@@ -330,9 +335,10 @@ where
 }
 
 /// The body of the echo server's own process (`broker --echo-server=PATH`): serves
-/// [`EchoService`] on `path` from a multi-thread runtime with as many workers as the daemon has (two,
-/// or one on a one-CPU machine), says "ready" on stdout, and exits when stdin closes (the bench
-/// went away).
+/// [`EchoService`] on `path` from a multi-thread runtime with two workers (one on a one-CPU
+/// machine), says "ready" on stdout, and exits when stdin closes (the bench went away). The daemon
+/// runs one worker, but the echo is the floor and two is its better setting: 56.0–56.6k calls/s
+/// against 46.6–51.3k with one, and a p50 as low or lower (docs/benchmarks.md, third session).
 fn echo_server_main(path: &Path) {
     // TOKIO_WORKER_THREADS overrides, as it does for the daemon.
     let workers = std::env::var("TOKIO_WORKER_THREADS")
@@ -736,11 +742,14 @@ fn payment_params(order: u64) -> serde_json::Value {
     })
 }
 
-/// One client of some kind: an echo channel or a renderer.
+/// One client of some kind: an echo channel or a renderer (or, for `--latency --floor`, the
+/// daemon's Health service with the host token, or a renderer whose launch token is refused).
 #[derive(Clone)]
 enum Client {
     Echo(Channel),
     Renderer(RendererClient, Kind),
+    Health(Channel, tonic::metadata::MetadataValue<tonic::metadata::Ascii>),
+    Refused(RendererClient),
 }
 
 /// Orders of the payment kind, unique across the run.
@@ -750,6 +759,16 @@ impl Client {
     async fn call(&self) {
         match self {
             Client::Echo(channel) => echo_call(channel.clone(), echo_message()).await,
+            Client::Health(channel, token) => {
+                use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+                let mut request = Request::new(HealthCheckRequest { service: String::new() });
+                request.metadata_mut().insert("authorization", token.clone());
+                HealthClient::new(channel.clone()).check(request).await.expect("the daemon's health check");
+            }
+            Client::Refused(r) => {
+                let refused = r.call_unary(LoginRequest::default()).await.expect_err("a refused launch token");
+                debug_assert_eq!(refused.grpc_code, tonic::Code::Unauthenticated as i32);
+            }
             Client::Renderer(r, Kind::MediatedUnary) => {
                 let answer = r.call_unary(LoginRequest::default()).await.expect("mediated unary login");
                 debug_assert_eq!(answer.code, HOST_CODE);
@@ -778,7 +797,7 @@ impl Client {
     /// One call, checked: each kind answers as expected before anything is timed.
     async fn check(&self) {
         match self {
-            Client::Echo(_) => self.call().await,
+            Client::Echo(_) | Client::Health(..) | Client::Refused(_) => self.call().await,
             Client::Renderer(r, kind) => {
                 let code = match kind {
                     Kind::Mediated | Kind::Default => r.call(LoginRequest::default()).await.expect("login").code,
@@ -1274,27 +1293,47 @@ fn main() {
                 (*name, daemon, host)
             })
             .collect();
-        runtime.block_on(async {
+        // --current-thread: the clients on one current-thread runtime (no hand-off between the
+        // calling thread and a worker): how much of each figure is the client's own scheduling.
+        let current_thread = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let clients = if args.iter().any(|a| a == "--current-thread") { &current_thread } else { &runtime };
+        clients.block_on(async {
             let mut singles = Vec::new();
             let mut names = Vec::new();
             let direct = fleet(Kind::Direct, 1, &echo_path, &daemons[0].1, &daemons[0].2).await;
             singles.push((Kind::Direct, direct.clients.into_iter().next().expect("one")));
-            names.push("".to_owned());
+            names.push("direct".to_owned());
+            if args.iter().any(|a| a == "--floor") {
+                // The least a unary call through the daemon costs: its Health/Check (a plain tonic
+                // service behind the daemon's connection gate), and a renderer unary call whose
+                // launch token is refused before any API work.
+                let daemon = &daemons[0].1;
+                let channel = miniapp_broker_client::connect::channel(&daemon.address()).await.expect("channel");
+                let token = format!("Bearer {}", daemon.host_token()).parse().expect("token metadata");
+                let refused = RendererClient::connect(&daemon.address(), "bench.refused").await.expect("connects");
+                for (label, client) in
+                    [("daemon_health", Client::Health(channel, token)), ("refused_token", Client::Refused(refused))]
+                {
+                    client.check().await;
+                    singles.push((Kind::Direct, client));
+                    names.push(label.to_owned());
+                }
+            }
             for kind in kinds.iter().filter(|k| **k != Kind::Direct) {
                 for (name, daemon, host) in &daemons {
                     let f = fleet(*kind, 1, &echo_path, daemon, host).await;
                     let client = f.clients.into_iter().next().expect("one client");
                     client.check().await;
                     singles.push((*kind, client));
-                    names.push(format!(" {name}"));
+                    names.push(format!("{} {name}", kind.key()));
                 }
             }
             let lat = latencies(&singles, &p).await;
             let direct = lat[0].1;
-            for ((k, l), name) in lat.iter().zip(&names) {
+            for ((_, l), name) in lat.iter().zip(&names) {
                 println!(
                     "{:<18} p50 {:>7.1} us ({:.2}x)  p99 {:>7.1} us ({:.2}x)  mean {:>7.1} us",
-                    format!("{}{name}", k.key()),
+                    name,
                     l.p50_us,
                     l.p50_us / direct.p50_us,
                     l.p99_us,
