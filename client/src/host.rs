@@ -44,7 +44,7 @@ use tonic::{
 };
 use tracing::{debug, warn};
 
-use crate::connect;
+use crate::{connect, pages};
 
 /// Why a host handler did not produce a result.
 #[derive(Debug, Clone, PartialEq)]
@@ -336,35 +336,21 @@ impl HostClient {
         uid: &str,
         include_refusals: bool,
     ) -> Result<Vec<v1::Grant>, Status> {
-        let mut request = v1::ListGrantsRequest {
+        let request = v1::ListGrantsRequest {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
             include_refusals,
             after: String::new(),
         };
-        let mut rows = Vec::new();
-        loop {
-            let page = self.admin().list_grants(self.authorize(request.clone())).await?.into_inner();
-            rows.extend(page.grants);
-            if page.next_after.is_empty() {
-                return Ok(rows);
-            }
-            request.after = page.next_after;
-        }
+        pages::read_all(request, |r| async { Ok(self.admin().list_grants(self.authorize(r)).await?.into_inner()) })
+            .await
     }
 
     /// The stored login sessions of an app (empty: every app): every page of them.
     pub async fn list_sessions(&self, app_id: &str) -> Result<Vec<v1::SessionInfo>, Status> {
-        let mut request = v1::ListSessionsRequest { app_id: app_id.to_owned(), after: String::new() };
-        let mut rows = Vec::new();
-        loop {
-            let page = self.admin().list_sessions(self.authorize(request.clone())).await?.into_inner();
-            rows.extend(page.sessions);
-            if page.next_after.is_empty() {
-                return Ok(rows);
-            }
-            request.after = page.next_after;
-        }
+        let request = v1::ListSessionsRequest { app_id: app_id.to_owned(), after: String::new() };
+        pages::read_all(request, |r| async { Ok(self.admin().list_sessions(self.authorize(r)).await?.into_inner()) })
+            .await
     }
 
     /// Revokes one scope (or all, with an empty scope) of (app, uid); an empty uid means the
@@ -407,17 +393,9 @@ impl HostClient {
 
     /// The disclosure ledger (empty filters match everything), for a privacy page: every page of it.
     pub async fn ledger(&self, app_id: &str, uid: &str, since_ms: u64) -> Result<Vec<v1::Disclosure>, Status> {
-        let mut request =
-            v1::ListLedgerRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), since_ms, after_id: 0 };
-        let mut rows = Vec::new();
-        loop {
-            let page = self.admin().list_ledger(self.authorize(request.clone())).await?.into_inner();
-            rows.extend(page.disclosures);
-            if page.next_after_id == 0 {
-                return Ok(rows);
-            }
-            request.after_id = page.next_after_id;
-        }
+        let request = v1::ListLedgerRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), since_ms, after_id: 0 };
+        pages::read_all(request, |r| async { Ok(self.admin().list_ledger(self.authorize(r)).await?.into_inner()) })
+            .await
     }
 
     /// Registers an app's backend secret (returned once), for the Exchange service.

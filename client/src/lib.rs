@@ -12,6 +12,7 @@
 
 pub mod connect;
 pub mod host;
+pub mod pages;
 pub mod renderer;
 
 pub use host::{HostBuilder, HostClient, HostClientError, HostFailure};

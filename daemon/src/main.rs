@@ -10,7 +10,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use miniapp_broker_client::{
-    connect,
+    connect, pages,
     proto::{metadata, v1, v1::admin_client::AdminClient},
 };
 use miniapp_brokerd::{ApiVersion, Clock, Config, SystemClock, default_config_path, dev_host};
@@ -508,19 +508,17 @@ async fn apps(a: &AdminArgs) -> Result<ExitCode, BoxError> {
 
 async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
-    let (mut c, token) = admin(&t).await?;
-    let mut request = v1::ListSessionsRequest { app_id: app.unwrap_or_default(), after: String::new() };
+    let (c, token) = admin(&t).await?;
+    let request = v1::ListSessionsRequest { app_id: app.unwrap_or_default(), after: String::new() };
     // The daemon answers in pages that fit one message.
-    let mut rows = Vec::new();
-    loop {
-        let page =
-            c.list_sessions(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
-        rows.extend(page.sessions);
-        if page.next_after.is_empty() {
-            break;
+    let rows = pages::read_all(request, |r| {
+        let mut c = c.clone();
+        let (t, token) = (&t, &token);
+        async move {
+            Ok::<_, BoxError>(c.list_sessions(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
         }
-        request.after = page.next_after;
-    }
+    })
+    .await?;
     if a.json {
         print_json(
             rows.iter()
@@ -548,23 +546,23 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
 
 async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
-    let (mut c, token) = admin(&t).await?;
-    let mut request = v1::ListGrantsRequest {
+    let (c, token) = admin(&t).await?;
+    let request = v1::ListGrantsRequest {
         app_id: app.unwrap_or_default(),
         uid: uid.unwrap_or_default(),
         include_refusals: false,
         after: String::new(),
     };
     // The daemon answers in pages that fit one message.
-    let mut rows = Vec::new();
-    loop {
-        let page = c.list_grants(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
-        rows.extend(page.grants);
-        if page.next_after.is_empty() {
-            break;
-        }
-        request.after = page.next_after;
-    }
+    let rows =
+        pages::read_all(request, |r| {
+            let mut c = c.clone();
+            let (t, token) = (&t, &token);
+            async move {
+                Ok::<_, BoxError>(c.list_grants(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
+            }
+        })
+        .await?;
     if a.json {
         print_json(
             rows.iter()
@@ -622,23 +620,23 @@ async fn ledger(
     since: Option<u64>,
 ) -> Result<ExitCode, BoxError> {
     let t = target(a)?;
-    let (mut c, token) = admin(&t).await?;
-    let mut request = v1::ListLedgerRequest {
+    let (c, token) = admin(&t).await?;
+    let request = v1::ListLedgerRequest {
         app_id: app.unwrap_or_default(),
         uid: uid.unwrap_or_default(),
         since_ms: since.unwrap_or(0),
         after_id: 0,
     };
     // The daemon answers in pages that fit one message.
-    let mut rows = Vec::new();
-    loop {
-        let page = c.list_ledger(authorized(&token, request.clone())?).await.map_err(|e| explain(&t, e))?.into_inner();
-        rows.extend(page.disclosures);
-        if page.next_after_id == 0 {
-            break;
-        }
-        request.after_id = page.next_after_id;
-    }
+    let rows =
+        pages::read_all(request, |r| {
+            let mut c = c.clone();
+            let (t, token) = (&t, &token);
+            async move {
+                Ok::<_, BoxError>(c.list_ledger(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
+            }
+        })
+        .await?;
     if a.json {
         print_json(
             rows.iter()
