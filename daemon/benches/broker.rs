@@ -1306,7 +1306,9 @@ fn main() {
             if args.iter().any(|a| a == "--floor") {
                 // The least a unary call through the daemon costs: its Health/Check (a plain tonic
                 // service behind the daemon's connection gate), and a renderer unary call whose
-                // launch token is refused before any API work.
+                // launch token is refused before any API work. (That renderer's connection proves
+                // nothing, so the daemon closes it every limits.auth_timeout_ms, 10 s, and the client
+                // reconnects: a handful of slow samples in a run, far fewer than its slowest 1 %.)
                 let daemon = &daemons[0].1;
                 let channel = miniapp_broker_client::connect::channel(&daemon.address()).await.expect("channel");
                 let token = format!("Bearer {}", daemon.host_token()).parse().expect("token metadata");
