@@ -12,7 +12,9 @@ pub trait Paged: Clone {
     type Page;
     /// What the listing lists.
     type Row;
-    /// Moves `page`'s rows into `rows` and points `self` at the next page; false after the last.
+    /// Moves `page`'s rows into `rows` and points `self` at the next page; false after the last,
+    /// or when the page names itself as the next (only a broken daemon would: reading on would
+    /// never end).
     fn next_page(&mut self, page: Self::Page, rows: &mut Vec<Self::Row>) -> bool;
 }
 
@@ -21,8 +23,9 @@ impl Paged for v1::ListSessionsRequest {
     type Row = v1::SessionInfo;
     fn next_page(&mut self, page: Self::Page, rows: &mut Vec<Self::Row>) -> bool {
         rows.extend(page.sessions);
+        let moved = page.next_after != self.after;
         self.after = page.next_after;
-        !self.after.is_empty()
+        moved && !self.after.is_empty()
     }
 }
 
@@ -31,8 +34,9 @@ impl Paged for v1::ListGrantsRequest {
     type Row = v1::Grant;
     fn next_page(&mut self, page: Self::Page, rows: &mut Vec<Self::Row>) -> bool {
         rows.extend(page.grants);
+        let moved = page.next_after != self.after;
         self.after = page.next_after;
-        !self.after.is_empty()
+        moved && !self.after.is_empty()
     }
 }
 
@@ -41,8 +45,9 @@ impl Paged for v1::ListLedgerRequest {
     type Row = v1::Disclosure;
     fn next_page(&mut self, page: Self::Page, rows: &mut Vec<Self::Row>) -> bool {
         rows.extend(page.disclosures);
+        let moved = page.next_after_id != self.after_id;
         self.after_id = page.next_after_id;
-        self.after_id != 0
+        moved && self.after_id != 0
     }
 }
 
@@ -86,5 +91,12 @@ mod tests {
         })
         .await;
         assert_eq!(failed.unwrap_err(), "page two failed");
+        // A page that names itself as the next ends the listing instead of looping.
+        let stuck = read_all(v1::ListGrantsRequest::default(), |_| async {
+            tokio::task::yield_now().await; // so that the timeout below can end a loop
+            Ok::<_, &str>(v1::ListGrantsResponse { grants: vec![Default::default()], next_after: "same".into() })
+        });
+        let stuck = tokio::time::timeout(std::time::Duration::from_secs(1), stuck).await.expect("it ends").unwrap();
+        assert_eq!(stuck.len(), 2, "the first page, and the one that repeated its cursor");
     }
 }
