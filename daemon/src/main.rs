@@ -382,6 +382,26 @@ fn authorized<T>(token: &str, message: T) -> Result<Request<T>, BoxError> {
     Ok(r)
 }
 
+/// Every row of an Admin listing: `call` asks for one page at a time (the daemon answers in pages
+/// that fit one message), each authorized with the host token.
+async fn every_page<R, Fut>(
+    t: &Target,
+    c: &AdminClient<Channel>,
+    token: &str,
+    request: R,
+    call: impl Fn(AdminClient<Channel>, Request<R>) -> Fut,
+) -> Result<Vec<R::Row>, BoxError>
+where
+    R: pages::Paged,
+    Fut: std::future::Future<Output = Result<tonic::Response<R::Page>, tonic::Status>>,
+{
+    pages::read_all(request, |r| {
+        let reply = authorized(token, r).map(|r| call(c.clone(), r));
+        async move { Ok(reply?.await.map_err(|e| explain(t, e))?.into_inner()) }
+    })
+    .await
+}
+
 fn explain(t: &Target, s: tonic::Status) -> BoxError {
     match s.code() {
         Code::Unauthenticated => {
@@ -510,15 +530,7 @@ async fn sessions(a: &AdminArgs, app: Option<String>) -> Result<ExitCode, BoxErr
     let t = target(a)?;
     let (c, token) = admin(&t).await?;
     let request = v1::ListSessionsRequest { app_id: app.unwrap_or_default(), after: String::new() };
-    // The daemon answers in pages that fit one message.
-    let rows = pages::read_all(request, |r| {
-        let mut c = c.clone();
-        let (t, token) = (&t, &token);
-        async move {
-            Ok::<_, BoxError>(c.list_sessions(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
-        }
-    })
-    .await?;
+    let rows = every_page(&t, &c, &token, request, |mut c, r| async move { c.list_sessions(r).await }).await?;
     if a.json {
         print_json(
             rows.iter()
@@ -553,16 +565,7 @@ async fn grants(a: &AdminArgs, app: Option<String>, uid: Option<String>) -> Resu
         include_refusals: false,
         after: String::new(),
     };
-    // The daemon answers in pages that fit one message.
-    let rows =
-        pages::read_all(request, |r| {
-            let mut c = c.clone();
-            let (t, token) = (&t, &token);
-            async move {
-                Ok::<_, BoxError>(c.list_grants(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
-            }
-        })
-        .await?;
+    let rows = every_page(&t, &c, &token, request, |mut c, r| async move { c.list_grants(r).await }).await?;
     if a.json {
         print_json(
             rows.iter()
@@ -627,16 +630,7 @@ async fn ledger(
         since_ms: since.unwrap_or(0),
         after_id: 0,
     };
-    // The daemon answers in pages that fit one message.
-    let rows =
-        pages::read_all(request, |r| {
-            let mut c = c.clone();
-            let (t, token) = (&t, &token);
-            async move {
-                Ok::<_, BoxError>(c.list_ledger(authorized(token, r)?).await.map_err(|e| explain(t, e))?.into_inner())
-            }
-        })
-        .await?;
+    let rows = every_page(&t, &c, &token, request, |mut c, r| async move { c.list_ledger(r).await }).await?;
     if a.json {
         print_json(
             rows.iter()
