@@ -7,6 +7,7 @@
 
 pub mod access_tokens;
 pub mod embedded;
+pub mod user_data;
 
 use miniapp_broker_proto::v1::{Code2SessionResponse, ExchangeError};
 
