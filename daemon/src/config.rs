@@ -129,6 +129,10 @@ pub struct SessionConfig {
     pub code_ttl_secs: u64,
     /// Outstanding one-time codes per (app, user); issuing one more drops the oldest.
     pub max_codes_per_user: u32,
+    /// A login keeps the session's key while the key is younger than this, as WeChat keeps it
+    /// across repeated `wx.login` calls in a short time; an older key is replaced. 0: every login
+    /// makes a new key.
+    pub key_refresh_secs: u64,
 }
 
 /// The embedded database.
@@ -284,7 +288,7 @@ impl Default for LimitsConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100 }
+        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100, key_refresh_secs: 300 }
     }
 }
 
@@ -343,7 +347,10 @@ impl Config {
         }
         // Upper bounds keep the millisecond arithmetic (and the u32 deadline a host sees) exact.
         const TEN_YEARS_SECS: u64 = 10 * 366 * 24 * 3600;
-        if self.sessions.lifetime_secs > TEN_YEARS_SECS || self.sessions.code_ttl_secs > TEN_YEARS_SECS {
+        if self.sessions.lifetime_secs > TEN_YEARS_SECS
+            || self.sessions.code_ttl_secs > TEN_YEARS_SECS
+            || self.sessions.key_refresh_secs > TEN_YEARS_SECS
+        {
             return Err("sessions.* must be at most ten years".into());
         }
         if !(1..=36_600).contains(&self.privacy.ledger_days) {
@@ -501,11 +508,12 @@ mod tests {
                     idle_timeout_ms,
                 },
             );
-        let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32..).prop_map(
-            |(lifetime_secs, code_ttl_secs, max_codes_per_user)| SessionConfig {
+        let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32.., 0u64..315_000_000).prop_map(
+            |(lifetime_secs, code_ttl_secs, max_codes_per_user, key_refresh_secs)| SessionConfig {
                 lifetime_secs,
                 code_ttl_secs,
                 max_codes_per_user,
+                key_refresh_secs,
             },
         );
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
@@ -585,6 +593,7 @@ mod tests {
             ("limits", "exchange_burst_per_app"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
+            ("sessions", "key_refresh_secs"),
             ("store", "synchronous"),
             ("log", "filter"),
             ("log", "format"),

@@ -171,9 +171,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         store.clone(),
         clock.clone(),
         config.apps.clone(),
-        config.sessions.code_ttl_secs,
-        config.sessions.lifetime_secs,
-        config.sessions.max_codes_per_user,
+        &config.sessions,
         RateLimits::exchanges(&config.limits),
     )?);
 

@@ -171,6 +171,28 @@ pub(super) async fn checksession(
     answer(s.flavor, &[], outcome)
 }
 
+/// `GET /wxa/resetusersessionkey?access_token=&openid=&signature=&sig_method=hmac_sha256` (the
+/// checksession query): the session of `openid` gets a new key, answered with the openid.
+pub(super) async fn resetusersessionkey(
+    State(s): State<Shared>,
+    q: Result<Query<CheckSessionQuery>, QueryRejection>,
+) -> Response {
+    let outcome: Outcome = async {
+        let q = query(q)?;
+        let app = by_token(&s, &q.access_token).await?;
+        require(q.sig_method == "hmac_sha256", 87009, "sig_method must be hmac_sha256")?;
+        let session_key = s.platform.reset_session_key(&app, &q.openid, &q.signature).await?;
+        Ok(fields([
+            ("errcode", json!(0)),
+            ("errmsg", json!("ok")),
+            ("openid", json!(q.openid)),
+            ("session_key", json!(session_key)),
+        ]))
+    }
+    .await;
+    answer(s.flavor, &[], outcome)
+}
+
 /// Redeems a phone or e-mail code with an access token: the app it is for, and the value.
 async fn redeem(
     s: &Shared,

@@ -70,6 +70,7 @@ fn router(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Router {
         .route("/cgi-bin/token", routing::get(token))
         .route("/cgi-bin/stable_token", routing::post(stable_token))
         .route("/wxa/checksession", routing::get(checksession))
+        .route("/wxa/resetusersessionkey", routing::get(resetusersessionkey))
         .route("/wxa/business/getuserphonenumber", routing::post(getuserphonenumber))
         .route("/wxa/business/getuseremail", routing::post(getuseremail))
         .with_state(Shared { platform, clock, flavor: Flavor::WeChat })

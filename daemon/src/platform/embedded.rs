@@ -26,15 +26,16 @@ use hmac::{Hmac, Mac};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use sha2::Sha256;
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{
     AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
     access_tokens::AccessTokens,
+    user_data::{self, Identity, SessionKey, UserCredentials},
 };
 use crate::{
     clock::Clock,
-    config::AppConfig,
+    config::{AppConfig, SessionConfig},
     error::ApiError,
     limits::RateLimits,
     store::{NewLedgerRow, SessionRow, Store},
@@ -44,7 +45,9 @@ use crate::{
 /// What a code stands for.
 #[derive(Debug, Clone)]
 enum Purpose {
-    Login { session_key: String, auth_code: Option<String> },
+    /// A login code: it redeems to the session's key at redemption, not at issue, so every code of
+    /// a session gives the key that is current when the backend gets it.
+    Login { auth_code: Option<String> },
     Value { kind: ValueKind, value: String },
 }
 
@@ -72,6 +75,12 @@ pub struct EmbeddedPlatform {
     max_codes_per_user: usize,
     code_ttl_ms: u64,
     session_ttl_ms: u64,
+    /// A login keeps the session's key while the key is younger than this (`sessions.key_refresh_secs`).
+    key_refresh_ms: u64,
+    /// The checksession signatures of keys a later login (or a reset) replaced, per (app, openid),
+    /// newest last, each until the replaced session would have expired: only so that a backend
+    /// presenting one is told at debug why it failed. At most [`REPLACED_KEPT`] per session; swept.
+    replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
     /// App backends' attempts, per app, over both surfaces.
     exchange_rate: RateLimits,
     tokens: AccessTokens,
@@ -102,6 +111,9 @@ impl std::fmt::Debug for EmbeddedPlatform {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// How many replaced keys of one session are remembered for the stale-key diagnostic.
+const REPLACED_KEPT: usize = 4;
+
 /// A stable identifier of (`a`, `b`) for `label`, keyed by the daemon secret: openid, unionid.
 fn keyed(secret: &[u8; 32], label: &str, a: &str, b: &str) -> String {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
@@ -122,9 +134,7 @@ impl EmbeddedPlatform {
         store: Arc<Store>,
         clock: Arc<dyn Clock>,
         apps: BTreeMap<String, AppConfig>,
-        code_ttl_secs: u64,
-        session_ttl_secs: u64,
-        max_codes_per_user: u32,
+        sessions: &SessionConfig,
         exchange_rate: RateLimits,
     ) -> Result<EmbeddedPlatform, crate::error::StoreError> {
         let secret = store.daemon_secret(crate::tokens::random_key)?;
@@ -146,9 +156,11 @@ impl EmbeddedPlatform {
             codes: DashMap::new(),
             spent: DashMap::new(),
             issued: DashMap::new(),
-            max_codes_per_user: max_codes_per_user.max(1) as usize,
-            code_ttl_ms: code_ttl_secs * 1000,
-            session_ttl_ms: session_ttl_secs * 1000,
+            max_codes_per_user: sessions.max_codes_per_user.max(1) as usize,
+            code_ttl_ms: sessions.code_ttl_secs * 1000,
+            session_ttl_ms: sessions.lifetime_secs * 1000,
+            key_refresh_ms: sessions.key_refresh_secs.saturating_mul(1000),
+            replaced: DashMap::new(),
             exchange_rate,
             tokens: AccessTokens::default(),
         })
@@ -212,17 +224,57 @@ impl EmbeddedPlatform {
         Ok(code)
     }
 
-    /// A fresh session of (app, uid), not yet stored.
-    fn new_session(&self, app_id: &str, uid: &str) -> SessionRow {
+    /// The session a login of (app, uid) leaves, not yet stored: the live session renewed, with
+    /// its key when the key is a WeChat key younger than `key_refresh_ms` (as WeChat, repeated
+    /// logins in a short time keep one key), else with a fresh key (`created_at_ms` is the key's
+    /// birth). A replaced key's signature is remembered for the stale-key diagnostic.
+    fn session_for_login(&self, app_id: &str, uid: &str) -> Result<SessionRow, ApiError> {
         let now = self.clock.now_ms();
+        let live = self.store.session(app_id, uid)?.filter(|s| s.expires_at_ms > now);
+        let expires_at_ms = now + self.session_ttl_ms;
+        if let Some(live) = live {
+            let young = now.saturating_sub(live.created_at_ms) < self.key_refresh_ms;
+            if young && SessionKey::parse(&live.session_key).is_some() {
+                return Ok(SessionRow { expires_at_ms, ..live });
+            }
+            self.remember_replaced(&live);
+        }
+        Ok(self.fresh_session(app_id, uid, now, expires_at_ms))
+    }
+
+    fn fresh_session(&self, app_id: &str, uid: &str, now: u64, expires_at_ms: u64) -> SessionRow {
         SessionRow {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
             openid: self.openid(app_id, uid),
-            session_key: random_token(16),
+            session_key: SessionKey::random(&mut rand::rng()).encode(),
             created_at_ms: now,
-            expires_at_ms: now + self.session_ttl_ms,
+            expires_at_ms,
         }
+    }
+
+    /// Remembers that `old`'s key is being replaced (see `replaced`).
+    fn remember_replaced(&self, old: &SessionRow) {
+        let key = (old.app_id.clone(), old.openid.clone());
+        let mut kept = self.replaced.entry(key).or_default();
+        if kept.len() >= REPLACED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((session_signature(&old.session_key), old.expires_at_ms));
+    }
+
+    /// Whether `signature` is that of a key of (app, openid)'s session that was replaced.
+    fn was_replaced(&self, app_id: &str, openid: &str, signature: &str) -> bool {
+        let now = self.clock.now_ms();
+        self.replaced.get(&(app_id.to_owned(), openid.to_owned())).is_some_and(|kept| {
+            kept.iter().any(|(old, until)| *until > now && secrets_equal(old.as_bytes(), signature.as_bytes()))
+        })
+    }
+
+    /// The live session of (app, uid), if any.
+    fn live_session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, crate::error::StoreError> {
+        let now = self.clock.now_ms();
+        Ok(self.store.session(app_id, uid)?.filter(|s| s.expires_at_ms > now))
     }
 
     fn union_group(&self, app_id: &str) -> Option<&str> {
@@ -234,6 +286,10 @@ impl EmbeddedPlatform {
         let now = self.clock.now_ms();
         self.codes.retain(|_, e| e.expires_at_ms > now);
         self.spent.retain(|_, expires| *expires > now);
+        self.replaced.retain(|_, kept| {
+            kept.retain(|(_, until)| *until > now);
+            !kept.is_empty()
+        });
         self.issued.retain(|_, issued| {
             issued.retain(|c| self.codes.contains_key(c));
             !issued.is_empty()
@@ -362,6 +418,28 @@ impl EmbeddedPlatform {
             Err(ExchangeFailure::InvalidSignature)
         }
     }
+
+    /// checksession's answer, with the stale-key diagnostic: a signature of a key a later login
+    /// replaced is said so at debug, for the app and openid (never the key).
+    fn check_signature_diagnosed(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure> {
+        let outcome = self.check_signature_now(app, openid, signature);
+        if outcome == Err(ExchangeFailure::InvalidSignature)
+            && self.was_replaced(app.app_id(), openid, &signature.to_ascii_lowercase())
+        {
+            debug!(
+                app_id = app.app_id(),
+                openid,
+                "checksession: the signature is of a session key that a later login replaced; \
+                 redeem the latest login code for the current key"
+            );
+        }
+        outcome
+    }
 }
 
 /// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).
@@ -374,13 +452,12 @@ pub fn session_signature(session_key: &str) -> String {
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
         // The session and the code's ledger rows are one write: both or neither.
-        let session = self.new_session(app_id, uid);
-        let session_key = session.session_key.clone();
-        self.issue(app_id, uid, Purpose::Login { session_key, auth_code }, Some(&session))
+        let session = self.session_for_login(app_id, uid)?;
+        self.issue(app_id, uid, Purpose::Login { auth_code }, Some(&session))
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
-        let session = self.new_session(app_id, uid);
+        let session = self.session_for_login(app_id, uid)?;
         self.store.upsert_session(&session)?;
         Ok(session.session_key)
     }
@@ -444,9 +521,15 @@ impl Platform for EmbeddedPlatform {
                 return Err(e);
             }
         };
-        let Purpose::Login { session_key, auth_code } = entry.purpose else {
+        let Purpose::Login { auth_code } = entry.purpose else {
             return Err(ExchangeFailure::InvalidCode);
         };
+        // The session's key now, whichever of its codes this is: a later login may have replaced
+        // the key this code's login made.
+        let session = self
+            .live_session(app.app_id(), &entry.uid)
+            .map_err(|e| ExchangeFailure::System(e.to_string()))?
+            .ok_or(ExchangeFailure::CodeExpired)?;
         self.redeemed(surface, app, &entry.uid, Redeemed::Login);
         let unionid = self
             .apps
@@ -456,7 +539,7 @@ impl Platform for EmbeddedPlatform {
             .unwrap_or_default();
         Ok(Code2SessionResponse {
             openid: self.openid(app.app_id(), &entry.uid),
-            session_key,
+            session_key: session.session_key,
             unionid,
             auth_code: auth_code.unwrap_or_default(),
         })
@@ -503,11 +586,55 @@ impl Platform for EmbeddedPlatform {
         openid: &str,
         signature: &str,
     ) -> Result<(), ExchangeFailure> {
-        let outcome = self.check_signature_now(app, openid, signature);
+        let outcome = self.check_signature_diagnosed(app, openid, signature);
         if let Err(e) = &outcome {
             self.refused(Surface::BackendHttp, Some(app), "checkSession", e);
         }
         outcome
+    }
+
+    async fn reset_session_key(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<String, ExchangeFailure> {
+        let outcome = self.check_signature_diagnosed(app, openid, signature);
+        if let Err(e) = &outcome {
+            self.refused(Surface::BackendHttp, Some(app), "resetUserSessionKey", e);
+            return Err(e.clone());
+        }
+        let system = |e: crate::error::StoreError| ExchangeFailure::System(e.to_string());
+        let old = self.store.session_by_openid(app.app_id(), openid).map_err(system)?;
+        let old = old.ok_or(ExchangeFailure::InvalidSignature)?;
+        self.remember_replaced(&old);
+        // A new key for the same session: its lifetime is unchanged.
+        let session = self.fresh_session(&old.app_id, &old.uid, self.clock.now_ms(), old.expires_at_ms);
+        self.store.upsert_session(&session).map_err(system)?;
+        info!(app_id = app.app_id(), "session key reset by the app's backend");
+        Ok(session.session_key)
+    }
+
+    async fn user_credentials(
+        &self,
+        app_id: &str,
+        uid: &str,
+        user_info_json: &str,
+    ) -> Result<Option<UserCredentials>, ApiError> {
+        let Some(session) = self.live_session(app_id, uid)? else {
+            return Ok(None);
+        };
+        // A key stored by an earlier version is not a WeChat key: the next login replaces it.
+        let Some(key) = SessionKey::parse(&session.session_key) else {
+            debug!(app_id, "no user credentials: the session's key predates WeChat-form keys; log in again");
+            return Ok(None);
+        };
+        let unionid = self.union_group(app_id).map(|group| self.keyed("unionid", group, uid));
+        let who = Identity { app_id, openid: &session.openid, unionid: unionid.as_deref() };
+        let now_secs = self.clock.now_ms() / 1000;
+        user_data::make(user_info_json, &key, who, now_secs, &mut rand::rng())
+            .map(Some)
+            .map_err(|e| ApiError::HostProtocol(e.to_string()))
     }
 
     fn openid(&self, app_id: &str, uid: &str) -> String {
@@ -530,10 +657,14 @@ mod tests {
     use super::*;
     use crate::{clock::ManualClock, config::LimitsConfig};
 
+    fn rules() -> SessionConfig {
+        SessionConfig { lifetime_secs: 3600, code_ttl_secs: 300, max_codes_per_user: 100, key_refresh_secs: 60 }
+    }
+
     fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
         let store = Arc::new(Store::open(None, false).unwrap());
         let rate = RateLimits::exchanges(&LimitsConfig::default());
-        EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, 100, rate).unwrap()
+        EmbeddedPlatform::new(store, clock, BTreeMap::new(), &rules(), rate).unwrap()
     }
 
     async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
@@ -584,7 +715,7 @@ mod tests {
         let store = Arc::new(Store::open(Some(&path), false).unwrap());
         let rate = RateLimits::exchanges(&LimitsConfig::default());
         let clock = ManualClock::new(2_000);
-        let p = EmbeddedPlatform::new(store, clock, BTreeMap::new(), 300, 3600, 100, rate).unwrap();
+        let p = EmbeddedPlatform::new(store, clock, BTreeMap::new(), &rules(), rate).unwrap();
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let signature = session_signature("key-from-before");
@@ -667,6 +798,64 @@ mod tests {
             p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await,
             Err(ExchangeFailure::InvalidCredential)
         );
+    }
+
+    #[tokio::test]
+    async fn every_login_code_redeems_to_the_sessions_current_key() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone());
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        // Two logins within key_refresh_secs (60 s) keep one key.
+        let first = p.login_code("a", "u", None).await.unwrap();
+        clock.advance_ms(59_000);
+        let second = p.login_code("a", "u", None).await.unwrap();
+        let k2 = p.code2session(Surface::Exchange, &a, &second).await.unwrap().session_key;
+        assert!(SessionKey::parse(&k2).is_some(), "a WeChat key: standard base64 of 16 bytes");
+        // A login after it replaces the key; the code of the first login, redeemed last, gives
+        // the key that is current now, not the one its login had.
+        clock.advance_ms(1_000);
+        let third = p.login_code("a", "u", None).await.unwrap();
+        let k1 = p.code2session(Surface::Exchange, &a, &first).await.unwrap().session_key;
+        let k3 = p.code2session(Surface::Exchange, &a, &third).await.unwrap().session_key;
+        assert_ne!(k1, k2, "the third login replaced the key");
+        assert_eq!(k1, k3, "the first code redeems to the current key");
+        let openid = p.openid("a", "u");
+        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&k1)), Ok(()));
+        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&k2)), Err(ExchangeFailure::InvalidSignature));
+        assert!(p.was_replaced("a", &openid, &session_signature(&k2)), "the stale key is recognised");
+        assert!(!p.was_replaced("a", &openid, &session_signature("never-a-key")));
+    }
+
+    #[tokio::test]
+    async fn a_reset_gives_the_session_a_new_key_only_for_the_current_ones_signature() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone());
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let code = p.login_code("a", "u", None).await.unwrap();
+        let key = p.code2session(Surface::Exchange, &a, &code).await.unwrap().session_key;
+        let openid = p.openid("a", "u");
+        assert_eq!(
+            p.reset_session_key(&a, &openid, &session_signature("wrong")).await,
+            Err(ExchangeFailure::InvalidSignature)
+        );
+        let before = p.store.session("a", "u").unwrap().unwrap();
+        let new = p.reset_session_key(&a, &openid, &session_signature(&key)).await.unwrap();
+        assert_ne!(new, key);
+        assert!(SessionKey::parse(&new).is_some());
+        let after = p.store.session("a", "u").unwrap().unwrap();
+        assert_eq!((after.session_key.as_str(), after.expires_at_ms), (new.as_str(), before.expires_at_ms));
+        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&key)), Err(ExchangeFailure::InvalidSignature));
+        assert!(p.was_replaced("a", &openid, &session_signature(&key)));
+        // Credentials are made with the new key; without a session there are none.
+        let made = p.user_credentials("a", "u", r#"{"nickName":"N"}"#).await.unwrap().unwrap();
+        assert_eq!(made.signature, user_data::signature(r#"{"nickName":"N"}"#, &new));
+        assert_eq!(p.user_credentials("a", "nobody", "{}").await.unwrap(), None);
+        clock.advance_ms(3_600_000);
+        assert_eq!(p.user_credentials("a", "u", "{}").await.unwrap(), None, "expired");
+        p.sweep();
+        assert!(p.replaced.is_empty(), "the sweep forgets replaced keys with their sessions");
     }
 
     #[test]

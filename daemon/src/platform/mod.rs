@@ -252,6 +252,25 @@ pub trait Platform: Send + Sync + 'static {
         signature: &str,
     ) -> Result<(), ExchangeFailure>;
 
+    /// WeChat's `/wxa/resetusersessionkey`: the backend proves it holds the current key of the
+    /// session of `openid` (its checksession signature) and the session gets a new key, returned.
+    async fn reset_session_key(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<String, ExchangeFailure>;
+
+    /// getUserInfo / getUserProfile: `rawData`, `signature`, `encryptedData` and `iv` of
+    /// `user_info_json` for the app's backend, made with the current key of the (app, uid)
+    /// session (the key never leaves the platform); `None` without a live session.
+    async fn user_credentials(
+        &self,
+        app_id: &str,
+        uid: &str,
+        user_info_json: &str,
+    ) -> Result<Option<user_data::UserCredentials>, ApiError>;
+
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;
 
