@@ -70,6 +70,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[serde(skip_serializing_if = \"Option::is_none\")]",
         );
     }
+    // Credentials WeChat leaves out when it gives none (no session, `withCredentials` false).
+    for message in ["GetUserInfoResponse", "GetUserProfileResponse"] {
+        for field in ["raw_data", "signature", "encrypted_data", "iv"] {
+            builder = builder.field_attribute(
+                format!(".miniapp.broker.v1.{message}.{field}"),
+                "#[serde(skip_serializing_if = \"String::is_empty\")]",
+            );
+        }
+    }
     // The user's decisions, in a stable order (scope names sort the same everywhere).
     for field in
         ["GetSettingResponse.auth_setting", "OpenSettingRequest.auth_setting", "OpenSettingResponse.auth_setting"]

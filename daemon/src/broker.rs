@@ -96,8 +96,8 @@ impl Broker {
         let api = request.api();
         let slot = self.admit(instance)?;
         let (version, result) = match self.delegate_now(instance, request) {
-            Ok((version, api, uid, call)) => {
-                let result = api::delegated(self, &instance.app_id, &uid, api, call.await);
+            Ok((version, api, uid, wanted, call)) => {
+                let result = api::delegated(self, &instance.app_id, &uid, api, wanted, call.await);
                 drop(slot);
                 (Some(version), result)
             }
@@ -120,7 +120,10 @@ impl Broker {
         &self,
         instance: &AppInstance,
         request: ApiRequest,
-    ) -> Result<(ApiVersion, Api, String, impl Future<Output = Result<HostAnswer, ApiError>> + use<>), ApiRequest> {
+    ) -> Result<
+        (ApiVersion, Api, String, api::credentials::Credentials, impl Future<Output = Result<HostAnswer, ApiError>> + use<>),
+        ApiRequest,
+    > {
         let Some(session) = self.host.current() else { return Err(request) };
         let Some((version, _)) = instance.resolved(session.id) else { return Err(request) };
         let Ok(api) = api::validate(&request) else { return Err(request) };
@@ -129,11 +132,12 @@ impl Broker {
         }
         let app = Broker::app_info(instance, Some(version));
         let uid = api::passed_through_to(self, api);
+        let wanted = api::credentials::Credentials::of_call(api, version, &request);
         let request = delegate_call::Request::Api(request);
         let call = HostLink::start_for(&session, app, instance.instance_id.clone(), request, Expect::Api(api));
         // A close that ran its sweep of the call table before this call was in it.
         let closed = instance.is_closed();
-        Ok((version, api, uid, async move {
+        Ok((version, api, uid, wanted, async move {
             if closed {
                 return Err(ApiError::Cancelled("app instance closed"));
             }
@@ -211,7 +215,11 @@ impl Broker {
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
         match resolved.map(|v| (v, api::route(api, v))) {
             // A delegated answer that carries user data is recorded in the ledger on its way back.
-            Some((v, api::Route::Delegate)) if api::discloses(api) => {
+            Some((v, api::Route::Delegate))
+                if api::discloses(api)
+                    && api::credentials::Credentials::of_call(api, v, &request)
+                        == api::credentials::Credentials::Untouched =>
+            {
                 let app = Broker::app_info(instance, Some(v));
                 let (broker, app_id) = (self.clone(), instance.app_id.clone());
                 let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();

@@ -7,6 +7,7 @@
 mod auth_code;
 mod authorize;
 mod check_session;
+pub mod credentials;
 mod choose_avatar;
 mod get_email;
 mod get_nick_name;
@@ -176,11 +177,13 @@ pub async fn delegate(
 ) -> Result<ApiResponse, ApiError> {
     let app = Broker::app_info(inst, Some(version));
     let uid = passed_through_to(b, api);
+    let wanted = credentials::Credentials::of_call(api, version, &request);
     delegated(
         b,
         &inst.app_id,
         &uid,
         api,
+        wanted,
         b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await,
     )
 }
@@ -198,10 +201,12 @@ pub fn delegated(
     app_id: &str,
     uid: &str,
     api: Api,
+    wanted: credentials::Credentials,
     answer: Result<HostAnswer, ApiError>,
 ) -> Result<ApiResponse, ApiError> {
     match answer? {
         HostAnswer::Api(mut resp) => {
+            credentials::fill(b.platform.as_ref(), app_id, uid, wanted, &mut resp)?;
             record_passed_through(b, app_id, uid, api)?;
             resp.stamp_ok();
             Ok(resp)

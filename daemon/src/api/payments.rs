@@ -211,7 +211,14 @@ async fn pay(
     };
     // Handed off: from here on only the host's answer, the deadline, the host's departure or the
     // app's closing (which cancels the call on the host) ends it.
-    let outcome = super::delegated(b, &inst.app_id, &super::passed_through_to(b, api), api, call.await);
+    let outcome = super::delegated(
+        b,
+        &inst.app_id,
+        &super::passed_through_to(b, api),
+        api,
+        super::credentials::Credentials::Untouched,
+        call.await,
+    );
     (true, outcome)
 }
 
