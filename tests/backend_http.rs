@@ -118,6 +118,14 @@ impl Backend {
     }
 
     async fn start_with(tweak: impl FnOnce(&mut miniapp_brokerd::Config)) -> Backend {
+        Self::start_full(tweak, |h| h).await
+    }
+
+    /// With the config and the host (its handlers) tweaked.
+    async fn start_full(
+        tweak: impl FnOnce(&mut miniapp_brokerd::Config),
+        host: impl FnOnce(miniapp_broker_client::HostBuilder) -> miniapp_broker_client::HostBuilder,
+    ) -> Backend {
         let daemon = Daemon::start_with(|c| {
             c.backend_http.listen = Some("127.0.0.1:0".into());
             c.apps.insert(APP.into(), AppConfig { union_group: Some("g".into()), secret: None });
@@ -126,7 +134,7 @@ impl Backend {
         .await;
         let address = daemon.server.backend_http_addr().expect("the backend listener is on");
         assert!(address.ip().is_loopback() && address.port() != 0, "{address}");
-        let host = within("host", daemon.host().user(phone_user("u1", "+86 138 0013 8000")).connect())
+        let host = within("host", host(daemon.host().user(phone_user("u1", "+86 138 0013 8000"))).connect())
             .await
             .expect("host connects");
         let secret = host.register_app(APP, false).await.unwrap().secret;
@@ -679,4 +687,244 @@ async fn http_redemptions_are_in_the_ledger_and_a_refused_scope_bites_over_http_
             ("phone_number", true, ""),
         ]
     );
+}
+
+/// The userInfo a profile host answers, and what the host puts beside it (which v2/v3 drop: the
+/// host cannot know the session key) or keeps (v1: the host ran its own login).
+fn profile_info() -> v1::UserInfo {
+    v1::UserInfo {
+        nick_name: "Ada \"the\" Countess".into(),
+        avatar_url: "https://example.invalid/ada.png".into(),
+        gender: 2,
+        country: "UK".into(),
+        province: "".into(),
+        city: "London".into(),
+        language: "en".into(),
+    }
+}
+
+const HOST_RAW: &str = "host-raw-data";
+const HOST_SIGNATURE: &str = "host-signature";
+
+/// A backend whose host answers getUserInfo and getUserProfile with [`profile_info`] and its own
+/// raw_data / signature / encrypted_data / iv, and whose logins always make a new key.
+async fn profile_backend() -> Backend {
+    Backend::start_full(
+        |c| c.sessions.key_refresh_secs = 0,
+        |host| {
+            host.handle(|_app, _r: v1::GetUserInfoRequest| async move {
+                Ok(v1::GetUserInfoResponse {
+                    user_info: Some(profile_info()),
+                    raw_data: HOST_RAW.into(),
+                    signature: HOST_SIGNATURE.into(),
+                    encrypted_data: "host-encrypted".into(),
+                    iv: "host-iv".into(),
+                    ..Default::default()
+                })
+            })
+            .handle(|_app, _r: v1::GetUserProfileRequest| async move {
+                Ok(v1::GetUserProfileResponse {
+                    user_info: Some(profile_info()),
+                    raw_data: HOST_RAW.into(),
+                    signature: HOST_SIGNATURE.into(),
+                    ..Default::default()
+                })
+            })
+        },
+    )
+    .await
+}
+
+/// The four credential fields of a JSON answer, with the surface it came through.
+fn credentials(surface: &str, answer: &Value) -> Value {
+    let field = |name: &str| answer[name].as_str().unwrap_or_else(|| panic!("{surface}: no {name} in {answer}"));
+    json!({
+        "surface": surface,
+        "rawData": field("rawData"),
+        "signature": field("signature"),
+        "encryptedData": field("encryptedData"),
+        "iv": field("iv"),
+    })
+}
+
+fn typed_credentials(surface: &str, raw: &str, signature: &str, encrypted: &str, iv: &str) -> Value {
+    json!({ "surface": surface, "rawData": raw, "signature": signature, "encryptedData": encrypted, "iv": iv })
+}
+
+async fn profile_on_every_surface(r: &RendererClient) -> Vec<Value> {
+    let profile = || v1::GetUserProfileRequest { desc: "show your name".into(), lang: "en".into() };
+    let info = || v1::GetUserInfoRequest { with_credentials: true, lang: "en".into() };
+    let mut out = Vec::new();
+    let p = within("stream getUserProfile", r.call(profile())).await.expect("getUserProfile");
+    out.push(typed_credentials("stream getUserProfile", &p.raw_data, &p.signature, &p.encrypted_data, &p.iv));
+    let p = within("unary getUserProfile", r.call_unary(profile())).await.expect("getUserProfile");
+    out.push(typed_credentials("unary getUserProfile", &p.raw_data, &p.signature, &p.encrypted_data, &p.iv));
+    let i = within("stream getUserInfo", r.call(info())).await.expect("getUserInfo");
+    out.push(typed_credentials("stream getUserInfo", &i.raw_data, &i.signature, &i.encrypted_data, &i.iv));
+    let i = within("unary getUserInfo", r.call_unary(info())).await.expect("getUserInfo");
+    out.push(typed_credentials("unary getUserInfo", &i.raw_data, &i.signature, &i.encrypted_data, &i.iv));
+    let params = json!({"desc": "show your name", "success": "fn"});
+    let j = within("Invoke getUserProfile", r.invoke_json("getUserProfile", &params)).await.expect("ok");
+    out.push(credentials("Invoke getUserProfile", &j));
+    let j = within("Invoke getUserInfo", r.invoke_json("getUserInfo", &json!({"withCredentials": true}))).await;
+    out.push(credentials("Invoke getUserInfo", &j.expect("ok")));
+    out
+}
+
+const USER_DATA_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/backend_user_data.py");
+
+/// What getUserInfo / getUserProfile return in v2 is what WeChat returns: wechatpy, unmodified,
+/// verifies the signature (`check_wxa_signature`) and decrypts the data (`WeChatWxaCrypto`) of
+/// every surface's answer with the session key it redeemed; every login code of the session
+/// redeems to the session's current key; a key a later login replaced fails checksession (87009),
+/// the signature and the decryption, while the current key works (clients/python/backend_user_data.py).
+#[tokio::test]
+async fn wechatpy_verifies_the_profile_credentials_and_a_replaced_key_fails() {
+    let b = profile_backend().await;
+    // A backend that redeemed its code in time holds this key ...
+    let first = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    let stale = first["session_key"].as_str().unwrap().to_owned();
+    let before = profile_on_every_surface(&b.renderer).await.swap_remove(0);
+    // ... until two more logins replace it. Both codes, redeemed later, give the current key.
+    let codes = [b.login_code().await, b.login_code().await];
+    let answers = profile_on_every_surface(&b.renderer).await;
+    for answer in &answers {
+        let raw: Value = serde_json::from_str(answer["rawData"].as_str().unwrap()).unwrap();
+        assert_eq!(raw["nickName"], json!("Ada \"the\" Countess"), "the daemon's rawData, not the host's: {answer}");
+    }
+    let input = json!({
+        "base_url": format!("http://{}", b.daemon.server.backend_http_addr().unwrap()),
+        "appid": APP, "secret": b.secret, "codes": codes, "stale_key": stale,
+        "answers": answers, "before": before,
+    });
+    let lines = run_python(USER_DATA_SCRIPT, &input).await;
+    let mut expected = vec![
+        "ok code_to_session: all 2 login codes redeem to the session's current key".to_owned(),
+        "ok checksession accepts the current key".to_owned(),
+    ];
+    for a in &answers {
+        let surface = a["surface"].as_str().unwrap();
+        expected.push(format!(
+            "ok {surface}: check_wxa_signature and WeChatWxaCrypto accept it (nickName=Ada \"the\" Countess)"
+        ));
+    }
+    expected.extend(
+        [
+            "ok checksession refuses the replaced key with 87009",
+            "ok the replaced key fails check_wxa_signature and decryption of every later answer",
+            "ok the answer made before the new logins verifies with the key of its time",
+            "ok the watermark names the app: another appid is refused",
+            "wechatpy user data: all ok",
+        ]
+        .map(String::from),
+    );
+    assert_eq!(lines, expected);
+}
+
+/// Runs a backend script with `input` on stdin; its stdout lines (it must succeed). Without
+/// python3 or wechatpy it fails with the install command.
+async fn run_python(script: &str, input: &Value) -> Vec<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 is not available ({e}); install Python 3, then: {WECHATPY_INSTALL}"));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = within(script, child.wait_with_output()).await.expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !stderr.contains("No module named 'wechatpy'"),
+        "wechatpy is not installed; run: {WECHATPY_INSTALL}\n{stderr}"
+    );
+    assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stdout.lines().map(String::from).collect()
+}
+
+/// WeChat's rules: getUserInfo without `withCredentials`, and either API without a live session,
+/// answer `userInfo` only (the JSON bridge leaves the four fields out); the host's own fields are
+/// dropped in v2. In v1 the host ran its own login: its answer passes through untouched.
+#[tokio::test]
+async fn without_credentials_or_a_session_only_user_info_and_v1_passes_the_host_fields_through() {
+    let b = profile_backend().await;
+    let no_credentials = v1::GetUserInfoRequest { with_credentials: false, lang: String::new() };
+    let profile = || v1::GetUserProfileRequest { desc: "d".into(), lang: String::new() };
+
+    // v2, no login yet: no session, so no credentials, even for getUserProfile.
+    let p = within("profile", b.renderer.call(profile())).await.unwrap();
+    assert_eq!(p.user_info, Some(profile_info()));
+    assert_eq!((p.raw_data.as_str(), p.signature.as_str(), p.encrypted_data.as_str(), p.iv.as_str()), ("", "", "", ""));
+
+    // With a session: getUserInfo without withCredentials still answers userInfo only.
+    b.login_code().await;
+    for i in [
+        within("stream", b.renderer.call(no_credentials.clone())).await.unwrap(),
+        within("unary", b.renderer.call_unary(no_credentials.clone())).await.unwrap(),
+    ] {
+        assert_eq!(i.user_info, Some(profile_info()));
+        assert_eq!((i.raw_data.as_str(), i.signature.as_str(), i.encrypted_data.as_str(), i.iv.as_str()), ("", "", "", ""));
+    }
+    let j = within("Invoke", b.renderer.invoke_json("getUserInfo", &json!({"withCredentials": false}))).await.unwrap();
+    let keys: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["errMsg", "userInfo"], "{j}");
+    assert_eq!(j["userInfo"]["nickName"], json!("Ada \"the\" Countess"));
+    let p = within("profile", b.renderer.call(profile())).await.unwrap();
+    assert!(p.raw_data != HOST_RAW && p.signature.len() == 40 && !p.encrypted_data.is_empty(), "{p:?}");
+
+    // v1: the host's fields, untouched, on every surface.
+    let v1_app = b.daemon.renderer(&b.host.launch_app(APP, r#"{"apiVersion":"v1"}"#).await.unwrap().launch_token).await;
+    let with = v1::GetUserInfoRequest { with_credentials: true, lang: String::new() };
+    for i in [
+        within("v1 stream", v1_app.call(with.clone())).await.unwrap(),
+        within("v1 unary", v1_app.call_unary(with.clone())).await.unwrap(),
+    ] {
+        assert_eq!(
+            (i.raw_data.as_str(), i.signature.as_str(), i.encrypted_data.as_str(), i.iv.as_str()),
+            (HOST_RAW, HOST_SIGNATURE, "host-encrypted", "host-iv")
+        );
+    }
+    let j = within("v1 Invoke", v1_app.invoke_json("getUserProfile", &json!({"desc": "d"}))).await.unwrap();
+    assert_eq!((j["rawData"].clone(), j["signature"].clone()), (json!(HOST_RAW), json!(HOST_SIGNATURE)), "{j}");
+    assert!(j.get("encryptedData").is_none(), "the host sent none: {j}");
+}
+
+/// `/wxa/resetusersessionkey`: with the current key's signature the session gets a new key (the
+/// old one stops working, the new one works, and later profile answers use it); a wrong
+/// signature changes nothing.
+#[tokio::test]
+async fn resetusersessionkey_replaces_the_key_for_the_current_keys_signature() {
+    let b = profile_backend().await;
+    let session = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    let (openid, key) = (session["openid"].as_str().unwrap(), session["session_key"].as_str().unwrap());
+    let token = b.token().await;
+    let reset = |sig: &str| {
+        format!("/wxa/resetusersessionkey?access_token={token}&openid={openid}&signature={sig}&sig_method=hmac_sha256")
+    };
+    let check = |k: &str| {
+        format!(
+            "/wxa/checksession?access_token={token}&openid={openid}&signature={}&sig_method=hmac_sha256",
+            signature(k)
+        )
+    };
+    assert_wechat_err(&b.http.get(&reset(&signature("not-the-key"))).await, 87009, "invalid signature");
+    assert_eq!(b.http.get(&check(key)).await["errcode"], json!(0), "a refused reset changes nothing");
+    let answer = b.http.get(&reset(&signature(key))).await;
+    assert_eq!((answer["errcode"].clone(), answer["openid"].clone()), (json!(0), json!(openid)), "{answer}");
+    let new = answer["session_key"].as_str().unwrap();
+    assert!(new != key && new.len() == 24 && new.ends_with("=="), "{new}");
+    assert_wechat_err(&b.http.get(&check(key)).await, 87009, "invalid signature");
+    assert_eq!(b.http.get(&check(new)).await["errcode"], json!(0));
+    let p = within("profile", b.renderer.call(v1::GetUserProfileRequest { desc: "d".into(), lang: String::new() }))
+        .await
+        .unwrap();
+    use sha1::Digest;
+    let expected: String =
+        sha1::Sha1::digest(format!("{}{new}", p.raw_data)).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(p.signature, expected, "later answers are signed with the new key");
 }

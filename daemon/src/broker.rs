@@ -212,14 +212,12 @@ impl Broker {
             Ok(slot) => slot,
             Err(e) => return fail(permit, api.name(), e),
         };
-        let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v);
+        let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v).filter(|v| {
+            api::credentials::Credentials::of_call(api, *v, &request) == api::credentials::Credentials::Untouched
+        });
         match resolved.map(|v| (v, api::route(api, v))) {
             // A delegated answer that carries user data is recorded in the ledger on its way back.
-            Some((v, api::Route::Delegate))
-                if api::discloses(api)
-                    && api::credentials::Credentials::of_call(api, v, &request)
-                        == api::credentials::Credentials::Untouched =>
-            {
+            Some((v, api::Route::Delegate)) if api::discloses(api) => {
                 let app = Broker::app_info(instance, Some(v));
                 let (broker, app_id) = (self.clone(), instance.app_id.clone());
                 let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();
