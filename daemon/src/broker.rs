@@ -97,7 +97,7 @@ impl Broker {
         let slot = self.admit(instance)?;
         let (version, result) = match self.delegate_now(instance, request) {
             Ok((version, api, uid, wanted, call)) => {
-                let result = api::delegated(self, &instance.app_id, &uid, api, wanted, call.await);
+                let result = api::delegated(self, &instance.app_id, &uid, api, wanted, call.await).await;
                 drop(slot);
                 (Some(version), result)
             }

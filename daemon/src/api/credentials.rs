@@ -74,7 +74,7 @@ pub fn raw_data(info: &UserInfo) -> String {
 }
 
 /// Fills (or clears) `resp`'s credentials as `wanted` says, for `uid` of `app_id`.
-pub fn fill(
+pub async fn fill(
     platform: &dyn Platform,
     app_id: &str,
     uid: &str,
@@ -101,7 +101,7 @@ pub fn fill(
     if uid.is_empty() {
         return Ok(());
     }
-    match platform.user_credentials(app_id, uid, &raw_data(info))? {
+    match platform.user_credentials(app_id, uid, &raw_data(info)).await? {
         Some(made) => {
             *raw = made.raw_data;
             *signature = made.signature;

@@ -186,6 +186,7 @@ pub async fn delegate(
         wanted,
         b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await,
     )
+    .await
 }
 
 /// The user a delegated `api` call's answer is about: the one signed in when the call was made
@@ -196,7 +197,7 @@ pub fn passed_through_to(b: &Broker, api: Api) -> String {
 
 /// The renderer's answer from the host's answer to a delegated open-API call about `uid`, recorded
 /// in the ledger first when it carries user data.
-pub fn delegated(
+pub async fn delegated(
     b: &Broker,
     app_id: &str,
     uid: &str,
@@ -206,7 +207,7 @@ pub fn delegated(
 ) -> Result<ApiResponse, ApiError> {
     match answer? {
         HostAnswer::Api(mut resp) => {
-            credentials::fill(b.platform.as_ref(), app_id, uid, wanted, &mut resp)?;
+            credentials::fill(b.platform.as_ref(), app_id, uid, wanted, &mut resp).await?;
             record_passed_through(b, app_id, uid, api)?;
             resp.stamp_ok();
             Ok(resp)

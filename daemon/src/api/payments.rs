@@ -218,7 +218,8 @@ async fn pay(
         api,
         super::credentials::Credentials::Untouched,
         call.await,
-    );
+    )
+    .await;
     (true, outcome)
 }
 

@@ -615,7 +615,7 @@ impl Platform for EmbeddedPlatform {
         Ok(session.session_key)
     }
 
-    fn user_credentials(
+    async fn user_credentials(
         &self,
         app_id: &str,
         uid: &str,
@@ -849,11 +849,11 @@ mod tests {
         assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&key)), Err(ExchangeFailure::InvalidSignature));
         assert!(p.was_replaced("a", &openid, &session_signature(&key)));
         // Credentials are made with the new key; without a session there are none.
-        let made = p.user_credentials("a", "u", r#"{"nickName":"N"}"#).unwrap().unwrap();
+        let made = p.user_credentials("a", "u", r#"{"nickName":"N"}"#).await.unwrap().unwrap();
         assert_eq!(made.signature, user_data::signature(r#"{"nickName":"N"}"#, &new));
-        assert_eq!(p.user_credentials("a", "nobody", "{}").unwrap(), None);
+        assert_eq!(p.user_credentials("a", "nobody", "{}").await.unwrap(), None);
         clock.advance_ms(3_600_000);
-        assert_eq!(p.user_credentials("a", "u", "{}").unwrap(), None, "expired");
+        assert_eq!(p.user_credentials("a", "u", "{}").await.unwrap(), None, "expired");
         p.sweep();
         assert!(p.replaced.is_empty(), "the sweep forgets replaced keys with their sessions");
     }

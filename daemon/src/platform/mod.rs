@@ -263,10 +263,8 @@ pub trait Platform: Send + Sync + 'static {
 
     /// getUserInfo / getUserProfile: `rawData`, `signature`, `encryptedData` and `iv` of
     /// `user_info_json` for the app's backend, made with the current key of the (app, uid)
-    /// session (the key never leaves the platform); `None` without a live session. Synchronous:
-    /// it runs where a delegated answer is finished, on every surface (a session read and one
-    /// AES encryption).
-    fn user_credentials(
+    /// session (the key never leaves the platform); `None` without a live session.
+    async fn user_credentials(
         &self,
         app_id: &str,
         uid: &str,
