@@ -868,7 +868,10 @@ async fn without_credentials_or_a_session_only_user_info_and_v1_passes_the_host_
         within("unary", b.renderer.call_unary(no_credentials.clone())).await.unwrap(),
     ] {
         assert_eq!(i.user_info, Some(profile_info()));
-        assert_eq!((i.raw_data.as_str(), i.signature.as_str(), i.encrypted_data.as_str(), i.iv.as_str()), ("", "", "", ""));
+        assert_eq!(
+            (i.raw_data.as_str(), i.signature.as_str(), i.encrypted_data.as_str(), i.iv.as_str()),
+            ("", "", "", "")
+        );
     }
     let j = within("Invoke", b.renderer.invoke_json("getUserInfo", &json!({"withCredentials": false}))).await.unwrap();
     let keys: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();

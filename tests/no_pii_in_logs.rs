@@ -1,7 +1,8 @@
 //! No personal data in logs, proven (issue 11): the whole demo flow (every API in v1, v2 and v3,
 //! the settings APIs, the backend's exchanges, the ledger) runs with every log at TRACE, from the
 //! daemon and from every library under it, captured; no line may hold a phone number, an e-mail
-//! address, a token, a code, a secret or a session key. The forbidden values are the ones the flow
+//! address, a token, a code, a secret, a session key, a profile's encrypted data or the profile
+//! values it carries (nickname, avatar). The forbidden values are the ones the flow
 //! actually handed out, as the demo reports them. Its own test binary: it owns the global
 //! subscriber.
 
@@ -51,9 +52,19 @@ async fn the_demo_flow_logs_no_personal_data_at_trace() {
         assert!(logs.contains(expected), "the logs lack {expected:?}: is the capture working?");
     }
     let kinds: std::collections::BTreeSet<_> = report.handed_out.iter().map(|(what, _)| *what).collect();
-    for kind in
-        ["host token", "launch token", "app secret", "code", "session key", "authCode", "phone number", "e-mail"]
-    {
+    for kind in [
+        "host token",
+        "launch token",
+        "app secret",
+        "code",
+        "session key",
+        "authCode",
+        "phone number",
+        "e-mail",
+        "encryptedData",
+        "nickname",
+        "avatar",
+    ] {
         assert!(kinds.contains(kind), "the demo handed out no {kind}: the check would prove nothing");
     }
     let mut leaks = Vec::new();

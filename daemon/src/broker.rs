@@ -121,7 +121,13 @@ impl Broker {
         instance: &AppInstance,
         request: ApiRequest,
     ) -> Result<
-        (ApiVersion, Api, String, api::credentials::Credentials, impl Future<Output = Result<HostAnswer, ApiError>> + use<>),
+        (
+            ApiVersion,
+            Api,
+            String,
+            api::credentials::Credentials,
+            impl Future<Output = Result<HostAnswer, ApiError>> + use<>,
+        ),
         ApiRequest,
     > {
         let Some(session) = self.host.current() else { return Err(request) };

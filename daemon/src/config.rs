@@ -288,7 +288,12 @@ impl Default for LimitsConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { lifetime_secs: 7 * 24 * 3600, code_ttl_secs: 300, max_codes_per_user: 100, key_refresh_secs: 300 }
+        SessionConfig {
+            lifetime_secs: 7 * 24 * 3600,
+            code_ttl_secs: 300,
+            max_codes_per_user: 100,
+            key_refresh_secs: 300,
+        }
     }
 }
 

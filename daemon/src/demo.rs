@@ -40,7 +40,7 @@ pub fn sample_request(api: Api) -> ApiRequest {
         Api::GetEmail => R::GetEmail(v1::GetEmailRequest {}),
         Api::ChooseAvatar => R::ChooseAvatar(v1::ChooseAvatarRequest {}),
         Api::GetNickName => R::GetNickName(v1::GetNickNameRequest {}),
-        Api::GetUserInfo => R::GetUserInfo(v1::GetUserInfoRequest { with_credentials: false, lang: "en".into() }),
+        Api::GetUserInfo => R::GetUserInfo(v1::GetUserInfoRequest { with_credentials: true, lang: "en".into() }),
         Api::GetUserProfile => R::GetUserProfile(v1::GetUserProfileRequest {
             desc: "show your name on the scoreboard".chars().take(30).collect(),
             lang: "en".into(),
@@ -84,6 +84,17 @@ fn code_of(response: &ApiResponse) -> Option<&str> {
         A::GetEmail(r) => Some(&r.code),
         _ => None,
     }
+}
+
+/// The `encryptedData` a getUserInfo / getUserProfile answer carries, if any (v2/v3, with a session).
+fn encrypted_data_of(response: &ApiResponse) -> Option<&str> {
+    use api_response::Api as A;
+    let encrypted = match response.api.as_ref()? {
+        A::GetUserInfo(r) => &r.encrypted_data,
+        A::GetUserProfile(r) => &r.encrypted_data,
+        _ => return None,
+    };
+    (!encrypted.is_empty()).then_some(encrypted.as_str())
 }
 
 /// The demo host's profile: the dev-host with a demo user that refuses the nickname scope.
@@ -133,6 +144,9 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
     let profile = demo_profile();
     handed.push(("phone number", profile.user.phone_number.clone()));
     handed.push(("e-mail", profile.user.email.clone()));
+    // What getUserInfo / getUserProfile carry, in rawData and encrypted.
+    handed.push(("nickname", profile.user.nick_name.clone()));
+    handed.push(("avatar", profile.user.avatar_url.clone()));
     let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {})).connect().await?;
     println!("host     {:?} connected, user {} signed in, refuses {}", profile.name, profile.user.uid, scope::NICKNAME);
     let secret = host.register_app(DEMO_APP, false).await?.secret;
@@ -159,6 +173,9 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
                     if let Some(code) = code_of(&response) {
                         handed.push(("code", code.to_owned()));
                         codes.push((api, code.to_owned()));
+                    }
+                    if let Some(encrypted) = encrypted_data_of(&response) {
+                        handed.push(("encryptedData", encrypted.to_owned()));
                     }
                     let setting = match response.api.as_ref() {
                         Some(api_response::Api::GetSetting(r)) => format!(" authSetting={:?}", r.auth_setting),
@@ -197,7 +214,7 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
         }
         if version == "v2" {
             // Over HTTP, as a WeChat backend library does it.
-            for (what, outcome) in backend.exchange(&secret, &codes).await {
+            for (what, outcome) in backend.exchange(&secret, &codes, &mut handed).await {
                 match outcome {
                     Ok(line) => {
                         ok += 1;
@@ -310,7 +327,12 @@ impl BackendHttp {
     }
 
     /// An access token, then each code through its endpoint; one line per request.
-    async fn exchange(&self, secret: &str, codes: &[(Api, String)]) -> Vec<(&'static str, Result<String, BoxError>)> {
+    async fn exchange(
+        &self,
+        secret: &str,
+        codes: &[(Api, String)],
+        handed: &mut Vec<(&'static str, String)>,
+    ) -> Vec<(&'static str, Result<String, BoxError>)> {
         let path = format!("/cgi-bin/token?grant_type=client_credential&appid={DEMO_APP}&secret={secret}");
         let token = match self.call(Method::GET, &path, serde_json::Value::Null).await {
             Ok(t) => t["access_token"].as_str().unwrap_or_default().to_owned(),
@@ -327,6 +349,7 @@ impl BackendHttp {
                     let outcome = self.call(Method::GET, &path, serde_json::Value::Null).await.map(|r| {
                         let field = |name: &str| r[name].as_str().unwrap_or_default().to_owned();
                         let (openid, unionid) = (field("openid"), field("unionid"));
+                        handed.push(("session key", field("session_key")));
                         format!("openid={openid} unionid={unionid} session_key={}…", prefix(&field("session_key")))
                     });
                     ("http GET /sns/jscode2session", outcome)

@@ -7,8 +7,8 @@
 mod auth_code;
 mod authorize;
 mod check_session;
-pub mod credentials;
 mod choose_avatar;
+pub mod credentials;
 mod get_email;
 mod get_nick_name;
 mod get_phone_number;

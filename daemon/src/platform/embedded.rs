@@ -47,8 +47,13 @@ use crate::{
 enum Purpose {
     /// A login code: it redeems to the session's key at redemption, not at issue, so every code of
     /// a session gives the key that is current when the backend gets it.
-    Login { auth_code: Option<String> },
-    Value { kind: ValueKind, value: String },
+    Login {
+        auth_code: Option<String>,
+    },
+    Value {
+        kind: ValueKind,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -846,7 +851,10 @@ mod tests {
         assert!(SessionKey::parse(&new).is_some());
         let after = p.store.session("a", "u").unwrap().unwrap();
         assert_eq!((after.session_key.as_str(), after.expires_at_ms), (new.as_str(), before.expires_at_ms));
-        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&key)), Err(ExchangeFailure::InvalidSignature));
+        assert_eq!(
+            p.check_signature_now(&a, &openid, &session_signature(&key)),
+            Err(ExchangeFailure::InvalidSignature)
+        );
         assert!(p.was_replaced("a", &openid, &session_signature(&key)));
         // Credentials are made with the new key; without a session there are none.
         let made = p.user_credentials("a", "u", r#"{"nickName":"N"}"#).await.unwrap().unwrap();
