@@ -325,7 +325,9 @@ async fn checksession_accepts_only_the_live_sessions_signature() {
         "malformed request: sig_method must be hmac_sha256",
     );
 
-    // A new login replaces the session key: the old signature no longer holds.
+    // A login after sessions.key_refresh_secs replaces the session key: the old signature no
+    // longer holds.
+    b.daemon.clock.advance_ms(301_000);
     let again = b.http.get(&b.session_path("", &b.login_code().await)).await;
     assert_ne!(again["session_key"].as_str().unwrap(), key);
     assert_wechat_err(&b.http.get(&path(&signature(key), "hmac_sha256")).await, 87009, "invalid signature");
@@ -930,4 +932,34 @@ async fn resetusersessionkey_replaces_the_key_for_the_current_keys_signature() {
     let expected: String =
         sha1::Sha1::digest(format!("{}{new}", p.raw_data)).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(p.signature, expected, "later answers are signed with the new key");
+}
+
+/// A backend that redeems the earlier of two login codes gets the session's current key, not the
+/// one the later login replaced, so its checksession holds; repeated logins within
+/// `sessions.key_refresh_secs` keep the key.
+#[tokio::test]
+async fn an_earlier_login_code_redeems_to_the_sessions_current_key() {
+    // Codes that outlive the key's refresh period (300 s), so the earlier code is still good.
+    let b = Backend::start_with(|c| c.sessions.code_ttl_secs = 600).await;
+    let token = b.token().await;
+    let check = |openid: &str, key: &str| {
+        format!(
+            "/wxa/checksession?access_token={token}&openid={openid}&signature={}&sig_method=hmac_sha256",
+            signature(key)
+        )
+    };
+    let earlier = b.login_code().await;
+    b.daemon.clock.advance_ms(301_000);
+    let later = b.login_code().await;
+    let first = b.http.get(&b.session_path("", &earlier)).await;
+    let (openid, key) = (first["openid"].as_str().unwrap(), first["session_key"].as_str().unwrap());
+    assert_eq!(b.http.get(&check(openid, key)).await, json!({"errcode": 0, "errmsg": "ok"}), "the earlier code's key");
+    let second = b.http.get(&b.session_path("", &later)).await;
+    assert_eq!(second["session_key"].as_str(), Some(key), "both codes of the session give its current key");
+    let decoded = base64::engine::Engine::decode(&base64::engine::general_purpose::STANDARD, key);
+    assert_eq!(decoded.map(|k| k.len()).ok(), Some(16), "standard base64 of 16 bytes: {key}");
+
+    // Within the refresh period a login keeps the key.
+    let again = b.http.get(&b.session_path("", &b.login_code().await)).await;
+    assert_eq!(again["session_key"].as_str(), Some(key));
 }
