@@ -202,7 +202,8 @@ pub struct TokenCheck {
 impl PgStore {
     /// A pool for `url` (no connection is made until the first call).
     pub fn connect(url: &str, options: &PgOptions) -> Result<PgStore, PgError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| PgError::Url(e.to_string()))?;
         let deadline_ms = options.deadline.as_millis().max(1);
         config
             .connect_timeout(options.deadline)
@@ -269,14 +270,19 @@ impl PgStore {
         let mut client = client;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)")
-            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+        )
+        .await?;
         let done: i32 = tx.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[]).await?.get(0);
         let mut ran = 0;
         for (i, step) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
             tx.batch_execute(step).await?;
-            tx.execute("INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)", &[&(i as i32 + 1), &now_ms()])
-                .await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+                &[&(i as i32 + 1), &now_ms()],
+            )
+            .await?;
             ran += 1;
         }
         tx.commit().await?;
@@ -343,7 +349,12 @@ impl PgStore {
 
     /// Sets the app's secret (replaces one only with `rotate`; then the app's access tokens go
     /// too, on every instance at once): one statement. Returns whether it was written.
-    pub async fn set_app_secret_hash(&self, app_id: &str, secret_hash: &[u8; 32], rotate: bool) -> Result<bool, PgError> {
+    pub async fn set_app_secret_hash(
+        &self,
+        app_id: &str,
+        secret_hash: &[u8; 32],
+        rotate: bool,
+    ) -> Result<bool, PgError> {
         let rows = self
             .query(
                 "WITH up AS (INSERT INTO app_secrets AS a (app_id, secret_hash, set_at_ms) VALUES ($1, $2, $4)
@@ -382,7 +393,12 @@ impl PgStore {
 
     /// The app a live token was issued to, and whether this attempt is within its rate (taken
     /// only for a token that has not expired): one statement.
-    pub async fn authenticate_token(&self, token_hash: &[u8; 32], rate: Rate, now_ms: u64) -> Result<Option<TokenCheck>, PgError> {
+    pub async fn authenticate_token(
+        &self,
+        token_hash: &[u8; 32],
+        rate: Rate,
+        now_ms: u64,
+    ) -> Result<Option<TokenCheck>, PgError> {
         let rows = self
             .query(
                 concat!(
@@ -454,7 +470,12 @@ impl PgStore {
     /// Stores a code and, for a login code, upserts its session, in one statement (both or
     /// neither); at most `cap` codes of (app, uid) stay outstanding (the oldest are invalidated).
     /// Returns the code's id.
-    pub async fn issue_code(&self, code: &NewCode<'_>, session: Option<&NewSession<'_>>, cap: i64) -> Result<i64, PgError> {
+    pub async fn issue_code(
+        &self,
+        code: &NewCode<'_>,
+        session: Option<&NewSession<'_>>,
+        cap: i64,
+    ) -> Result<i64, PgError> {
         let s = session;
         let rows = self
             .query(
@@ -555,15 +576,19 @@ impl PgStore {
 
     /// The session of (app, uid): its key and expiry.
     pub async fn session(&self, app_id: &str, uid: &str) -> Result<Option<(String, u64)>, PgError> {
-        let rows =
-            self.query("SELECT session_key, expires_at_ms FROM sessions WHERE app_id = $1 AND uid = $2", &[&app_id, &uid]).await?;
+        let rows = self
+            .query("SELECT session_key, expires_at_ms FROM sessions WHERE app_id = $1 AND uid = $2", &[&app_id, &uid])
+            .await?;
         Ok(rows.first().map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
     }
 
     /// The session of the user whose openid in `app_id` is `openid`: its key and expiry.
     pub async fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<(String, u64)>, PgError> {
         let rows = self
-            .query("SELECT session_key, expires_at_ms FROM sessions WHERE app_id = $1 AND openid = $2", &[&app_id, &openid])
+            .query(
+                "SELECT session_key, expires_at_ms FROM sessions WHERE app_id = $1 AND openid = $2",
+                &[&app_id, &openid],
+            )
             .await?;
         Ok(rows.first().map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
     }
@@ -584,7 +609,12 @@ impl PgStore {
 
     /// Invalidates the outstanding value codes of (app, uid) of `purpose` (every value purpose for
     /// `None`); returns how many.
-    pub async fn invalidate_codes(&self, app_id: &str, uid: &str, purpose: Option<StoredPurpose>) -> Result<u64, PgError> {
+    pub async fn invalidate_codes(
+        &self,
+        app_id: &str,
+        uid: &str,
+        purpose: Option<StoredPurpose>,
+    ) -> Result<u64, PgError> {
         self.execute(
             "UPDATE codes SET invalidated = TRUE, value = NULL
              WHERE app_id = $1 AND uid = $2 AND redeemed_at_ms IS NULL AND NOT invalidated
@@ -596,7 +626,11 @@ impl PgStore {
 
     /// Which of the codes with `code_hashes` (of `superapp`'s apps) were redeemed: (hash, when,
     /// surface).
-    pub async fn redemptions(&self, superapp: &str, code_hashes: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, u64, String)>, PgError> {
+    pub async fn redemptions(
+        &self,
+        superapp: &str,
+        code_hashes: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, String)>, PgError> {
         let rows = self
             .query(
                 "SELECT code_hash, redeemed_at_ms, redeemed_via FROM codes
@@ -623,7 +657,12 @@ impl PgStore {
 /// A statement or lock timeout: the database is overloaded, not wrong.
 fn is_timeout(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
-    e.code().is_some_and(|c| *c == SqlState::QUERY_CANCELED || *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW)
+    e.code().is_some_and(|c| {
+        *c == SqlState::QUERY_CANCELED
+            || *c == SqlState::LOCK_NOT_AVAILABLE
+            || *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+    })
 }
 
 fn now_ms() -> i64 {

@@ -4,9 +4,7 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use miniapp_platformd::postgres::{
-    NewCode, NewSession, PgError, PgOptions, PgStore, Rate, Redeemed, StoredPurpose,
-};
+use miniapp_platformd::postgres::{NewCode, NewSession, PgError, PgOptions, PgStore, Rate, Redeemed, StoredPurpose};
 use miniapp_platformd::tenants::Claim;
 use sha2::{Digest, Sha256};
 
@@ -55,7 +53,8 @@ async fn migrations_run_once_however_many_instances_start_together() {
 #[tokio::test]
 async fn every_instance_agrees_on_one_openid_secret() {
     let stores = instances(4).await;
-    let secrets = futures::future::join_all(stores.iter().enumerate().map(|(i, s)| s.openid_secret([i as u8; 32]))).await;
+    let secrets =
+        futures::future::join_all(stores.iter().enumerate().map(|(i, s)| s.openid_secret([i as u8; 32]))).await;
     let secrets: HashSet<[u8; 32]> = secrets.into_iter().map(Result::unwrap).collect();
     assert_eq!(secrets.len(), 1, "one secret, whichever instance inserted it");
     assert_eq!(stores[3].openid_secret([99; 32]).await.unwrap(), *secrets.iter().next().unwrap());
@@ -75,7 +74,8 @@ async fn two_hundred_codes_raced_through_two_instances_are_each_redeemed_exactly
     // Every code is tried twice, once through each instance, all at once.
     let attempts = codes.iter().flat_map(|code| {
         stores.iter().map(move |s| async move {
-            let outcome = s.redeem_code(&hash(code), "app", StoredPurpose::PhoneNumber, None, "backend_http", NOW + 1).await;
+            let outcome =
+                s.redeem_code(&hash(code), "app", StoredPurpose::PhoneNumber, None, "backend_http", NOW + 1).await;
             (code.clone(), outcome.unwrap())
         })
     });
@@ -115,7 +115,8 @@ async fn a_code_is_refused_for_another_app_purpose_or_user_and_then_still_redeem
     // The value left with the redemption.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let row = client.query_one("SELECT value, redeemed_via FROM codes WHERE code_id = $1", &[&t.code_id]).await.unwrap();
+    let row =
+        client.query_one("SELECT value, redeemed_via FROM codes WHERE code_id = $1", &[&t.code_id]).await.unwrap();
     assert_eq!((row.get::<_, Option<String>>(0), row.get::<_, Option<String>>(1)), (None, Some("x".to_owned())));
 }
 
