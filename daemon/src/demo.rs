@@ -147,7 +147,7 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
     // What getUserInfo / getUserProfile carry, in rawData and encrypted.
     handed.push(("nickname", profile.user.nick_name.clone()));
     handed.push(("avatar", profile.user.avatar_url.clone()));
-    let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {})).connect().await?;
+    let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {}), None).connect().await?;
     println!("host     {:?} connected, user {} signed in, refuses {}", profile.name, profile.user.uid, scope::NICKNAME);
     let secret = host.register_app(DEMO_APP, false).await?.secret;
     handed.push(("app secret", secret.clone()));
