@@ -13,6 +13,7 @@ pub mod config;
 pub mod consent;
 pub mod demo;
 pub mod dev_host;
+pub mod dev_sim;
 pub mod error;
 pub mod host_link;
 pub mod limits;
