@@ -6,9 +6,7 @@
 //! serves until [`Server::shutdown`].
 
 pub mod api;
-pub mod backend_http;
 pub mod broker;
-pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod demo;
@@ -44,12 +42,15 @@ use crate::{
     consent::Consent,
     host_link::HostLink,
     limits::RateLimits,
-    platform::embedded::EmbeddedPlatform,
+    platform::{Platform, backend_http},
     registry::AppRegistry,
     store::Store,
     tokens::HostToken,
     user::CurrentUser,
 };
+/// The platform's clock: the daemon reads time from the same one.
+pub use miniapp_platform::clock;
+
 pub use crate::{
     clock::{Clock, ManualClock, SystemClock},
     config::{Config, default_config_path, default_data_dir},
@@ -167,18 +168,16 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     let db_path = data_dir.join("broker.db");
     let store =
         Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
-    let platform = Arc::new(EmbeddedPlatform::new(
-        store.clone(),
-        clock.clone(),
-        config.apps.clone(),
-        config.sessions.code_ttl_secs,
-        config.sessions.lifetime_secs,
-        config.sessions.max_codes_per_user,
-        RateLimits::exchanges(&config.limits),
-    )?);
+    let db_path = (!config.ephemeral).then_some(db_path.as_path());
+    let platform: Arc<dyn Platform> =
+        Arc::new(platform::embedded(&config, db_path, store.clone(), clock.clone()).await?);
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
-        Some(address) => Some(backend_http::bind(address, &config.backend_http).await?),
+        Some(address) => Some(
+            backend_http::bind(address, platform::http_limits(&config.backend_http))
+                .await
+                .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?,
+        ),
         None => None,
     };
 
@@ -219,7 +218,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         config,
     });
 
-    tokio::spawn(sweep(broker.clone(), platform));
+    tokio::spawn(sweep(broker.clone()));
     let task = tokio::spawn(serve(broker.clone(), listener));
     let backend_http = backend_listener.map(|listener| {
         info!(address = %listener.address, "backend HTTP API listening");
@@ -296,14 +295,14 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
 
 /// Sweeps expired codes, idle rate buckets and idle orphaned app instances: every 30 s, or a
 /// quarter of `limits.orphan_idle_secs` if that is shorter.
-async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
+async fn sweep(broker: Arc<Broker>) {
     let orphan_idle = Duration::from_secs(broker.config.limits.orphan_idle_secs);
     let mut every = tokio::time::interval((orphan_idle / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = every.tick() => {
-                platform.sweep();
+                broker.platform.sweep().await;
                 broker.rates.sweep();
                 match broker.consent.ledger.prune() {
                     Ok(0) => {}

@@ -29,14 +29,6 @@ impl RateLimits {
         RateLimits { per_app: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)), rate: rate.get() }
     }
 
-    /// A bucket per app for its backend's exchange attempts (both backend surfaces share it):
-    /// `exchanges_per_minute_per_app`, with `exchange_burst_per_app` above it.
-    pub fn exchanges(config: &LimitsConfig) -> Self {
-        let rate = NonZeroU32::new(config.exchanges_per_minute_per_app).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.exchange_burst_per_app).unwrap_or(NonZeroU32::MIN);
-        RateLimits { per_app: RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst)), rate: rate.get() }
-    }
-
     /// Takes one call from the app's bucket, or refuses with RESOURCE_EXHAUSTED.
     pub fn check(&self, app_id: &Arc<str>) -> Result<(), ApiError> {
         if self.allows(app_id) {

@@ -123,11 +123,10 @@ impl Admin for AdminService {
         let q = r.into_inner();
         let after: Option<(String, String)> = cursor(&q.after)?;
         let after = after.as_ref().map(|(app, uid)| (app.as_str(), uid.as_str()));
-        let rows = self.broker.store.list_sessions(filter(&q.app_id), after, page::ROWS).map_err(internal)?;
+        let rows = self.broker.platform.list_sessions(filter(&q.app_id), after, page::ROWS).await.map_err(internal)?;
         let rows: Vec<_> = rows
             .into_iter()
             .map(|s| v1::SessionInfo {
-                // Stored with the session (the platform's openid of (app, uid)): no HMAC per row.
                 openid: s.openid,
                 app_id: s.app_id,
                 uid: s.uid,
