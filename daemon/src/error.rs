@@ -230,6 +230,9 @@ pub enum StartError {
     Platform(#[from] PlatformError),
     #[error("config: {0}")]
     Config(String),
+    /// The platform's key pair for superapp servers could not be read or made.
+    #[error("platform key: {0}")]
+    PlatformKey(#[from] crate::superapp::signing::KeyError),
 }
 
 #[cfg(test)]
