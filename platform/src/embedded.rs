@@ -200,12 +200,8 @@ impl EmbeddedPlatform {
                 if secret.is_empty() {
                     return Err(ExchangeFailure::Malformed(41004, "secret is required"));
                 }
-                let stored = self
-                    .store
-                    .app_secret_hash(app_id)
-                    .await
-                    .map_err(system)?
-                    .ok_or(ExchangeFailure::InvalidAppId)?;
+                let stored =
+                    self.store.app_secret_hash(app_id).await.map_err(system)?.ok_or(ExchangeFailure::InvalidAppId)?;
                 self.take_attempt(app_id).await?;
                 if secrets_equal(&stored, &hash_secret(secret)) {
                     Ok(AuthorizedApp::new(app_id))
@@ -271,11 +267,7 @@ impl EmbeddedPlatform {
             return Err(ExchangeFailure::Malformed(41008, "code is required"));
         }
         let now = self.clock.now_ms();
-        let found = self
-            .store
-            .redeem_code(app_id, code, wanted, now)
-            .await
-            .map_err(system)?;
+        let found = self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)?;
         match found {
             Redemption::Redeemed(record) => {
                 // The value leaves only once its disclosure is on record.

@@ -222,7 +222,13 @@ pub trait Platform: Send + Sync + 'static {
 
     /// wx.getPhoneNumber / wx.getEmail: a one-time code standing for `value`. Codes are recorded
     /// in the disclosure ledger when issued and stamped when redeemed.
-    async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, PlatformError>;
+    async fn value_code(
+        &self,
+        app_id: &str,
+        uid: &str,
+        kind: ValueKind,
+        value: String,
+    ) -> Result<String, PlatformError>;
 
     /// The signed-in user changed away from `old_uid`: its sessions end.
     async fn user_changed(&self, old_uid: &str) -> Result<(), PlatformError>;

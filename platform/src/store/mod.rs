@@ -122,10 +122,7 @@ pub trait PlatformStore: Send + Sync + std::fmt::Debug + 'static {
     /// Fills in the openid of sessions stored without one (by a daemon from before sessions kept
     /// it), as `openid` of (app, uid) computes it; returns how many. Engines that never stored a
     /// session without one have nothing to do.
-    async fn fill_session_openids(
-        &self,
-        _openid: &OpenidOf,
-    ) -> Result<usize, StoreError> {
+    async fn fill_session_openids(&self, _openid: &OpenidOf) -> Result<usize, StoreError> {
         Ok(0)
     }
 

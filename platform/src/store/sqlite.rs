@@ -187,10 +187,7 @@ impl PlatformStore for SqliteStore {
         Ok(fresh)
     }
 
-    async fn fill_session_openids(
-        &self,
-        openid: &OpenidOf,
-    ) -> Result<usize, StoreError> {
+    async fn fill_session_openids(&self, openid: &OpenidOf) -> Result<usize, StoreError> {
         in_transaction(&self.conn(), |conn| {
             let missing: Vec<(String, String)> = conn
                 .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
