@@ -17,6 +17,10 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -540,10 +544,10 @@ async fn one_app_cannot_take_every_renderer_stream() {
         open_stream(&d, &y, &mut keep).await.expect("another app is unaffected");
     }
     let broker = d.server.broker().clone();
-    assert_eq!(broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(broker.occupancy.streams.taken(), 5);
     // Closing streams gives the app its share back.
     keep.clear();
-    until("every stream closed", || broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst) == 0).await;
+    until("every stream closed", || broker.occupancy.streams.taken() == 0).await;
     for _ in 0..2 {
         open_stream(&d, &x1, &mut keep).await.expect("the instance's share is back");
     }
@@ -789,4 +793,152 @@ async fn app_instances_whose_host_left_and_renderers_are_gone_are_closed_after_t
     d.clock.advance_ms(1_500);
     until("the second orphan is closed", || broker.registry.get(&used.instance_id).is_none()).await;
     assert!(broker.registry.get(&fresh.instance_id).is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A share of what is left: one app may take at most half of what the other apps leave of a pool.
+
+/// The pools every app shares.
+#[derive(Debug, Clone, Copy)]
+enum SharedPool {
+    /// `limits.max_renderer_streams`: `OpenApi.Session` streams, one per renderer here.
+    Streams,
+    /// `limits.max_connections`: each renderer on its own connection.
+    Connections,
+    /// `limits.max_calls_in_flight`: calls a host holds unanswered.
+    Calls,
+}
+
+/// What an app got when it took all it could of a pool; `keep` holds it until dropped.
+struct Taken {
+    got: usize,
+    refusal: String,
+    _keep: Vec<RendererClient>,
+}
+
+/// Takes all `token`'s app can of `pool` (at most `attempts` tries), the way a hostile renderer
+/// would; the answers say how many it got and why the rest was refused.
+async fn take_all(d: &Daemon, pool: SharedPool, token: &str, attempts: usize, held_calls: &AtomicUsize) -> Taken {
+    let broker = d.server.broker().clone();
+    let mut keep = Vec::new();
+    match pool {
+        SharedPool::Streams | SharedPool::Connections => {
+            for got in 0..attempts {
+                let r = d.renderer(token).await;
+                let outcome = within("a stream's first call", r.call(v1::GetNickNameRequest {})).await;
+                match outcome {
+                    Ok(_) => keep.push(r),
+                    Err(f) => {
+                        assert_eq!(f.code(), Code::ResourceExhausted, "{f:?}");
+                        // The refused connection holds nothing once closed.
+                        let taken = broker.occupancy.connections.taken();
+                        drop(r);
+                        if matches!(pool, SharedPool::Connections) {
+                            until("the refused connection closed", || broker.occupancy.connections.taken() < taken)
+                                .await;
+                        }
+                        return Taken { got, refusal: f.err_msg, _keep: keep };
+                    }
+                }
+            }
+            panic!("{pool:?}: {attempts} taken, none refused");
+        }
+        SharedPool::Calls => {
+            let r = d.renderer(token).await;
+            let before = held_calls.load(Ordering::SeqCst);
+            let calls: Vec<_> = (0..attempts)
+                .map(|_| {
+                    let r = r.clone();
+                    tokio::spawn(async move { r.call(v1::GetNickNameRequest {}).await })
+                })
+                .collect();
+            // Refusals come back at once; the calls the host holds never answer.
+            let mut refusals = Vec::new();
+            within("every call held or refused", async {
+                let mut pending = calls;
+                loop {
+                    let (done, still): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| c.is_finished());
+                    for call in done {
+                        let f = call.await.unwrap().expect_err("a held call never answers");
+                        assert_eq!(f.code(), Code::ResourceExhausted, "{f:?}");
+                        refusals.push(f.err_msg);
+                    }
+                    pending = still;
+                    if held_calls.load(Ordering::SeqCst) - before + refusals.len() == attempts {
+                        return pending;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            keep.push(r);
+            let refusal = refusals.first().cloned().unwrap_or_default();
+            Taken { got: held_calls.load(Ordering::SeqCst) - before, refusal, _keep: keep }
+        }
+    }
+}
+
+/// With a pool of 40 and nothing else set (the per-app caps at their defaults, far above it),
+/// app A takes all it can, then B, then C: each gets half of what the others left, so A cannot
+/// take the whole pool and B is not refused. The refusal names the rule.
+#[tokio::test]
+async fn no_app_takes_the_last_of_a_shared_pool() {
+    for pool in [SharedPool::Streams, SharedPool::Connections, SharedPool::Calls] {
+        let d = Daemon::start_with(|c| match pool {
+            SharedPool::Streams => c.limits.max_renderer_streams = 40,
+            SharedPool::Connections => c.limits.max_connections = 40,
+            SharedPool::Calls => c.limits.max_calls_in_flight = 40,
+        })
+        .await;
+        let held_calls = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (held, gate) = (held_calls.clone(), release.clone());
+        let host = d
+            .host()
+            .user(user("u1"))
+            .handle(move |_app, _req: v1::GetNickNameRequest| {
+                held.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                async move {
+                    let _ = gate.acquire().await;
+                    Ok(v1::GetNickNameResponse::default())
+                }
+            })
+            .connect()
+            .await
+            .expect("host");
+        // v1: every call reaches the host (which holds those of the calls row).
+        let app_json = match pool {
+            SharedPool::Calls => r#"{"apiVersion":"v1"}"#,
+            _ => V2,
+        };
+        let apps = ["wxsharehog000001", "wxsharefair00001", "wxsharefair00002"];
+        let mut tokens = Vec::new();
+        for app in apps {
+            tokens.push(launch(&host, app, app_json).await.launch_token);
+        }
+        // What others hold of the pool before A starts (the host's connection).
+        let broker = d.server.broker().clone();
+        let others = match pool {
+            SharedPool::Connections => broker.occupancy.connections.taken() as usize,
+            _ => 0,
+        };
+        let mut left = 40 - others;
+        let mut kept = Vec::new();
+        for (app, token) in apps.iter().zip(&tokens) {
+            let taken = take_all(&d, pool, token, 40, &held_calls).await;
+            let share = left.div_ceil(2);
+            assert_eq!(taken.got, share, "{pool:?}: {app} gets half of the {left} the others left");
+            assert!(
+                taken.refusal.contains("its share of limits.max_")
+                    && taken.refusal.contains("one app may hold at most half of what the other apps leave"),
+                "{pool:?}: {}",
+                taken.refusal
+            );
+            left -= taken.got;
+            kept.push(taken);
+        }
+        println!("{pool:?}: {:?} of 40", kept.iter().map(|t| t.got).collect::<Vec<_>>());
+        release.close();
+    }
 }

@@ -329,7 +329,7 @@ impl Target {
     }
 
     fn streams(&self) -> u32 {
-        self.d.server.broker().stats.renderer_streams.load(Ordering::SeqCst)
+        self.d.server.broker().occupancy.streams.taken()
     }
 
     fn calls(&self) -> u64 {

@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -36,7 +36,6 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Stats {
     pub calls_total: AtomicU64,
-    pub renderer_streams: AtomicU32,
     pub next_stream: AtomicU64,
 }
 
