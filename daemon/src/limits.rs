@@ -123,7 +123,8 @@ impl Counted {
 /// holding nothing gets a unit while any is free.
 pub fn share_allows(held: u32, free_after: u32) -> bool {
     let left_to_it = u64::from(held) + 1 + u64::from(free_after);
-    u64::from(held) + 1 <= left_to_it.div_ceil(2)
+    // After the take it holds `held + 1`: at most half of `left_to_it`, rounded up.
+    u64::from(held) < left_to_it.div_ceil(2)
 }
 
 /// Why a unit of a shared pool was not taken.
