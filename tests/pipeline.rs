@@ -18,7 +18,7 @@ use std::{
 };
 
 use miniapp_broker_client::{
-    HostBuilder, HostClient, HostFailure, RendererClient,
+    HostBuilder, HostFailure, RendererClient,
     proto::{
         Api,
         api::{ApiCall, scope},

@@ -96,7 +96,8 @@ impl Broker {
     /// its answer within the call deadline.
     fn version_deadline(&self) -> tokio::time::Instant {
         let host = &self.config.host;
-        tokio::time::Instant::now() + std::time::Duration::from_millis(host.grace_ms.saturating_add(host.call_timeout_ms))
+        tokio::time::Instant::now()
+            + std::time::Duration::from_millis(host.grace_ms.saturating_add(host.call_timeout_ms))
     }
 
     /// One call, answered when it completes (typed unary RPCs and Invoke). The path every surface
@@ -172,7 +173,8 @@ impl Broker {
         slot: CallSlot,
     ) -> (Option<ApiVersion>, Result<ApiResponse, ApiError>) {
         let closed = || async { (None, Err(ApiError::Cancelled("app instance closed"))) };
-        let resolving = version::resolve(&self.host, self.config.default_api_version, instance, self.version_deadline());
+        let resolving =
+            version::resolve(&self.host, self.config.default_api_version, instance, self.version_deadline());
         let version = tokio::select! {
             biased;
             _ = instance.closed() => return closed().await,
@@ -234,7 +236,8 @@ impl Broker {
                 let delegated = api::Delegated::new(self, instance, api);
                 let reply = if delegated.post_processed() {
                     let broker = self.clone();
-                    let finish = AnswerFinish(Box::new(move |answer| api::finish_delegated(&broker, &delegated, answer)));
+                    let finish =
+                        AnswerFinish(Box::new(move |answer| api::finish_delegated(&broker, &delegated, answer)));
                     ReplyTo::StreamFinished { permit, id, finish }
                 } else {
                     ReplyTo::Stream { permit, id }

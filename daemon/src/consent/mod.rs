@@ -75,7 +75,8 @@ impl Consent {
     /// Whether `uid` refused any of `scopes` for `app_id` and the refusal stands (remembered
     /// refusals on).
     pub fn refuses_any(&self, app_id: &str, uid: &str, scopes: &[&str]) -> Result<bool, StoreError> {
-        Ok(self.remember_refusals && self.store.refused_scopes(app_id, uid)?.iter().any(|s| scopes.contains(&s.as_str())))
+        Ok(self.remember_refusals
+            && self.store.refused_scopes(app_id, uid)?.iter().any(|s| scopes.contains(&s.as_str())))
     }
 
     /// The decided scopes of (app, uid): scope → granted.
