@@ -133,7 +133,7 @@ pub async fn run_reporting() -> Result<DemoReport, Box<dyn std::error::Error + S
     let profile = demo_profile();
     handed.push(("phone number", profile.user.phone_number.clone()));
     handed.push(("e-mail", profile.user.email.clone()));
-    let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {})).connect().await?;
+    let host = dev_host::builder(&address, server.host_token(), &profile, Arc::new(|_| {}), None).connect().await?;
     println!("host     {:?} connected, user {} signed in, refuses {}", profile.name, profile.user.uid, scope::NICKNAME);
     let secret = host.register_app(DEMO_APP, false).await?.secret;
     handed.push(("app secret", secret.clone()));
