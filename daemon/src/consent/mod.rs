@@ -106,7 +106,7 @@ impl Consent {
         needs_grant: bool,
     ) -> Result<Cleared<'_>, ApiError> {
         let shard = self.shard(app_id, uid).read().await;
-        if self.refuses(app_id, uid, scope)? {
+        if self.refuses_any(app_id, uid, &[scope])? {
             return Err(ApiError::AuthDeny);
         }
         if needs_grant && !self.store.granted_scopes(app_id, uid)?.iter().any(|s| s == scope) {
