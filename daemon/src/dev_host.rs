@@ -24,6 +24,8 @@ use miniapp_broker_client::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::dev_superapp::DevSuperapp;
+
 /// The dev-host's settings (`dev-host --profile FILE`). Every key is optional.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +42,28 @@ pub struct DevHostConfig {
     pub refuse: Vec<String>,
     /// The openApiVersion answer for apps whose app.json sets none; empty: not implemented.
     pub open_api_version: String,
+    /// The superapp's server, as `dev-host --superapp-listen ADDR` plays it.
+    pub superapp: DevSuperappConfig,
+}
+
+/// The superapp server the dev-host plays (`--superapp-listen`): who it knows and whom it trusts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevSuperappConfig {
+    /// The `X-CLIENT-KEY` the platform must send (the daemon's `[superapp] client_key`).
+    pub client_key: String,
+    /// The platform's public key, a PEM file as `miniapp-brokerd platform-public-key` prints it
+    /// (`--platform-public-key` overrides). Empty: the key of the daemon the dev-host serves, read
+    /// from its data dir.
+    pub platform_public_key: String,
+    /// Users the superapp knows besides the signed-in `[user]` (checkUser, their profiles).
+    pub users: Vec<DevUser>,
+}
+
+impl Default for DevSuperappConfig {
+    fn default() -> Self {
+        DevSuperappConfig { client_key: "dev-client-key".into(), platform_public_key: String::new(), users: Vec::new() }
+    }
 }
 
 /// The user the dev-host signs in.
@@ -62,6 +86,7 @@ impl Default for DevHostConfig {
             scopes: "auto".into(),
             refuse: Vec::new(),
             open_api_version: String::new(),
+            superapp: DevSuperappConfig::default(),
         }
     }
 }
@@ -96,7 +121,15 @@ impl DevHostConfig {
                 config.open_api_version
             ));
         }
+        if config.superapp.client_key.is_empty() {
+            return Err("superapp.client_key must not be empty".into());
+        }
         Ok(config)
+    }
+
+    /// Every user the superapp server knows: the signed-in one and `superapp.users`.
+    pub fn superapp_users(&self) -> Vec<DevUser> {
+        std::iter::once(self.user.clone()).chain(self.superapp.users.iter().cloned()).collect()
     }
 
     /// The user as the host pushes it.
@@ -180,7 +213,15 @@ pub fn describe_consent(e: &miniapp_broker_client::proto::v1::ConsentChanged) ->
 }
 
 /// A host builder that answers every delegate method from `config`, reporting each call to `print`.
-pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printer) -> HostBuilder {
+/// With `superapp`, getAuthCode's authCodes are that server's, for the signed-in user and the
+/// scopes granted; without, they are random strings no one can redeem.
+pub fn builder(
+    address: &str,
+    token: &str,
+    config: &DevHostConfig,
+    print: Printer,
+    superapp: Option<Arc<DevSuperapp>>,
+) -> HostBuilder {
     let cfg = Arc::new(config.clone());
     let note = move |print: &Printer, app: &AppInfo, what: &str| {
         print(format!(
@@ -238,9 +279,9 @@ pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printe
         let (cfg, print) = (cfg.clone(), print.clone());
         b = b.get_auth_code(move |app, req: GetAuthCodeRequest| {
             note(&print, &app, &format!("getAuthCode({})", req.api));
-            let cfg = cfg.clone();
+            let (cfg, superapp) = (cfg.clone(), superapp.clone());
             async move {
-                let mut answer = GetAuthCodeResponse { auth_code: hex_code("devhost-auth-"), ..Default::default() };
+                let mut answer = GetAuthCodeResponse::default();
                 let mut refused = BTreeMap::new();
                 for s in &req.scopes {
                     let granted = if cfg.refuse.contains(s) {
@@ -258,6 +299,14 @@ pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printe
                     }
                 }
                 answer.auth_error_scopes = refused.into_iter().collect();
+                answer.auth_code = match &superapp {
+                    Some(server) => {
+                        server.issue_auth_code(&cfg.user.uid, &answer.auth_success_scopes).ok_or_else(|| {
+                            HostFailure::error("DevHostSuperappDomain", -3, "too many outstanding authCodes")
+                        })?
+                    }
+                    None => hex_code("devhost-auth-"),
+                };
                 Ok(answer)
             }
         });
@@ -325,6 +374,7 @@ mod tests {
                 scopes: scopes.into(),
                 refuse: refuse.into_iter().map(str::to_owned).collect(),
                 open_api_version: open_api_version.into(),
+                superapp: DevSuperappConfig::default(),
             })
     }
 

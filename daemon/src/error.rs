@@ -217,6 +217,9 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("config: {0}")]
     Config(String),
+    /// The platform's key pair for superapp servers could not be read or made.
+    #[error("platform key: {0}")]
+    PlatformKey(#[from] crate::superapp::signing::KeyError),
 }
 
 #[cfg(test)]

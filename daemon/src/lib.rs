@@ -13,6 +13,7 @@ pub mod config;
 pub mod consent;
 pub mod demo;
 pub mod dev_host;
+pub mod dev_superapp;
 pub mod error;
 pub mod host_link;
 pub mod limits;
@@ -21,6 +22,7 @@ pub mod platform;
 pub mod registry;
 pub mod services;
 pub mod store;
+pub mod superapp;
 pub mod tokens;
 pub mod transport;
 pub mod user;
@@ -234,6 +236,16 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         "miniapp-brokerd listening"
     );
     Ok(Server { broker, task, backend_http, token_file, _lock: lock })
+}
+
+/// The platform's key pair for superapp servers at `path` (`[superapp] key_file`), made there at
+/// first use; a directory it makes is private. Written atomically, so `platform-public-key` and a
+/// starting daemon never make two.
+pub fn platform_key(path: &std::path::Path) -> Result<superapp::PlatformKey, StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        transport::create_owned_dir(dir, "data directory")?;
+    }
+    Ok(superapp::PlatformKey::load_or_create(path)?)
 }
 
 /// Takes the data dir's exclusive lock (`<data dir>/daemon.lock`), held until the [`Server`] is

@@ -31,8 +31,8 @@ pub struct AppInstance {
     version: AtomicU8,
     /// The host session whose openApiVersion answer the version came from.
     version_host: AtomicU64,
-    /// Serializes resolution so the host is asked once per instance.
-    pub(crate) resolving: tokio::sync::Mutex<()>,
+    /// The open version question, shared by the calls that wait for it.
+    pub(crate) question: crate::version::Question,
     in_flight: AtomicU32,
     max_in_flight: u32,
     /// The daemon's pool of calls in flight, and what each app holds of it.
@@ -313,7 +313,7 @@ impl AppRegistry {
             secret: secret.clone(),
             version: AtomicU8::new(0),
             version_host: AtomicU64::new(0),
-            resolving: tokio::sync::Mutex::new(()),
+            question: Default::default(),
             in_flight: AtomicU32::new(0),
             max_in_flight: self.max_in_flight,
             calls: self.calls.clone(),
