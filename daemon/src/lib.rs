@@ -195,9 +195,9 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         config.consent.remember_refusals,
         config.privacy.ledger_days,
     );
-    let occupancy = limits::Occupancy::default();
+    let occupancy = limits::Occupancy::new(&config.limits);
     let broker = Arc::new(Broker {
-        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance, occupancy.per_app.clone()),
+        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance, &occupancy),
         host: Arc::new(HostLink::new(
             config.call_timeout(),
             Duration::from_millis(config.host.grace_ms),
@@ -289,18 +289,24 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
     let admin = AdminServer::new(services::admin::AdminService::new(broker.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    // Health checks and reflection hold renderer streams like a Session stream does.
+    let budget =
+        services::stream_budget::StreamBudget::new(&broker.occupancy, broker.clock.clone(), &broker.config.limits);
 
     let auth_timeout = Duration::from_millis(broker.config.limits.auth_timeout_ms);
-    let incoming = transport::incoming(listener, broker.config.limits.max_connections as usize, auth_timeout);
+    let incoming = transport::incoming(listener, broker.occupancy.connections.clone(), auth_timeout);
     let shutdown = broker.shutdown.clone();
     tonic::transport::Server::builder()
+        // Every service's streams on one connection (hyper's default would be unbounded here):
+        // the peer's next stream is refused with REFUSED_STREAM until one ends.
+        .max_concurrent_streams(broker.config.limits.max_streams_per_connection)
         .layer(services::gate::GateLayer::new(broker.clone()))
         .add_service(open_api)
         .add_service(host)
         .add_service(exchange)
         .add_service(admin)
-        .add_service(health)
-        .add_service(reflection)
+        .add_service(budget.wrap(health))
+        .add_service(budget.wrap(reflection))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -84,7 +84,7 @@ impl Admin for AdminService {
             user_signed_in: b.user.get().is_some(),
             apps: b.registry.len() as u32,
             calls_in_flight: b.host.calls_in_flight() as u64,
-            renderer_streams: b.stats.renderer_streams.load(Ordering::Relaxed),
+            renderer_streams: b.occupancy.streams.taken(),
             default_api_version: b.config.default_api_version.as_str().to_owned(),
             listen_address: b.listen_address.clone(),
             store: b.store.location().to_owned(),
