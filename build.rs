@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/miniapp/broker/v1/host.proto",
     "proto/miniapp/broker/v1/exchange.proto",
     "proto/miniapp/broker/v1/admin.proto",
+    "proto/miniapp/platform/v1/platform.proto",
 ];
 
 /// Per-API messages that the JSON bridge reads and writes with the WeChat camelCase names.

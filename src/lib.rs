@@ -19,6 +19,15 @@ pub mod v1 {
     tonic::include_proto!("miniapp.broker.v1");
 }
 
+/// Generated from `proto/miniapp/platform/v1/platform.proto`: the API daemons use to reach the
+/// platform service (`miniapp-platformd serve --daemon-listen`).
+pub mod platform {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("miniapp.platform.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of `proto/`, served by gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/miniapp_broker_v1_descriptor.bin"));
 

@@ -564,10 +564,23 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
             within("avatar", r.call(v1::ChooseAvatarRequest {})).await.expect("avatar");
             let nick = within("nickname", r.call(v1::GetNickNameRequest {})).await;
             assert_eq!(nick.is_ok(), version == "v2", "{version}: the v3 host refuses the nickname");
-            within("info", r.call(v1::GetUserInfoRequest::default())).await.expect("user info");
+            // getUserInfo and getUserProfile carry the nickname: refused with it (docs/decisions.md).
+            let info = within("info", r.call(v1::GetUserInfoRequest::default())).await;
             let profile = v1::GetUserProfileRequest { desc: "scoreboard".into(), lang: String::new() };
-            within("profile", r.call(profile.clone())).await.expect("profile");
-            within("profile", r.call_unary(profile)).await.expect("profile, unary");
+            let profiles = [
+                within("profile", r.call(profile.clone())).await.map(|_| ()),
+                within("profile", r.call_unary(profile)).await.map(|_| ()),
+            ];
+            for answer in [info.map(|_| ())].iter().chain(&profiles) {
+                match answer {
+                    Ok(()) => assert_eq!(version, "v2", "v3 refused the nickname"),
+                    Err(f) => {
+                        assert_eq!(version, "v3", "{f:?}");
+                        assert!(f.err_msg.ends_with(":fail auth deny"), "{f:?}");
+                        assert_failure(f, &f.err_msg, errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
+                    }
+                }
+            }
             within("setting", r.call(v1::GetSettingRequest {})).await.expect("getSetting discloses nothing");
             let c2s = Code2SessionRequest { app_id: APP.into(), secret: secret.clone(), code: login };
             ex.code2_session(c2s).await.expect("code2session");
@@ -579,7 +592,7 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
                 ex.get_email(redeem(&secret, &email)).await.expect("email redeemed");
             }
         }
-        assert_eq!(desk.lock().unwrap().delegated.len(), 6);
+        assert_eq!(desk.lock().unwrap().delegated.len(), 3, "u2's refused nickname kept its user info from the host");
         let mut expected = Vec::new();
         for uid in ["u1", "u2"] {
             expected.extend([
@@ -588,12 +601,14 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
                 row(uid, "openid", "login", "exchange"),
                 row(uid, "phone_number", "getPhoneNumber", "exchange"),
                 row(uid, "unionid", "login", "exchange"),
-                row(uid, "user_info", "getUserInfo", ""),
-                row(uid, "user_profile", "getUserProfile", ""),
-                row(uid, "user_profile", "getUserProfile", ""),
             ]);
         }
-        expected.push(row("u1", "nickname", "getNickName", ""));
+        expected.extend([
+            row("u1", "nickname", "getNickName", ""),
+            row("u1", "user_info", "getUserInfo", ""),
+            row("u1", "user_profile", "getUserProfile", ""),
+            row("u1", "user_profile", "getUserProfile", ""),
+        ]);
         expected.sort();
         let ledger = host.ledger(APP, "", 0).await.expect("ledger");
         assert_eq!(rows(&ledger), expected, "one row per disclosure, none for the refused nickname");
@@ -735,4 +750,150 @@ async fn with_remember_refusals_off_the_host_is_asked_again() {
     }
     assert_eq!(asked(&desk).len(), 2, "asked every time");
     assert_eq!(setting(&r).await, map(&[]), "nothing remembered");
+}
+
+/// A v2 host's phone and e-mail codes are issued with no stored decision: revoking the scope (the
+/// operator's RevokeGrants, the host's SetDecision UNDECIDED, either's "revoke all") still kills
+/// the codes already out, while a code issued after the revocation works (v2 asks no one).
+#[tokio::test]
+async fn revoking_a_scope_never_decided_kills_its_outstanding_codes() {
+    let daemon = Daemon::start().await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let secret = host.register_app(APP, false).await.expect("register").secret;
+    let app = launch(&host, APP, r#"{"apiVersion":"v2"}"#).await;
+    let r = daemon.renderer(&app.launch_token).await;
+    let mut ex = exchange(&daemon).await;
+    let mut events = host.consent_changes();
+    let phone = || async { within("phone", r.call(v1::GetPhoneNumberRequest {})).await.expect("phone").code };
+    let email = || async { within("email", r.call(v1::GetEmailRequest {})).await.expect("email").code };
+
+    // The operator revokes one scope, then every scope: nothing was decided, so nothing "changed".
+    let (p, e) = (phone().await, email().await);
+    assert_eq!(host.revoke_grants(APP, "", scope::PHONE_NUMBER).await.expect("revoke"), 0);
+    assert_eq!(errcode(ex.get_phone_number(redeem(&secret, &p)).await.expect_err("revoked")), 40029);
+    assert_eq!(host.revoke_grants(APP, "u1", "").await.expect("revoke all"), 0);
+    assert_eq!(errcode(ex.get_email(redeem(&secret, &e)).await.expect_err("revoked")), 40029);
+
+    // The host does the same; a later SetDecision's event says the earlier one was applied
+    // (the host's messages are applied in order).
+    let (p, e) = (phone().await, email().await);
+    host.set_decision(APP, "", scope::PHONE_NUMBER, Decision::Undecided).await.expect("sent");
+    host.set_decision(APP, "", scope::AVATAR, Decision::Granted).await.expect("sent");
+    assert_eq!(event(&mut events).await, (scope::AVATAR.into(), Decision::Granted, DecisionSource::Host));
+    assert_eq!(errcode(ex.get_phone_number(redeem(&secret, &p)).await.expect_err("revoked")), 40029);
+    assert_eq!(
+        ex.get_email(redeem(&secret, &e)).await.expect("another scope's code lives").into_inner().email,
+        "u1@example.invalid"
+    );
+    let e = email().await;
+    host.set_decision(APP, "", "", Decision::Undecided).await.expect("host revokes all");
+    assert_eq!(event(&mut events).await, (scope::AVATAR.into(), Decision::Undecided, DecisionSource::Host));
+    assert_eq!(errcode(ex.get_email(redeem(&secret, &e)).await.expect_err("revoked")), 40029);
+
+    // After the revocation a new code is the user's to give again.
+    let p = phone().await;
+    assert_eq!(
+        ex.get_phone_number(redeem(&secret, &p)).await.expect("a new code").into_inner().phone_number,
+        "+86 138 u1"
+    );
+    no_more_events(&mut events);
+}
+
+/// Many getPhoneNumber calls race the host's refusal (SetDecision REFUSED, never decided before):
+/// once its event arrived, no code any of them got redeems, and every call after it is refused.
+/// Then the operator's RevokeGrants races them: no code answered before it was sent redeems.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_racing_many_phone_number_calls_leaves_no_code_issued_past_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let daemon = Daemon::start_with(|c| {
+        c.limits.exchanges_per_minute_per_app = 100_000;
+        c.limits.exchange_burst_per_app = 100_000;
+        c.limits.calls_per_second_per_app = 100_000;
+        c.limits.burst_per_app = 100_000;
+    })
+    .await;
+    let (host, _desk) = consent_host(&daemon, "u1", false).await;
+    let secret = host.register_app(APP, false).await.expect("register").secret;
+    let app = launch(&host, APP, r#"{"apiVersion":"v2"}"#).await;
+    let renderers = [daemon.renderer(&app.launch_token).await, daemon.renderer(&app.launch_token).await];
+    let mut ex = exchange(&daemon).await;
+    let mut events = host.consent_changes();
+    const CALLERS: usize = 8;
+    const MOST: usize = 400;
+    for round in 0..30 {
+        // Callers ask for phone codes until they are refused (each a bounded number of times).
+        let issued = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|i| {
+                let (r, issued) = (renderers[i % 2].clone(), issued.clone());
+                tokio::spawn(async move {
+                    let mut codes = Vec::new();
+                    for _ in 0..MOST {
+                        match r.call(v1::GetPhoneNumberRequest {}).await {
+                            Ok(answer) => codes.push(answer.code),
+                            Err(f) => return (codes, Some(f)),
+                        }
+                        issued.fetch_add(1, Ordering::SeqCst);
+                    }
+                    (codes, None)
+                })
+            })
+            .collect();
+        until("codes are being issued", || issued.load(Ordering::SeqCst) >= 40).await;
+        host.set_decision(APP, "", scope::PHONE_NUMBER, Decision::Refused).await.expect("sent");
+        assert_eq!(event(&mut events).await, (scope::PHONE_NUMBER.into(), Decision::Refused, DecisionSource::Host));
+        let mut codes = Vec::new();
+        for caller in callers {
+            let (got, refused) = within("a caller ends", caller).await.expect("caller task");
+            let f = refused.unwrap_or_else(|| panic!("round {round}: {MOST} codes and never refused"));
+            assert_failure(&f, "getPhoneNumber:fail auth deny", errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
+            codes.extend(got);
+        }
+        for code in &codes {
+            match ex.get_phone_number(redeem(&secret, code)).await {
+                Ok(_) => panic!("round {round}: one of {} codes redeemed after the refusal", codes.len()),
+                Err(refused) => assert_eq!(errcode(refused), 40029),
+            }
+        }
+        host.set_decision(APP, "", scope::PHONE_NUMBER, Decision::Undecided).await.expect("sent");
+        assert_eq!(event(&mut events).await, (scope::PHONE_NUMBER.into(), Decision::Undecided, DecisionSource::Host));
+    }
+
+    // The operator's revocation of the never-decided scope, racing the same callers: every code
+    // answered before the revocation was sent is dead once it answered.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent_tx, sent_rx) = tokio::sync::watch::channel(false);
+    let issued = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let (r, stop, sent, issued) = (renderers[i % 2].clone(), stop.clone(), sent_rx.clone(), issued.clone());
+            tokio::spawn(async move {
+                let mut before = Vec::new();
+                for _ in 0..MOST {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let answer = r.call(v1::GetPhoneNumberRequest {}).await.expect("v2 issues while undecided");
+                    if !*sent.borrow() {
+                        before.push(answer.code);
+                    }
+                    issued.fetch_add(1, Ordering::SeqCst);
+                }
+                before
+            })
+        })
+        .collect();
+    until("codes are being issued", || issued.load(Ordering::SeqCst) >= 40).await;
+    sent_tx.send(true).expect("callers watch");
+    assert_eq!(host.revoke_grants(APP, "", scope::PHONE_NUMBER).await.expect("revoke"), 0);
+    stop.store(true, Ordering::SeqCst);
+    let mut before = Vec::new();
+    for caller in callers {
+        before.extend(within("a caller ends", caller).await.expect("caller task"));
+    }
+    assert!(!before.is_empty());
+    for code in &before {
+        let refused = ex.get_phone_number(redeem(&secret, code)).await.expect_err("answered before the revoke");
+        assert_eq!(errcode(refused), 40029);
+    }
 }

@@ -28,6 +28,7 @@ pub struct Config {
     pub consent: ConsentConfig,
     pub privacy: PrivacyConfig,
     pub backend_http: BackendHttpConfig,
+    pub superapp: SuperappConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -89,6 +90,9 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Calls one app instance may have in flight at once.
     pub max_calls_in_flight_per_instance: u32,
+    /// Calls in flight at once over all apps. One app may hold at most half of what the other apps
+    /// leave of it (docs/reliability.md, "A share of what is left").
+    pub max_calls_in_flight: u32,
     /// Sustained calls per second per app id (all its instances together).
     pub calls_per_second_per_app: u32,
     /// Burst above the sustained rate.
@@ -100,6 +104,9 @@ pub struct LimitsConfig {
     pub max_renderer_streams_per_app: u32,
     /// Renderer streams open at once for one app instance.
     pub max_renderer_streams_per_instance: u32,
+    /// HTTP/2 streams (requests of any service) open at once on one connection; the peer's next
+    /// stream is refused (RST_STREAM REFUSED_STREAM) until one ends.
+    pub max_streams_per_connection: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
     /// Connections attributed to one app id at once (a connection belongs to the app whose launch
@@ -190,6 +197,85 @@ impl BackendHttpConfig {
     }
 }
 
+/// The superapp's server, which vouches for the user (docs/superapp-server.md): v3 authCodes are
+/// redeemed there, users checked there, and phone, e-mail, avatar and nickname fetched from there.
+/// Off while `server_url` is empty: the host's pushed profile serves, as on one machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuperappConfig {
+    /// `http://host:port` of the superapp's server (a path prefix is kept); empty: none.
+    pub server_url: String,
+    /// `X-CLIENT-KEY`: the key the superapp gave this platform.
+    pub client_key: String,
+    /// The deadline of one call to the server, connect to last byte.
+    pub timeout_ms: u64,
+    /// The largest answer read from the server; a larger one is a failure.
+    pub max_answer_bytes: u32,
+    /// Calls to the server in flight at once; one more fails at once ("system busy").
+    pub max_in_flight: u32,
+    /// The platform's RSA key pair, made at first start (default `<data_dir>/platform.key`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for SuperappConfig {
+    fn default() -> Self {
+        SuperappConfig {
+            server_url: String::new(),
+            client_key: String::new(),
+            timeout_ms: 3_000,
+            max_answer_bytes: 64 * 1024,
+            max_in_flight: 64,
+            key_file: None,
+        }
+    }
+}
+
+impl SuperappConfig {
+    /// Whether a superapp server is configured.
+    pub fn enabled(&self) -> bool {
+        !self.server_url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=60_000).contains(&self.timeout_ms)
+            || !(1024..=16 * 1024 * 1024).contains(&self.max_answer_bytes)
+            || self.max_in_flight == 0
+        {
+            return Err("superapp.timeout_ms must be 1..=60000, max_answer_bytes 1024..=16777216, \
+                        max_in_flight above 0"
+                .into());
+        }
+        if self.enabled() {
+            if !self.server_url.starts_with("http://") {
+                return Err(format!(
+                    "superapp.server_url must be an http:// URL (put a TLS proxy in front for https), not {:?}",
+                    self.server_url
+                ));
+            }
+            if self.client_key.is_empty() {
+                return Err("superapp.client_key is required with superapp.server_url".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the platform's key pair lives for a daemon whose data dir is `data_dir`.
+    pub fn key_path(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.key_file.clone().unwrap_or_else(|| data_dir.join("platform.key"))
+    }
+
+    /// The client's settings, when a server is configured.
+    pub fn client_settings(&self) -> Option<crate::superapp::ClientSettings> {
+        self.enabled().then(|| crate::superapp::ClientSettings {
+            server_url: self.server_url.clone(),
+            client_key: self.client_key.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            max_answer_bytes: self.max_answer_bytes as usize,
+            max_in_flight: self.max_in_flight as usize,
+        })
+    }
+}
+
 /// One app's settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -243,6 +329,7 @@ impl Default for Config {
             consent: ConsentConfig::default(),
             privacy: PrivacyConfig::default(),
             backend_http: BackendHttpConfig::default(),
+            superapp: SuperappConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -266,11 +353,13 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 64 * 1024,
             max_calls_in_flight_per_instance: 64,
+            max_calls_in_flight: 4_096,
             calls_per_second_per_app: 2_000,
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
             max_renderer_streams_per_app: 1_000,
             max_renderer_streams_per_instance: 100,
+            max_streams_per_connection: 100,
             max_connections: 10_240,
             max_connections_per_app: 1_000,
             max_connections_per_instance: 100,
@@ -334,6 +423,8 @@ impl Config {
             || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
+            || self.limits.max_calls_in_flight == 0
+            || self.limits.max_streams_per_connection == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -364,6 +455,7 @@ impl Config {
             return Err("limits.auth_timeout_ms must be at most one day (86400000)".into());
         }
         self.backend_http.address()?;
+        self.superapp.validate()?;
         Ok(())
     }
 
@@ -405,6 +497,7 @@ mod tests {
         all.data_dir = Some("/d".into());
         all.host.token_file = Some("/t".into());
         all.backend_http.listen = Some("127.0.0.1:0".into());
+        all.superapp.key_file = Some("/k".into());
         all.apps.insert("x".into(), AppConfig { union_group: Some("g".into()), secret: Some("s".into()) });
         let toml::Value::Table(table) = toml::Value::try_from(&all).unwrap() else { panic!("a table") };
         let mut keys = Vec::new();
@@ -464,6 +557,7 @@ mod tests {
             (1u32.., 1u32.., 1u32..),
             (1u64..=DAY_MS, 1u64..315_000_000),
             (1u32.., 1u32..),
+            (1u32.., 1u32..),
         )
             .prop_map(
                 |(
@@ -472,6 +566,7 @@ mod tests {
                     (max_connections, max_connections_per_app, max_connections_per_instance),
                     (auth_timeout_ms, orphan_idle_secs),
                     (exchanges_per_minute_per_app, exchange_burst_per_app),
+                    (max_calls_in_flight, max_streams_per_connection),
                 )| {
                     LimitsConfig {
                         max_message_bytes,
@@ -488,6 +583,8 @@ mod tests {
                         orphan_idle_secs,
                         exchanges_per_minute_per_app,
                         exchange_burst_per_app,
+                        max_calls_in_flight,
+                        max_streams_per_connection,
                     }
                 },
             );
@@ -501,6 +598,20 @@ mod tests {
                     idle_timeout_ms,
                 },
             );
+        let superapp = (
+            proptest::option::of(("[a-z0-9.]{1,12}", 1u16.., "[ -~]{1,16}")),
+            1u64..=60_000,
+            1024u32..=16 * 1024 * 1024,
+            1u32..,
+            path(),
+        )
+            .prop_map(|(server, timeout_ms, max_answer_bytes, max_in_flight, key_file)| {
+                let (server_url, client_key) = match server {
+                    Some((host, port, key)) => (format!("http://{host}:{port}"), key),
+                    None => (String::new(), String::new()),
+                };
+                SuperappConfig { server_url, client_key, timeout_ms, max_answer_bytes, max_in_flight, key_file }
+            });
         let sessions = (1u64..315_000_000, 1u64..315_000_000, 1u32..).prop_map(
             |(lifetime_secs, code_ttl_secs, max_codes_per_user)| SessionConfig {
                 lifetime_secs,
@@ -525,6 +636,7 @@ mod tests {
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
             (any::<bool>(), 1u32..=36_600),
             backend_http,
+            superapp,
         )
             .prop_map(
                 |(
@@ -537,6 +649,7 @@ mod tests {
                     apps,
                     (remember_refusals, ledger_days),
                     backend_http,
+                    superapp,
                 )| Config {
                     socket,
                     data_dir,
@@ -550,6 +663,7 @@ mod tests {
                     consent: ConsentConfig { remember_refusals },
                     privacy: PrivacyConfig { ledger_days },
                     backend_http,
+                    superapp,
                     apps,
                 },
             )
@@ -583,6 +697,8 @@ mod tests {
             ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
+            ("limits", "max_calls_in_flight"),
+            ("limits", "max_streams_per_connection"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("store", "synchronous"),
@@ -594,6 +710,12 @@ mod tests {
             ("backend_http", "allow_remote"),
             ("backend_http", "max_connections"),
             ("backend_http", "idle_timeout_ms"),
+            ("superapp", "server_url"),
+            ("superapp", "client_key"),
+            ("superapp", "timeout_ms"),
+            ("superapp", "max_answer_bytes"),
+            ("superapp", "max_in_flight"),
+            ("superapp", "key_file"),
             ("apps.wxa", "union_group"),
             ("apps.wxa", "secret"),
             ("limits", "max_sockets"),

@@ -28,6 +28,8 @@ use miniapp_broker_client::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::dev_superapp::DevSuperapp;
+
 /// The dev-host's settings (`dev-host --profile FILE`). Every key is optional.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -46,6 +48,28 @@ pub struct DevHostConfig {
     pub open_api_version: String,
     /// More users a person can switch to (`dev-sim`'s panel); `user` is signed in at the start.
     pub users: Vec<DevUser>,
+    /// The superapp's server, as `dev-host --superapp-listen ADDR` plays it.
+    pub superapp: DevSuperappConfig,
+}
+
+/// The superapp server the dev-host plays (`--superapp-listen`): who it knows and whom it trusts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevSuperappConfig {
+    /// The `X-CLIENT-KEY` the platform must send (the daemon's `[superapp] client_key`).
+    pub client_key: String,
+    /// The platform's public key, a PEM file as `miniapp-brokerd platform-public-key` prints it
+    /// (`--platform-public-key` overrides). Empty: the key of the daemon the dev-host serves, read
+    /// from its data dir.
+    pub platform_public_key: String,
+    /// Users the superapp knows besides the signed-in `[user]` (checkUser, their profiles).
+    pub users: Vec<DevUser>,
+}
+
+impl Default for DevSuperappConfig {
+    fn default() -> Self {
+        DevSuperappConfig { client_key: "dev-client-key".into(), platform_public_key: String::new(), users: Vec::new() }
+    }
 }
 
 /// The user the dev-host signs in.
@@ -69,6 +93,7 @@ impl Default for DevHostConfig {
             refuse: Vec::new(),
             open_api_version: String::new(),
             users: Vec::new(),
+            superapp: DevSuperappConfig::default(),
         }
     }
 }
@@ -106,7 +131,15 @@ impl DevHostConfig {
         if let Some(u) = config.users.iter().find(|u| u.uid.is_empty()) {
             return Err(format!("every entry of users needs a uid (nick_name {:?} has none)", u.nick_name));
         }
+        if config.superapp.client_key.is_empty() {
+            return Err("superapp.client_key must not be empty".into());
+        }
         Ok(config)
+    }
+
+    /// Every user the superapp server knows: the signed-in one and `superapp.users`.
+    pub fn superapp_users(&self) -> Vec<DevUser> {
+        std::iter::once(self.user.clone()).chain(self.users.iter().cloned()).chain(self.superapp.users.iter().cloned()).collect()
     }
 
     /// The user as the host pushes it.
@@ -291,13 +324,21 @@ pub fn describe_consent(e: &miniapp_broker_client::proto::v1::ConsentChanged) ->
 }
 
 /// A host builder that answers every delegate method from `config`, reporting each call to `print`.
-pub fn builder(address: &str, token: &str, config: &DevHostConfig, print: Printer) -> HostBuilder {
+/// With `superapp`, getAuthCode's authCodes are that server's, for the signed-in user and the
+/// scopes granted; without, they are random strings no one can redeem.
+pub fn builder(
+    address: &str,
+    token: &str,
+    config: &DevHostConfig,
+    print: Printer,
+    superapp: Option<Arc<DevSuperapp>>,
+) -> HostBuilder {
     let user: CurrentDevUser = Arc::new(ArcSwap::from_pointee(config.user.clone()));
-    builder_with(address, token, config, user, Arc::new(ProfileAnswers::new(config)), printing(print))
+    builder_with(address, token, config, user, Arc::new(ProfileAnswers::new(config)), printing(print), superapp)
 }
 
 /// A host builder whose user-facing answers come from `answers` and whose profile data comes from
-/// the current `user`, reporting each delegate call to `observe`.
+/// the current `user`, reporting each delegate call to `observe`; authCodes as in [`builder`].
 pub fn builder_with(
     address: &str,
     token: &str,
@@ -305,6 +346,7 @@ pub fn builder_with(
     user: CurrentDevUser,
     answers: Arc<dyn HostUser>,
     observe: Observer,
+    superapp: Option<Arc<DevSuperapp>>,
 ) -> HostBuilder {
     let mut b = HostBuilder::new(address, token).name(&config.name).user(user.load().signed_in());
 
@@ -362,13 +404,14 @@ pub fn builder_with(
     payment!(RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse, "requestMidasPaymentGameItem");
 
     {
-        let (answers, observe) = (answers.clone(), observe.clone());
+        let (answers, observe, user, superapp) = (answers.clone(), observe.clone(), user.clone(), superapp.clone());
         b = b.get_auth_code(move |app, req: GetAuthCodeRequest| {
             observe(&app, &format!("getAuthCode({})", req.api));
             let decided = answers.scopes(&app, &req);
+            let (uid, superapp) = (user.load().uid.clone(), superapp.clone());
             async move {
                 let decided: HashMap<String, bool> = decided.await.into_iter().collect();
-                let mut answer = GetAuthCodeResponse { auth_code: hex_code("devhost-auth-"), ..Default::default() };
+                let mut answer = GetAuthCodeResponse::default();
                 let mut refused = BTreeMap::new();
                 for s in &req.scopes {
                     if decided.get(s).copied().unwrap_or(false) {
@@ -378,6 +421,14 @@ pub fn builder_with(
                     }
                 }
                 answer.auth_error_scopes = refused.into_iter().collect();
+                answer.auth_code = match &superapp {
+                    Some(server) => {
+                        server.issue_auth_code(&uid, &answer.auth_success_scopes).ok_or_else(|| {
+                            HostFailure::error("DevHostSuperappDomain", -3, "too many outstanding authCodes")
+                        })?
+                    }
+                    None => hex_code("devhost-auth-"),
+                };
                 Ok(answer)
             }
         });
@@ -445,6 +496,7 @@ mod tests {
                 refuse: refuse.into_iter().map(str::to_owned).collect(),
                 open_api_version: open_api_version.into(),
                 users: Vec::new(),
+                superapp: DevSuperappConfig::default(),
             })
     }
 

@@ -99,6 +99,15 @@ enum Command {
     /// A simulator in the browser: your mini app's page calls `wx.*` through the daemon, and a
     /// panel lets you play the superapp's user (sign-in, scope and payment prompts, versions).
     DevSim(DevSimArgs),
+    /// Print the embedded platform's public key (PEM) for the superapp's server to install,
+    /// making the key pair first if there is none (docs/superapp-server.md).
+    PlatformPublicKey {
+        #[arg(long, env = "MINIAPP_BROKERD_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's data dir (default: the config's, else $XDG_DATA_HOME/miniapp-broker).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// Flags of `serve`; each overrides the config file.
@@ -156,6 +165,14 @@ struct DevHostArgs {
     /// The app.json to launch them with.
     #[arg(long, default_value = "{}")]
     app_json: String,
+    /// Also play the superapp's server (docs/superapp-server.md) on IP:PORT, from the profile:
+    /// its getAuthCode then issues authCodes this server redeems.
+    #[arg(long, value_name = "ADDR")]
+    superapp_listen: Option<std::net::SocketAddr>,
+    /// The platform's public key (PEM, as `platform-public-key` prints it) that requests to the
+    /// superapp server must be signed by (default: the profile's, else the daemon's own key).
+    #[arg(long, value_name = "FILE")]
+    platform_public_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +231,7 @@ fn main() -> ExitCode {
             Some(Command::Revoke { admin, app, uid, scope }) => revoke(&admin, app, uid, scope).await,
             Some(Command::Ledger { admin, app, uid, since }) => ledger(&admin, app, uid, since).await,
             Some(Command::RegisterApp { admin, app_id, rotate }) => register_app(&admin, app_id, rotate).await,
+            Some(Command::PlatformPublicKey { config, data_dir }) => platform_public_key(config, data_dir),
             Some(Command::DevHost(args)) => dev_host(args).await,
             Some(Command::DevSim(args)) => dev_sim(args).await,
         }
@@ -729,7 +747,13 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
     };
     let (mut status_client, token) = admin(&t).await?;
     let printer: dev_host::Printer = Arc::new(|line| println!("{line}"));
-    let builder = dev_host::builder(&t.address, &token, &profile, printer);
+    let superapp_stop = tokio_util::sync::CancellationToken::new();
+    let _stop_superapp = superapp_stop.clone().drop_guard();
+    let superapp = match args.superapp_listen {
+        Some(address) => Some(dev_superapp(&args, &profile, address, superapp_stop).await?),
+        None => None,
+    };
+    let builder = dev_host::builder(&t.address, &token, &profile, printer, superapp);
     let stop = wait_for_signal();
     tokio::pin!(stop);
     let mut first = true;
@@ -796,6 +820,68 @@ async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
         consent_printer.abort();
         first = false;
     }
+}
+
+/// The platform key pair's file for the daemon `config` (and `--data-dir`) describes.
+fn platform_key_path(config: &Config, data_dir: Option<PathBuf>) -> Result<PathBuf, BoxError> {
+    let data_dir = data_dir
+        .or(config.data_dir.clone())
+        .or_else(miniapp_brokerd::default_data_dir)
+        .ok_or("no data directory: set XDG_DATA_HOME or HOME, or pass --data-dir")?;
+    Ok(config.superapp.key_path(&data_dir))
+}
+
+fn platform_public_key(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<ExitCode, BoxError> {
+    let config = load_config(config.as_deref())?;
+    let path = platform_key_path(&config, data_dir)?;
+    let key = miniapp_brokerd::platform_key(&path)?;
+    print!("{}", key.public_key_pem());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the dev-host's superapp server on `address` until `stop`.
+async fn dev_superapp(
+    args: &DevHostArgs,
+    profile: &dev_host::DevHostConfig,
+    address: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Arc<miniapp_brokerd::dev_superapp::DevSuperapp>, BoxError> {
+    use miniapp_brokerd::superapp::{PlatformKey, PlatformPublicKey};
+    let named = args.platform_public_key.clone().or_else(|| {
+        (!profile.superapp.platform_public_key.is_empty()).then(|| profile.superapp.platform_public_key.clone().into())
+    });
+    let (public_key, from) = match named {
+        Some(file) => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("platform public key {}: {e}", file.display()))?;
+            (PlatformPublicKey::from_pem(&text).map_err(|e| format!("{}: {e}", file.display()))?, file)
+        }
+        None => {
+            let config = load_config(args.admin.config.as_deref())?;
+            let path = platform_key_path(&config, None)?;
+            let key = PlatformKey::read(&path)?.ok_or_else(|| {
+                format!(
+                    "no platform key at {} to verify requests with: start the daemon with [superapp] server_url, \
+                     or pass --platform-public-key FILE",
+                    path.display()
+                )
+            })?;
+            (key.public_key(), path)
+        }
+    };
+    let server = Arc::new(miniapp_brokerd::dev_superapp::DevSuperapp::new(
+        profile.superapp_users(),
+        &profile.superapp.client_key,
+        public_key,
+    ));
+    let bound = server.clone().spawn(address, stop).await.map_err(|e| format!("superapp server on {address}: {e}"))?;
+    println!(
+        "superapp server on http://{bound} (client key {:?}; verifying the platform's signature with {}); \
+         the daemon's [superapp] server_url = \"http://{bound}\"",
+        profile.superapp.client_key,
+        from.display()
+    );
+    Ok(server)
 }
 
 /// How long the dev-host waits for a restarting daemon before it gives up.

@@ -8,6 +8,6 @@ use crate::{broker::Broker, error::ApiError, platform::Disclosed, registry::AppI
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<ChooseAvatarResponse, ApiError> {
     let (hold, avatar_url) = profile::value(b, inst, version, Api::ChooseAvatar, "avatar", |p| p.avatar_url).await?;
-    b.consent.ledger.record(&inst.app_id, &hold.uid, Disclosed::Avatar, Api::ChooseAvatar)?;
+    b.consent.ledger.record(&inst.app_id, hold.uid(), Disclosed::Avatar, Api::ChooseAvatar)?;
     Ok(ChooseAvatarResponse { err_msg: Api::ChooseAvatar.ok_msg(), avatar_url })
 }

@@ -8,6 +8,6 @@ use crate::{broker::Broker, error::ApiError, platform::Disclosed, registry::AppI
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<GetNickNameResponse, ApiError> {
     let (hold, nick_name) = profile::value(b, inst, version, Api::GetNickName, "nickname", |p| p.nick_name).await?;
-    b.consent.ledger.record(&inst.app_id, &hold.uid, Disclosed::Nickname, Api::GetNickName)?;
+    b.consent.ledger.record(&inst.app_id, hold.uid(), Disclosed::Nickname, Api::GetNickName)?;
     Ok(GetNickNameResponse { err_msg: Api::GetNickName.ok_msg(), nick_name })
 }

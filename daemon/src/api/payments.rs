@@ -211,7 +211,7 @@ async fn pay(
     };
     // Handed off: from here on only the host's answer, the deadline, the host's departure or the
     // app's closing (which cancels the call on the host) ends it.
-    let outcome = super::delegated(b, &inst.app_id, &super::passed_through_to(b, api), api, call.await);
+    let outcome = super::finish_delegated(b, &super::Delegated::new(b, inst, api), call.await);
     (true, outcome)
 }
 

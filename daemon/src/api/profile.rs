@@ -1,12 +1,30 @@
 //! The signed-in user's data, as the user-information defaults hand it out: signed in (else the
-//! seed's -1001), not refused for the API's scope (a remembered refusal fails at once, in v2 and
-//! v3), v3-authorized for the scope, and present in the profile. The value comes with the hold
-//! under which the caller issues it, so it goes to no one but the user still signed in.
+//! seed's -1001), not refused for the API's scope (a remembered refusal fails at once, in every
+//! version, before the route: `api::gate`), v3-authorized for the scope, and present in the profile. The value comes with the hold
+//! under which the caller issues it, so it goes to no one but the user still signed in, and not
+//! past a decision about the scope made meanwhile (the consent store's [`Cleared`]).
 
 use miniapp_broker_proto::{Api, v1::UserProfile};
 
 use super::auth_code;
-use crate::{broker::Broker, error::ApiError, registry::AppInstance, user::UserHold, version::ApiVersion};
+use crate::{
+    broker::Broker, consent::Cleared, error::ApiError, registry::AppInstance, user::UserHold, version::ApiVersion,
+};
+
+/// What the caller issues or hands out under: the user is still signed in, and the scope's
+/// decision cannot change, until it is dropped.
+#[derive(Debug)]
+pub struct Issuing<'a> {
+    user: UserHold<'a>,
+    _scope: Option<Cleared<'a>>,
+}
+
+impl Issuing<'_> {
+    /// The user the value is for.
+    pub fn uid(&self) -> &str {
+        &self.user.uid
+    }
+}
 
 /// The profile field `pick` chooses, once the call is allowed, with the hold on its user.
 pub async fn value<'a>(
@@ -16,14 +34,11 @@ pub async fn value<'a>(
     api: Api,
     field: &'static str,
     pick: fn(UserProfile) -> String,
-) -> Result<(UserHold<'a>, String), ApiError> {
+) -> Result<(Issuing<'a>, String), ApiError> {
+    // A remembered refusal was checked before the call got here (`api::gate`), and is checked
+    // again below under the decision lock.
     let (ticket, profile) = b.user.ticket()?;
-    if let Some(scope) = api.scope()
-        && b.consent.refuses(&inst.app_id, &ticket.uid, scope)?
-    {
-        return Err(ApiError::AuthDeny);
-    }
-    let hold = if version == ApiVersion::V3 {
+    let user = if version == ApiVersion::V3 {
         auth_code::authorize(b, inst, api, &ticket).await?.1
     } else {
         b.user.hold(&ticket).await?
@@ -32,5 +47,11 @@ pub async fn value<'a>(
     if value.is_empty() {
         return Err(ApiError::NoProfileValue(field));
     }
-    Ok((hold, value))
+    // Checked again under the lock a decision takes: the host may have refused (or revoked) the
+    // scope since the first check, or since getAuthCode granted it.
+    let scope = match api.scope() {
+        Some(scope) => Some(b.consent.clear(&inst.app_id, &user.uid, scope, version == ApiVersion::V3).await?),
+        None => None,
+    };
+    Ok((Issuing { user, _scope: scope }, value))
 }

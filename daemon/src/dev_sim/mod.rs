@@ -89,6 +89,7 @@ pub async fn run(
         current.clone(),
         Arc::new(prompts::PanelUser(prompts.clone())),
         observe,
+        None,
     )
     .connect()
     .await
