@@ -564,10 +564,23 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
             within("avatar", r.call(v1::ChooseAvatarRequest {})).await.expect("avatar");
             let nick = within("nickname", r.call(v1::GetNickNameRequest {})).await;
             assert_eq!(nick.is_ok(), version == "v2", "{version}: the v3 host refuses the nickname");
-            within("info", r.call(v1::GetUserInfoRequest::default())).await.expect("user info");
+            // getUserInfo and getUserProfile carry the nickname: refused with it (docs/decisions.md).
+            let info = within("info", r.call(v1::GetUserInfoRequest::default())).await;
             let profile = v1::GetUserProfileRequest { desc: "scoreboard".into(), lang: String::new() };
-            within("profile", r.call(profile.clone())).await.expect("profile");
-            within("profile", r.call_unary(profile)).await.expect("profile, unary");
+            let profiles = [
+                within("profile", r.call(profile.clone())).await.map(|_| ()),
+                within("profile", r.call_unary(profile)).await.map(|_| ()),
+            ];
+            for answer in [info.map(|_| ())].iter().chain(&profiles) {
+                match answer {
+                    Ok(()) => assert_eq!(version, "v2", "v3 refused the nickname"),
+                    Err(f) => {
+                        assert_eq!(version, "v3", "{f:?}");
+                        assert!(f.err_msg.ends_with(":fail auth deny"), "{f:?}");
+                        assert_failure(f, &f.err_msg, errno::AUTH_DENY, Code::PermissionDenied, "auth_deny");
+                    }
+                }
+            }
             within("setting", r.call(v1::GetSettingRequest {})).await.expect("getSetting discloses nothing");
             let c2s = Code2SessionRequest { app_id: APP.into(), secret: secret.clone(), code: login };
             ex.code2_session(c2s).await.expect("code2session");
@@ -579,7 +592,7 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
                 ex.get_email(redeem(&secret, &email)).await.expect("email redeemed");
             }
         }
-        assert_eq!(desk.lock().unwrap().delegated.len(), 6);
+        assert_eq!(desk.lock().unwrap().delegated.len(), 3, "u2's refused nickname kept its user info from the host");
         let mut expected = Vec::new();
         for uid in ["u1", "u2"] {
             expected.extend([
@@ -588,12 +601,14 @@ async fn every_disclosure_of_a_v2_and_v3_flow_is_in_the_ledger_and_survives_a_re
                 row(uid, "openid", "login", "exchange"),
                 row(uid, "phone_number", "getPhoneNumber", "exchange"),
                 row(uid, "unionid", "login", "exchange"),
-                row(uid, "user_info", "getUserInfo", ""),
-                row(uid, "user_profile", "getUserProfile", ""),
-                row(uid, "user_profile", "getUserProfile", ""),
             ]);
         }
-        expected.push(row("u1", "nickname", "getNickName", ""));
+        expected.extend([
+            row("u1", "nickname", "getNickName", ""),
+            row("u1", "user_info", "getUserInfo", ""),
+            row("u1", "user_profile", "getUserProfile", ""),
+            row("u1", "user_profile", "getUserProfile", ""),
+        ]);
         expected.sort();
         let ledger = host.ledger(APP, "", 0).await.expect("ledger");
         assert_eq!(rows(&ledger), expected, "one row per disclosure, none for the refused nickname");

@@ -17,12 +17,19 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use miniapp_broker_client::{
     HostBuilder, RendererClient, connect,
-    proto::v1::{self, exchange_client::ExchangeClient},
+    proto::{
+        metadata,
+        v1::{self, exchange_client::ExchangeClient},
+    },
 };
 use miniapp_brokerd::limits::Counted;
 use prost::Message as _;
@@ -540,10 +547,10 @@ async fn one_app_cannot_take_every_renderer_stream() {
         open_stream(&d, &y, &mut keep).await.expect("another app is unaffected");
     }
     let broker = d.server.broker().clone();
-    assert_eq!(broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(broker.occupancy.streams.taken(), 5);
     // Closing streams gives the app its share back.
     keep.clear();
-    until("every stream closed", || broker.stats.renderer_streams.load(std::sync::atomic::Ordering::SeqCst) == 0).await;
+    until("every stream closed", || broker.occupancy.streams.taken() == 0).await;
     for _ in 0..2 {
         open_stream(&d, &x1, &mut keep).await.expect("the instance's share is back");
     }
@@ -789,4 +796,416 @@ async fn app_instances_whose_host_left_and_renderers_are_gone_are_closed_after_t
     d.clock.advance_ms(1_500);
     until("the second orphan is closed", || broker.registry.get(&used.instance_id).is_none()).await;
     assert!(broker.registry.get(&fresh.instance_id).is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A share of what is left: one app may take at most half of what the other apps leave of a pool.
+
+/// The pools every app shares.
+#[derive(Debug, Clone, Copy)]
+enum SharedPool {
+    /// `limits.max_renderer_streams`: `OpenApi.Session` streams, one per renderer here.
+    Streams,
+    /// `limits.max_connections`: each renderer on its own connection.
+    Connections,
+    /// `limits.max_calls_in_flight`: calls a host holds unanswered.
+    Calls,
+}
+
+/// What an app got when it took all it could of a pool; `keep` holds it until dropped.
+struct Taken {
+    got: usize,
+    refusal: String,
+    _keep: Vec<RendererClient>,
+}
+
+/// Takes all `token`'s app can of `pool` (at most `attempts` tries), the way a hostile renderer
+/// would; the answers say how many it got and why the rest was refused.
+async fn take_all(d: &Daemon, pool: SharedPool, token: &str, attempts: usize, held_calls: &AtomicUsize) -> Taken {
+    let broker = d.server.broker().clone();
+    let mut keep = Vec::new();
+    match pool {
+        SharedPool::Streams | SharedPool::Connections => {
+            for got in 0..attempts {
+                let r = d.renderer(token).await;
+                let outcome = within("a stream's first call", r.call(v1::GetNickNameRequest {})).await;
+                match outcome {
+                    Ok(_) => keep.push(r),
+                    Err(f) => {
+                        assert_eq!(f.code(), Code::ResourceExhausted, "{f:?}");
+                        // The refused connection holds nothing once closed.
+                        let taken = broker.occupancy.connections.taken();
+                        drop(r);
+                        if matches!(pool, SharedPool::Connections) {
+                            until("the refused connection closed", || broker.occupancy.connections.taken() < taken)
+                                .await;
+                        }
+                        return Taken { got, refusal: f.err_msg, _keep: keep };
+                    }
+                }
+            }
+            panic!("{pool:?}: {attempts} taken, none refused");
+        }
+        SharedPool::Calls => {
+            let r = d.renderer(token).await;
+            let before = held_calls.load(Ordering::SeqCst);
+            let calls: Vec<_> = (0..attempts)
+                .map(|_| {
+                    let r = r.clone();
+                    tokio::spawn(async move { r.call(v1::GetNickNameRequest {}).await })
+                })
+                .collect();
+            // Refusals come back at once; the calls the host holds never answer.
+            let mut refusals = Vec::new();
+            within("every call held or refused", async {
+                let mut pending = calls;
+                loop {
+                    let (done, still): (Vec<_>, Vec<_>) = pending.into_iter().partition(|c| c.is_finished());
+                    for call in done {
+                        let f = call.await.unwrap().expect_err("a held call never answers");
+                        assert_eq!(f.code(), Code::ResourceExhausted, "{f:?}");
+                        refusals.push(f.err_msg);
+                    }
+                    pending = still;
+                    if held_calls.load(Ordering::SeqCst) - before + refusals.len() == attempts {
+                        return pending;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            keep.push(r);
+            let refusal = refusals.first().cloned().unwrap_or_default();
+            Taken { got: held_calls.load(Ordering::SeqCst) - before, refusal, _keep: keep }
+        }
+    }
+}
+
+/// With a pool of 40 and nothing else set (the per-app caps at their defaults, far above it),
+/// app A takes all it can, then B, then C: each gets half of what the others left, so A cannot
+/// take the whole pool and B is not refused. The refusal names the rule.
+#[tokio::test]
+async fn no_app_takes_the_last_of_a_shared_pool() {
+    for pool in [SharedPool::Streams, SharedPool::Connections, SharedPool::Calls] {
+        let d = Daemon::start_with(|c| match pool {
+            SharedPool::Streams => c.limits.max_renderer_streams = 40,
+            SharedPool::Connections => c.limits.max_connections = 40,
+            SharedPool::Calls => c.limits.max_calls_in_flight = 40,
+        })
+        .await;
+        let held_calls = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (held, gate) = (held_calls.clone(), release.clone());
+        let host = d
+            .host()
+            .user(user("u1"))
+            .handle(move |_app, _req: v1::GetNickNameRequest| {
+                held.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                async move {
+                    let _ = gate.acquire().await;
+                    Ok(v1::GetNickNameResponse::default())
+                }
+            })
+            .connect()
+            .await
+            .expect("host");
+        // v1: every call reaches the host (which holds those of the calls row).
+        let app_json = match pool {
+            SharedPool::Calls => r#"{"apiVersion":"v1"}"#,
+            _ => V2,
+        };
+        let apps = ["wxsharehog000001", "wxsharefair00001", "wxsharefair00002"];
+        let mut tokens = Vec::new();
+        for app in apps {
+            tokens.push(launch(&host, app, app_json).await.launch_token);
+        }
+        // What others hold of the pool before A starts (the host's connection).
+        let broker = d.server.broker().clone();
+        let others = match pool {
+            SharedPool::Connections => broker.occupancy.connections.taken() as usize,
+            _ => 0,
+        };
+        let mut left = 40 - others;
+        let mut kept = Vec::new();
+        for (app, token) in apps.iter().zip(&tokens) {
+            let taken = take_all(&d, pool, token, 40, &held_calls).await;
+            let share = left.div_ceil(2);
+            assert_eq!(taken.got, share, "{pool:?}: {app} gets half of the {left} the others left");
+            assert!(
+                taken.refusal.contains("its share of limits.max_")
+                    && taken.refusal.contains("one app may hold at most half of what the other apps leave"),
+                "{pool:?}: {}",
+                taken.refusal
+            );
+            left -= taken.got;
+            kept.push(taken);
+        }
+        println!("{pool:?}: {:?} of 40", kept.iter().map(|t| t.got).collect::<Vec<_>>());
+        release.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams on one connection, and what proves a connection.
+
+/// How the daemon answered one stream of a [`RawH2`] client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamAnswer {
+    /// Response headers that do not end the stream: the request is being served (a health
+    /// `Watch` stays open).
+    Served,
+    /// Headers that end the stream at once: a gRPC refusal (trailers only).
+    Ended,
+    /// RST_STREAM with this HTTP/2 error code (7: REFUSED_STREAM).
+    Reset(u32),
+    /// The connection ended (EOF, GOAWAY) before the stream was answered.
+    Gone,
+}
+
+/// A hostile HTTP/2 client written frame by frame: it opens as many streams as it likes without
+/// waiting for the server's SETTINGS, which no well-behaved client library would.
+struct RawH2 {
+    socket: std::os::unix::net::UnixStream,
+    next_stream: u32,
+    /// Answers per stream id.
+    answers: std::collections::BTreeMap<u32, StreamAnswer>,
+    gone: bool,
+}
+
+const WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+impl RawH2 {
+    fn connect(socket: &Path) -> RawH2 {
+        let mut socket = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        socket.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        socket.write_all(&Self::frame(0x4, 0, 0, &[])).unwrap();
+        RawH2 { socket, next_stream: 1, answers: Default::default(), gone: false }
+    }
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An HPACK string literal, not Huffman-coded (RFC 7541 5.1, 5.2).
+    fn hpack_string(out: &mut Vec<u8>, s: &str) {
+        let mut len = s.len();
+        if len < 127 {
+            out.push(len as u8);
+        } else {
+            out.push(127);
+            len -= 127;
+            while len >= 128 {
+                out.push((len % 128 + 128) as u8);
+                len /= 128;
+            }
+            out.push(len as u8);
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// Opens a gRPC request stream to `path` with `headers`, its one (empty) message sent and the
+    /// request side closed; returns its id.
+    fn request(&mut self, path: &str, headers: &[(&str, &str)]) -> u32 {
+        let stream = self.next_stream;
+        self.next_stream += 2;
+        let mut block = Vec::new();
+        let fixed = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ];
+        for (name, value) in fixed.iter().chain(headers) {
+            block.push(0x00); // a literal field, not indexed, with a new name
+            Self::hpack_string(&mut block, name);
+            Self::hpack_string(&mut block, value);
+        }
+        let mut out = Self::frame(0x1, 0x4, stream, &block);
+        out.extend(Self::frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+        if self.socket.write_all(&out).is_err() {
+            self.gone = true;
+        }
+        stream
+    }
+
+    /// Reads until every stream opened so far has an answer or the connection ends (bounded by the
+    /// socket's read timeout: a silent server fails the test).
+    fn read_answers(&mut self) -> &std::collections::BTreeMap<u32, StreamAnswer> {
+        let opened = (1..self.next_stream).step_by(2).count();
+        while self.answers.len() < opened && !self.gone {
+            let mut head = [0u8; 9];
+            if let Err(e) = self.socket.read_exact(&mut head) {
+                assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "the server went silent");
+                self.gone = true;
+                break;
+            }
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            if self.socket.read_exact(&mut payload).is_err() {
+                self.gone = true;
+                break;
+            }
+            let answer = match kind {
+                0x1 if flags & 0x1 != 0 => StreamAnswer::Ended,
+                0x1 => StreamAnswer::Served,
+                0x3 => StreamAnswer::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap())),
+                0x7 => {
+                    self.gone = true;
+                    break;
+                }
+                _ => continue,
+            };
+            self.answers.entry(stream).or_insert(answer);
+        }
+        if self.gone {
+            for stream in (1..self.next_stream).step_by(2) {
+                self.answers.entry(stream).or_insert(StreamAnswer::Gone);
+            }
+        }
+        &self.answers
+    }
+
+    fn count(&self, answer: StreamAnswer) -> usize {
+        self.answers.values().filter(|a| **a == answer).count()
+    }
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A renderer that presented its launch token opens a thousand health `Watch` streams on each of
+/// its connections, against the real binary: HTTP/2 refuses every stream beyond
+/// `limits.max_streams_per_connection`, the ones it serves count against the app instance's
+/// renderer streams (so its next `Session` stream, and its next `Watch`, are refused, while
+/// another app is served), a connection of no app (the host token's) is bounded the same way,
+/// and the daemon's memory stays where it was.
+#[tokio::test]
+async fn a_proven_connection_cannot_open_unbounded_streams() {
+    const ATTEMPTS: usize = 1000;
+    let dir = temp();
+    let config = dir.path().join("brokerd.toml");
+    std::fs::write(&config, "[limits]\nmax_streams_per_connection = 32\nmax_renderer_streams_per_instance = 40\n")
+        .unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("s.sock");
+    let args = [
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+    ];
+    let child = serve(bin(dir.path()), &args, &dir.path().join("serve.log")).await.ready();
+    let pid = child.id().unwrap();
+    let token = std::fs::read_to_string(data.join("host.token")).unwrap().trim().to_owned();
+    let address = socket.to_str().unwrap().to_owned();
+    let host = HostBuilder::new(&address, &token).user(user("u1")).connect().await.expect("host");
+    let hog = launch(&host, "wxwatchhog000001", V2).await.launch_token;
+    let fair = launch(&host, "wxwatchfair00001", V2).await.launch_token;
+    let rss_before = vm_rss_kib(pid);
+
+    let (hog_token, host_token, path) = (hog.clone(), token.clone(), socket.clone());
+    let (first, second, of_no_app) = tokio::task::spawn_blocking(move || {
+        let attack = |header: (&str, &str)| {
+            let mut c = RawH2::connect(&path);
+            for _ in 0..ATTEMPTS {
+                c.request(WATCH, &[header]);
+            }
+            c.read_answers();
+            c
+        };
+        let bearer = metadata::bearer(&host_token);
+        (
+            attack((metadata::LAUNCH_TOKEN, &hog_token)),
+            attack((metadata::LAUNCH_TOKEN, &hog_token)),
+            attack((metadata::AUTHORIZATION, &bearer)),
+        )
+    })
+    .await
+    .unwrap();
+    let counts = |c: &RawH2| {
+        [StreamAnswer::Served, StreamAnswer::Ended, StreamAnswer::Reset(7), StreamAnswer::Gone].map(|a| c.count(a))
+    };
+    println!(
+        "served/refused by gRPC/REFUSED_STREAM/gone: first {:?}, second {:?}, no app {:?}",
+        counts(&first),
+        counts(&second),
+        counts(&of_no_app)
+    );
+    assert_eq!(first.count(StreamAnswer::Served), 32, "one connection serves limits.max_streams_per_connection");
+    assert!(first.count(StreamAnswer::Reset(7)) > 0, "the rest are refused: {:?}", counts(&first));
+    assert_eq!(
+        first.count(StreamAnswer::Served) + first.count(StreamAnswer::Reset(7)) + first.count(StreamAnswer::Gone),
+        ATTEMPTS
+    );
+    assert_eq!(
+        second.count(StreamAnswer::Served),
+        8,
+        "the instance's 40 renderer streams are taken by its Watch streams"
+    );
+    assert!(second.count(StreamAnswer::Ended) > 0, "Watch streams beyond them are refused by gRPC");
+    assert_eq!(of_no_app.count(StreamAnswer::Served), 32, "a connection of no app is bounded the same way");
+
+    // The Watch streams hold the instance's renderer streams: its Session stream is refused.
+    let r = RendererClient::connect(&address, &hog).await.expect("renderer");
+    let refused = within("a Session stream", r.call(v1::GetNickNameRequest {})).await.expect_err("refused");
+    assert_eq!(refused.err_msg, "getNickName:fail more than 40 renderer streams open for this app instance");
+    let other = RendererClient::connect(&address, &fair).await.expect("renderer");
+    within("another app's call", other.call(v1::GetNickNameRequest {})).await.expect("another app is served");
+
+    let rss_after = vm_rss_kib(pid);
+    println!("VmRSS {rss_before} KiB before {} stream attempts, {rss_after} KiB after", 3 * ATTEMPTS);
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the daemon's memory grew from {rss_before} KiB to {rss_after} KiB with {} stream attempts",
+        3 * ATTEMPTS
+    );
+    drop((first, second, of_no_app));
+    stop(child).await;
+}
+
+/// A client that sends the valid host token with a stale launch token (a host that kept the
+/// token of an app it closed) proves its connection with the host token: the connection is still
+/// served after the auth timeout has closed a silent one.
+#[tokio::test]
+async fn a_valid_host_token_proves_a_connection_whatever_launch_token_rides_along() {
+    let d = Daemon::start_with(|c| c.limits.auth_timeout_ms = 300).await;
+    let host = d.host().user(user("u1")).connect().await.expect("host");
+    let stale = launch(&host, "wxstaletoken0001", V2).await;
+    host.close_app(&stale.instance_id).await.expect("close");
+    let (socket, bearer, token) = (PathBuf::from(d.address()), metadata::bearer(&d.token()), stale.launch_token);
+    let (before, silent, after) = tokio::task::spawn_blocking(move || {
+        let headers = [(metadata::AUTHORIZATION, bearer.as_str()), (metadata::LAUNCH_TOKEN, token.as_str())];
+        let mut c = RawH2::connect(&socket);
+        c.request("/miniapp.broker.v1.Admin/Status", &headers);
+        let before = c.read_answers().clone();
+        // A silent connection accepted after this one is closed at its auth timeout: by then this
+        // one's has passed too.
+        let silent = closed_by_daemon(socket.to_str().unwrap(), false, Duration::from_secs(15));
+        c.request("/miniapp.broker.v1.Admin/Status", &headers);
+        (before, silent, c.read_answers().clone())
+    })
+    .await
+    .unwrap();
+    assert_eq!(before.values().copied().collect::<Vec<_>>(), [StreamAnswer::Served]);
+    assert_eq!(silent, "closed");
+    assert_eq!(
+        after.values().copied().collect::<Vec<_>>(),
+        [StreamAnswer::Served, StreamAnswer::Served],
+        "the connection is kept past the auth timeout"
+    );
 }

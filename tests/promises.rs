@@ -224,6 +224,8 @@ async fn a_host_that_stops_reading_cannot_make_calls_outlive_their_deadline() {
     let daemon = Daemon::start_with(|c| {
         c.host.call_timeout_ms = 60_000;
         c.limits.max_calls_in_flight_per_instance = 2 * QUEUE;
+        // One app may hold half of the daemon's calls in flight: room for all of them.
+        c.limits.max_calls_in_flight = 4 * QUEUE;
         c.limits.calls_per_second_per_app = 100_000;
         c.limits.burst_per_app = 100_000;
     })

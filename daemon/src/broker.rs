@@ -1,10 +1,12 @@
 //! The broker: the shared state of a running daemon, and the one path every renderer call takes,
-//! whichever surface it arrived on: authenticate → limits → version → api → platform or host.
+//! whichever surface it arrived on (the typed unary RPCs, `Invoke`, the `Session` stream):
+//! authenticate (the surface) → validate → rate token and in-flight slot → version → the route's
+//! gate (a remembered refusal) → the default, or the host and `api::finish_delegated`.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -22,7 +24,7 @@ use crate::{
     config::Config,
     consent::Consent,
     error::ApiError,
-    host_link::{AnswerCheck, Deferred, Expect, HostAnswer, HostLink, RendererGone, ReplyPermit, ReplyTo},
+    host_link::{AnswerFinish, Deferred, Expect, HostCall, HostLink, RendererGone, ReplyPermit, ReplyTo},
     limits::{Occupancy, RateLimits},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
@@ -36,7 +38,6 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Stats {
     pub calls_total: AtomicU64,
-    pub renderer_streams: AtomicU32,
     pub next_stream: AtomicU64,
 }
 
@@ -79,105 +80,115 @@ impl Broker {
         }
     }
 
-    /// Rate limit, then an in-flight slot.
-    fn admit(&self, instance: &Arc<AppInstance>) -> Result<crate::registry::CallSlot, ApiError> {
+    /// The steps of every call that come before anything is spent, the same on every surface:
+    /// the request's parameters are checked (a bad one is answered at once, and costs no rate
+    /// token, no in-flight slot and no version question), then the app's rate token and the
+    /// instance's in-flight slot are taken.
+    fn admit(&self, instance: &Arc<AppInstance>, request: &ApiRequest) -> Result<(Api, CallSlot), ApiError> {
+        let api = api::validate(request)?;
         self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
         self.rates.check(&instance.app_id)?;
-        instance.begin_call()
+        Ok((api, instance.begin_call()?))
     }
 
-    /// One call, answered when it completes (typed unary RPCs and Invoke).
+    /// The longest a call waits for its instance's version: a host within the grace period, and
+    /// its answer within the call deadline.
+    fn version_deadline(&self) -> tokio::time::Instant {
+        let host = &self.config.host;
+        tokio::time::Instant::now()
+            + std::time::Duration::from_millis(host.grace_ms.saturating_add(host.call_timeout_ms))
+    }
+
+    /// One call, answered when it completes (typed unary RPCs and Invoke). The path every surface
+    /// takes: [`admit`](Self::admit) (validate, rate, slot) → the instance's version → the route's
+    /// [`gate`](api::gate) (a remembered refusal) → the default, or the host and
+    /// [`api::finish_delegated`].
     pub async fn call(
         self: &Arc<Self>,
         instance: &Arc<AppInstance>,
         request: ApiRequest,
     ) -> Result<ApiResponse, ApiError> {
         let started = log_start();
-        let api = request.api();
-        let slot = self.admit(instance)?;
-        let (version, result) = match self.delegate_now(instance, request) {
-            Ok((version, api, uid, wanted, call)) => {
-                let result = api::delegated(self, &instance.app_id, &uid, api, wanted, call.await).await;
+        let (api, slot) = self.admit(instance, &request)?;
+        let (version, result) = match self.delegate_now(instance, api, request) {
+            Ok((version, Ok((call, host_call)))) => {
+                let result = api::finish_delegated(self, &call, host_call.await).await;
                 drop(slot);
                 (Some(version), result)
             }
-            Err(request) => self.resolve_and_handle(instance, request, slot).await,
+            Ok((version, Err(e))) => (Some(version), Err(e)),
+            Err(request) => self.resolve_and_handle(instance, api, request, slot).await,
         };
         instance.touch(self.clock.now_ms());
-        log_answer(started, instance, api, version, &result);
+        log_answer(started, instance, Some(api), version, &result);
         result
     }
 
     /// The common unary call, taken as the stream takes it: the instance's version is known and
-    /// the host answers, so the call is written to the host's queue right here and only its answer
-    /// is awaited (no version lookup, no race with the instance's closing: closing an app fails
-    /// its calls in the host's call table, and a close that came first is seen here). Any other
-    /// call is handed back for [`resolve_and_handle`](Self::resolve_and_handle).
+    /// the host answers, so the call passes its gate and is written to the host's queue right
+    /// here, and only its answer is awaited (no version lookup, no race with the instance's
+    /// closing: closing an app fails its calls in the host's call table, and a close that came
+    /// first is seen here). Any other call is handed back for
+    /// [`resolve_and_handle`](Self::resolve_and_handle).
     // The Err arm hands the request back untouched for the slow path; boxing it would add an
     // allocation to every unary call.
     #[allow(clippy::type_complexity, clippy::result_large_err)]
     fn delegate_now(
         &self,
         instance: &AppInstance,
+        api: Api,
         request: ApiRequest,
-    ) -> Result<
-        (
-            ApiVersion,
-            Api,
-            String,
-            api::credentials::Credentials,
-            impl Future<Output = Result<HostAnswer, ApiError>> + use<>,
-        ),
-        ApiRequest,
-    > {
+    ) -> Result<(ApiVersion, Result<(api::Delegated, HostCall), ApiError>), ApiRequest> {
         let Some(session) = self.host.current() else { return Err(request) };
         let Some((version, _)) = instance.resolved(session.id) else { return Err(request) };
-        let Ok(api) = api::validate(&request) else { return Err(request) };
         if api::route(api, version) != api::Route::Delegate || instance.is_closed() {
             return Err(request);
         }
+        if let Err(e) = api::gate(self, instance, api, version) {
+            return Ok((version, Err(e)));
+        }
         let app = Broker::app_info(instance, Some(version));
-        let uid = api::passed_through_to(self, api);
-        let wanted = api::credentials::Credentials::of_call(api, version, &request);
+        let call = api::Delegated::new(self, instance, api, version, &request);
         let request = delegate_call::Request::Api(request);
-        let call = HostLink::start_for(&session, app, instance.instance_id.clone(), request, Expect::Api(api));
-        // A close that ran its sweep of the call table before this call was in it.
-        let closed = instance.is_closed();
-        Ok((version, api, uid, wanted, async move {
-            if closed {
-                return Err(ApiError::Cancelled("app instance closed"));
-            }
-            call?.await
-        }))
+        let started = HostLink::start_for(&session, app, instance.instance_id.clone(), request, Expect::Api(api));
+        // A close that ran its sweep of the call table before this call was in it: dropping the
+        // call cancels it on the host.
+        if instance.is_closed() {
+            return Ok((version, Err(ApiError::Cancelled("app instance closed"))));
+        }
+        Ok((version, started.map(|host_call| (call, host_call))))
     }
 
-    /// Resolves the instance's version and answers the call, unless the instance is closed first
-    /// (then the call ends as cancelled, and dropping the work cancels its host calls). `slot` is
-    /// held until the answer; a payment's moves to the task that pays, which holds it until the
-    /// host answers, and a payment answers an app's closing itself: "cancelled" only while the host
-    /// cannot have seen it, "outcome unknown" once it may have.
+    /// Resolves the instance's version, passes the route's gate and answers the call, unless the
+    /// instance is closed first (then the call ends as cancelled, and dropping the work cancels
+    /// its host calls). `slot` is held until the answer; a payment's moves to the task that pays,
+    /// which holds it until the host answers, and a payment answers an app's closing itself:
+    /// "cancelled" only while the host cannot have seen it, "outcome unknown" once it may have.
     async fn resolve_and_handle(
         self: &Arc<Self>,
         instance: &Arc<AppInstance>,
+        api: Api,
         request: ApiRequest,
         slot: CallSlot,
     ) -> (Option<ApiVersion>, Result<ApiResponse, ApiError>) {
         let closed = || async { (None, Err(ApiError::Cancelled("app instance closed"))) };
+        let resolving =
+            version::resolve(&self.host, self.config.default_api_version, instance, self.version_deadline());
         let version = tokio::select! {
             biased;
             _ = instance.closed() => return closed().await,
-            v = version::resolve(self, instance) => v,
+            v = resolving => v,
         };
         let version = match version {
             Ok(v) => v,
             Err(e) => return (None, Err(e)),
         };
-        let api = match api::validate(&request) {
-            Ok(api) => api,
+        let route = match api::gate(self, instance, api, version) {
+            Ok(route) => route,
             Err(e) => return (Some(version), Err(e)),
         };
-        let work = api::handle(self, instance, version, api, request, slot);
-        if api::route(api, version) == api::Route::Payment {
+        let work = api::handle(self, instance, version, api, route, request, slot);
+        if route == api::Route::Payment {
             return (Some(version), work.await);
         }
         let outcome = tokio::select! {
@@ -188,13 +199,14 @@ impl Broker {
         (Some(version), outcome)
     }
 
-    /// One call from a renderer stream; the answer goes out through `permit`. Calls the host
-    /// answers are written to the host's queue right here, from the stream's own task, without
-    /// waiting; v2 defaults are answered by the returned future, which the stream's task awaits
-    /// before it reads the next call (as it awaits a forward whose host queue is full); anything
-    /// that may wait longer (v3's getAuthCode, payments, a first call that resolves the version)
-    /// runs on its own task so the stream keeps flowing. Returning the waiting part instead of
-    /// being `async` keeps the stream task small while it is idle.
+    /// One call from a renderer stream; the answer goes out through `permit`. The same path as
+    /// [`call`](Self::call)'s, taken without a task of its own where nothing waits: calls the host
+    /// answers are gated and written to the host's queue right here, from the stream's own task,
+    /// without waiting; v2 defaults are answered by the returned future, which the stream's task
+    /// awaits before it reads the next call (as it awaits a forward whose host queue is full);
+    /// anything that may wait longer (v3's getAuthCode, payments, a first call that resolves the
+    /// version) runs on its own task so the stream keeps flowing. Returning the waiting part
+    /// instead of being `async` keeps the stream task small while it is idle.
     pub fn call_streamed(
         self: &Arc<Self>,
         instance: &Arc<AppInstance>,
@@ -209,34 +221,33 @@ impl Broker {
             permit.send(Ok(RendererReply { id, outcome: Some(renderer_reply::Outcome::Failure(e.to_failure(api))) }));
             None
         };
-        let api = match api::validate(&request) {
-            Ok(api) => api,
+        let (api, slot) = match self.admit(instance, &request) {
+            Ok(admitted) => admitted,
             // Name the API the request is for ("requestPayment:fail ..."), as the other surfaces do.
             Err(e) => return fail(permit, request.api().map_or("unknown", |a| a.name()), e),
         };
-        let slot = match self.admit(instance) {
-            Ok(slot) => slot,
-            Err(e) => return fail(permit, api.name(), e),
-        };
+        // A call whose answer gets credentials made by the platform waits for them: it takes the
+        // task path below, which finishes it with `api::finish_delegated`.
         let resolved = instance.resolved(self.host.current_id()).map(|(v, _)| v).filter(|v| {
             api::credentials::Credentials::of_call(api, *v, &request) == api::credentials::Credentials::Untouched
         });
-        match resolved.map(|v| (v, api::route(api, v))) {
-            // A delegated answer that carries user data is recorded in the ledger on its way back.
-            Some((v, api::Route::Delegate)) if api::discloses(api) => {
+        let gated = resolved.map(|v| (v, api::gate(self, instance, api, v)));
+        match gated {
+            Some((_, Err(e))) => fail(permit, api.name(), e),
+            Some((v, Ok(api::Route::Delegate))) => {
                 let app = Broker::app_info(instance, Some(v));
-                let (broker, app_id) = (self.clone(), instance.app_id.clone());
-                let uid = self.user.get().map(|u| u.uid.clone()).unwrap_or_default();
-                let check = AnswerCheck(Box::new(move |_| api::record_passed_through(&broker, &app_id, &uid, api)));
-                let reply = ReplyTo::StreamChecked { permit, id, check };
+                let delegated = api::Delegated::new(self, instance, api, v, &request);
+                let reply = if delegated.post_processed() {
+                    let broker = self.clone();
+                    let finish =
+                        AnswerFinish(Box::new(move |answer| api::finish_delegated_now(&broker, &delegated, answer)));
+                    ReplyTo::StreamFinished { permit, id, finish }
+                } else {
+                    ReplyTo::Stream { permit, id }
+                };
                 self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
             }
-            Some((v, api::Route::Delegate)) => {
-                let app = Broker::app_info(instance, Some(v));
-                let reply = ReplyTo::Stream { permit, id };
-                self.host.forward(app, instance.instance_id.clone(), request, api, reply, stream, slot)
-            }
-            Some((ApiVersion::V2, api::Route::Default)) => {
+            Some((ApiVersion::V2, Ok(api::Route::Default))) => {
                 let (broker, instance) = (self.clone(), instance.clone());
                 Some(Box::pin(async move {
                     let started = log_start();
@@ -257,7 +268,7 @@ impl Broker {
                     let (version, outcome) = tokio::select! {
                         biased;
                         _ = gone.wait() => (None, Err(ApiError::Cancelled("renderer went away"))),
-                        done = broker.resolve_and_handle(&instance, request, slot) => done,
+                        done = broker.resolve_and_handle(&instance, api, request, slot) => done,
                     };
                     log_answer(started, &instance, Some(api), version, &outcome);
                     permit.send(Ok(reply(id, api, outcome)));

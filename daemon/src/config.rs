@@ -90,6 +90,9 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Calls one app instance may have in flight at once.
     pub max_calls_in_flight_per_instance: u32,
+    /// Calls in flight at once over all apps. One app may hold at most half of what the other apps
+    /// leave of it (docs/reliability.md, "A share of what is left").
+    pub max_calls_in_flight: u32,
     /// Sustained calls per second per app id (all its instances together).
     pub calls_per_second_per_app: u32,
     /// Burst above the sustained rate.
@@ -101,6 +104,9 @@ pub struct LimitsConfig {
     pub max_renderer_streams_per_app: u32,
     /// Renderer streams open at once for one app instance.
     pub max_renderer_streams_per_instance: u32,
+    /// HTTP/2 streams (requests of any service) open at once on one connection; the peer's next
+    /// stream is refused (RST_STREAM REFUSED_STREAM) until one ends.
+    pub max_streams_per_connection: u32,
     /// Connections open at once, over everything.
     pub max_connections: u32,
     /// Connections attributed to one app id at once (a connection belongs to the app whose launch
@@ -351,11 +357,13 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 64 * 1024,
             max_calls_in_flight_per_instance: 64,
+            max_calls_in_flight: 4_096,
             calls_per_second_per_app: 2_000,
             burst_per_app: 4_000,
             max_renderer_streams: 10_000,
             max_renderer_streams_per_app: 1_000,
             max_renderer_streams_per_instance: 100,
+            max_streams_per_connection: 100,
             max_connections: 10_240,
             max_connections_per_app: 1_000,
             max_connections_per_instance: 100,
@@ -424,6 +432,8 @@ impl Config {
             || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
+            || self.limits.max_calls_in_flight == 0
+            || self.limits.max_streams_per_connection == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -559,6 +569,7 @@ mod tests {
             (1u32.., 1u32.., 1u32..),
             (1u64..=DAY_MS, 1u64..315_000_000),
             (1u32.., 1u32..),
+            (1u32.., 1u32..),
         )
             .prop_map(
                 |(
@@ -567,6 +578,7 @@ mod tests {
                     (max_connections, max_connections_per_app, max_connections_per_instance),
                     (auth_timeout_ms, orphan_idle_secs),
                     (exchanges_per_minute_per_app, exchange_burst_per_app),
+                    (max_calls_in_flight, max_streams_per_connection),
                 )| {
                     LimitsConfig {
                         max_message_bytes,
@@ -583,6 +595,8 @@ mod tests {
                         orphan_idle_secs,
                         exchanges_per_minute_per_app,
                         exchange_burst_per_app,
+                        max_calls_in_flight,
+                        max_streams_per_connection,
                     }
                 },
             );
@@ -696,6 +710,8 @@ mod tests {
             ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
+            ("limits", "max_calls_in_flight"),
+            ("limits", "max_streams_per_connection"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("sessions", "key_refresh_secs"),

@@ -1,11 +1,15 @@
 //! A host simulator: answers every delegate method from a profile in a TOML file, the way the
 //! WeChat devtools simulator stands in for the real app. The demo runs it with a built-in profile;
-//! `miniapp-brokerd dev-host` runs it for a mini app developer who has no superapp at hand.
+//! `miniapp-brokerd dev-host` runs it for a mini app developer who has no superapp at hand, and
+//! `miniapp-brokerd dev-sim` runs it with a person answering in a browser panel ([`HostUser`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
 
 use miniapp_broker_client::{
     HostBuilder, HostFailure,
@@ -42,6 +46,8 @@ pub struct DevHostConfig {
     pub refuse: Vec<String>,
     /// The openApiVersion answer for apps whose app.json sets none; empty: not implemented.
     pub open_api_version: String,
+    /// More users a person can switch to (`dev-sim`'s panel); `user` is signed in at the start.
+    pub users: Vec<DevUser>,
     /// The superapp's server, as `dev-host --superapp-listen ADDR` plays it.
     pub superapp: DevSuperappConfig,
 }
@@ -86,6 +92,7 @@ impl Default for DevHostConfig {
             scopes: "auto".into(),
             refuse: Vec::new(),
             open_api_version: String::new(),
+            users: Vec::new(),
             superapp: DevSuperappConfig::default(),
         }
     }
@@ -121,6 +128,9 @@ impl DevHostConfig {
                 config.open_api_version
             ));
         }
+        if let Some(u) = config.users.iter().find(|u| u.uid.is_empty()) {
+            return Err(format!("every entry of users needs a uid (nick_name {:?} has none)", u.nick_name));
+        }
         if config.superapp.client_key.is_empty() {
             return Err("superapp.client_key must not be empty".into());
         }
@@ -129,22 +139,126 @@ impl DevHostConfig {
 
     /// Every user the superapp server knows: the signed-in one and `superapp.users`.
     pub fn superapp_users(&self) -> Vec<DevUser> {
-        std::iter::once(self.user.clone()).chain(self.superapp.users.iter().cloned()).collect()
+        std::iter::once(self.user.clone())
+            .chain(self.users.iter().cloned())
+            .chain(self.superapp.users.iter().cloned())
+            .collect()
     }
 
     /// The user as the host pushes it.
     pub fn signed_in_user(&self) -> SignedInUser {
-        let u = &self.user;
+        self.user.signed_in()
+    }
+
+    /// Every user of the profile a person can switch to: `user` first, then `users`, each uid once.
+    pub fn all_users(&self) -> Vec<DevUser> {
+        let mut all: Vec<DevUser> = Vec::new();
+        for u in std::iter::once(&self.user).chain(&self.users) {
+            if !u.uid.is_empty() && !all.iter().any(|seen| seen.uid == u.uid) {
+                all.push(u.clone());
+            }
+        }
+        all
+    }
+}
+
+impl DevUser {
+    /// This user as the host pushes it (an empty uid signs out).
+    pub fn signed_in(&self) -> SignedInUser {
         SignedInUser {
-            uid: u.uid.clone(),
+            uid: self.uid.clone(),
             profile: Some(UserProfile {
-                nick_name: u.nick_name.clone(),
-                avatar_url: u.avatar_url.clone(),
-                phone_number: u.phone_number.clone(),
-                email: u.email.clone(),
+                nick_name: self.nick_name.clone(),
+                avatar_url: self.avatar_url.clone(),
+                phone_number: self.phone_number.clone(),
+                email: self.email.clone(),
             }),
         }
     }
+
+    /// Nobody signed in.
+    pub fn signed_out() -> DevUser {
+        DevUser {
+            uid: String::new(),
+            nick_name: String::new(),
+            avatar_url: String::new(),
+            phone_number: String::new(),
+            email: String::new(),
+        }
+    }
+}
+
+/// What the person playing the superapp's user answers: which v3 scopes they grant, whether they
+/// pay, what they change on the settings page. The terminal dev-host answers from the profile
+/// ([`ProfileAnswers`]); `dev-sim` asks in its browser panel. Either way the rest of the host (the
+/// delegate methods, the profile data) is this module's.
+pub trait HostUser: Send + Sync + 'static {
+    /// A decision (granted or not) for each scope of `req.scopes`, in any order.
+    fn scopes(&self, app: &AppInfo, req: &GetAuthCodeRequest) -> BoxFuture<'static, Vec<(String, bool)>>;
+    /// Whether the payment of `api` ("requestPayment", "requestMidasPaymentGameItem") goes through.
+    fn pay(&self, app: &AppInfo, api: &'static str) -> BoxFuture<'static, Result<(), HostFailure>>;
+    /// The changes the user made on the settings page (scope -> granted), given the current ones.
+    fn settings(&self, app: &AppInfo, req: &OpenSettingRequest) -> BoxFuture<'static, BTreeMap<String, bool>>;
+}
+
+/// The profile's own answers: `payments`, `scopes` ("auto", or "ask" on the terminal), `refuse`.
+#[derive(Debug, Clone)]
+pub struct ProfileAnswers(Arc<DevHostConfig>);
+
+impl ProfileAnswers {
+    pub fn new(config: &DevHostConfig) -> Self {
+        ProfileAnswers(Arc::new(config.clone()))
+    }
+}
+
+impl HostUser for ProfileAnswers {
+    fn scopes(&self, app: &AppInfo, req: &GetAuthCodeRequest) -> BoxFuture<'static, Vec<(String, bool)>> {
+        let (cfg, app_id, req) = (self.0.clone(), app.app_id.clone(), req.clone());
+        Box::pin(async move {
+            let mut decided = Vec::with_capacity(req.scopes.len());
+            for s in &req.scopes {
+                let granted = if cfg.refuse.contains(s) {
+                    false
+                } else if cfg.scopes == "ask" && !req.previously_granted.contains(s) {
+                    let (app_id, s2) = (app_id.clone(), s.clone());
+                    tokio::task::spawn_blocking(move || ask_terminal(&app_id, &s2)).await.unwrap_or(false)
+                } else {
+                    true
+                };
+                decided.push((s.clone(), granted));
+            }
+            decided
+        })
+    }
+
+    fn pay(&self, _app: &AppInfo, _api: &'static str) -> BoxFuture<'static, Result<(), HostFailure>> {
+        let outcome = payment_outcome(&self.0.payments);
+        Box::pin(async move { outcome })
+    }
+
+    /// The user turns every scope in `refuse` off and leaves the rest.
+    fn settings(&self, _app: &AppInfo, _req: &OpenSettingRequest) -> BoxFuture<'static, BTreeMap<String, bool>> {
+        let changes = self.0.refuse.iter().map(|s| (s.clone(), false)).collect();
+        Box::pin(async move { changes })
+    }
+}
+
+/// The signed-in user the host's handlers answer from (chooseAvatar, getUserInfo, ...); a person
+/// switching users in `dev-sim` swaps it and pushes the new one to the daemon.
+pub type CurrentDevUser = Arc<ArcSwap<DevUser>>;
+
+/// Where the host reports each delegate call: the app it is for and the method (`"login"`,
+/// `"getAuthCode(getPhoneNumber)"`, ...).
+pub type Observer = Arc<dyn Fn(&AppInfo, &str) + Send + Sync>;
+
+/// An observer that prints one line per delegate call.
+pub fn printing(print: Printer) -> Observer {
+    Arc::new(move |app: &AppInfo, what: &str| {
+        print(format!(
+            "delegate {what:<28} app={} instance={} version={}",
+            app.app_id, app.instance_id, app.api_version
+        ))
+    })
 }
 
 /// Where the dev-host reports each delegate call (the terminal for `dev-host`, nothing for the demo).
@@ -192,9 +306,9 @@ fn raw_data(info: &UserInfo) -> String {
         .to_string()
 }
 
-fn payment_outcome<T: Default>(policy: &str) -> Result<T, HostFailure> {
+fn payment_outcome(policy: &str) -> Result<(), HostFailure> {
     match policy {
-        "ok" => Ok(T::default()),
+        "ok" => Ok(()),
         "cancel" => Err(HostFailure::cancelled()),
         _ => Err(HostFailure::error("DevHostPaymentDomain", -2, "payment declined by dev-host")),
     }
@@ -222,77 +336,88 @@ pub fn builder(
     print: Printer,
     superapp: Option<Arc<DevSuperapp>>,
 ) -> HostBuilder {
-    let cfg = Arc::new(config.clone());
-    let note = move |print: &Printer, app: &AppInfo, what: &str| {
-        print(format!(
-            "delegate {what:<28} app={} instance={} version={}",
-            app.app_id, app.instance_id, app.api_version
-        ))
-    };
-    let mut b = HostBuilder::new(address, token).name(&config.name).user(config.signed_in_user());
+    let user: CurrentDevUser = Arc::new(ArcSwap::from_pointee(config.user.clone()));
+    builder_with(address, token, config, user, Arc::new(ProfileAnswers::new(config)), printing(print), superapp)
+}
+
+/// A host builder whose user-facing answers come from `answers` and whose profile data comes from
+/// the current `user`, reporting each delegate call to `observe`; authCodes as in [`builder`].
+pub fn builder_with(
+    address: &str,
+    token: &str,
+    config: &DevHostConfig,
+    user: CurrentDevUser,
+    answers: Arc<dyn HostUser>,
+    observe: Observer,
+    superapp: Option<Arc<DevSuperapp>>,
+) -> HostBuilder {
+    let mut b = HostBuilder::new(address, token).name(&config.name).user(user.load().signed_in());
 
     macro_rules! on {
-        ($req:ty, $name:literal, |$cfg:ident| $body:expr) => {{
-            let (cfg, print) = (cfg.clone(), print.clone());
+        ($req:ty, $name:literal, |$u:ident| $body:expr) => {{
+            let (user, observe) = (user.clone(), observe.clone());
             b = b.handle(move |app, _req: $req| {
-                note(&print, &app, $name);
-                let $cfg = cfg.clone();
+                observe(&app, $name);
+                let $u = user.load_full();
                 async move {
-                    let _ = &$cfg;
+                    let _ = &$u;
                     $body
                 }
             });
         }};
     }
-    on!(LoginRequest, "login", |c| Ok(LoginResponse { code: hex_code("devhost-"), ..Default::default() }));
-    on!(CheckSessionRequest, "checkSession", |c| Ok(CheckSessionResponse::default()));
-    on!(GetPhoneNumberRequest, "getPhoneNumber", |c| Ok(GetPhoneNumberResponse {
+    on!(LoginRequest, "login", |u| Ok(LoginResponse { code: hex_code("devhost-"), ..Default::default() }));
+    on!(CheckSessionRequest, "checkSession", |u| Ok(CheckSessionResponse::default()));
+    on!(GetPhoneNumberRequest, "getPhoneNumber", |u| Ok(GetPhoneNumberResponse {
         code: hex_code("devhost-phone-"),
         ..Default::default()
     }));
-    on!(GetEmailRequest, "getEmail", |c| Ok(GetEmailResponse {
+    on!(GetEmailRequest, "getEmail", |u| Ok(GetEmailResponse {
         code: hex_code("devhost-email-"),
         ..Default::default()
     }));
-    on!(ChooseAvatarRequest, "chooseAvatar", |c| Ok(ChooseAvatarResponse {
-        avatar_url: c.user.avatar_url.clone(),
+    on!(ChooseAvatarRequest, "chooseAvatar", |u| Ok(ChooseAvatarResponse {
+        avatar_url: u.avatar_url.clone(),
         ..Default::default()
     }));
-    on!(GetNickNameRequest, "getNickName", |c| Ok(GetNickNameResponse {
-        nick_name: c.user.nick_name.clone(),
+    on!(GetNickNameRequest, "getNickName", |u| Ok(GetNickNameResponse {
+        nick_name: u.nick_name.clone(),
         ..Default::default()
     }));
-    on!(GetUserInfoRequest, "getUserInfo", |c| {
-        let info = user_info(&c.user);
+    on!(GetUserInfoRequest, "getUserInfo", |u| {
+        let info = user_info(&u);
         Ok(GetUserInfoResponse { raw_data: raw_data(&info), user_info: Some(info), ..Default::default() })
     });
-    on!(GetUserProfileRequest, "getUserProfile", |c| {
-        let info = user_info(&c.user);
+    on!(GetUserProfileRequest, "getUserProfile", |u| {
+        let info = user_info(&u);
         Ok(GetUserProfileResponse { raw_data: raw_data(&info), user_info: Some(info), ..Default::default() })
     });
-    on!(RequestPaymentRequest, "requestPayment", |c| payment_outcome::<RequestPaymentResponse>(&c.payments));
-    on!(RequestMidasPaymentGameItemRequest, "requestMidasPaymentGameItem", |c| {
-        payment_outcome::<RequestMidasPaymentGameItemResponse>(&c.payments)
-    });
+
+    macro_rules! payment {
+        ($req:ty, $resp:ty, $name:literal) => {{
+            let (answers, observe) = (answers.clone(), observe.clone());
+            b = b.handle(move |app, _req: $req| {
+                observe(&app, $name);
+                let paid = answers.pay(&app, $name);
+                async move { paid.await.map(|()| <$resp>::default()) }
+            });
+        }};
+    }
+    payment!(RequestPaymentRequest, RequestPaymentResponse, "requestPayment");
+    payment!(RequestMidasPaymentGameItemRequest, RequestMidasPaymentGameItemResponse, "requestMidasPaymentGameItem");
 
     {
-        let (cfg, print) = (cfg.clone(), print.clone());
+        let (answers, observe, user, superapp) = (answers.clone(), observe.clone(), user.clone(), superapp.clone());
         b = b.get_auth_code(move |app, req: GetAuthCodeRequest| {
-            note(&print, &app, &format!("getAuthCode({})", req.api));
-            let (cfg, superapp) = (cfg.clone(), superapp.clone());
+            observe(&app, &format!("getAuthCode({})", req.api));
+            let decided = answers.scopes(&app, &req);
+            let (uid, superapp) = (user.load().uid.clone(), superapp.clone());
             async move {
+                let decided: HashMap<String, bool> = decided.await.into_iter().collect();
                 let mut answer = GetAuthCodeResponse::default();
                 let mut refused = BTreeMap::new();
                 for s in &req.scopes {
-                    let granted = if cfg.refuse.contains(s) {
-                        false
-                    } else if cfg.scopes == "ask" && !req.previously_granted.contains(s) {
-                        let (app_id, s2) = (app.app_id.clone(), s.clone());
-                        tokio::task::spawn_blocking(move || ask_terminal(&app_id, &s2)).await.unwrap_or(false)
-                    } else {
-                        true
-                    };
-                    if granted {
+                    if decided.get(s).copied().unwrap_or(false) {
                         answer.auth_success_scopes.push(s.clone());
                     } else {
                         refused.insert(s.clone(), "user refused".to_owned());
@@ -300,11 +425,9 @@ pub fn builder(
                 }
                 answer.auth_error_scopes = refused.into_iter().collect();
                 answer.auth_code = match &superapp {
-                    Some(server) => {
-                        server.issue_auth_code(&cfg.user.uid, &answer.auth_success_scopes).ok_or_else(|| {
-                            HostFailure::error("DevHostSuperappDomain", -3, "too many outstanding authCodes")
-                        })?
-                    }
+                    Some(server) => server.issue_auth_code(&uid, &answer.auth_success_scopes).ok_or_else(|| {
+                        HostFailure::error("DevHostSuperappDomain", -3, "too many outstanding authCodes")
+                    })?,
                     None => hex_code("devhost-auth-"),
                 };
                 Ok(answer)
@@ -312,18 +435,17 @@ pub fn builder(
         });
     }
     {
-        // The settings page: the user turns every scope in `refuse` off and leaves the rest.
-        let (cfg, print) = (cfg.clone(), print.clone());
-        b = b.handle(move |app, _req: OpenSettingRequest| {
-            note(&print, &app, "openSetting");
-            let auth_setting = cfg.refuse.iter().map(|s| (s.clone(), false)).collect();
-            async move { Ok(OpenSettingResponse { auth_setting, ..Default::default() }) }
+        let (answers, observe) = (answers.clone(), observe.clone());
+        b = b.handle(move |app, req: OpenSettingRequest| {
+            observe(&app, "openSetting");
+            let changed = answers.settings(&app, &req);
+            async move { Ok(OpenSettingResponse { auth_setting: changed.await, ..Default::default() }) }
         });
     }
     if !config.open_api_version.is_empty() {
-        let (version, print) = (config.open_api_version.clone(), print.clone());
+        let (version, observe) = (config.open_api_version.clone(), observe.clone());
         b = b.open_api_version(move |app| {
-            note(&print, &app, "openApiVersion");
+            observe(&app, "openApiVersion");
             let version = version.clone();
             async move { Ok(version) }
         });
@@ -374,6 +496,7 @@ mod tests {
                 scopes: scopes.into(),
                 refuse: refuse.into_iter().map(str::to_owned).collect(),
                 open_api_version: open_api_version.into(),
+                users: Vec::new(),
                 superapp: DevSuperappConfig::default(),
             })
     }

@@ -5,6 +5,7 @@ use miniapp_broker_proto::{
     Api,
     v1::{ApiFailure, DelegateMethod, HostError},
 };
+pub use miniapp_platform::PlatformError;
 use tonic::Code;
 
 /// Why an open-API call failed. Every variant ends a call with exactly one answer.
@@ -196,6 +197,17 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The platform's failures as a renderer sees them: the one mapping at the daemon's edge.
+impl From<PlatformError> for ApiError {
+    fn from(e: PlatformError) -> Self {
+        match e {
+            PlatformError::SessionExpired => ApiError::SessionExpired,
+            PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
+            PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),
+        }
+    }
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -215,6 +227,8 @@ pub enum StartError {
     DataDirLocked(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("platform: {0}")]
+    Platform(#[from] PlatformError),
     #[error("config: {0}")]
     Config(String),
     /// The platform's key pair for superapp servers could not be read or made.

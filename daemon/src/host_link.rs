@@ -134,6 +134,20 @@ pub enum HostAnswer {
     Version(OpenApiVersionResponse),
 }
 
+impl HostAnswer {
+    /// The open-API answer, stamped `"<api>:ok"` (a host need not fill in errMsg); any other kind
+    /// of answer is a protocol error.
+    pub fn into_api_response(self) -> Result<ApiResponse, ApiError> {
+        match self {
+            HostAnswer::Api(mut resp) => {
+                resp.stamp_ok();
+                Ok(resp)
+            }
+            _ => Err(ApiError::HostProtocol("unexpected answer type".into())),
+        }
+    }
+}
+
 /// Where a call's answer goes.
 #[derive(Debug)]
 pub enum ReplyTo {
@@ -141,36 +155,20 @@ pub enum ReplyTo {
     Wait(oneshot::Sender<Result<HostAnswer, ApiError>>),
     /// Straight into a renderer stream, as the reply to the renderer's call `id`.
     Stream { permit: ReplyPermit, id: u64 },
-    /// As `Stream`, once `check` passed a successful answer (the ledger records a disclosure);
-    /// if it fails, the renderer gets its error instead of the answer.
-    StreamChecked { permit: ReplyPermit, id: u64, check: AnswerCheck },
+    /// As `Stream`, through `finish` (the broker's post-processing of a delegated answer, e.g. its
+    /// ledger row): the renderer gets what it returns.
+    StreamFinished { permit: ReplyPermit, id: u64, finish: AnswerFinish },
 }
 
-/// A step a successful answer must pass before it goes into a renderer stream.
-pub struct AnswerCheck(pub Box<CheckFn>);
+/// What turns a host's outcome into a renderer's answer, where the answer is delivered.
+pub struct AnswerFinish(pub Box<FinishFn>);
 
-/// The check itself: runs once, on the host's successful answer, where the answer is delivered.
-type CheckFn = dyn FnOnce(&ApiResponse) -> Result<(), ApiError> + Send + Sync;
+/// The step itself: runs once, on whatever ended the call.
+type FinishFn = dyn FnOnce(Result<HostAnswer, ApiError>) -> Result<ApiResponse, ApiError> + Send + Sync;
 
-impl std::fmt::Debug for AnswerCheck {
+impl std::fmt::Debug for AnswerFinish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AnswerCheck")
-    }
-}
-
-impl ReplyTo {
-    /// Runs a `StreamChecked` reply's check, leaving a plain reply and the outcome to deliver.
-    fn checked(self, outcome: Result<HostAnswer, ApiError>) -> (ReplyTo, Result<HostAnswer, ApiError>) {
-        match self {
-            ReplyTo::StreamChecked { permit, id, check } => {
-                let outcome = match outcome {
-                    Ok(HostAnswer::Api(resp)) => (check.0)(&resp).map(|()| HostAnswer::Api(resp)),
-                    other => other,
-                };
-                (ReplyTo::Stream { permit, id }, outcome)
-            }
-            other => (other, outcome),
-        }
+        f.write_str("AnswerFinish")
     }
 }
 
@@ -197,7 +195,6 @@ impl Pending {
 
     /// Delivers the call's one answer.
     fn finish(self, call_id: u64, outcome: Result<HostAnswer, ApiError>) {
-        let (reply, outcome) = self.reply.checked(outcome);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let latency_us = self.started.elapsed().as_micros() as u64;
             match &outcome {
@@ -209,30 +206,24 @@ impl Pending {
                 }
             }
         }
-        match reply {
+        let api = match self.expect {
+            Expect::Api(api) => api,
+            // Only open-API calls are forwarded onto renderer streams.
+            Expect::AuthCode | Expect::Version => Api::Login,
+        };
+        let (permit, id, answer) = match self.reply {
             ReplyTo::Wait(tx) => {
                 let _ = tx.send(outcome);
+                return;
             }
-            ReplyTo::Stream { permit, id } => {
-                let api = match self.expect {
-                    Expect::Api(api) => api,
-                    // Only open-API calls are forwarded onto renderer streams.
-                    Expect::AuthCode | Expect::Version => Api::Login,
-                };
-                let outcome = match outcome {
-                    Ok(HostAnswer::Api(mut resp)) => {
-                        resp.stamp_ok();
-                        renderer_reply::Outcome::Ok(resp)
-                    }
-                    Ok(_) => renderer_reply::Outcome::Failure(
-                        ApiError::HostProtocol("unexpected answer type".into()).failure(api),
-                    ),
-                    Err(e) => renderer_reply::Outcome::Failure(e.failure(api)),
-                };
-                permit.send(Ok(RendererReply { id, outcome: Some(outcome) }));
-            }
-            ReplyTo::StreamChecked { .. } => unreachable!("checked above"),
-        }
+            ReplyTo::Stream { permit, id } => (permit, id, outcome.and_then(HostAnswer::into_api_response)),
+            ReplyTo::StreamFinished { permit, id, finish } => (permit, id, (finish.0)(outcome)),
+        };
+        let outcome = match answer {
+            Ok(resp) => renderer_reply::Outcome::Ok(resp),
+            Err(e) => renderer_reply::Outcome::Failure(e.failure(api)),
+        };
+        permit.send(Ok(RendererReply { id, outcome: Some(outcome) }));
     }
 }
 

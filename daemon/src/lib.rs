@@ -6,13 +6,12 @@
 //! serves until [`Server::shutdown`].
 
 pub mod api;
-pub mod backend_http;
 pub mod broker;
-pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod demo;
 pub mod dev_host;
+pub mod dev_sim;
 pub mod dev_superapp;
 pub mod error;
 pub mod host_link;
@@ -46,12 +45,15 @@ use crate::{
     consent::Consent,
     host_link::HostLink,
     limits::RateLimits,
-    platform::embedded::EmbeddedPlatform,
+    platform::{Platform, backend_http},
     registry::AppRegistry,
     store::Store,
     tokens::HostToken,
     user::CurrentUser,
 };
+/// The platform's clock: the daemon reads time from the same one.
+pub use miniapp_platform::clock;
+
 pub use crate::{
     clock::{Clock, ManualClock, SystemClock},
     config::{Config, default_config_path, default_data_dir},
@@ -169,16 +171,16 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     let db_path = data_dir.join("broker.db");
     let store =
         Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
-    let platform = Arc::new(EmbeddedPlatform::new(
-        store.clone(),
-        clock.clone(),
-        config.apps.clone(),
-        &config.sessions,
-        RateLimits::exchanges(&config.limits),
-    )?);
+    let db_path = (!config.ephemeral).then_some(db_path.as_path());
+    let platform: Arc<dyn Platform> =
+        Arc::new(platform::embedded(&config, db_path, store.clone(), clock.clone()).await?);
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
-        Some(address) => Some(backend_http::bind(address, &config.backend_http).await?),
+        Some(address) => Some(
+            backend_http::bind(address, platform::http_limits(&config.backend_http))
+                .await
+                .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?,
+        ),
         None => None,
     };
 
@@ -194,9 +196,9 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         config.consent.remember_refusals,
         config.privacy.ledger_days,
     );
-    let occupancy = limits::Occupancy::default();
+    let occupancy = limits::Occupancy::new(&config.limits);
     let broker = Arc::new(Broker {
-        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance, occupancy.per_app.clone()),
+        registry: AppRegistry::new(config.limits.max_calls_in_flight_per_instance, &occupancy),
         host: Arc::new(HostLink::new(
             config.call_timeout(),
             Duration::from_millis(config.host.grace_ms),
@@ -219,7 +221,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         config,
     });
 
-    tokio::spawn(sweep(broker.clone(), platform));
+    tokio::spawn(sweep(broker.clone()));
     let task = tokio::spawn(serve(broker.clone(), listener));
     let backend_http = backend_listener.map(|listener| {
         info!(address = %listener.address, "backend HTTP API listening");
@@ -288,32 +290,38 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
     let admin = AdminServer::new(services::admin::AdminService::new(broker.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    // Health checks and reflection hold renderer streams like a Session stream does.
+    let budget =
+        services::stream_budget::StreamBudget::new(&broker.occupancy, broker.clock.clone(), &broker.config.limits);
 
     let auth_timeout = Duration::from_millis(broker.config.limits.auth_timeout_ms);
-    let incoming = transport::incoming(listener, broker.config.limits.max_connections as usize, auth_timeout);
+    let incoming = transport::incoming(listener, broker.occupancy.connections.clone(), auth_timeout);
     let shutdown = broker.shutdown.clone();
     tonic::transport::Server::builder()
+        // Every service's streams on one connection (hyper's default would be unbounded here):
+        // the peer's next stream is refused with REFUSED_STREAM until one ends.
+        .max_concurrent_streams(broker.config.limits.max_streams_per_connection)
         .layer(services::gate::GateLayer::new(broker.clone()))
         .add_service(open_api)
         .add_service(host)
         .add_service(exchange)
         .add_service(admin)
-        .add_service(health)
-        .add_service(reflection)
+        .add_service(budget.wrap(health))
+        .add_service(budget.wrap(reflection))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }
 
 /// Sweeps expired codes, idle rate buckets and idle orphaned app instances: every 30 s, or a
 /// quarter of `limits.orphan_idle_secs` if that is shorter.
-async fn sweep(broker: Arc<Broker>, platform: Arc<EmbeddedPlatform>) {
+async fn sweep(broker: Arc<Broker>) {
     let orphan_idle = Duration::from_secs(broker.config.limits.orphan_idle_secs);
     let mut every = tokio::time::interval((orphan_idle / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = every.tick() => {
-                platform.sweep();
+                broker.platform.sweep().await;
                 broker.rates.sweep();
                 match broker.consent.ledger.prune() {
                     Ok(0) => {}

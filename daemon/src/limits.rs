@@ -3,7 +3,13 @@
 //! instance in the registry; message size limits are set on the gRPC services; the global
 //! connection limit in transport.)
 
-use std::{num::NonZeroU32, sync::Arc};
+use std::{
+    num::NonZeroU32,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+};
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -29,14 +35,6 @@ impl RateLimits {
         RateLimits { per_app: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)), rate: rate.get() }
     }
 
-    /// A bucket per app for its backend's exchange attempts (both backend surfaces share it):
-    /// `exchanges_per_minute_per_app`, with `exchange_burst_per_app` above it.
-    pub fn exchanges(config: &LimitsConfig) -> Self {
-        let rate = NonZeroU32::new(config.exchanges_per_minute_per_app).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.exchange_burst_per_app).unwrap_or(NonZeroU32::MIN);
-        RateLimits { per_app: RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst)), rate: rate.get() }
-    }
-
     /// Takes one call from the app's bucket, or refuses with RESOURCE_EXHAUSTED.
     pub fn check(&self, app_id: &Arc<str>) -> Result<(), ApiError> {
         if self.allows(app_id) {
@@ -57,11 +55,29 @@ impl RateLimits {
     }
 }
 
-/// What apps hold against the per-app caps on renderer streams and connections (`[limits]` in
-/// the config). Per-instance streams and connections are counted on the instance itself.
-#[derive(Debug, Default)]
+/// What apps hold of the pools they share (`[limits]` in the config): renderer streams,
+/// connections and calls in flight. Per-instance streams, connections and calls are counted on the
+/// instance itself.
+#[derive(Debug)]
 pub struct Occupancy {
     pub per_app: Arc<KeyedCount>,
+    /// Renderer streams: `OpenApi.Session` streams, and health and reflection requests.
+    pub streams: Arc<Pool>,
+    /// Every connection, taken when it is accepted (see `transport::incoming`).
+    pub connections: Arc<Pool>,
+    /// Calls in flight on every surface.
+    pub calls: Arc<Pool>,
+}
+
+impl Occupancy {
+    pub fn new(limits: &LimitsConfig) -> Self {
+        Occupancy {
+            per_app: Arc::default(),
+            streams: Arc::new(Pool::new(Counted::Streams, limits.max_renderer_streams)),
+            connections: Arc::new(Pool::new(Counted::Connections, limits.max_connections)),
+            calls: Arc::new(Pool::new(Counted::Calls, limits.max_calls_in_flight)),
+        }
+    }
 }
 
 /// What a [`KeyedCount`] counts per key.
@@ -69,45 +85,195 @@ pub struct Occupancy {
 pub enum Counted {
     Streams = 0,
     Connections = 1,
+    Calls = 2,
 }
 
-/// How many renderer streams and connections each key (an app id) holds, so one key cannot take
-/// what a global limit leaves for everyone. A key's entry exists only while it holds something;
-/// one entry counts both, so an app costs one map entry however it connects.
+impl Counted {
+    /// How a refusal names what was counted.
+    fn label(self) -> &'static str {
+        match self {
+            Counted::Streams => "renderer streams open",
+            Counted::Connections => "connections",
+            Counted::Calls => "calls in flight",
+        }
+    }
+
+    /// The setting that sizes the pool every app shares.
+    fn pool_key(self) -> &'static str {
+        match self {
+            Counted::Streams => "limits.max_renderer_streams",
+            Counted::Connections => "limits.max_connections",
+            Counted::Calls => "limits.max_calls_in_flight",
+        }
+    }
+}
+
+/// Whether a party holding `held` units of a pool may take one more, when `free_after` units are
+/// free once it has: it may hold at most half (rounded up) of what the others leave of the pool,
+/// which is what it holds plus what is free. So one party alone gets half of a pool, the next half
+/// of the rest, and so on: nobody can take the last of it, whatever the pool's size, and a party
+/// holding nothing gets a unit while any is free.
+pub fn share_allows(held: u32, free_after: u32) -> bool {
+    let left_to_it = u64::from(held) + 1 + u64::from(free_after);
+    // After the take it holds `held + 1`: at most half of `left_to_it`, rounded up.
+    u64::from(held) < left_to_it.div_ceil(2)
+}
+
+/// Why a unit of a shared pool was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Nothing of the pool is free (`total` is its size).
+    PoolFull { what: Counted, total: u32 },
+    /// The app holds its own cap (`limits.max_*_per_app`).
+    AppCap { what: Counted, cap: u32 },
+    /// The app holds half of what the other apps leave of the pool.
+    Share { what: Counted, held: u32, total: u32 },
+    /// The instance holds its own cap (`limits.max_*_per_instance`).
+    InstanceCap { what: Counted, cap: u32 },
+}
+
+impl Refused {
+    /// The RESOURCE_EXHAUSTED message: which limit, without naming anything of the caller's.
+    pub fn message(&self) -> String {
+        match *self {
+            Refused::PoolFull { what, total } => format!("more than {total} {}", what.label()),
+            Refused::AppCap { what, cap } => format!("more than {cap} {} for this app", what.label()),
+            Refused::Share { what, held, total } => format!(
+                "this app holds {held} {}, its share of {} = {total}: one app may hold at most half of \
+                 what the other apps leave",
+                what.label(),
+                what.pool_key()
+            ),
+            Refused::InstanceCap { what, cap } => format!("more than {cap} {} for this app instance", what.label()),
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+/// A pool every app draws on, counted in one atomic: a total and how much of it is taken.
+#[derive(Debug)]
+pub struct Pool {
+    what: Counted,
+    total: u32,
+    taken: AtomicU32,
+}
+
+impl Pool {
+    pub fn new(what: Counted, total: u32) -> Self {
+        Pool { what, total, taken: AtomicU32::new(0) }
+    }
+
+    /// Takes one unit for the whole daemon; how many are free once it is, or the refusal.
+    fn reserve(&self) -> Result<u32, Refused> {
+        let before = self.taken.fetch_add(1, Ordering::AcqRel);
+        if before >= self.total {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::PoolFull { what: self.what, total: self.total });
+        }
+        Ok(self.total - before - 1)
+    }
+
+    fn release(&self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes one unit that belongs to no app yet (an accepted connection), if any is free.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<PoolUnit> {
+        self.reserve().ok().map(|_| PoolUnit(self.clone()))
+    }
+
+    /// Units free now.
+    pub fn free(&self) -> u32 {
+        self.total.saturating_sub(self.taken())
+    }
+
+    /// The pool's size.
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+
+    /// Units taken now.
+    pub fn taken(&self) -> u32 {
+        self.taken.load(Ordering::Acquire)
+    }
+}
+
+/// One unit of a [`Pool`] held by no app, given back when dropped.
+#[derive(Debug)]
+pub struct PoolUnit(Arc<Pool>);
+
+impl Drop for PoolUnit {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// How many renderer streams, connections and calls in flight each key (an app id) holds, so one
+/// key cannot take what a pool leaves for everyone. A key's entry exists only while it holds
+/// something; one entry counts all three, so an app costs one map entry however it connects.
 #[derive(Debug, Default)]
 pub struct KeyedCount {
-    counts: DashMap<Arc<str>, [u32; 2]>,
+    counts: DashMap<Arc<str>, [u32; 3]>,
 }
 
-/// One unit held by a key in a [`KeyedCount`], given back when dropped.
+/// One unit held by a key in a [`KeyedCount`] (and of its pool, if any), given back when dropped.
 #[derive(Debug)]
 pub struct Held {
     owner: Arc<KeyedCount>,
     key: Arc<str>,
     what: Counted,
+    pool: Option<Arc<Pool>>,
 }
 
 impl KeyedCount {
     /// Takes one unit of `what` for `key` unless it already holds `max`.
     pub fn try_take(self: &Arc<Self>, key: &Arc<str>, what: Counted, max: u32) -> Option<Held> {
-        self.try_add(key, what, max).then(|| Held { owner: self.clone(), key: key.clone(), what })
+        self.try_add(key, what, max, None).is_ok().then(|| Held {
+            owner: self.clone(),
+            key: key.clone(),
+            what,
+            pool: None,
+        })
     }
 
-    /// Counts one unit of `what` for `key` unless it already holds `max`; whoever counted it
-    /// gives it back with [`KeyedCount::give_back`].
-    pub fn try_add(&self, key: &Arc<str>, what: Counted, max: u32) -> bool {
-        let mut counts = self.counts.entry(key.clone()).or_insert([0, 0]);
-        let count = &mut counts[what as usize];
-        if *count < max {
-            *count += 1;
-            return true;
+    /// Takes one unit of `pool` for `key`, within `max` and within its share of what is left of
+    /// the pool ([`share_allows`]).
+    pub fn try_take_shared(self: &Arc<Self>, key: &Arc<str>, pool: &Arc<Pool>, max: u32) -> Result<Held, Refused> {
+        let free_after = pool.reserve()?;
+        match self.try_add(key, pool.what, max, Some(free_after)) {
+            Ok(()) => Ok(Held { owner: self.clone(), key: key.clone(), what: pool.what, pool: Some(pool.clone()) }),
+            Err(refused) => {
+                pool.release();
+                Err(refused.with_total(pool.total))
+            }
         }
-        let empty = *counts == [0, 0];
+    }
+
+    /// Counts one unit of `what` for `key` unless it already holds `max`, or more than its share
+    /// of a pool with `free_after` units free once it has this one ([`share_allows`]; `None`: no
+    /// pool); whoever counted it gives it back with [`KeyedCount::give_back`].
+    pub fn try_add(&self, key: &Arc<str>, what: Counted, max: u32, free_after: Option<u32>) -> Result<(), Refused> {
+        let mut counts = self.counts.entry(key.clone()).or_insert([0; 3]);
+        let count = &mut counts[what as usize];
+        let refused = if *count >= max {
+            Refused::AppCap { what, cap: max }
+        } else if free_after.is_some_and(|free| !share_allows(*count, free)) {
+            Refused::Share { what, held: *count, total: 0 }
+        } else {
+            *count += 1;
+            return Ok(());
+        };
+        let empty = *counts == [0; 3];
         drop(counts);
         if empty {
-            self.counts.remove_if(key, |_, c| *c == [0, 0]);
+            self.counts.remove_if(key, |_, c| *c == [0; 3]);
         }
-        false
+        Err(refused)
     }
 
     /// Gives `n` units of `what` back for `key`.
@@ -115,7 +281,7 @@ impl KeyedCount {
         if let Entry::Occupied(mut entry) = self.counts.entry(key.clone()) {
             let count = &mut entry.get_mut()[what as usize];
             *count = count.saturating_sub(n);
-            if *entry.get() == [0, 0] {
+            if *entry.get() == [0; 3] {
                 entry.remove();
             }
         }
@@ -127,9 +293,22 @@ impl KeyedCount {
     }
 }
 
+impl Refused {
+    /// The same refusal, naming the pool's size.
+    pub(crate) fn with_total(self, pool_total: u32) -> Refused {
+        match self {
+            Refused::Share { what, held, .. } => Refused::Share { what, held, total: pool_total },
+            other => other,
+        }
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.owner.give_back(&self.key, self.what, 1);
+        if let Some(pool) = &self.pool {
+            pool.release();
+        }
     }
 }
 
@@ -157,5 +336,59 @@ mod tests {
         assert!(counts.counts.get("b").is_none(), "a refusal leaves no entry behind");
         drop(conn);
         assert_eq!(counts.held("a", Connections), 0);
+    }
+
+    /// Each party takes all it can, in turn: what it gets, whatever the pool's size.
+    #[test]
+    fn each_party_gets_half_of_what_the_others_leave() {
+        for (total, expected) in [
+            (1, vec![1, 0, 0]),
+            (2, vec![1, 1, 0]),
+            (3, vec![2, 1, 0]),
+            (4, vec![2, 1, 1]),
+            (40, vec![20, 10, 5]),
+            (10_000, vec![5_000, 2_500, 1_250]),
+        ] {
+            let counts = Arc::new(KeyedCount::default());
+            let pool = Arc::new(Pool::new(Counted::Streams, total));
+            let mut held = Vec::new();
+            let got: Vec<u32> = ["a", "b", "c"]
+                .into_iter()
+                .map(|key| {
+                    let key: Arc<str> = key.into();
+                    let mut n = 0;
+                    while let Ok(unit) = counts.try_take_shared(&key, &pool, u32::MAX) {
+                        held.push(unit);
+                        n += 1;
+                    }
+                    n
+                })
+                .collect();
+            assert_eq!(got, expected, "pool of {total}");
+            drop(held);
+            assert_eq!((pool.taken(), counts.counts.len()), (0, 0), "everything given back");
+        }
+    }
+
+    #[test]
+    fn an_apps_cap_binds_below_its_share_and_refusals_say_which() {
+        let counts = Arc::new(KeyedCount::default());
+        let pool = Arc::new(Pool::new(Counted::Streams, 40));
+        let a: Arc<str> = "a".into();
+        let _held: Vec<Held> = (0..3).map(|_| counts.try_take_shared(&a, &pool, 3).unwrap()).collect();
+        let capped = counts.try_take_shared(&a, &pool, 3).unwrap_err();
+        assert_eq!(capped.message(), "more than 3 renderer streams open for this app");
+        assert_eq!(pool.taken(), 3, "a refusal gives its pool unit back");
+        let b: Arc<str> = "b".into();
+        let _b: Vec<Held> = (0..19).map(|_| counts.try_take_shared(&b, &pool, 100).unwrap()).collect();
+        let share = counts.try_take_shared(&b, &pool, 100).unwrap_err();
+        assert_eq!(
+            share.message(),
+            "this app holds 19 renderer streams open, its share of limits.max_renderer_streams = 40: one app may \
+             hold at most half of what the other apps leave"
+        );
+        let full = Arc::new(Pool::new(Counted::Calls, 1));
+        let _one = full.try_acquire().unwrap();
+        assert_eq!(counts.try_take_shared(&a, &full, 9).unwrap_err().message(), "more than 1 calls in flight");
     }
 }

@@ -13,7 +13,7 @@ use miniapp_broker_client::{
     connect, pages,
     proto::{metadata, v1, v1::admin_client::AdminClient},
 };
-use miniapp_brokerd::{ApiVersion, Clock, Config, SystemClock, default_config_path, dev_host};
+use miniapp_brokerd::{ApiVersion, Clock, Config, SystemClock, default_config_path, dev_host, dev_sim};
 use tonic::{Code, Request, transport::Channel};
 
 #[derive(Parser, Debug)]
@@ -96,6 +96,9 @@ enum Command {
     },
     /// Act as the host: a simulated superapp with a signed-in user, for developing mini apps.
     DevHost(DevHostArgs),
+    /// A simulator in the browser: your mini app's page calls `wx.*` through the daemon, and a
+    /// panel lets you play the superapp's user (sign-in, scope and payment prompts, versions).
+    DevSim(DevSimArgs),
     /// Print the embedded platform's public key (PEM) for the superapp's server to install,
     /// making the key pair first if there is none (docs/superapp-server.md).
     PlatformPublicKey {
@@ -172,6 +175,39 @@ struct DevHostArgs {
     platform_public_key: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct DevSimArgs {
+    /// The running daemon's config file (its socket and data dir); without a daemon there, the
+    /// simulator starts one of its own in memory.
+    #[arg(long, env = "MINIAPP_BROKERD_CONFIG")]
+    config: Option<PathBuf>,
+    /// The running daemon's socket (default: the configured one).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The running daemon's host token file (default: <data dir>/host.token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The mini app's directory: its index.html, scripts and assets (default: a built-in sample
+    /// app with a button per API).
+    #[arg(long, value_name = "DIR")]
+    app_dir: Option<PathBuf>,
+    /// The app id to launch.
+    #[arg(long, value_name = "ID", default_value = dev_sim::DEFAULT_APP_ID)]
+    app_id: String,
+    /// The app.json to launch with (default: DIR/app.json if there is one, else {}).
+    #[arg(long, value_name = "JSON")]
+    app_json: Option<String>,
+    /// Where the simulator's page is served (a loopback address; port 0: a free port).
+    #[arg(long, value_name = "127.0.0.1:PORT", default_value = dev_sim::DEFAULT_LISTEN)]
+    listen: String,
+    /// The dev-host profile (see dev-host.example.toml; `users` lists the users to switch to).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// The backend HTTP API's address for the simulator's own daemon (when none is running).
+    #[arg(long, value_name = "ADDR")]
+    backend_listen: Option<String>,
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
@@ -197,6 +233,7 @@ fn main() -> ExitCode {
             Some(Command::RegisterApp { admin, app_id, rotate }) => register_app(&admin, app_id, rotate).await,
             Some(Command::PlatformPublicKey { config, data_dir }) => platform_public_key(config, data_dir),
             Some(Command::DevHost(args)) => dev_host(args).await,
+            Some(Command::DevSim(args)) => dev_sim(args).await,
         }
     });
     match result {
@@ -705,10 +742,7 @@ async fn register_app(a: &AdminArgs, app_id: String, rotate: bool) -> Result<Exi
 async fn dev_host(args: DevHostArgs) -> Result<ExitCode, BoxError> {
     let t = target(&args.admin)?;
     let profile = match &args.profile {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("profile {}: {e}", p.display()))?;
-            dev_host::DevHostConfig::from_toml(&text).map_err(|e| format!("profile {}: {e}", p.display()))?
-        }
+        Some(p) => read_profile(p)?,
         None => dev_host::DevHostConfig::default(),
     };
     let (mut status_client, token) = admin(&t).await?;
@@ -852,3 +886,56 @@ async fn dev_superapp(
 
 /// How long the dev-host waits for a restarting daemon before it gives up.
 const DEV_HOST_RECONNECT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn read_profile(path: &Path) -> Result<dev_host::DevHostConfig, BoxError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("profile {}: {e}", path.display()))?;
+    Ok(dev_host::DevHostConfig::from_toml(&text).map_err(|e| format!("profile {}: {e}", path.display()))?)
+}
+
+async fn dev_sim(args: DevSimArgs) -> Result<ExitCode, BoxError> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_logs(&Config::default(), false);
+    }
+    let profile = match &args.profile {
+        Some(p) => read_profile(p)?,
+        None => dev_sim::default_profile(),
+    };
+    let options = dev_sim::DevSimOptions {
+        app_dir: args.app_dir.clone(),
+        app_id: args.app_id.clone(),
+        app_json: args.app_json.clone(),
+        listen: args.listen.clone(),
+        profile,
+    };
+    let t = target(&AdminArgs {
+        config: args.config.clone(),
+        socket: args.socket.clone(),
+        token_file: args.token_file.clone(),
+        json: false,
+    })?;
+    // A daemon answering at the socket is used as it is; else the simulator brings its own.
+    let running = tokio::time::timeout(std::time::Duration::from_secs(3), connect::channel(&t.address)).await;
+    let stop = wait_for_signal();
+    if let Ok(Ok(_)) = running {
+        if args.backend_listen.is_some() {
+            eprintln!("dev-sim: --backend-listen applies to the simulator's own daemon; the running one keeps its own");
+        }
+        let (mut admin_client, token) = admin(&t).await?;
+        let backend = match admin_client.status(authorized(&token, v1::StatusRequest {})?).await {
+            Ok(s) if !s.get_ref().backend_http.is_empty() => Some(s.into_inner().backend_http),
+            _ => None,
+        };
+        let daemon = dev_sim::DaemonAt { address: t.address.clone(), token };
+        dev_sim::run(options, daemon, backend, stop).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let own = dev_sim::daemon::start_own(args.backend_listen.clone()).await?;
+    println!("dev-sim: no daemon at {}; started one in memory", t.address);
+    let daemon =
+        dev_sim::DaemonAt { address: own.server.address().to_owned(), token: own.server.host_token().to_owned() };
+    let backend = own.server.backend_http_addr().map(|a| a.to_string());
+    let result = dev_sim::run(options, daemon, backend, stop).await;
+    own.stop().await;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}

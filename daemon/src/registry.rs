@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::{
     error::ApiError,
-    limits::{Counted, KeyedCount},
+    limits::{Counted, Held, KeyedCount, Occupancy, Pool, Refused},
     tokens::{random_token, secrets_equal},
     version::{ApiVersion, AppJson, VersionSource},
 };
@@ -31,10 +31,13 @@ pub struct AppInstance {
     version: AtomicU8,
     /// The host session whose openApiVersion answer the version came from.
     version_host: AtomicU64,
-    /// Serializes resolution so the host is asked once per instance.
-    pub(crate) resolving: tokio::sync::Mutex<()>,
+    /// The open version question, shared by the calls that wait for it.
+    pub(crate) question: crate::version::Question,
     in_flight: AtomicU32,
     max_in_flight: u32,
+    /// The daemon's pool of calls in flight, and what each app holds of it.
+    calls: Arc<Pool>,
+    per_app: Arc<KeyedCount>,
     /// Set when the instance closes; `closing` wakes whoever waits for it. (A cancellation token
     /// would cost every instance ~100 bytes more.)
     closed: AtomicBool,
@@ -64,6 +67,13 @@ pub struct ConnSlot {
     per_app: Arc<KeyedCount>,
 }
 
+impl ConnSlot {
+    /// The instance the connection is attributed to.
+    pub fn instance(&self) -> &Arc<AppInstance> {
+        &self.instance
+    }
+}
+
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         let was = self.instance.conns.fetch_sub(1, Ordering::AcqRel);
@@ -73,29 +83,25 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Why a connection was not attributed to its instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnRefused {
-    /// The app holds `limits.max_connections_per_app`.
-    App,
-    /// The instance holds `limits.max_connections_per_instance`.
-    Instance,
-}
-
-/// Counts one call against its instance's in-flight limit until dropped.
+/// Counts one call against its instance's in-flight limit, and against the daemon's pool of
+/// calls in flight (within its app's share), until dropped.
 #[derive(Debug)]
-pub struct CallSlot(Arc<AppInstance>);
+pub struct CallSlot {
+    instance: Arc<AppInstance>,
+    /// `None` only while [`AppInstance::begin_call`] is refusing it.
+    _app: Option<Held>,
+}
 
 impl CallSlot {
     /// The calling instance.
     pub(crate) fn instance(&self) -> &Arc<AppInstance> {
-        &self.0
+        &self.instance
     }
 }
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.instance.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -134,16 +140,19 @@ impl AppInstance {
         self.version.store(version.to_u8() | source_bits << 4, Ordering::Release);
     }
 
-    /// Takes an in-flight slot, or refuses with RESOURCE_EXHAUSTED.
+    /// Takes an in-flight slot of the instance and a unit of the daemon's calls in flight (within
+    /// the app's share of what is left), or refuses with RESOURCE_EXHAUSTED.
     pub fn begin_call(self: &Arc<Self>) -> Result<CallSlot, ApiError> {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let slot = CallSlot(self.clone());
+        let mut slot = CallSlot { instance: self.clone(), _app: None };
         if before >= self.max_in_flight {
             return Err(ApiError::Exhausted(format!(
                 "more than {} calls in flight for this app instance",
                 self.max_in_flight
             )));
         }
+        let held = self.per_app.try_take_shared(&self.app_id, &self.calls, u32::MAX);
+        slot._app = Some(held.map_err(|refused| ApiError::Exhausted(refused.message()))?);
         Ok(slot)
     }
 
@@ -183,19 +192,33 @@ impl AppInstance {
         true
     }
 
-    /// Attributes a connection to this instance and its app (counted in `per_app`) unless either
-    /// holds its maximum. `Ok(None)`: the instance closed meanwhile, and nothing is attributed.
+    /// Opens a renderer stream of this instance: a unit of the daemon's stream pool within the
+    /// app's share of what is left and `max_per_app`, and one of the instance's `max_per_instance`.
+    /// The returned unit gives the pool and the app theirs back when dropped; the instance's is
+    /// given back by [`AppInstance::stream_closed`].
+    pub fn open_stream(&self, streams: &Arc<Pool>, max_per_app: u32, max_per_instance: u32) -> Result<Held, Refused> {
+        let held = self.per_app.try_take_shared(&self.app_id, streams, max_per_app)?;
+        if !self.stream_opened(max_per_instance) {
+            return Err(Refused::InstanceCap { what: Counted::Streams, cap: max_per_instance });
+        }
+        Ok(held)
+    }
+
+    /// Attributes a connection to this instance and its app unless either holds its maximum or
+    /// the app holds its share of what is left of `connections` (this connection's unit already
+    /// taken). `Ok(None)`: the instance closed meanwhile, and nothing is attributed.
     pub fn connection_opened(
         self: &Arc<Self>,
-        per_app: &Arc<KeyedCount>,
+        connections: &Pool,
         max_per_app: u32,
         max_per_instance: u32,
-    ) -> Result<Option<ConnSlot>, ConnRefused> {
+    ) -> Result<Option<ConnSlot>, Refused> {
+        let per_app = &self.per_app;
         // The app's unit first: once the instance counts the connection, its closing gives the
         // unit back (`AppRegistry::close`); until then this call does.
-        if !per_app.try_add(&self.app_id, Counted::Connections, max_per_app) {
-            return Err(ConnRefused::App);
-        }
+        per_app
+            .try_add(&self.app_id, Counted::Connections, max_per_app, Some(connections.free()))
+            .map_err(|refused| refused.with_total(connections.total()))?;
         let before = self.conns.fetch_add(1, Ordering::AcqRel);
         if before & CONNS_CLOSED == 0 && before < max_per_instance {
             return Ok(Some(ConnSlot { instance: self.clone(), per_app: per_app.clone() }));
@@ -205,7 +228,11 @@ impl AppInstance {
         if before & CONNS_CLOSED != 0 || was & CONNS_CLOSED == 0 {
             per_app.give_back(&self.app_id, Counted::Connections, 1);
         }
-        if before & CONNS_CLOSED != 0 { Ok(None) } else { Err(ConnRefused::Instance) }
+        if before & CONNS_CLOSED != 0 {
+            Ok(None)
+        } else {
+            Err(Refused::InstanceCap { what: Counted::Connections, cap: max_per_instance })
+        }
     }
 
     /// A renderer stream of this instance ended at `now_ms`.
@@ -258,13 +285,20 @@ pub enum TokenError {
 pub struct AppRegistry {
     instances: DashMap<Arc<str>, Arc<AppInstance>>,
     max_in_flight: u32,
-    /// The per-app counts the instances' connections are counted in (see [`ConnSlot`]).
+    /// The per-app counts the instances' connections and calls are counted in (see [`ConnSlot`]).
     per_app: Arc<KeyedCount>,
+    /// The daemon's pool of calls in flight.
+    calls: Arc<Pool>,
 }
 
 impl AppRegistry {
-    pub fn new(max_in_flight: u32, per_app: Arc<KeyedCount>) -> Self {
-        AppRegistry { instances: DashMap::new(), max_in_flight, per_app }
+    pub fn new(max_in_flight: u32, occupancy: &Occupancy) -> Self {
+        AppRegistry {
+            instances: DashMap::new(),
+            max_in_flight,
+            per_app: occupancy.per_app.clone(),
+            calls: occupancy.calls.clone(),
+        }
     }
 
     /// Registers a new instance; returns it and its launch token.
@@ -279,9 +313,11 @@ impl AppRegistry {
             secret: secret.clone(),
             version: AtomicU8::new(0),
             version_host: AtomicU64::new(0),
-            resolving: tokio::sync::Mutex::new(()),
+            question: Default::default(),
             in_flight: AtomicU32::new(0),
             max_in_flight: self.max_in_flight,
+            calls: self.calls.clone(),
+            per_app: self.per_app.clone(),
             closed: AtomicBool::new(false),
             closing: Notify::new(),
             launched_by: AtomicU64::new(0),
@@ -363,10 +399,15 @@ impl AppRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LimitsConfig;
+
+    fn occupancy(max_calls_in_flight: u32, max_connections: u32) -> Occupancy {
+        Occupancy::new(&LimitsConfig { max_calls_in_flight, max_connections, ..LimitsConfig::default() })
+    }
 
     #[test]
     fn tokens_name_one_instance_and_die_with_it() {
-        let reg = AppRegistry::new(2, Arc::default());
+        let reg = AppRegistry::new(2, &occupancy(10, 10));
         let (a, token_a) = reg.launch("app-a", AppJson::default(), 0);
         let (_b, token_b) = reg.launch("app-b", AppJson::default(), 0);
         assert_eq!(reg.authenticate(Some(&token_a)).unwrap().instance_id, a.instance_id);
@@ -382,16 +423,18 @@ mod tests {
     #[test]
     fn a_closed_instance_gives_its_connections_back_once() {
         use Counted::Connections;
-        let per_app: Arc<KeyedCount> = Arc::default();
-        let reg = AppRegistry::new(2, per_app.clone());
+        let occupancy = occupancy(10, 100);
+        let (per_app, conns) = (occupancy.per_app.clone(), occupancy.connections.clone());
+        let reg = AppRegistry::new(2, &occupancy);
         let (a, _) = reg.launch("app", AppJson::default(), 0);
         let (b, _) = reg.launch("app", AppJson::default(), 0);
         let app: Arc<str> = "app".into();
-        let a1 = a.connection_opened(&per_app, 3, 2).unwrap().unwrap();
-        let a2 = a.connection_opened(&per_app, 3, 2).unwrap().unwrap();
-        assert_eq!(a.connection_opened(&per_app, 3, 2).unwrap_err(), ConnRefused::Instance);
-        let b1 = b.connection_opened(&per_app, 3, 2).unwrap().unwrap();
-        assert_eq!(b.connection_opened(&per_app, 3, 2).unwrap_err(), ConnRefused::App);
+        let a1 = a.connection_opened(&conns, 3, 2).unwrap().unwrap();
+        let a2 = a.connection_opened(&conns, 3, 2).unwrap().unwrap();
+        let instance_cap = Refused::InstanceCap { what: Connections, cap: 2 };
+        assert_eq!(a.connection_opened(&conns, 3, 2).unwrap_err(), instance_cap);
+        let b1 = b.connection_opened(&conns, 3, 2).unwrap().unwrap();
+        assert_eq!(b.connection_opened(&conns, 3, 2).unwrap_err(), Refused::AppCap { what: Connections, cap: 3 });
         assert_eq!(per_app.held("app", Connections), 3, "refusals took nothing");
         drop(a1);
         assert_eq!(per_app.held("app", Connections), 2);
@@ -400,7 +443,7 @@ mod tests {
         assert_eq!(per_app.held("app", Connections), 1);
         drop(a2);
         assert_eq!(per_app.held("app", Connections), 1);
-        assert!(a.connection_opened(&per_app, 3, 2).unwrap().is_none(), "a closed instance takes none");
+        assert!(a.connection_opened(&conns, 3, 2).unwrap().is_none(), "a closed instance takes none");
         assert_eq!(per_app.held(&app, Connections), 1);
         drop(b1);
         assert_eq!(per_app.held("app", Connections), 0);
@@ -408,12 +451,41 @@ mod tests {
 
     #[test]
     fn in_flight_slots_are_bounded_and_returned() {
-        let reg = AppRegistry::new(2, Arc::default());
+        let occupancy = occupancy(10, 10);
+        let reg = AppRegistry::new(2, &occupancy);
         let (a, _) = reg.launch("app", AppJson::default(), 0);
         let s1 = a.begin_call().unwrap();
         let _s2 = a.begin_call().unwrap();
         assert!(matches!(a.begin_call(), Err(ApiError::Exhausted(_))));
+        assert_eq!(occupancy.calls.taken(), 2, "a refused call holds nothing of the pool");
         drop(s1);
         assert!(a.begin_call().is_ok());
+        assert_eq!(occupancy.calls.taken(), 1);
+    }
+
+    #[test]
+    fn one_app_takes_at_most_half_of_what_the_others_leave_of_the_calls_in_flight() {
+        let occupancy = occupancy(8, 10);
+        let reg = AppRegistry::new(100, &occupancy);
+        let (a, _) = reg.launch("a", AppJson::default(), 0);
+        let (b, _) = reg.launch("b", AppJson::default(), 0);
+        let (c, _) = reg.launch("c", AppJson::default(), 0);
+        let take_all = |i: &Arc<AppInstance>| {
+            let mut slots = Vec::new();
+            while let Ok(slot) = i.begin_call() {
+                slots.push(slot);
+            }
+            slots
+        };
+        let (held_a, held_b, held_c) = (take_all(&a), take_all(&b), take_all(&c));
+        assert_eq!((held_a.len(), held_b.len(), held_c.len()), (4, 2, 1));
+        let Err(ApiError::Exhausted(why)) = a.begin_call() else { panic!("refused") };
+        assert!(why.contains("its share of limits.max_calls_in_flight = 8"), "{why}");
+        drop(held_a);
+        let more_b = take_all(&b);
+        assert_eq!(more_b.len(), 2, "b's share grows with what a gave back");
+        assert_eq!(occupancy.calls.taken(), 5);
+        drop((held_b, held_c, more_b));
+        assert_eq!(occupancy.calls.taken(), 0);
     }
 }

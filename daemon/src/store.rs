@@ -1,5 +1,7 @@
-//! The embedded database: sessions, grants and refusals, app secrets, payment outcomes, the
-//! disclosure ledger and the daemon secret.
+//! The daemon's database: grants and refusals, payment outcomes and the disclosure ledger. The
+//! embedded platform keeps its own tables (sessions, app secrets, the daemon secret) in the same
+//! file through its own engine (`miniapp_platform::store::sqlite`); each side creates and migrates
+//! only its tables, so a data dir of an earlier version keeps working as it is.
 //!
 //! SQLite (bundled, so nothing is needed from the system) in WAL mode: a write that returned is on
 //! disk for any later reader, and survives the daemon being killed. Writes are short and few
@@ -14,18 +16,6 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::StoreError;
-
-/// One stored login session of (app, user).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRow {
-    pub app_id: String,
-    pub uid: String,
-    /// The user's openid in the app, kept so that a backend's openid finds its session by key.
-    pub openid: String,
-    pub session_key: String,
-    pub created_at_ms: u64,
-    pub expires_at_ms: u64,
-}
 
 /// The key of one decision (grant or refusal): (app, uid, scope).
 pub type DecisionKey<'a> = (&'a str, &'a str, &'a str);
@@ -62,7 +52,7 @@ pub struct PaymentRow {
     pub body: Vec<u8>,
 }
 
-/// The database handle shared by the platform, the API layer and the admin service.
+/// The database handle shared by consent, the API layer and the admin service.
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
@@ -70,16 +60,9 @@ pub struct Store {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
-    app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, openid TEXT,
-    PRIMARY KEY (app_id, uid));
-CREATE INDEX IF NOT EXISTS sessions_uid ON sessions (uid);
 CREATE TABLE IF NOT EXISTS grants (
     app_id TEXT NOT NULL, uid TEXT NOT NULL, scope TEXT NOT NULL, granted_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app_id, uid, scope));
-CREATE TABLE IF NOT EXISTS app_secrets (app_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS payments (
     app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
     ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
@@ -110,30 +93,15 @@ macro_rules! decisions_page {
     };
 }
 
-/// Brings a database an earlier version created up to [`SCHEMA`]: sessions gained their openid
-/// (NULL in the rows of before, which the platform fills in when it starts: see
-/// [`Store::fill_session_openids`]) and an index on it; the ledger's ids lost AUTOINCREMENT
-/// ([`LEDGER_WITHOUT_AUTOINCREMENT`]).
+/// Brings a database an earlier version created up to [`SCHEMA`]: the ledger's ids lost
+/// AUTOINCREMENT ([`LEDGER_WITHOUT_AUTOINCREMENT`]). (The platform's engine migrates its tables.)
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let has_openid: bool =
-        conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'openid'")?.exists([])?;
-    if !has_openid {
-        conn.execute_batch("ALTER TABLE sessions ADD COLUMN openid TEXT")?;
-    }
-    conn.execute_batch("CREATE INDEX IF NOT EXISTS sessions_openid ON sessions (app_id, openid)")?;
     let ledger_sql: String =
         conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
     if ledger_sql.contains("AUTOINCREMENT") {
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
     }
     Ok(())
-}
-
-/// `SELECT`s the columns [`session_row`] reads, in its order, followed by `$rest`.
-macro_rules! select_sessions {
-    ($rest:literal) => {
-        concat!("SELECT app_id, uid, session_key, created_at_ms, expires_at_ms, openid FROM sessions ", $rest)
-    };
 }
 
 /// Ledger ids are rowids: each new row gets the highest id + 1, and only the oldest rows are ever
@@ -154,13 +122,6 @@ CREATE INDEX ledger_at ON ledger (at_ms);
 
 const INSERT_LEDGER: &str =
     "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-
-/// A new session of (app, uid) replaces the old one. The openid of (app, uid) never changes (it is
-/// keyed by the daemon secret, which lives in this database), so a replacement leaves it, and its
-/// index, untouched: an index entry rewritten on every login cost a third of the upsert.
-const UPSERT_SESSION: &str = "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-     ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5";
 
 /// A ledger row about to be written (the id is the store's).
 #[derive(Debug, Clone, Copy)]
@@ -204,18 +165,6 @@ fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>) -> Result<u64, Store
     Ok(conn.last_insert_rowid() as u64)
 }
 
-fn upsert_session(conn: &Connection, row: &SessionRow) -> Result<(), StoreError> {
-    conn.prepare_cached(UPSERT_SESSION)?.execute(params![
-        row.app_id,
-        row.uid,
-        row.session_key,
-        row.created_at_ms as i64,
-        row.expires_at_ms as i64,
-        row.openid
-    ])?;
-    Ok(())
-}
-
 /// A payment's first record wins (the write-ahead record).
 const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -226,12 +175,9 @@ const SETTLE_PAYMENT: &str = "INSERT OR REPLACE INTO payments (app_id, idempoten
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
     pub fn open(path: Option<&Path>, synchronous_full: bool) -> Result<Store, StoreError> {
-        // The database holds the daemon secret and session keys: create it private (SQLite gives
-        // its -wal and -shm files the database file's mode), even in a data dir others can read.
-        #[cfg(unix)]
+        // The file holds the user's ledger, and the platform's secrets beside it: private.
         if let Some(p) = path {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(p)?;
+            miniapp_platform::store::sqlite::create_private(p)?;
         }
         let (conn, location) = match path {
             Some(p) => (Connection::open(p)?, p.display().to_string()),
@@ -256,92 +202,20 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The daemon's 32-byte secret (keys openid and unionid), created on first use.
-    pub fn daemon_secret(&self, fresh: impl FnOnce() -> [u8; 32]) -> Result<[u8; 32], StoreError> {
-        let conn = self.conn();
-        let existing: Option<Vec<u8>> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'daemon_secret'", [], |r| r.get(0)).optional()?;
-        if let Some(bytes) = existing.filter(|b| b.len() == 32) {
-            let mut out = [0u8; 32];
-            out.copy_from_slice(&bytes);
-            return Ok(out);
-        }
-        let secret = fresh();
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('daemon_secret', ?1)", params![&secret[..]])?;
-        Ok(secret)
+    /// Writes a code's ledger rows in one transaction; returns their ids.
+    pub fn ledger_add_all(&self, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
+        in_transaction(&self.conn(), |conn| rows.iter().map(|row| insert_ledger(conn, row)).collect())
     }
 
-    pub fn upsert_session(&self, row: &SessionRow) -> Result<(), StoreError> {
-        upsert_session(&self.conn(), row)
-    }
-
-    /// Writes a code's ledger rows and, for a login code, the session it starts, in one
-    /// transaction (both or neither); returns the rows' ids.
-    pub fn issue_code(&self, session: Option<&SessionRow>, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
+    /// Removes ledger rows (those of a code that was not issued after all).
+    pub fn ledger_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
         in_transaction(&self.conn(), |conn| {
-            if let Some(session) = session {
-                upsert_session(conn, session)?;
+            let mut stmt = conn.prepare_cached("DELETE FROM ledger WHERE id = ?1")?;
+            for id in ids {
+                stmt.execute(params![*id as i64])?;
             }
-            rows.iter().map(|row| insert_ledger(conn, row)).collect()
+            Ok(())
         })
-    }
-
-    /// The session of the user whose openid in `app_id` is `openid`, by key (no scan of the app's
-    /// sessions).
-    pub fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<SessionRow>, StoreError> {
-        self.one_session(select_sessions!("WHERE app_id = ?1 AND openid = ?2"), app_id, openid)
-    }
-
-    /// The session `sql` selects by the app (?1) and one other key (?2), if any.
-    fn one_session(&self, sql: &'static str, app_id: &str, key: &str) -> Result<Option<SessionRow>, StoreError> {
-        Ok(self.conn().prepare_cached(sql)?.query_row(params![app_id, key], session_row).optional()?)
-    }
-
-    /// Fills in the openid of the sessions stored without one (by a daemon from before sessions
-    /// kept it), as `openid` of (app, uid) computes it; returns how many.
-    pub fn fill_session_openids(&self, openid: impl Fn(&str, &str) -> String) -> Result<usize, StoreError> {
-        in_transaction(&self.conn(), |conn| {
-            let missing: Vec<(String, String)> = conn
-                .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (app_id, uid) in &missing {
-                conn.execute(
-                    "UPDATE sessions SET openid = ?3 WHERE app_id = ?1 AND uid = ?2",
-                    params![app_id, uid, openid(app_id, uid)],
-                )?;
-            }
-            Ok(missing.len())
-        })
-    }
-
-    pub fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
-        self.one_session(select_sessions!("WHERE app_id = ?1 AND uid = ?2"), app_id, uid)
-    }
-
-    /// Ends every session of `uid` (the host signed out or switched users).
-    pub fn delete_sessions_of(&self, uid: &str) -> Result<usize, StoreError> {
-        Ok(self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?)
-    }
-
-    /// At most `limit` sessions (of `app_id`, or every app), by app then uid, after the session
-    /// `after` = (app, uid) names (`None`: from the first).
-    pub fn list_sessions(
-        &self,
-        app_id: Option<&str>,
-        after: Option<(&str, &str)>,
-        limit: u32,
-    ) -> Result<Vec<SessionRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(select_sessions!(
-            "WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR (app_id, uid) > (?2, ?3))
-             ORDER BY app_id, uid LIMIT ?4"
-        ))?;
-        let (after_app, after_uid) = after.unzip();
-        let rows = stmt
-            .query_map(params![app_id, after_app, after_uid, i64::from(limit)], session_row)?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
     }
 
     /// The scopes `uid` granted `app_id`.
@@ -519,25 +393,6 @@ impl Store {
         Ok(self.conn().execute("DELETE FROM ledger WHERE at_ms < ?1", params![before_ms as i64])?)
     }
 
-    pub fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .conn()
-            .prepare_cached("SELECT secret_hash FROM app_secrets WHERE app_id = ?1")?
-            .query_row(params![app_id], |r| r.get(0))
-            .optional()?)
-    }
-
-    /// Stores an app's secret hash; with `replace` false an existing one is kept. Returns whether
-    /// it was written.
-    pub fn set_app_secret_hash(&self, app_id: &str, hash: &[u8], replace: bool) -> Result<bool, StoreError> {
-        let sql = if replace {
-            "INSERT OR REPLACE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
-        } else {
-            "INSERT OR IGNORE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
-        };
-        Ok(self.conn().execute(sql, params![app_id, hash])? == 1)
-    }
-
     pub fn payment(&self, app_id: &str, key: &str) -> Result<Option<PaymentRow>, StoreError> {
         Ok(self
             .conn()
@@ -596,18 +451,6 @@ impl Store {
     }
 }
 
-fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
-    Ok(SessionRow {
-        app_id: r.get(0)?,
-        uid: r.get(1)?,
-        session_key: r.get(2)?,
-        created_at_ms: r.get::<_, i64>(3)? as u64,
-        expires_at_ms: r.get::<_, i64>(4)? as u64,
-        // NULL only until the platform fills it in at start.
-        openid: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,26 +459,12 @@ mod tests {
     fn data_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.db");
-        let secret = {
+        {
             let store = Store::open(Some(&path), false).unwrap();
-            let s = store.daemon_secret(|| [7; 32]).unwrap();
-            store
-                .upsert_session(&SessionRow {
-                    app_id: "a".into(),
-                    uid: "u".into(),
-                    openid: "oa-u".into(),
-                    session_key: "k".into(),
-                    created_at_ms: 1,
-                    expires_at_ms: 2,
-                })
-                .unwrap();
             store.add_grants("a", "u", &["SCOPE_EMAIL".into()], 3).unwrap();
             store.record_payment("a", "key", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 4).unwrap();
-            s
-        };
+        }
         let store = Store::open(Some(&path), false).unwrap();
-        assert_eq!(store.daemon_secret(|| [9; 32]).unwrap(), secret);
-        assert_eq!(store.session("a", "u").unwrap().unwrap().session_key, "k");
         assert_eq!(store.granted_scopes("a", "u").unwrap(), vec!["SCOPE_EMAIL".to_string()]);
         assert_eq!(store.payment("a", "key").unwrap(), Some(PaymentRow { ok: true, body: vec![1] }));
     }
@@ -648,7 +477,7 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("broker.db");
         let store = Store::open(Some(&path), false).unwrap();
-        store.daemon_secret(|| [7; 32]).unwrap();
+        store.add_grants("a", "u", &["SCOPE_EMAIL".into()], 3).unwrap();
         for file in ["broker.db", "broker.db-wal", "broker.db-shm"] {
             let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
@@ -667,20 +496,6 @@ mod tests {
     }
 
     #[test]
-    fn a_session_is_found_by_its_openid_through_an_index() {
-        let store = Store::open(None, false).unwrap();
-        let plan: String = store
-            .conn()
-            .query_row(
-                concat!("EXPLAIN QUERY PLAN ", select_sessions!("WHERE app_id = ?1 AND openid = ?2")),
-                params!["a", "o"],
-                |r| r.get(3),
-            )
-            .unwrap();
-        assert!(plan.contains("USING INDEX sessions_openid"), "{plan}");
-    }
-
-    #[test]
     fn a_decision_replaces_the_previous_one() {
         let store = Store::open(None, false).unwrap();
         assert_eq!(store.decide("a", "u", &[("S", Some(true))], 1).unwrap(), [None]);
@@ -696,36 +511,30 @@ mod tests {
     }
 
     #[test]
-    fn a_login_code_writes_its_session_and_ledger_rows_together() {
+    fn a_codes_ledger_rows_are_written_together_or_not_at_all() {
         let store = Store::open(None, false).unwrap();
-        let session = SessionRow {
-            app_id: "a".into(),
-            uid: "u".into(),
-            openid: "oa-u".into(),
-            session_key: "k".into(),
-            created_at_ms: 5,
-            expires_at_ms: 9,
-        };
-        let ids =
-            store.issue_code(Some(&session), &[row("openid", "login", 5, true), row("unionid", "login", 5, true)]);
-        let ids = ids.unwrap();
+        let ids = store.ledger_add_all(&[row("openid", "login", 5, true), row("unionid", "login", 5, true)]).unwrap();
         assert_eq!(ids.len(), 2);
         assert!(ids[0] < ids[1]);
-        assert_eq!(store.session("a", "u").unwrap(), Some(session));
         let rows = store.ledger(None, None, 0).unwrap();
         assert_eq!(
             rows.iter().map(|r| (r.id, r.what.as_str())).collect::<Vec<_>>(),
             [(ids[0], "openid"), (ids[1], "unionid")]
         );
-        // A value code writes its rows only.
-        assert_eq!(store.issue_code(None, &[row("phone_number", "getPhoneNumber", 6, true)]).unwrap(), [ids[1] + 1]);
-        // Neither is written when the rows cannot be, and the connection is usable afterwards.
-        store.conn().execute_batch("ALTER TABLE ledger RENAME TO gone").unwrap();
-        let other = SessionRow { uid: "v".into(), ..store.session("a", "u").unwrap().unwrap() };
-        assert!(store.issue_code(Some(&other), &[row("openid", "login", 7, true)]).is_err());
-        assert_eq!(store.session("a", "v").unwrap(), None);
-        store.upsert_session(&other).unwrap();
-        assert_eq!(store.session("a", "v").unwrap(), Some(other));
+        // The rows of a code that was not issued after all go again.
+        store.ledger_remove(&ids).unwrap();
+        assert!(store.ledger(None, None, 0).unwrap().is_empty());
+        // Neither row is written when the second cannot be, and the connection is usable afterwards.
+        store
+            .conn()
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON ledger WHEN NEW.what = 'unionid'
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+            )
+            .unwrap();
+        assert!(store.ledger_add_all(&[row("openid", "login", 7, true), row("unionid", "login", 7, true)]).is_err());
+        assert!(store.ledger(None, None, 0).unwrap().is_empty());
+        assert_eq!(store.ledger_add_all(&[row("openid", "login", 8, true)]).unwrap().len(), 1);
     }
 
     #[test]

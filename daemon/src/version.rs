@@ -1,13 +1,17 @@
 //! Open-API versions (v1, v2, v3) and how an app instance gets one.
 //!
 //! Resolution, once per instance: `apiVersion` in app.json wins; else the host's `openApiVersion`
-//! answer for the instance; else the daemon's configured default. An instance answers every API
+//! answer for the instance (one question shared by every call that waits for it, see
+//! [`Question`]); else the daemon's configured default. An instance answers every API
 //! with the one version it resolved (no mixing); a version that came from a host is re-asked when a
 //! new host connects.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
+use futures::future::{FutureExt, Shared, WeakShared};
 use serde::{Deserialize, Serialize};
+
+use crate::{error::ApiError, host_link::HostLink, registry::AppInstance};
 
 /// The seed's three implementation solutions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,43 +143,85 @@ impl AppJson {
     }
 }
 
-/// The version of `inst`, resolving it on first use (once: concurrent first calls wait for one
-/// answer). A version learned from a host that has since been replaced is asked again.
+/// An instance's version question to its host, shared by every call that waits for the answer.
+///
+/// The first call of a fresh instance asks the host's `openApiVersion`; calls that arrive while the
+/// question is open join it instead of asking again, and its outcome, a version or the failure
+/// (deadline, host gone), is every waiter's. Each waiter waits only until its own deadline. The
+/// instance keeps only a weak handle: when every waiter has gone the question is dropped, which
+/// cancels it on the host, and a question that ended is never joined (the next call asks afresh).
+#[derive(Default)]
+pub struct Question(std::sync::Mutex<Option<WeakShared<Asking>>>);
+
+/// The open question itself: resolves to the version, or to why the host gave none.
+type Asking = futures::future::BoxFuture<'static, Result<ApiVersion, ApiError>>;
+
+impl std::fmt::Debug for Question {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Question")
+    }
+}
+
+impl Question {
+    /// The open question, or a new one made by `ask` when none is open.
+    fn join(&self, ask: impl FnOnce() -> Asking) -> Shared<Asking> {
+        let mut open = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(question) = open.as_ref().and_then(WeakShared::upgrade)
+            && question.peek().is_none()
+        {
+            return question;
+        }
+        let question = ask().shared();
+        *open = question.downgrade();
+        question
+    }
+}
+
+/// The version of `inst`, resolving it on first use: from app.json, else by the instance's one
+/// shared [`Question`] to the host (or the default). The caller waits until `deadline` at most.
+/// A version learned from a host that has since been replaced is asked again.
 pub async fn resolve(
-    b: &crate::broker::Broker,
-    inst: &crate::registry::AppInstance,
-) -> Result<ApiVersion, crate::error::ApiError> {
-    use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
-
-    use crate::host_link::{Expect, HostAnswer};
-
-    if let Some((v, _)) = inst.resolved(b.host.current_id()) {
+    host: &Arc<HostLink>,
+    default: ApiVersion,
+    inst: &Arc<AppInstance>,
+    deadline: tokio::time::Instant,
+) -> Result<ApiVersion, ApiError> {
+    if let Some((v, _)) = inst.resolved(host.current_id()) {
         return Ok(v);
     }
-    let _one_at_a_time = inst.resolving.lock().await;
     if let Some(v) = inst.app_json.api_version {
         inst.set_version(v, VersionSource::AppJson, 0);
         return Ok(v);
     }
+    let question = inst.question.join(|| Box::pin(ask(host.clone(), default, inst.clone())));
+    tokio::time::timeout_at(deadline, question).await.unwrap_or(Err(ApiError::Timeout))
+}
+
+/// One question to the host: waits (up to the grace period) for a host while none is connected,
+/// asks its `openApiVersion` once, and records the version it chose (or the default).
+async fn ask(host: Arc<HostLink>, default: ApiVersion, inst: Arc<AppInstance>) -> Result<ApiVersion, ApiError> {
+    use miniapp_broker_proto::v1::{DelegateMethod, OpenApiVersionRequest, delegate_call};
+
+    use crate::host_link::{Expect, HostAnswer};
+
     // While a host restarts, wait (up to the grace period) for the next one: its answer, not the
     // default, is what the instance should run with.
-    let host = b.host.wait_current().await.ok();
-    let host_id = host.as_ref().map_or(0, |h| h.id);
+    let session = host.wait_current().await.ok();
+    let host_id = session.as_ref().map_or(0, |h| h.id);
     if let Some((v, _)) = inst.resolved(host_id) {
         return Ok(v);
     }
     // A version an earlier host chose is never swapped for the default because no host could be
     // asked again: the call fails, and the next one asks.
     let chosen_by_a_host = inst.version_label().1 == VersionSource::Host.as_str();
-    if host.is_none() && chosen_by_a_host {
-        return Err(crate::error::ApiError::NoHost);
+    if session.is_none() && chosen_by_a_host {
+        return Err(ApiError::NoHost);
     }
-    let default = b.config.default_api_version;
-    let asked = match host {
+    let asked = match session {
         Some(h) if h.implements(DelegateMethod::OpenApiVersion) => {
-            let app = crate::broker::Broker::app_info(inst, None);
+            let app = crate::broker::Broker::app_info(&inst, None);
             let request = delegate_call::Request::OpenApiVersion(OpenApiVersionRequest {});
-            match crate::host_link::HostLink::call_on(&h, app, request, Expect::Version).await {
+            match HostLink::call_on(&h, app, request, Expect::Version).await {
                 Ok(HostAnswer::Version(answer)) => match answer.version.parse::<ApiVersion>() {
                     Ok(v) => Some((v, h.id)),
                     Err(e) => {
@@ -186,12 +232,7 @@ pub async fn resolve(
                 Ok(_) => None,
                 // The host went away (or never answered, or could not take the question) before it
                 // chose: not a choice of the default. Nothing is cached; the next call asks again.
-                Err(
-                    e @ (crate::error::ApiError::HostGone
-                    | crate::error::ApiError::Timeout
-                    | crate::error::ApiError::Exhausted(_)
-                    | crate::error::ApiError::Cancelled(_)),
-                ) => {
+                Err(e @ (ApiError::HostGone | ApiError::Timeout | ApiError::Exhausted(_) | ApiError::Cancelled(_))) => {
                     tracing::warn!(app_id = %inst.app_id, reason = e.reason(), "openApiVersion got no answer; the version stays unresolved");
                     return Err(e);
                 }

@@ -218,8 +218,15 @@ test('v3: getAuthCode is asked first; a refused scope fails with the bridge obje
     // promise form and on the stream alike.
     assert.deepEqual(await rejection(wx.getNickName()), { errMsg: 'getNickName:fail auth deny', errno: 1017 });
     await assert.rejects(renderer.call('getNickName'), (e: ApiError) => e.errMsg === 'getNickName:fail auth deny' && e.errno === 1017);
+    // getUserInfo and getUserProfile carry the nickname too: the refusal denies them as well
+    // (docs/decisions.md, what a remembered refusal means on each route); the rest still work.
     for (const [i, api] of APIS.entries()) {
       if (api === 'getNickName') continue;
+      if (api === 'getUserInfo' || api === 'getUserProfile') {
+        const denied = (e: ApiError) => e.errMsg === `${api}:fail auth deny` && e.errno === 1017;
+        await assert.rejects(renderer.call(api, paramsOf(api, 300 + i) as RequestOf<typeof api>), denied);
+        continue;
+      }
       assert.equal((await renderer.call(api, paramsOf(api, 300 + i) as RequestOf<typeof api>)).errMsg, `${api}:ok`);
     }
   } finally {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use miniapp_broker_proto::{
     Api,
-    api::ApiCall,
+    api::{ApiCall, scope},
     v1::{self, ApiRequest, ApiResponse, api_request::Api as Req, delegate_call},
 };
 
@@ -78,18 +78,35 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
     request.api().ok_or_else(|| ApiError::InvalidParams("the request names no API".into()))
 }
 
-/// Answers one validated call of `api` in an instance running `version`, with the instance's
-/// in-flight `slot` for it: held until the answer, or by the payment's own task until the host
-/// answers it (payments are answered once per key, see [`payments`]).
+/// The last check before a call's route does anything, the same on every surface and on both the
+/// fast and the waiting path: a remembered refusal of a scope the API discloses denies it
+/// (`auth deny`) before the host or a default sees it. Returns the call's route.
+pub fn gate(b: &Broker, inst: &AppInstance, api: Api, version: ApiVersion) -> Result<Route, ApiError> {
+    let route = route(api, version);
+    let scopes = facts(api).refused_by;
+    if !scopes.is_empty()
+        && let Some(user) = b.user.get()
+        && b.consent.refuses_any(&inst.app_id, &user.uid, scopes)?
+    {
+        return Err(ApiError::AuthDeny);
+    }
+    Ok(route)
+}
+
+/// Answers one validated call of `api` in an instance running `version`, past its [`gate`] (which
+/// gave `route`), with the instance's in-flight `slot` for it: held until the answer, or by the
+/// payment's own task until the host answers it (payments are answered once per key, see
+/// [`payments`]).
 pub async fn handle(
     b: &Arc<Broker>,
     inst: &Arc<AppInstance>,
     version: ApiVersion,
     api: Api,
+    route: Route,
     request: ApiRequest,
     slot: CallSlot,
 ) -> Result<ApiResponse, ApiError> {
-    let outcome = match route(api, version) {
+    let outcome = match route {
         Route::Delegate => delegate(b, inst, version, api, request).await,
         Route::Default => run_default(b, inst, version, request).await,
         Route::Payment => return payments::run(b, inst, version, api, request, slot).await,
@@ -114,31 +131,115 @@ async fn run_consent(
     })
 }
 
-/// What of the user a delegated API's answer carries, for the ledger (the host's data passed
-/// through to a renderer); `None` for APIs whose answer discloses nothing the daemon can name.
-fn disclosed_by(api: Api) -> Option<Disclosed> {
-    match api {
-        Api::ChooseAvatar => Some(Disclosed::Avatar),
-        Api::GetNickName => Some(Disclosed::Nickname),
-        Api::GetUserInfo => Some(Disclosed::UserInfo),
-        Api::GetUserProfile => Some(Disclosed::UserProfile),
-        _ => None,
+/// The per-API facts the daemon acts on beyond the route (which follows from the contract's own
+/// table in `miniapp_broker_proto::api`): what a delegated answer discloses, and which scopes'
+/// remembered refusal denies the API. One row per API; docs/decisions.md has the same table.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    /// What of the user a delegated answer carries, recorded in the ledger when it passes through
+    /// (`None`: nothing the daemon can name). Such an answer is post-processed on every surface
+    /// (see [`finish_delegated`]).
+    pub disclosed: Option<Disclosed>,
+    /// The scopes whose remembered refusal (any one of them) makes the API fail `auth deny`
+    /// without reaching the host or a default, on every route and surface.
+    pub refused_by: &'static [&'static str],
+}
+
+/// The [`Facts`] row of `api`.
+pub const fn facts(api: Api) -> Facts {
+    use scope::{AVATAR, EMAIL, NICKNAME, PHONE_NUMBER};
+    const USER_INFO: &[&str] = &[AVATAR, NICKNAME];
+    let (disclosed, refused_by): (_, &'static [&'static str]) = match api {
+        Api::GetPhoneNumber => (None, &[PHONE_NUMBER]),
+        Api::GetEmail => (None, &[EMAIL]),
+        Api::ChooseAvatar => (Some(Disclosed::Avatar), &[AVATAR]),
+        Api::GetNickName => (Some(Disclosed::Nickname), &[NICKNAME]),
+        Api::GetUserInfo => (Some(Disclosed::UserInfo), USER_INFO),
+        Api::GetUserProfile => (Some(Disclosed::UserProfile), USER_INFO),
+        Api::Login
+        | Api::CheckSession
+        | Api::RequestPayment
+        | Api::RequestMidasPaymentGameItem
+        | Api::GetSetting
+        | Api::Authorize
+        | Api::OpenSetting => (None, &[]),
+    };
+    Facts { disclosed, refused_by }
+}
+
+/// A delegated open-API call as its answer's post-processing needs it, taken when the call is
+/// handed to the host: the API, the app, the user the answer is about (the one signed in when the
+/// call was made; empty, and nothing copied, for an API whose answer carries no user data), and
+/// the signed and encrypted user data the answer is to get ([`credentials`]).
+#[derive(Debug)]
+pub struct Delegated {
+    api: Api,
+    app_id: Arc<str>,
+    uid: String,
+    credentials: credentials::Credentials,
+}
+
+impl Delegated {
+    pub fn new(b: &Broker, inst: &AppInstance, api: Api, version: ApiVersion, request: &ApiRequest) -> Delegated {
+        let uid = if facts(api).disclosed.is_some() {
+            b.user.get().map(|u| u.uid.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let credentials = credentials::Credentials::of_call(api, version, request);
+        Delegated { api, app_id: inst.app_id.clone(), uid, credentials }
+    }
+
+    /// Whether the answer's post-processing waits on the platform (it makes the answer's signed
+    /// and encrypted user data): such a call is finished by [`finish_delegated`] on a task, never
+    /// by the stream's synchronous hook.
+    pub fn makes_credentials(&self) -> bool {
+        self.credentials != credentials::Credentials::Untouched
+    }
+
+    /// Whether [`finish_delegated`] does more than take the answer and stamp it. The stream's
+    /// forward carries the hook only for such calls (it costs an allocation per call); unary,
+    /// `Invoke` and payments always call it. An API whose answer needs post-processing says so in
+    /// its [`facts`] row.
+    pub fn post_processed(&self) -> bool {
+        facts(self.api).disclosed.is_some()
     }
 }
 
-/// Whether a delegated answer of `api` is recorded in the ledger.
-pub fn discloses(api: Api) -> bool {
-    disclosed_by(api).is_some()
+/// The one place a host's answer to a delegated open-API call becomes the renderer's answer, on
+/// every surface (unary, `Invoke`, the stream's forward, the waiting path, payments): the answer
+/// is checked to be the API's, gets its signed and encrypted user data in v2/v3
+/// ([`credentials::fill`]), is recorded in the disclosure ledger when it carries user data (an
+/// answer whose row cannot be written is not passed on), and stamped `"<api>:ok"`. Whatever else
+/// a delegated answer must go through before it leaves the daemon belongs here.
+pub async fn finish_delegated(
+    b: &Broker,
+    call: &Delegated,
+    answer: Result<HostAnswer, ApiError>,
+) -> Result<ApiResponse, ApiError> {
+    let mut resp = answer?.into_api_response()?;
+    credentials::fill(b.platform.as_ref(), &call.app_id, &call.uid, call.credentials, &mut resp).await?;
+    record_delegated(b, call, resp)
 }
 
-/// Records in the ledger that the host's answer to a delegated `api` call, about `uid` (signed
-/// in when the call was made), went to `app_id`'s renderer. Every delegate path calls it before
-/// the answer leaves.
-pub fn record_passed_through(b: &Broker, app_id: &str, uid: &str, api: Api) -> Result<(), ApiError> {
-    match disclosed_by(api) {
-        Some(what) => Ok(b.consent.ledger.record(app_id, uid, what, api)?),
-        None => Ok(()),
+/// [`finish_delegated`] for a call that makes no credentials
+/// ([`Delegated::makes_credentials`] is false), where nothing waits: the stream's forward calls it
+/// as the host's answer arrives.
+pub fn finish_delegated_now(
+    b: &Broker,
+    call: &Delegated,
+    answer: Result<HostAnswer, ApiError>,
+) -> Result<ApiResponse, ApiError> {
+    debug_assert!(!call.makes_credentials(), "a call that makes credentials is finished on a task");
+    record_delegated(b, call, answer?.into_api_response()?)
+}
+
+/// The ledger row of a delegated answer that carries user data.
+fn record_delegated(b: &Broker, call: &Delegated, resp: ApiResponse) -> Result<ApiResponse, ApiError> {
+    if let Some(what) = facts(call.api).disclosed {
+        b.consent.ledger.record(&call.app_id, &call.uid, what, call.api)?;
     }
+    Ok(resp)
 }
 
 /// Runs the daemon's default implementation of a validated request.
@@ -167,7 +268,7 @@ pub async fn run_default(
     })
 }
 
-/// Forwards a call to the host and waits for its answer.
+/// Forwards a call to the host, waiting for one within the grace period, and waits for its answer.
 pub async fn delegate(
     b: &Broker,
     inst: &AppInstance,
@@ -176,44 +277,8 @@ pub async fn delegate(
     request: ApiRequest,
 ) -> Result<ApiResponse, ApiError> {
     let app = Broker::app_info(inst, Some(version));
-    let uid = passed_through_to(b, api);
-    let wanted = credentials::Credentials::of_call(api, version, &request);
-    delegated(
-        b,
-        &inst.app_id,
-        &uid,
-        api,
-        wanted,
-        b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await,
-    )
-    .await
-}
-
-/// The user a delegated `api` call's answer is about: the one signed in when the call was made
-/// (empty, and nothing copied, for an API whose answer carries no user data).
-pub fn passed_through_to(b: &Broker, api: Api) -> String {
-    if discloses(api) { b.user.get().map(|u| u.uid.clone()).unwrap_or_default() } else { String::new() }
-}
-
-/// The renderer's answer from the host's answer to a delegated open-API call about `uid`, recorded
-/// in the ledger first when it carries user data.
-pub async fn delegated(
-    b: &Broker,
-    app_id: &str,
-    uid: &str,
-    api: Api,
-    wanted: credentials::Credentials,
-    answer: Result<HostAnswer, ApiError>,
-) -> Result<ApiResponse, ApiError> {
-    match answer? {
-        HostAnswer::Api(mut resp) => {
-            credentials::fill(b.platform.as_ref(), app_id, uid, wanted, &mut resp).await?;
-            record_passed_through(b, app_id, uid, api)?;
-            resp.stamp_ok();
-            Ok(resp)
-        }
-        _ => Err(ApiError::HostProtocol("unexpected answer type".into())),
-    }
+    let call = Delegated::new(b, inst, api, version, &request);
+    finish_delegated(b, &call, b.host.call(app, delegate_call::Request::Api(request), Expect::Api(api)).await).await
 }
 
 #[cfg(test)]

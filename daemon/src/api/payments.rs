@@ -205,21 +205,14 @@ async fn pay(
         return (false, Err(e.into()));
     }
     let app = Broker::app_info(inst, Some(version));
+    let delegated = super::Delegated::new(b, inst, api, version, &request);
     let call = match HostLink::start(&session, app, delegate_call::Request::Api(request), Expect::Api(api)) {
         Ok(call) => call,
         Err(e) => return (false, Err(e)),
     };
     // Handed off: from here on only the host's answer, the deadline, the host's departure or the
     // app's closing (which cancels the call on the host) ends it.
-    let outcome = super::delegated(
-        b,
-        &inst.app_id,
-        &super::passed_through_to(b, api),
-        api,
-        super::credentials::Credentials::Untouched,
-        call.await,
-    )
-    .await;
+    let outcome = super::finish_delegated(b, &delegated, call.await).await;
     (true, outcome)
 }
 

@@ -1,6 +1,6 @@
 //! The signed-in user's data, as the user-information defaults hand it out: signed in (else the
-//! seed's -1001), not refused for the API's scope (a remembered refusal fails at once, in v2 and
-//! v3), v3-authorized for the scope, and present in the profile. The value comes with the hold
+//! seed's -1001), not refused for the API's scope (a remembered refusal fails at once, in every
+//! version, before the route: `api::gate`), v3-authorized for the scope, and present in the profile. The value comes with the hold
 //! under which the caller issues it, so it goes to no one but the user still signed in, and not
 //! past a decision about the scope made meanwhile (the consent store's [`Cleared`]).
 
@@ -35,12 +35,9 @@ pub async fn value<'a>(
     field: &'static str,
     pick: fn(UserProfile) -> String,
 ) -> Result<(Issuing<'a>, String), ApiError> {
+    // A remembered refusal was checked before the call got here (`api::gate`), and is checked
+    // again below under the decision lock.
     let (ticket, profile) = b.user.ticket()?;
-    if let Some(scope) = api.scope()
-        && b.consent.refuses(&inst.app_id, &ticket.uid, scope)?
-    {
-        return Err(ApiError::AuthDeny);
-    }
     let user = if version == ApiVersion::V3 {
         auth_code::authorize(b, inst, api, &ticket).await?.1
     } else {

@@ -106,7 +106,7 @@ impl Consent {
         needs_grant: bool,
     ) -> Result<Cleared<'_>, ApiError> {
         let shard = self.shard(app_id, uid).read().await;
-        if self.refuses(app_id, uid, scope)? {
+        if self.refuses_any(app_id, uid, &[scope])? {
             return Err(ApiError::AuthDeny);
         }
         if needs_grant && !self.store.granted_scopes(app_id, uid)?.iter().any(|s| s == scope) {
@@ -130,9 +130,11 @@ impl Consent {
         self.store.granted_scopes(app_id, uid)
     }
 
-    /// Whether `uid` refused `scope` for `app_id` and the refusal stands (remembered refusals on).
-    pub fn refuses(&self, app_id: &str, uid: &str, scope: &str) -> Result<bool, StoreError> {
-        Ok(self.remember_refusals && self.store.refused_scopes(app_id, uid)?.iter().any(|s| s == scope))
+    /// Whether `uid` refused any of `scopes` for `app_id` and the refusal stands (remembered
+    /// refusals on).
+    pub fn refuses_any(&self, app_id: &str, uid: &str, scopes: &[&str]) -> Result<bool, StoreError> {
+        Ok(self.remember_refusals
+            && self.store.refused_scopes(app_id, uid)?.iter().any(|s| scopes.contains(&s.as_str())))
     }
 
     /// The decided scopes of (app, uid): scope → granted.

@@ -84,7 +84,7 @@ impl Admin for AdminService {
             user_signed_in: b.user.get().is_some(),
             apps: b.registry.len() as u32,
             calls_in_flight: b.host.calls_in_flight() as u64,
-            renderer_streams: b.stats.renderer_streams.load(Ordering::Relaxed),
+            renderer_streams: b.occupancy.streams.taken(),
             default_api_version: b.config.default_api_version.as_str().to_owned(),
             listen_address: b.listen_address.clone(),
             store: b.store.location().to_owned(),
@@ -123,11 +123,10 @@ impl Admin for AdminService {
         let q = r.into_inner();
         let after: Option<(String, String)> = cursor(&q.after)?;
         let after = after.as_ref().map(|(app, uid)| (app.as_str(), uid.as_str()));
-        let rows = self.broker.store.list_sessions(filter(&q.app_id), after, page::ROWS).map_err(internal)?;
+        let rows = self.broker.platform.list_sessions(filter(&q.app_id), after, page::ROWS).await.map_err(internal)?;
         let rows: Vec<_> = rows
             .into_iter()
             .map(|s| v1::SessionInfo {
-                // Stored with the session (the platform's openid of (app, uid)): no HMAC per row.
                 openid: s.openid,
                 app_id: s.app_id,
                 uid: s.uid,

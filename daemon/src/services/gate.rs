@@ -2,9 +2,12 @@
 //! presents a valid launch token or host token proves the connection (the transport closes a
 //! connection that proves nothing within `limits.auth_timeout_ms`). A launch token also attributes
 //! the connection to its app and instance, within `limits.max_connections_per_app` and
-//! `max_connections_per_instance`, so one app cannot hold every connection. Requests with an
-//! invalid token pass on to their service, which refuses them with its own message; Exchange
-//! proves its connection itself, once an app secret checks out ([`prove_backend`]).
+//! `max_connections_per_instance` and the app's share of what is left of `max_connections`, so
+//! one app cannot hold every connection. A valid host token comes first: a request that carries it
+//! proves the connection as the host's, unattributed, whatever launch token it also carries (the
+//! host may do anything a renderer may). Requests with an invalid token pass on to their service,
+//! which refuses them with its own message; Exchange proves its connection itself, once an app
+//! secret checks out ([`prove_backend`]).
 
 use std::{
     future::{Ready, ready},
@@ -22,7 +25,6 @@ use tracing::debug;
 
 use crate::{
     broker::Broker,
-    registry::ConnRefused,
     transport::{ConnAuth, ConnInfo},
 };
 
@@ -75,34 +77,29 @@ where
     }
 }
 
-/// Proves `auth`'s connection if `headers` carry a valid token; refuses the request when its app
-/// or instance already holds all the connections it may.
+/// Proves `auth`'s connection if `headers` carry a valid token (the host token first); refuses
+/// the request when its app or instance already holds all the connections it may.
 fn prove(broker: &Broker, auth: &ConnAuth, headers: &http::HeaderMap) -> Result<(), Status> {
-    if let Some(token) = headers.get(metadata::LAUNCH_TOKEN).and_then(|v| v.to_str().ok()) {
-        let Ok(instance) = broker.registry.authenticate(Some(token)) else { return Ok(()) };
-        let limits = &broker.config.limits;
-        let (max_app, max_instance) = (limits.max_connections_per_app, limits.max_connections_per_instance);
-        match instance.connection_opened(&broker.occupancy.per_app, max_app, max_instance) {
-            Ok(Some(slot)) => {
-                auth.prove(Some(slot));
-            }
-            // The instance closed meanwhile: its service refuses the token.
-            Ok(None) => {}
-            Err(ConnRefused::App) => {
-                debug!(app_id = %instance.app_id, "connection refused: the app holds its connection limit");
-                return Err(Status::resource_exhausted(format!("more than {max_app} connections for this app")));
-            }
-            Err(ConnRefused::Instance) => {
-                debug!(app_id = %instance.app_id, instance = %instance.instance_id, "connection refused: the instance holds its connection limit");
-                return Err(Status::resource_exhausted(format!(
-                    "more than {max_instance} connections for this app instance"
-                )));
-            }
-        }
-    } else if let Some(value) = headers.get(metadata::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    if let Some(value) = headers.get(metadata::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && broker.host_token.verify(value)
     {
         auth.prove(None);
+        return Ok(());
+    }
+    let Some(token) = headers.get(metadata::LAUNCH_TOKEN).and_then(|v| v.to_str().ok()) else { return Ok(()) };
+    let Ok(instance) = broker.registry.authenticate(Some(token)) else { return Ok(()) };
+    let limits = &broker.config.limits;
+    let (max_app, max_instance) = (limits.max_connections_per_app, limits.max_connections_per_instance);
+    match instance.connection_opened(&broker.occupancy.connections, max_app, max_instance) {
+        Ok(Some(slot)) => {
+            auth.prove(Some(slot));
+        }
+        // The instance closed meanwhile: its service refuses the token.
+        Ok(None) => {}
+        Err(refused) => {
+            debug!(app_id = %instance.app_id, instance = %instance.instance_id, %refused, "connection refused");
+            return Err(Status::resource_exhausted(refused.message()));
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod exchange;
 pub mod gate;
 pub mod host;
 pub mod open_api;
+pub mod stream_budget;
 
 use miniapp_broker_proto::metadata;
 use tonic::{Status, metadata::MetadataMap};

@@ -151,32 +151,16 @@ impl OpenApi for OpenApiService {
     async fn session(&self, r: Request<Streaming<v1::RendererCall>>) -> Unary<Self::SessionStream> {
         let instance = self.instance(r.metadata())?;
         let broker = self.broker.clone();
-        let open = broker.stats.renderer_streams.fetch_add(1, Ordering::AcqRel);
-        let guard = StreamCount(broker.clone());
-        if open >= broker.config.limits.max_renderer_streams {
-            return Err(Status::resource_exhausted(format!(
-                "more than {} renderer streams open",
-                broker.config.limits.max_renderer_streams
-            )));
-        }
-        // Below the global limit, one app (and one instance) may hold only its share.
+        // The daemon's pool, within the app's share of what is left and its cap, and the
+        // instance's cap.
         let limits = &broker.config.limits;
-        let app_stream = broker
-            .occupancy
-            .per_app
-            .try_take(&instance.app_id, crate::limits::Counted::Streams, limits.max_renderer_streams_per_app)
-            .ok_or_else(|| {
-                Status::resource_exhausted(format!(
-                    "more than {} renderer streams open for this app",
-                    limits.max_renderer_streams_per_app
-                ))
-            })?;
-        if !instance.stream_opened(limits.max_renderer_streams_per_instance) {
-            return Err(Status::resource_exhausted(format!(
-                "more than {} renderer streams open for this app instance",
-                limits.max_renderer_streams_per_instance
-            )));
-        }
+        let app_stream = instance
+            .open_stream(
+                &broker.occupancy.streams,
+                limits.max_renderer_streams_per_app,
+                limits.max_renderer_streams_per_instance,
+            )
+            .map_err(|refused| Status::resource_exhausted(refused.message()))?;
         let instance_stream = InstanceStream { instance: instance.clone(), broker: broker.clone(), _app: app_stream };
         let stream_id = broker.stats.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
         // `gone` is set when the response body goes (a reset, the connection's end, or the last
@@ -186,7 +170,7 @@ impl OpenApi for OpenApiService {
         debug!(app_id = %instance.app_id, instance = %instance.instance_id, stream = stream_id, "renderer stream opened");
         tokio::spawn(async move {
             // Used in place: moving a captured value into a local would store it twice.
-            let (_guard, _instance_stream) = (&guard, &instance_stream);
+            let _instance_stream = &instance_stream;
             // Made once, not per call: each registers a waiter when first polled. This task lives as
             // long as its renderer's stream, idle most of the time: what it keeps while it waits
             // for the next call is what every connected renderer costs (docs/benchmarks.md).
@@ -403,7 +387,8 @@ impl StreamEnd {
     }
 }
 
-/// Holds a renderer stream's place in its app's and its instance's stream counts, and marks when
+/// Holds a renderer stream's place in the daemon's, its app's and its instance's stream counts,
+/// and marks when
 /// the instance was last used, however the stream ends.
 struct InstanceStream {
     instance: Arc<AppInstance>,
@@ -414,14 +399,5 @@ struct InstanceStream {
 impl Drop for InstanceStream {
     fn drop(&mut self) {
         self.instance.stream_closed(self.broker.clock.now_ms());
-    }
-}
-
-/// Keeps the open-renderer-streams count honest however a stream ends.
-struct StreamCount(Arc<Broker>);
-
-impl Drop for StreamCount {
-    fn drop(&mut self) {
-        self.0.stats.renderer_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -29,14 +29,14 @@ use interprocess::local_socket::{
     tokio::{Listener as LocalListener, Stream as LocalStream},
     traits::{StreamCommon, tokio::Listener as _},
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
-use crate::registry::ConnSlot;
+use crate::{
+    limits::{Pool, PoolUnit},
+    registry::{AppInstance, ConnSlot},
+};
 
 #[cfg(unix)]
 pub use unix::{bind, create_owned_dir, create_private_dir, default_address, systemd_listener};
@@ -89,6 +89,12 @@ impl ConnAuth {
         *held = holds;
         true
     }
+
+    /// The app instance the connection is attributed to, if any.
+    pub fn instance(&self) -> Option<Arc<AppInstance>> {
+        let held = self.holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        held.as_ref().map(|slot| slot.instance().clone())
+    }
 }
 
 /// What each request of a connection learns about it (tonic puts it in the request extensions).
@@ -105,7 +111,8 @@ pub struct Conn {
     auth: Arc<ConnAuth>,
     /// When the connection is closed unless a request proved it by then (`None` once proven).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    _permit: OwnedSemaphorePermit,
+    /// Its unit of the daemon's connections (`limits.max_connections`).
+    _unit: PoolUnit,
 }
 
 impl Connected for Conn {
@@ -157,15 +164,11 @@ impl AsyncWrite for Conn {
 }
 
 /// The accepted connections of `listener`, for tonic's `serve_with_incoming`. Peers of another uid
-/// and connections beyond `max_connections` are closed at once and logged; accept errors are
-/// logged and retried, so the stream only ends when the server stops polling it. Each connection
-/// must be proven within `auth_timeout` (see [`ConnAuth`]) or it is closed.
-pub fn incoming(
-    listener: Listener,
-    max_connections: usize,
-    auth_timeout: Duration,
-) -> impl Stream<Item = io::Result<Conn>> {
-    let limit = Arc::new(Semaphore::new(max_connections));
+/// and connections beyond what `limit` (the daemon's `limits.max_connections`) has free are closed
+/// at once and logged; accept errors are logged and retried, so the stream only ends when the
+/// server stops polling it. Each connection must be proven within `auth_timeout` (see
+/// [`ConnAuth`]) or it is closed.
+pub fn incoming(listener: Listener, limit: Arc<Pool>, auth_timeout: Duration) -> impl Stream<Item = io::Result<Conn>> {
     futures::stream::unfold((listener, limit), move |(listener, limit)| async move {
         loop {
             let io = match listener.inner.accept().await {
@@ -182,7 +185,7 @@ pub fn incoming(
                 warn!(peer_uid = peer.uid, peer_pid = peer.pid, reason, "connection refused");
                 continue;
             }
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let Some(unit) = limit.try_acquire() else {
                 warn!(peer_pid = peer.pid, "connection refused: connection limit reached");
                 continue;
             };
@@ -192,7 +195,7 @@ pub fn incoming(
                 peer,
                 auth: Arc::default(),
                 deadline: Some(Box::pin(tokio::time::sleep(auth_timeout))),
-                _permit: permit,
+                _unit: unit,
             };
             return Some((Ok(conn), (listener, limit)));
         }

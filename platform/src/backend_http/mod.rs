@@ -2,22 +2,23 @@
 //! TCMPP (`/openserver/...`) serve them, so a mini app's backend runs unchanged against the daemon
 //! with only its base URL changed.
 //!
-//! A thin surface over [`crate::platform`], as the gRPC `Exchange` service is: the platform
+//! A thin surface over the [`Platform`] trait, as the gRPC `Exchange` service is: the platform
 //! authenticates (secret or access token), rate-limits per app, redeems and logs; this room parses
 //! the query or JSON body, calls it, and shapes the answer ([`answer`]). axum routes, on the hyper
-//! server tonic already brings. Off unless `[backend_http] listen` or `serve --backend-listen`.
+//! server tonic already brings. The daemon serves it when `[backend_http] listen` or
+//! `serve --backend-listen` is set.
 
 mod answer;
 mod handlers;
 mod listener;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::DefaultBodyLimit, routing};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{clock::Clock, config::BackendHttpConfig, error::StartError, platform::Platform};
+use crate::{Platform, clock::Clock, config::HttpLimits};
 
 pub use answer::Flavor;
 
@@ -45,14 +46,11 @@ impl std::fmt::Debug for BackendListener {
     }
 }
 
-/// Binds `address` (port 0: a free port) with the config's connection bounds.
-pub async fn bind(address: SocketAddr, config: &BackendHttpConfig) -> Result<BackendListener, StartError> {
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?;
-    let address = listener.local_addr().map_err(|source| StartError::Listen { path: address.to_string(), source })?;
-    let idle = Duration::from_millis(config.idle_timeout_ms);
-    let listener = listener::BoundedListener::new(listener, config.max_connections as usize, idle);
+/// Binds `address` (port 0: a free port) with the listener's connection bounds.
+pub async fn bind(address: SocketAddr, limits: HttpLimits) -> std::io::Result<BackendListener> {
+    let listener = TcpListener::bind(address).await?;
+    let address = listener.local_addr()?;
+    let listener = listener::BoundedListener::new(listener, limits.max_connections, limits.idle_timeout);
     Ok(BackendListener { listener, address })
 }
 

@@ -4,14 +4,33 @@
 //! ([`embedded::EmbeddedPlatform`]) so that it works alone on one machine. Everything goes through
 //! the [`Platform`] trait, so a remote platform can replace the embedded one without touching the
 //! API layer.
+//!
+//! The crate knows nothing of the daemon's broker. Its seams:
+//! - [`Platform`]: what the daemon's API handlers, the gRPC `Exchange` service and the backend
+//!   HTTP API ([`backend_http`]) call; errors are [`PlatformError`] (renderer side) and
+//!   [`ExchangeFailure`] (backend side, with WeChat's errcode).
+//! - [`store::PlatformStore`]: what the platform persists (sessions, app secrets, the openid secret,
+//!   outstanding and spent codes), one operation one transaction; [`store::sqlite::SqliteStore`] is
+//!   the embedded engine.
+//! - [`disclosures::Disclosures`]: the hook through which the platform writes a code's rows in the
+//!   disclosure ledger that its embedder owns (the daemon's consent ledger).
+//! - [`config::EmbeddedConfig`]: the platform's own settings; an embedder maps its config into it.
 
 pub mod access_tokens;
+pub mod backend_http;
+pub mod clock;
+pub mod config;
+pub mod disclosures;
 pub mod embedded;
+pub mod error;
+pub mod rate;
+pub mod store;
+pub mod tokens;
 pub mod user_data;
 
 use miniapp_broker_proto::v1::{Code2SessionResponse, ExchangeError};
 
-use crate::error::ApiError;
+pub use error::{PlatformError, StoreError};
 
 /// What a one-time value code stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +122,7 @@ pub struct AuthorizedApp {
 }
 
 impl AuthorizedApp {
-    pub(in crate::platform) fn new(app_id: &str) -> AuthorizedApp {
+    pub(crate) fn new(app_id: &str) -> AuthorizedApp {
         AuthorizedApp { app_id: app_id.to_owned() }
     }
 
@@ -189,25 +208,31 @@ impl ExchangeFailure {
 }
 
 /// The platform's operations, as the API layer and the Exchange service use them.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait Platform: Send + Sync + 'static {
     /// wx.login: starts a fresh session for (app, uid) and returns a one-time code for it, with
     /// the host's v3 authCode bound in when there is one.
-    async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError>;
+    async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError>;
 
     /// Starts a fresh session for (app, uid) without issuing a code (v3, when the host's own
     /// `code` is passed through as the login code). Returns the session key.
-    async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError>;
+    async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError>;
 
     /// wx.checkSession: ok while the (app, uid) session exists and has not expired.
-    async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), ApiError>;
+    async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), PlatformError>;
 
     /// wx.getPhoneNumber / wx.getEmail: a one-time code standing for `value`. Codes are recorded
     /// in the disclosure ledger when issued and stamped when redeemed.
-    async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError>;
+    async fn value_code(
+        &self,
+        app_id: &str,
+        uid: &str,
+        kind: ValueKind,
+        value: String,
+    ) -> Result<String, PlatformError>;
 
     /// The signed-in user changed away from `old_uid`: its sessions end.
-    async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError>;
+    async fn user_changed(&self, old_uid: &str) -> Result<(), PlatformError>;
 
     /// Invalidates at once every outstanding value code of (app, uid) standing for `kind` (every
     /// kind for `None`): the user revoked the scope. Returns how many.
@@ -269,12 +294,36 @@ pub trait Platform: Send + Sync + 'static {
         app_id: &str,
         uid: &str,
         user_info_json: &str,
-    ) -> Result<Option<user_data::UserCredentials>, ApiError>;
+    ) -> Result<Option<user_data::UserCredentials>, PlatformError>;
 
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;
 
     /// Registers (or rotates) an app's backend secret; returns the new secret, or `None` when one
     /// exists and `rotate` is false.
-    async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, ApiError>;
+    async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, PlatformError>;
+
+    /// At most `limit` live or expired sessions (of `app_id`, or every app), by app then uid, after
+    /// the session `after` = (app, uid) names (`None`: from the first). Never the session keys.
+    async fn list_sessions(
+        &self,
+        app_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<SessionInfo>, PlatformError>;
+
+    /// Drops what has expired (codes, spent-code tombstones, access tokens, idle rate buckets);
+    /// the embedder calls it periodically.
+    async fn sweep(&self);
+}
+
+/// One session as an operator's listing shows it: whose, and for how long (never the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub app_id: String,
+    pub uid: String,
+    /// The user's openid in the app.
+    pub openid: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
 }

@@ -10,7 +10,7 @@ use axum::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::{platform::ExchangeFailure, tokens::random_key};
+use crate::{ExchangeFailure, tokens::random_key};
 
 /// Which platform's answer shape a path asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

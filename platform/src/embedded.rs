@@ -1,18 +1,19 @@
-//! The platform embedded in the daemon: one-time codes in memory, sessions in the store, openid and
-//! unionid as keyed hashes of the daemon secret.
+//! The platform's logic over a [`PlatformStore`]: codes and sessions in the store, openid and
+//! unionid as keyed hashes of the platform's secret (the daemon secret, when embedded).
 //!
 //! Codes are 144 random bits, single use, bound to (app, uid, purpose) and expire after
-//! `sessions.code_ttl_secs` (5 minutes). They live in memory only: a daemon restart invalidates
-//! outstanding codes (the mini app logs in again), while sessions, grants and secrets are durable.
+//! `code_ttl_secs` (5 minutes). The embedded engine keeps them in memory only: a daemon restart
+//! invalidates outstanding codes (the mini app logs in again), while sessions and secrets are
+//! durable.
 //!
 //! Every code is a disclosure: issuing one writes its ledger rows (what it stands for, to which app
-//! and user), and redeeming it stamps them with when and through which surface, whichever surface
-//! redeems it. A code whose rows cannot be written is not issued.
+//! and user) through the [`Disclosures`] hook, and redeeming it stamps them with when and through
+//! which surface, whichever surface redeems it. A code whose rows cannot be written is not issued.
 //!
 //! App backends (the gRPC `Exchange` service and the backend HTTP API alike) authenticate here,
-//! with the app's secret or an access token ([`super::access_tokens`]), and every attempt is taken
-//! from the app's exchange bucket (`limits.exchanges_per_minute_per_app`).
-//! At most `sessions.max_codes_per_user` codes of one (app, uid) are outstanding: issuing one more
+//! with the app's secret or an access token ([`crate::access_tokens`]), and every attempt is taken
+//! from the app's exchange bucket (`exchanges_per_minute_per_app`).
+//! At most `max_codes_per_user` codes of one (app, uid) are outstanding: issuing one more
 //! drops the oldest, so an app that logs in without ever exchanging cannot grow memory.
 
 use std::{
@@ -28,68 +29,39 @@ use sha2::Sha256;
 
 use tracing::{debug, info};
 
-use super::{
-    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
-    access_tokens::AccessTokens,
+use crate::{
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
+    TokenRequest, ValueKind,
+    clock::Clock,
+    config::{AppSettings, EmbeddedConfig},
+    disclosures::{CodeDisclosure, Disclosures},
+    store::{CodeRecord, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted},
+    tokens::{hash_secret, random_key, random_token, secrets_equal},
     user_data::{self, Identity, SessionKey, UserCredentials},
 };
-use crate::{
-    clock::Clock,
-    config::{AppConfig, SessionConfig},
-    error::ApiError,
-    limits::RateLimits,
-    store::{NewLedgerRow, SessionRow, Store},
-    tokens::{hash_secret, random_token, secrets_equal},
-};
 
-/// What a code stands for.
-#[derive(Debug, Clone)]
-enum Purpose {
-    /// A login code: it redeems to the session's key at redemption, not at issue, so every code of
-    /// a session gives the key that is current when the backend gets it.
-    Login {
-        auth_code: Option<String>,
-    },
-    Value {
-        kind: ValueKind,
-        value: String,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct CodeEntry {
-    app_id: String,
-    uid: String,
-    purpose: Purpose,
-    expires_at_ms: u64,
-    /// Its rows in the disclosure ledger.
-    ledger: Vec<u64>,
-}
-
-/// The embedded platform. See the module docs.
+/// The platform: its rules over a store. See the module docs.
 pub struct EmbeddedPlatform {
-    store: Arc<Store>,
+    store: Arc<dyn PlatformStore>,
+    ledger: Arc<dyn Disclosures>,
     clock: Arc<dyn Clock>,
     secret: [u8; 32],
-    apps: BTreeMap<String, AppConfig>,
-    codes: DashMap<String, CodeEntry>,
-    /// Redeemed codes until they would have expired, so a replay gets "code been used".
-    spent: DashMap<String, u64>,
-    /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
-    issued: DashMap<(String, String), VecDeque<String>>,
+    apps: BTreeMap<String, AppSettings>,
     max_codes_per_user: usize,
     code_ttl_ms: u64,
     session_ttl_ms: u64,
-    /// A login keeps the session's key while the key is younger than this (`sessions.key_refresh_secs`).
+    /// A login keeps the session's key while the key is younger than this (`key_refresh_secs`).
     key_refresh_ms: u64,
     /// The checksession signatures of keys a later login (or a reset) replaced, per (app, openid),
     /// newest last, each until the replaced session would have expired: only so that a backend
     /// presenting one is told at debug why it failed. At most [`REPLACED_KEPT`] per session; swept.
     replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
     /// App backends' attempts, per app, over both surfaces.
-    exchange_rate: RateLimits,
-    tokens: AccessTokens,
+    exchange_quota: Quota,
 }
+
+/// How many replaced keys of one session are remembered for the stale-key diagnostic.
+const REPLACED_KEPT: usize = 4;
 
 /// What a backend redeemed (for the log and the disclosure ledger; never the value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,14 +82,11 @@ impl Redeemed {
 
 impl std::fmt::Debug for EmbeddedPlatform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedPlatform").field("codes", &self.codes.len()).finish_non_exhaustive()
+        f.debug_struct("EmbeddedPlatform").field("store", &self.store).finish_non_exhaustive()
     }
 }
 
 type HmacSha256 = Hmac<Sha256>;
-
-/// How many replaced keys of one session are remembered for the stale-key diagnostic.
-const REPLACED_KEPT: usize = 4;
 
 /// A stable identifier of (`a`, `b`) for `label`, keyed by the daemon secret: openid, unionid.
 fn keyed(secret: &[u8; 32], label: &str, a: &str, b: &str) -> String {
@@ -135,39 +104,41 @@ fn openid_of(secret: &[u8; 32], app_id: &str, uid: &str) -> String {
 }
 
 impl EmbeddedPlatform {
-    pub fn new(
-        store: Arc<Store>,
+    /// The platform over `store`, writing its codes' ledger rows through `ledger`. Provisions the
+    /// secrets of `config`'s apps that carry one, and stores the openid of sessions from before
+    /// sessions kept it.
+    pub async fn new(
+        store: Arc<dyn PlatformStore>,
+        ledger: Arc<dyn Disclosures>,
         clock: Arc<dyn Clock>,
-        apps: BTreeMap<String, AppConfig>,
-        sessions: &SessionConfig,
-        exchange_rate: RateLimits,
-    ) -> Result<EmbeddedPlatform, crate::error::StoreError> {
-        let secret = store.daemon_secret(crate::tokens::random_key)?;
+        config: EmbeddedConfig,
+    ) -> Result<EmbeddedPlatform, PlatformError> {
+        let secret = store.openid_secret(random_key()).await?;
         // Sessions a daemon from before sessions kept their openid stored: find them by it too.
-        let filled = store.fill_session_openids(|app_id, uid| openid_of(&secret, app_id, uid))?;
+        let filled = store.fill_session_openids(&move |app_id, uid| openid_of(&secret, app_id, uid)).await?;
         if filled > 0 {
             info!(sessions = filled, "stored the openid of sessions from an earlier version");
         }
-        for (app_id, app) in &apps {
+        for (app_id, app) in &config.apps {
             if let Some(secret) = &app.secret {
-                store.set_app_secret_hash(app_id, &hash_secret(secret), true)?;
+                store.set_app_secret_hash(app_id, &hash_secret(secret), true).await?;
             }
         }
         Ok(EmbeddedPlatform {
             store,
+            ledger,
             clock,
             secret,
-            apps,
-            codes: DashMap::new(),
-            spent: DashMap::new(),
-            issued: DashMap::new(),
-            max_codes_per_user: sessions.max_codes_per_user.max(1) as usize,
-            code_ttl_ms: sessions.code_ttl_secs * 1000,
-            session_ttl_ms: sessions.lifetime_secs * 1000,
-            key_refresh_ms: sessions.key_refresh_secs.saturating_mul(1000),
+            apps: config.apps,
+            max_codes_per_user: config.max_codes_per_user.max(1) as usize,
+            code_ttl_ms: config.code_ttl_secs * 1000,
+            session_ttl_ms: config.session_ttl_secs * 1000,
+            key_refresh_ms: config.key_refresh_secs.saturating_mul(1000),
             replaced: DashMap::new(),
-            exchange_rate,
-            tokens: AccessTokens::default(),
+            exchange_quota: Quota {
+                per_minute: config.exchanges_per_minute_per_app,
+                burst: config.exchange_burst_per_app,
+            },
         })
     }
 
@@ -175,14 +146,15 @@ impl EmbeddedPlatform {
         keyed(&self.secret, label, a, b)
     }
 
-    /// Issues a code for `purpose`; a login code's `session` is written with its ledger rows.
-    fn issue(
+    /// Issues a code for `purpose`; a login code's `session` is written with the code, after its
+    /// ledger rows (a code is never out without them; rows of a code the store refused go again).
+    async fn issue(
         &self,
         app_id: &str,
         uid: &str,
         purpose: Purpose,
         session: Option<&SessionRow>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, PlatformError> {
         let now = self.clock.now_ms();
         let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
             Purpose::Login { .. } if self.union_group(app_id).is_some() => {
@@ -192,40 +164,22 @@ impl EmbeddedPlatform {
             Purpose::Value { kind: ValueKind::PhoneNumber, .. } => ("getPhoneNumber", &[Disclosed::PhoneNumber]),
             Purpose::Value { kind: ValueKind::Email, .. } => ("getEmail", &[Disclosed::Email]),
         };
-        let rows: Vec<NewLedgerRow<'_>> = disclosed
-            .iter()
-            .map(|d| NewLedgerRow {
-                app_id,
-                uid,
-                what: d.as_str(),
-                surface: Surface::RendererApi.as_str(),
-                api,
-                at_ms: now,
-                via_code: true,
-            })
-            .collect();
-        let ledger = self.store.issue_code(session, &rows)?;
+        let rows: Vec<CodeDisclosure<'_>> =
+            disclosed.iter().map(|d| CodeDisclosure { app_id, uid, what: d.as_str(), api, at_ms: now }).collect();
+        let ledger = self.ledger.issued(&rows).map_err(PlatformError::Ledger)?;
         let code = random_token(18);
-        let entry = CodeEntry {
+        let record = CodeRecord {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
+            openid: self.openid(app_id, uid),
             purpose,
             expires_at_ms: now + self.code_ttl_ms,
-            ledger,
+            ledger: ledger.clone(),
         };
-        // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
-        // At the cap the oldest entry goes: a code already gone (redeemed, expired, invalidated)
-        // for free, else the oldest outstanding one. Each code leaves the queue once, so an issue
-        // costs O(1) even at the cap (a scan of the queue here cost every login at the cap ~100
-        // map lookups); gone codes further back count until they reach the front or the sweep.
-        let mut issued = self.issued.entry((app_id.to_owned(), uid.to_owned())).or_default();
-        while issued.len() >= self.max_codes_per_user {
-            if let Some(oldest) = issued.pop_front() {
-                self.codes.remove(&oldest);
-            }
+        if let Err(e) = self.store.issue_code(&code, record, session, self.max_codes_per_user).await {
+            self.ledger.withdrawn(&ledger);
+            return Err(e.into());
         }
-        self.codes.insert(code.clone(), entry);
-        issued.push_back(code.clone());
         Ok(code)
     }
 
@@ -233,11 +187,10 @@ impl EmbeddedPlatform {
     /// its key when the key is a WeChat key younger than `key_refresh_ms` (as WeChat, repeated
     /// logins in a short time keep one key), else with a fresh key (`created_at_ms` is the key's
     /// birth). A replaced key's signature is remembered for the stale-key diagnostic.
-    fn session_for_login(&self, app_id: &str, uid: &str) -> Result<SessionRow, ApiError> {
+    async fn session_for_login(&self, app_id: &str, uid: &str) -> Result<SessionRow, PlatformError> {
         let now = self.clock.now_ms();
-        let live = self.store.session(app_id, uid)?.filter(|s| s.expires_at_ms > now);
         let expires_at_ms = now + self.session_ttl_ms;
-        if let Some(live) = live {
+        if let Some(live) = self.live_session(app_id, uid).await? {
             let young = now.saturating_sub(live.created_at_ms) < self.key_refresh_ms;
             if young && SessionKey::parse(&live.session_key).is_some() {
                 return Ok(SessionRow { expires_at_ms, ..live });
@@ -277,40 +230,23 @@ impl EmbeddedPlatform {
     }
 
     /// The live session of (app, uid), if any.
-    fn live_session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, crate::error::StoreError> {
+    async fn live_session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, crate::StoreError> {
         let now = self.clock.now_ms();
-        Ok(self.store.session(app_id, uid)?.filter(|s| s.expires_at_ms > now))
+        Ok(self.store.session(app_id, uid).await?.filter(|s| s.expires_at_ms > now))
     }
 
     fn union_group(&self, app_id: &str) -> Option<&str> {
         self.apps.get(app_id).and_then(|a| a.union_group.as_deref())
     }
 
-    /// Drops expired codes and tombstones; called periodically.
-    pub fn sweep(&self) {
-        let now = self.clock.now_ms();
-        self.codes.retain(|_, e| e.expires_at_ms > now);
-        self.spent.retain(|_, expires| *expires > now);
-        self.replaced.retain(|_, kept| {
-            kept.retain(|(_, until)| *until > now);
-            !kept.is_empty()
-        });
-        self.issued.retain(|_, issued| {
-            issued.retain(|c| self.codes.contains_key(c));
-            !issued.is_empty()
-        });
-        self.tokens.sweep(now);
-        self.exchange_rate.sweep();
-    }
-
     /// Outstanding codes (status, tests).
-    pub fn outstanding_codes(&self) -> usize {
-        self.codes.len()
+    pub async fn outstanding_codes(&self) -> Result<usize, PlatformError> {
+        Ok(self.store.outstanding_codes().await?)
     }
 
     /// Who the credential proves the caller to be; counts the attempt against the app's bucket
     /// once the app is known to exist (so unknown app ids make no buckets).
-    fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
+    async fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
         match credential {
             Credential::Secret { app_id, secret } => {
                 if app_id.is_empty() {
@@ -319,12 +255,9 @@ impl EmbeddedPlatform {
                 if secret.is_empty() {
                     return Err(ExchangeFailure::Malformed(41004, "secret is required"));
                 }
-                let stored = self
-                    .store
-                    .app_secret_hash(app_id)
-                    .map_err(|e| ExchangeFailure::System(e.to_string()))?
-                    .ok_or(ExchangeFailure::InvalidAppId)?;
-                self.take_attempt(app_id)?;
+                let stored =
+                    self.store.app_secret_hash(app_id).await.map_err(system)?.ok_or(ExchangeFailure::InvalidAppId)?;
+                self.take_attempt(app_id).await?;
                 if secrets_equal(&stored, &hash_secret(secret)) {
                     Ok(AuthorizedApp::new(app_id))
                 } else {
@@ -332,15 +265,27 @@ impl EmbeddedPlatform {
                 }
             }
             Credential::AccessToken(token) => {
-                let app_id = self.tokens.verify(token, self.clock.now_ms())?;
-                self.take_attempt(&app_id)?;
+                if token.is_empty() {
+                    return Err(ExchangeFailure::InvalidCredential);
+                }
+                let found = self.store.verify_token(token, self.clock.now_ms()).await.map_err(system)?;
+                let app_id = match found {
+                    TokenCheck::Valid(app_id) => app_id,
+                    TokenCheck::Expired => return Err(ExchangeFailure::TokenExpired),
+                    TokenCheck::Unknown => return Err(ExchangeFailure::InvalidCredential),
+                };
+                self.take_attempt(&app_id).await?;
                 Ok(AuthorizedApp::new(&app_id))
             }
         }
     }
 
-    fn take_attempt(&self, app_id: &str) -> Result<(), ExchangeFailure> {
-        if self.exchange_rate.allows(&Arc::from(app_id)) { Ok(()) } else { Err(ExchangeFailure::RateLimited) }
+    async fn take_attempt(&self, app_id: &str) -> Result<(), ExchangeFailure> {
+        let now = self.clock.now_ms();
+        match self.store.take_attempt(app_id, self.exchange_quota, now).await.map_err(system)? {
+            true => Ok(()),
+            false => Err(ExchangeFailure::RateLimited),
+        }
     }
 
     /// The one point every redemption passes, whichever surface it came through: the disclosure
@@ -363,45 +308,41 @@ impl EmbeddedPlatform {
         }
     }
 
-    /// Takes a code out if it belongs to `app_id` and `accept` likes its purpose; a code that does
-    /// not match stays where it is (a wrong guess changes nothing). A redeemed code's ledger rows
-    /// are stamped with `surface` before its value may leave.
-    fn redeem(
+    /// Takes a code out if it belongs to `app_id` and `wanted` takes it; a code that does not
+    /// match stays where it is (a wrong guess changes nothing). A redeemed code's ledger rows are
+    /// stamped with `surface` before its value may leave.
+    async fn redeem(
         &self,
         app_id: &str,
         code: &str,
         surface: Surface,
-        accept: impl Fn(&str, &Purpose) -> bool,
-    ) -> Result<CodeEntry, ExchangeFailure> {
+        wanted: Wanted<'_>,
+    ) -> Result<CodeRecord, ExchangeFailure> {
         if code.is_empty() {
             return Err(ExchangeFailure::Malformed(41008, "code is required"));
         }
         let now = self.clock.now_ms();
-        let taken = self
-            .codes
-            .remove_if(code, |_, e| e.app_id == app_id && accept(&e.uid, &e.purpose) && e.expires_at_ms > now);
-        if let Some((code, entry)) = taken {
-            self.spent.insert(code, entry.expires_at_ms);
-            // The value leaves only once its disclosure is on record.
-            self.store
-                .ledger_redeemed(&entry.ledger, surface.as_str(), now)
-                .map_err(|e| ExchangeFailure::System(e.to_string()))?;
-            return Ok(entry);
-        }
-        if self.spent.contains_key(code) {
-            return Err(ExchangeFailure::CodeUsed);
-        }
-        match self.codes.get(code) {
-            Some(e) if e.app_id == app_id && accept(&e.uid, &e.purpose) && e.expires_at_ms <= now => {
-                Err(ExchangeFailure::CodeExpired)
+        let found = self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)?;
+        match found {
+            Redemption::Redeemed(record) => {
+                // The value leaves only once its disclosure is on record.
+                self.ledger.redeemed(&record.ledger, surface, now).map_err(ExchangeFailure::System)?;
+                Ok(record)
             }
-            _ => Err(ExchangeFailure::InvalidCode),
+            Redemption::Used => Err(ExchangeFailure::CodeUsed),
+            Redemption::Expired => Err(ExchangeFailure::CodeExpired),
+            Redemption::Invalid => Err(ExchangeFailure::InvalidCode),
         }
     }
 }
 
 impl EmbeddedPlatform {
-    fn check_signature_now(&self, app: &AuthorizedApp, openid: &str, signature: &str) -> Result<(), ExchangeFailure> {
+    async fn check_signature_now(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure> {
         if openid.is_empty() {
             return Err(ExchangeFailure::Malformed(41009, "openid is required"));
         }
@@ -413,7 +354,8 @@ impl EmbeddedPlatform {
         let session = self
             .store
             .session_by_openid(app.app_id(), openid)
-            .map_err(|e| ExchangeFailure::System(e.to_string()))?
+            .await
+            .map_err(system)?
             .filter(|s| s.expires_at_ms > now)
             .ok_or(ExchangeFailure::InvalidSignature)?;
         let expected = session_signature(&session.session_key);
@@ -423,16 +365,18 @@ impl EmbeddedPlatform {
             Err(ExchangeFailure::InvalidSignature)
         }
     }
+}
 
+impl EmbeddedPlatform {
     /// checksession's answer, with the stale-key diagnostic: a signature of a key a later login
     /// replaced is said so at debug, for the app and openid (never the key).
-    fn check_signature_diagnosed(
+    async fn check_signature_diagnosed(
         &self,
         app: &AuthorizedApp,
         openid: &str,
         signature: &str,
     ) -> Result<(), ExchangeFailure> {
-        let outcome = self.check_signature_now(app, openid, signature);
+        let outcome = self.check_signature_now(app, openid, signature).await;
         if outcome == Err(ExchangeFailure::InvalidSignature)
             && self.was_replaced(app.app_id(), openid, &signature.to_ascii_lowercase())
         {
@@ -447,50 +391,60 @@ impl EmbeddedPlatform {
     }
 }
 
+/// A store failure as a backend hears it: -1, system error.
+fn system(e: crate::StoreError) -> ExchangeFailure {
+    ExchangeFailure::System(e.to_string())
+}
+
 /// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).
 pub fn session_signature(session_key: &str) -> String {
     let mac = HmacSha256::new_from_slice(session_key.as_bytes()).expect("HMAC takes any key length");
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Platform for EmbeddedPlatform {
-    async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
-        // The session and the code's ledger rows are one write: both or neither.
-        let session = self.session_for_login(app_id, uid)?;
-        self.issue(app_id, uid, Purpose::Login { auth_code }, Some(&session))
+    async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
+        // The session and the code are one write: both or neither.
+        let session = self.session_for_login(app_id, uid).await?;
+        self.issue(app_id, uid, Purpose::Login { auth_code }, Some(&session)).await
     }
 
-    async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
-        let session = self.session_for_login(app_id, uid)?;
-        self.store.upsert_session(&session)?;
+    async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
+        let session = self.session_for_login(app_id, uid).await?;
+        self.store.start_session(&session).await?;
         Ok(session.session_key)
     }
 
-    async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), ApiError> {
-        match self.store.session(app_id, uid)? {
+    async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), PlatformError> {
+        match self.store.session(app_id, uid).await? {
             Some(s) if s.expires_at_ms > self.clock.now_ms() => Ok(()),
-            _ => Err(ApiError::SessionExpired),
+            _ => Err(PlatformError::SessionExpired),
         }
     }
 
-    async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError> {
-        self.issue(app_id, uid, Purpose::Value { kind, value }, None)
+    async fn value_code(
+        &self,
+        app_id: &str,
+        uid: &str,
+        kind: ValueKind,
+        value: String,
+    ) -> Result<String, PlatformError> {
+        self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
-        let before = self.codes.len();
-        self.codes.retain(|_, e| {
-            let of_kind = matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
-            !(of_kind && e.app_id == app_id && e.uid == uid)
-        });
-        before.saturating_sub(self.codes.len())
+        match self.store.invalidate_codes(app_id, uid, kind).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(app_id, error = %e, "could not invalidate codes");
+                0
+            }
+        }
     }
 
-    async fn user_changed(&self, old_uid: &str) -> Result<(), ApiError> {
-        self.store.delete_sessions_of(old_uid)?;
-        self.codes.retain(|_, e| e.uid != old_uid);
-        self.issued.retain(|(_, uid), _| uid != old_uid);
+    async fn user_changed(&self, old_uid: &str) -> Result<(), PlatformError> {
+        self.store.user_changed(old_uid).await?;
         Ok(())
     }
 
@@ -499,7 +453,7 @@ impl Platform for EmbeddedPlatform {
         surface: Surface,
         credential: Credential<'_>,
     ) -> Result<AuthorizedApp, ExchangeFailure> {
-        let outcome = self.authenticate_now(credential);
+        let outcome = self.authenticate_now(credential).await;
         if let Err(e) = &outcome {
             // The app id is named only when it is a registered app (a wrong secret, a limit).
             let known = match (credential, e) {
@@ -519,7 +473,7 @@ impl Platform for EmbeddedPlatform {
         app: &AuthorizedApp,
         code: &str,
     ) -> Result<Code2SessionResponse, ExchangeFailure> {
-        let entry = match self.redeem(app.app_id(), code, surface, |_, p| matches!(p, Purpose::Login { .. })) {
+        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Login).await {
             Ok(entry) => entry,
             Err(e) => {
                 self.refused(surface, Some(app), "code2Session", &e);
@@ -531,10 +485,8 @@ impl Platform for EmbeddedPlatform {
         };
         // The session's key now, whichever of its codes this is: a later login may have replaced
         // the key this code's login made.
-        let session = self
-            .live_session(app.app_id(), &entry.uid)
-            .map_err(|e| ExchangeFailure::System(e.to_string()))?
-            .ok_or(ExchangeFailure::CodeExpired)?;
+        let session =
+            self.live_session(app.app_id(), &entry.uid).await.map_err(system)?.ok_or(ExchangeFailure::CodeExpired)?;
         self.redeemed(surface, app, &entry.uid, Redeemed::Login);
         let unionid = self
             .apps
@@ -558,11 +510,7 @@ impl Platform for EmbeddedPlatform {
         kind: ValueKind,
         openid: Option<&str>,
     ) -> Result<String, ExchangeFailure> {
-        let accept = |uid: &str, p: &Purpose| {
-            matches!(p, Purpose::Value { kind: k, .. } if *k == kind)
-                && openid.is_none_or(|o| self.openid(app.app_id(), uid) == o)
-        };
-        let entry = match self.redeem(app.app_id(), code, surface, accept) {
+        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Value { kind, openid }).await {
             Ok(entry) => entry,
             Err(e) => {
                 let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
@@ -580,7 +528,7 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure> {
-        let token = self.tokens.issue(app.app_id(), request, self.clock.now_ms());
+        let token = self.store.issue_token(app.app_id(), request, self.clock.now_ms()).await.map_err(system)?;
         info!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
         Ok(token)
     }
@@ -591,7 +539,7 @@ impl Platform for EmbeddedPlatform {
         openid: &str,
         signature: &str,
     ) -> Result<(), ExchangeFailure> {
-        let outcome = self.check_signature_diagnosed(app, openid, signature);
+        let outcome = self.check_signature_diagnosed(app, openid, signature).await;
         if let Err(e) = &outcome {
             self.refused(Surface::BackendHttp, Some(app), "checkSession", e);
         }
@@ -604,18 +552,17 @@ impl Platform for EmbeddedPlatform {
         openid: &str,
         signature: &str,
     ) -> Result<String, ExchangeFailure> {
-        let outcome = self.check_signature_diagnosed(app, openid, signature);
+        let outcome = self.check_signature_diagnosed(app, openid, signature).await;
         if let Err(e) = &outcome {
             self.refused(Surface::BackendHttp, Some(app), "resetUserSessionKey", e);
             return Err(e.clone());
         }
-        let system = |e: crate::error::StoreError| ExchangeFailure::System(e.to_string());
-        let old = self.store.session_by_openid(app.app_id(), openid).map_err(system)?;
+        let old = self.store.session_by_openid(app.app_id(), openid).await.map_err(system)?;
         let old = old.ok_or(ExchangeFailure::InvalidSignature)?;
         self.remember_replaced(&old);
         // A new key for the same session: its lifetime is unchanged.
         let session = self.fresh_session(&old.app_id, &old.uid, self.clock.now_ms(), old.expires_at_ms);
-        self.store.upsert_session(&session).map_err(system)?;
+        self.store.start_session(&session).await.map_err(system)?;
         info!(app_id = app.app_id(), "session key reset by the app's backend");
         Ok(session.session_key)
     }
@@ -625,8 +572,8 @@ impl Platform for EmbeddedPlatform {
         app_id: &str,
         uid: &str,
         user_info_json: &str,
-    ) -> Result<Option<UserCredentials>, ApiError> {
-        let Some(session) = self.live_session(app_id, uid)? else {
+    ) -> Result<Option<UserCredentials>, PlatformError> {
+        let Some(session) = self.live_session(app_id, uid).await? else {
             return Ok(None);
         };
         // A key stored by an earlier version is not a WeChat key: the next login replaces it.
@@ -639,37 +586,103 @@ impl Platform for EmbeddedPlatform {
         let now_secs = self.clock.now_ms() / 1000;
         user_data::make(user_info_json, &key, who, now_secs, &mut rand::rng())
             .map(Some)
-            .map_err(|e| ApiError::HostProtocol(e.to_string()))
+            .map_err(|e| PlatformError::UserData(e.to_string()))
     }
 
     fn openid(&self, app_id: &str, uid: &str) -> String {
         openid_of(&self.secret, app_id, uid)
     }
 
-    async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, ApiError> {
+    async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, PlatformError> {
         let secret = random_token(24);
-        let written = self.store.set_app_secret_hash(app_id, &hash_secret(&secret), rotate)?;
+        let written = self.store.set_app_secret_hash(app_id, &hash_secret(&secret), rotate).await?;
         if written {
             // The old secret's access tokens stop working with it.
-            self.tokens.revoke_app(app_id);
+            self.store.revoke_tokens(app_id).await?;
         }
         Ok(written.then_some(secret))
+    }
+
+    async fn list_sessions(
+        &self,
+        app_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<SessionInfo>, PlatformError> {
+        let rows = self.store.list_sessions(app_id, after, limit).await?;
+        Ok(rows
+            .into_iter()
+            .map(|s| SessionInfo {
+                // Stored with the session (the openid of (app, uid)): no HMAC per row.
+                openid: s.openid,
+                app_id: s.app_id,
+                uid: s.uid,
+                created_at_ms: s.created_at_ms,
+                expires_at_ms: s.expires_at_ms,
+            })
+            .collect())
+    }
+
+    /// Drops expired codes, tombstones, access tokens and full rate buckets.
+    async fn sweep(&self) {
+        let now = self.clock.now_ms();
+        if let Err(e) = self.store.sweep(now).await {
+            tracing::warn!(error = %e, "could not sweep expired codes");
+        }
+        self.replaced.retain(|_, kept| {
+            kept.retain(|(_, until)| *until > now);
+            !kept.is_empty()
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::{clock::ManualClock, config::LimitsConfig};
+    use std::sync::Mutex;
 
-    fn rules() -> SessionConfig {
-        SessionConfig { lifetime_secs: 3600, code_ttl_secs: 300, max_codes_per_user: 100, key_refresh_secs: 60 }
+    use super::*;
+    use crate::{clock::ManualClock, store::sqlite::SqliteStore};
+
+    /// A ledger in memory: (what, redeemed through) per row id.
+    #[derive(Debug, Default)]
+    pub(crate) struct TestLedger(Mutex<Vec<(String, Option<&'static str>)>>);
+
+    impl Disclosures for TestLedger {
+        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+            let mut all = self.0.lock().unwrap();
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    all.push((r.what.to_owned(), None));
+                    all.len() as u64 - 1
+                })
+                .collect())
+        }
+
+        fn withdrawn(&self, _: &[u64]) {}
+
+        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), String> {
+            let mut all = self.0.lock().unwrap();
+            ids.iter().for_each(|&id| all[id as usize].1 = Some(surface.as_str()));
+            Ok(())
+        }
     }
 
-    fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
-        let store = Arc::new(Store::open(None, false).unwrap());
-        let rate = RateLimits::exchanges(&LimitsConfig::default());
-        EmbeddedPlatform::new(store, clock, BTreeMap::new(), &rules(), rate).unwrap()
+    fn config() -> EmbeddedConfig {
+        EmbeddedConfig { session_ttl_secs: 3600, ..EmbeddedConfig::default() }
+    }
+
+    async fn platform_with(
+        clock: Arc<ManualClock>,
+        ledger: Arc<TestLedger>,
+        config: EmbeddedConfig,
+    ) -> EmbeddedPlatform {
+        let store = Arc::new(SqliteStore::open(None, false).unwrap());
+        EmbeddedPlatform::new(store, ledger, clock, config).await.unwrap()
+    }
+
+    async fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
+        platform_with(clock, Arc::default(), config()).await
     }
 
     async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
@@ -679,7 +692,7 @@ mod tests {
     #[tokio::test]
     async fn checksession_finds_the_session_of_the_openid_among_many() {
         let clock = ManualClock::new(1_000);
-        let p = platform(clock.clone());
+        let p = platform(clock.clone()).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let mut keys = Vec::new();
@@ -689,16 +702,17 @@ mod tests {
             p.start_session("b", &uid).await.unwrap();
         }
         for (openid, key) in keys.iter().step_by(37) {
-            assert_eq!(p.check_signature_now(&a, openid, &session_signature(key)), Ok(()));
+            assert_eq!(p.check_signature_now(&a, openid, &session_signature(key)).await, Ok(()));
         }
         let (openid, key) = &keys[5];
         let other_key = &keys[6].1;
-        let fail = |openid: &str, key: &str| p.check_signature_now(&a, openid, &session_signature(key));
-        assert_eq!(fail(openid, other_key), Err(ExchangeFailure::InvalidSignature), "another user's session");
-        assert_eq!(fail(&p.openid("b", "u5"), key), Err(ExchangeFailure::InvalidSignature), "another app's openid");
-        assert_eq!(fail(&p.openid("a", "nobody"), key), Err(ExchangeFailure::InvalidSignature), "no session");
+        let fail = async |openid: &str, key: &str| p.check_signature_now(&a, openid, &session_signature(key)).await;
+        let bad = Err(ExchangeFailure::InvalidSignature);
+        assert_eq!(fail(openid, other_key).await, bad, "another user's session");
+        assert_eq!(fail(&p.openid("b", "u5"), key).await, bad, "another app's openid");
+        assert_eq!(fail(&p.openid("a", "nobody"), key).await, bad, "no session");
         clock.advance_ms(3_600_000);
-        assert_eq!(fail(openid, key), Err(ExchangeFailure::InvalidSignature), "expired");
+        assert_eq!(fail(openid, key).await, bad, "expired");
     }
 
     #[tokio::test]
@@ -717,19 +731,18 @@ mod tests {
             )
             .unwrap();
         }
-        let store = Arc::new(Store::open(Some(&path), false).unwrap());
-        let rate = RateLimits::exchanges(&LimitsConfig::default());
+        let store = Arc::new(SqliteStore::open(Some(&path), false).unwrap());
         let clock = ManualClock::new(2_000);
-        let p = EmbeddedPlatform::new(store, clock, BTreeMap::new(), &rules(), rate).unwrap();
+        let p = EmbeddedPlatform::new(store, Arc::new(TestLedger::default()), clock, config()).await.unwrap();
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let signature = session_signature("key-from-before");
-        assert_eq!(p.check_signature_now(&a, &p.openid("a", "u"), &signature), Ok(()));
+        assert_eq!(p.check_signature_now(&a, &p.openid("a", "u"), &signature).await, Ok(()));
     }
 
     #[tokio::test]
     async fn a_wrong_app_guess_leaves_the_code_usable() {
-        let p = platform(ManualClock::new(1_000));
+        let p = platform(ManualClock::new(1_000)).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let other = p.register_app("b", false).await.unwrap().unwrap();
         let (a, b) = (app(&p, "a", &secret).await, app(&p, "b", &other).await);
@@ -742,7 +755,7 @@ mod tests {
     #[tokio::test]
     async fn codes_expire_after_their_ttl() {
         let clock = ManualClock::new(1_000);
-        let p = platform(clock.clone());
+        let p = platform(clock.clone()).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let code = p.value_code("a", "u", ValueKind::Email, "e@x".into()).await.unwrap();
@@ -755,7 +768,8 @@ mod tests {
 
     #[tokio::test]
     async fn invalidation_takes_only_the_codes_of_that_app_user_and_kind() {
-        let p = platform(ManualClock::new(1_000));
+        let ledger = Arc::new(TestLedger::default());
+        let p = platform_with(ManualClock::new(1_000), ledger.clone(), config()).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let phone = p.value_code("a", "u", ValueKind::PhoneNumber, "1".into()).await.unwrap();
@@ -771,14 +785,20 @@ mod tests {
         assert!(p.code2session(x, &a, &login).await.is_ok());
         // Issued and redeemed codes are on record with the redeeming surface, the invalidated one
         // unredeemed.
-        let rows = p.store.ledger(Some("a"), Some("u"), 0).unwrap();
-        let redeemed: Vec<_> = rows.iter().map(|r| (r.what.as_str(), r.redeemed_via.as_deref())).collect();
-        assert_eq!(redeemed, [("phone_number", None), ("email", Some("backend_http")), ("openid", Some("exchange"))]);
+        let rows = ledger.0.lock().unwrap().clone();
+        let redeemed: Vec<_> = rows.iter().map(|(what, via)| (what.as_str(), *via)).collect();
+        let expected = [
+            ("phone_number", None),
+            ("email", Some("backend_http")),
+            ("phone_number", Some("exchange")),
+            ("openid", Some("exchange")),
+        ];
+        assert_eq!(redeemed, expected);
     }
 
     #[tokio::test]
     async fn a_value_code_presented_for_another_user_stays_usable() {
-        let p = platform(ManualClock::new(1_000));
+        let p = platform(ManualClock::new(1_000)).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let code = p.value_code("a", "u", ValueKind::PhoneNumber, "+86 1".into()).await.unwrap();
@@ -794,7 +814,7 @@ mod tests {
 
     #[tokio::test]
     async fn rotating_a_secret_revokes_its_access_tokens() {
-        let p = platform(ManualClock::new(1_000));
+        let p = platform(ManualClock::new(1_000)).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let token = p.access_token(&app(&p, "a", &secret).await, TokenRequest::Fresh).await.unwrap().token;
         assert!(p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await.is_ok());
@@ -808,7 +828,7 @@ mod tests {
     #[tokio::test]
     async fn every_login_code_redeems_to_the_sessions_current_key() {
         let clock = ManualClock::new(1_000);
-        let p = platform(clock.clone());
+        let p = platform_with(clock.clone(), Arc::default(), EmbeddedConfig { key_refresh_secs: 60, ..config() }).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         // Two logins within key_refresh_secs (60 s) keep one key.
@@ -826,8 +846,11 @@ mod tests {
         assert_ne!(k1, k2, "the third login replaced the key");
         assert_eq!(k1, k3, "the first code redeems to the current key");
         let openid = p.openid("a", "u");
-        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&k1)), Ok(()));
-        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&k2)), Err(ExchangeFailure::InvalidSignature));
+        assert_eq!(p.check_signature_now(&a, &openid, &session_signature(&k1)).await, Ok(()));
+        assert_eq!(
+            p.check_signature_now(&a, &openid, &session_signature(&k2)).await,
+            Err(ExchangeFailure::InvalidSignature)
+        );
         assert!(p.was_replaced("a", &openid, &session_signature(&k2)), "the stale key is recognised");
         assert!(!p.was_replaced("a", &openid, &session_signature("never-a-key")));
     }
@@ -835,7 +858,7 @@ mod tests {
     #[tokio::test]
     async fn a_reset_gives_the_session_a_new_key_only_for_the_current_ones_signature() {
         let clock = ManualClock::new(1_000);
-        let p = platform(clock.clone());
+        let p = platform(clock.clone()).await;
         let secret = p.register_app("a", false).await.unwrap().unwrap();
         let a = app(&p, "a", &secret).await;
         let code = p.login_code("a", "u", None).await.unwrap();
@@ -845,14 +868,14 @@ mod tests {
             p.reset_session_key(&a, &openid, &session_signature("wrong")).await,
             Err(ExchangeFailure::InvalidSignature)
         );
-        let before = p.store.session("a", "u").unwrap().unwrap();
+        let before = p.store.session("a", "u").await.unwrap().unwrap();
         let new = p.reset_session_key(&a, &openid, &session_signature(&key)).await.unwrap();
         assert_ne!(new, key);
         assert!(SessionKey::parse(&new).is_some());
-        let after = p.store.session("a", "u").unwrap().unwrap();
+        let after = p.store.session("a", "u").await.unwrap().unwrap();
         assert_eq!((after.session_key.as_str(), after.expires_at_ms), (new.as_str(), before.expires_at_ms));
         assert_eq!(
-            p.check_signature_now(&a, &openid, &session_signature(&key)),
+            p.check_signature_now(&a, &openid, &session_signature(&key)).await,
             Err(ExchangeFailure::InvalidSignature)
         );
         assert!(p.was_replaced("a", &openid, &session_signature(&key)));
@@ -862,7 +885,7 @@ mod tests {
         assert_eq!(p.user_credentials("a", "nobody", "{}").await.unwrap(), None);
         clock.advance_ms(3_600_000);
         assert_eq!(p.user_credentials("a", "u", "{}").await.unwrap(), None, "expired");
-        p.sweep();
+        p.sweep().await;
         assert!(p.replaced.is_empty(), "the sweep forgets replaced keys with their sessions");
     }
 

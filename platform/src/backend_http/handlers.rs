@@ -17,7 +17,7 @@ use super::{
     Shared,
     answer::{answer, json_response},
 };
-use crate::platform::{AuthorizedApp, Credential, ExchangeFailure, Surface, TokenRequest, ValueKind};
+use crate::{AuthorizedApp, Credential, ExchangeFailure, Surface, TokenRequest, ValueKind};
 
 /// An endpoint's data fields, or the failure [`answer`] shapes for the path's platform.
 type Outcome = Result<Map<String, Value>, ExchangeFailure>;

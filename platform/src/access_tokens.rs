@@ -12,8 +12,10 @@ use std::{collections::VecDeque, sync::Arc};
 
 use dashmap::DashMap;
 
-use super::{AccessToken, ExchangeFailure, TokenRequest};
-use crate::tokens::{hash_secret, random_token};
+use crate::{
+    AccessToken, ExchangeFailure, TokenRequest,
+    tokens::{hash_secret, random_token},
+};
 
 /// How long an access token is valid, as WeChat's.
 pub const TOKEN_TTL_SECS: u64 = 7200;
