@@ -856,6 +856,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_remembers_at_most_its_last_replaced_keys() {
+        let clock = ManualClock::new(1_000);
+        let p = platform_with(clock.clone(), Arc::default(), EmbeddedConfig { key_refresh_secs: 0, ..config() }).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        // Every login replaces the key (key_refresh_secs = 0): ten keys, of which nine replaced.
+        let mut keys = Vec::new();
+        for _ in 0..10 {
+            let code = p.login_code("a", "u", None).await.unwrap();
+            keys.push(p.code2session(Surface::Exchange, &a, &code).await.unwrap().session_key);
+            clock.advance_ms(1);
+        }
+        let openid = p.openid("a", "u");
+        let kept = p.replaced.get(&("a".to_owned(), openid.clone())).map(|k| k.len());
+        assert_eq!(kept, Some(REPLACED_KEPT), "a session keeps at most REPLACED_KEPT replaced keys");
+        let recognised: Vec<bool> =
+            keys[..9].iter().map(|k| p.was_replaced("a", &openid, &session_signature(k))).collect();
+        assert_eq!(
+            recognised,
+            [vec![false; 9 - REPLACED_KEPT], vec![true; REPLACED_KEPT]].concat(),
+            "the newest are kept"
+        );
+        assert!(!p.was_replaced("a", &openid, &session_signature(&keys[9])), "the current key is not replaced");
+    }
+
+    #[tokio::test]
     async fn a_reset_gives_the_session_a_new_key_only_for_the_current_ones_signature() {
         let clock = ManualClock::new(1_000);
         let p = platform(clock.clone()).await;
