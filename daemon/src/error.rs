@@ -66,6 +66,10 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The remote platform (`[platform] url`) is down, slow past the call's deadline, or refused
+    /// the daemon's credentials: nothing was issued.
+    #[error("platform unavailable")]
+    PlatformUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,7 +87,7 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::PlatformUnavailable => Code::Unavailable,
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -126,6 +130,7 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::PlatformUnavailable => 1018,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -154,6 +159,7 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::PlatformUnavailable => "platform_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod deadline;
 pub mod demo;
 pub mod dev_host;
 pub mod dev_superapp;
