@@ -1,0 +1,703 @@
+//! The platform's logic over a [`PlatformStore`]: codes and sessions in the store, openid and
+//! unionid as keyed hashes of the platform's secret (the daemon secret, when embedded).
+//!
+//! Codes are 144 random bits, single use, bound to (app, uid, purpose) and expire after
+//! `code_ttl_secs` (5 minutes). The embedded engine keeps them in memory only: a daemon restart
+//! invalidates outstanding codes (the mini app logs in again), while sessions and secrets are
+//! durable.
+//!
+//! Every code is a disclosure: issuing one writes its ledger rows (what it stands for, to which app
+//! and user) through the [`Disclosures`] hook, and redeeming it stamps them with when and through
+//! which surface, whichever surface redeems it. A code whose rows cannot be written is not issued.
+//!
+//! App backends (the gRPC `Exchange` service and the backend HTTP API alike) authenticate here,
+//! with the app's secret or an access token ([`crate::access_tokens`]), and every attempt is taken
+//! from the app's exchange bucket (`exchanges_per_minute_per_app`).
+//! At most `max_codes_per_user` codes of one (app, uid) are outstanding: issuing one more
+//! drops the oldest, so an app that logs in without ever exchanging cannot grow memory.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac};
+use miniapp_broker_proto::v1::Code2SessionResponse;
+use sha2::Sha256;
+
+use tracing::info;
+
+use crate::{
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
+    TokenRequest, ValueKind,
+    clock::Clock,
+    config::{AppSettings, EmbeddedConfig},
+    disclosures::{CodeDisclosure, Disclosures},
+    store::{CodeRecord, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted},
+    tokens::{hash_secret, random_key, random_token, secrets_equal},
+};
+
+/// The platform: its rules over a store. See the module docs.
+pub struct EmbeddedPlatform {
+    store: Arc<dyn PlatformStore>,
+    ledger: Arc<dyn Disclosures>,
+    clock: Arc<dyn Clock>,
+    secret: [u8; 32],
+    apps: BTreeMap<String, AppSettings>,
+    max_codes_per_user: usize,
+    code_ttl_ms: u64,
+    session_ttl_ms: u64,
+    /// App backends' attempts, per app, over both surfaces.
+    exchange_quota: Quota,
+}
+
+/// What a backend redeemed (for the log and the disclosure ledger; never the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redeemed {
+    Login,
+    Value(ValueKind),
+}
+
+impl Redeemed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Redeemed::Login => "login",
+            Redeemed::Value(ValueKind::PhoneNumber) => "phone_number",
+            Redeemed::Value(ValueKind::Email) => "email",
+        }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedPlatform").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A stable identifier of (`a`, `b`) for `label`, keyed by the daemon secret: openid, unionid.
+fn keyed(secret: &[u8; 32], label: &str, a: &str, b: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    for part in [label, a, b] {
+        mac.update(part.as_bytes());
+        mac.update(&[0]);
+    }
+    URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..21])
+}
+
+/// The openid of (app, uid): see [`keyed`].
+fn openid_of(secret: &[u8; 32], app_id: &str, uid: &str) -> String {
+    format!("o{}", keyed(secret, "openid", app_id, uid))
+}
+
+impl EmbeddedPlatform {
+    /// The platform over `store`, writing its codes' ledger rows through `ledger`. Provisions the
+    /// secrets of `config`'s apps that carry one, and stores the openid of sessions from before
+    /// sessions kept it.
+    pub async fn new(
+        store: Arc<dyn PlatformStore>,
+        ledger: Arc<dyn Disclosures>,
+        clock: Arc<dyn Clock>,
+        config: EmbeddedConfig,
+    ) -> Result<EmbeddedPlatform, PlatformError> {
+        let secret = store.openid_secret(random_key()).await?;
+        // Sessions a daemon from before sessions kept their openid stored: find them by it too.
+        let filled = store.fill_session_openids(&move |app_id, uid| openid_of(&secret, app_id, uid)).await?;
+        if filled > 0 {
+            info!(sessions = filled, "stored the openid of sessions from an earlier version");
+        }
+        for (app_id, app) in &config.apps {
+            if let Some(secret) = &app.secret {
+                store.set_app_secret_hash(app_id, &hash_secret(secret), true).await?;
+            }
+        }
+        Ok(EmbeddedPlatform {
+            store,
+            ledger,
+            clock,
+            secret,
+            apps: config.apps,
+            max_codes_per_user: config.max_codes_per_user.max(1) as usize,
+            code_ttl_ms: config.code_ttl_secs * 1000,
+            session_ttl_ms: config.session_ttl_secs * 1000,
+            exchange_quota: Quota {
+                per_minute: config.exchanges_per_minute_per_app,
+                burst: config.exchange_burst_per_app,
+            },
+        })
+    }
+
+    fn keyed(&self, label: &str, a: &str, b: &str) -> String {
+        keyed(&self.secret, label, a, b)
+    }
+
+    /// Issues a code for `purpose`; a login code's `session` is written with the code, after its
+    /// ledger rows (a code is never out without them; rows of a code the store refused go again).
+    async fn issue(
+        &self,
+        app_id: &str,
+        uid: &str,
+        purpose: Purpose,
+        session: Option<&SessionRow>,
+    ) -> Result<String, PlatformError> {
+        let now = self.clock.now_ms();
+        let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
+            Purpose::Login { .. } if self.union_group(app_id).is_some() => {
+                ("login", &[Disclosed::Openid, Disclosed::Unionid])
+            }
+            Purpose::Login { .. } => ("login", &[Disclosed::Openid]),
+            Purpose::Value { kind: ValueKind::PhoneNumber, .. } => ("getPhoneNumber", &[Disclosed::PhoneNumber]),
+            Purpose::Value { kind: ValueKind::Email, .. } => ("getEmail", &[Disclosed::Email]),
+        };
+        let rows: Vec<CodeDisclosure<'_>> =
+            disclosed.iter().map(|d| CodeDisclosure { app_id, uid, what: d.as_str(), api, at_ms: now }).collect();
+        let ledger = self.ledger.issued(&rows).map_err(PlatformError::Ledger)?;
+        let code = random_token(18);
+        let record = CodeRecord {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            openid: self.openid(app_id, uid),
+            purpose,
+            expires_at_ms: now + self.code_ttl_ms,
+            ledger: ledger.clone(),
+        };
+        if let Err(e) = self.store.issue_code(&code, record, session, self.max_codes_per_user).await {
+            self.ledger.withdrawn(&ledger);
+            return Err(e.into());
+        }
+        Ok(code)
+    }
+
+    /// A fresh session of (app, uid), not yet stored.
+    fn new_session(&self, app_id: &str, uid: &str) -> SessionRow {
+        let now = self.clock.now_ms();
+        SessionRow {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            openid: self.openid(app_id, uid),
+            session_key: random_token(16),
+            created_at_ms: now,
+            expires_at_ms: now + self.session_ttl_ms,
+        }
+    }
+
+    fn union_group(&self, app_id: &str) -> Option<&str> {
+        self.apps.get(app_id).and_then(|a| a.union_group.as_deref())
+    }
+
+    /// Outstanding codes (status, tests).
+    pub async fn outstanding_codes(&self) -> Result<usize, PlatformError> {
+        Ok(self.store.outstanding_codes().await?)
+    }
+
+    /// Who the credential proves the caller to be; counts the attempt against the app's bucket
+    /// once the app is known to exist (so unknown app ids make no buckets).
+    async fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
+        match credential {
+            Credential::Secret { app_id, secret } => {
+                if app_id.is_empty() {
+                    return Err(ExchangeFailure::Malformed(41002, "app id is required"));
+                }
+                if secret.is_empty() {
+                    return Err(ExchangeFailure::Malformed(41004, "secret is required"));
+                }
+                let stored =
+                    self.store.app_secret_hash(app_id).await.map_err(system)?.ok_or(ExchangeFailure::InvalidAppId)?;
+                self.take_attempt(app_id).await?;
+                if secrets_equal(&stored, &hash_secret(secret)) {
+                    Ok(AuthorizedApp::new(app_id))
+                } else {
+                    Err(ExchangeFailure::InvalidSecret)
+                }
+            }
+            Credential::AccessToken(token) => {
+                if token.is_empty() {
+                    return Err(ExchangeFailure::InvalidCredential);
+                }
+                let found = self.store.verify_token(token, self.clock.now_ms()).await.map_err(system)?;
+                let app_id = match found {
+                    TokenCheck::Valid(app_id) => app_id,
+                    TokenCheck::Expired => return Err(ExchangeFailure::TokenExpired),
+                    TokenCheck::Unknown => return Err(ExchangeFailure::InvalidCredential),
+                };
+                self.take_attempt(&app_id).await?;
+                Ok(AuthorizedApp::new(&app_id))
+            }
+        }
+    }
+
+    async fn take_attempt(&self, app_id: &str) -> Result<(), ExchangeFailure> {
+        let now = self.clock.now_ms();
+        match self.store.take_attempt(app_id, self.exchange_quota, now).await.map_err(system)? {
+            true => Ok(()),
+            false => Err(ExchangeFailure::RateLimited),
+        }
+    }
+
+    /// The one point every redemption passes, whichever surface it came through: the disclosure
+    /// ledger records `what` went to `app` through `surface` here (never the value).
+    fn redeemed(&self, surface: Surface, app: &AuthorizedApp, _uid: &str, what: Redeemed) {
+        info!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
+    }
+
+    /// Logs a refusal with the app id only when the platform validated it.
+    fn refused(&self, surface: Surface, app: Option<&AuthorizedApp>, exchange: &'static str, e: &ExchangeFailure) {
+        match app {
+            Some(app) => info!(
+                app_id = app.app_id(),
+                surface = surface.as_str(),
+                exchange,
+                errcode = e.errcode(),
+                "exchange refused"
+            ),
+            None => info!(surface = surface.as_str(), exchange, errcode = e.errcode(), "exchange refused"),
+        }
+    }
+
+    /// Takes a code out if it belongs to `app_id` and `wanted` takes it; a code that does not
+    /// match stays where it is (a wrong guess changes nothing). A redeemed code's ledger rows are
+    /// stamped with `surface` before its value may leave.
+    async fn redeem(
+        &self,
+        app_id: &str,
+        code: &str,
+        surface: Surface,
+        wanted: Wanted<'_>,
+    ) -> Result<CodeRecord, ExchangeFailure> {
+        if code.is_empty() {
+            return Err(ExchangeFailure::Malformed(41008, "code is required"));
+        }
+        let now = self.clock.now_ms();
+        let found = self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)?;
+        match found {
+            Redemption::Redeemed(record) => {
+                // The value leaves only once its disclosure is on record.
+                self.ledger.redeemed(&record.ledger, surface, now).map_err(ExchangeFailure::System)?;
+                Ok(record)
+            }
+            Redemption::Used => Err(ExchangeFailure::CodeUsed),
+            Redemption::Expired => Err(ExchangeFailure::CodeExpired),
+            Redemption::Invalid => Err(ExchangeFailure::InvalidCode),
+        }
+    }
+}
+
+impl EmbeddedPlatform {
+    async fn check_signature_now(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure> {
+        if openid.is_empty() {
+            return Err(ExchangeFailure::Malformed(41009, "openid is required"));
+        }
+        if signature.is_empty() {
+            return Err(ExchangeFailure::Malformed(87009, "signature is required"));
+        }
+        let now = self.clock.now_ms();
+        // The session by its (app, openid) key: the store keeps each session's openid.
+        let session = self
+            .store
+            .session_by_openid(app.app_id(), openid)
+            .await
+            .map_err(system)?
+            .filter(|s| s.expires_at_ms > now)
+            .ok_or(ExchangeFailure::InvalidSignature)?;
+        let expected = session_signature(&session.session_key);
+        if secrets_equal(expected.as_bytes(), signature.to_ascii_lowercase().as_bytes()) {
+            Ok(())
+        } else {
+            Err(ExchangeFailure::InvalidSignature)
+        }
+    }
+}
+
+/// A store failure as a backend hears it: -1, system error.
+fn system(e: crate::StoreError) -> ExchangeFailure {
+    match e {
+        crate::StoreError::Unavailable(_) => ExchangeFailure::Busy,
+        e => ExchangeFailure::System(e.to_string()),
+    }
+}
+
+/// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).
+pub fn session_signature(session_key: &str) -> String {
+    let mac = HmacSha256::new_from_slice(session_key.as_bytes()).expect("HMAC takes any key length");
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[async_trait::async_trait]
+impl Platform for EmbeddedPlatform {
+    async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
+        // The session and the code are one write: both or neither.
+        let session = self.new_session(app_id, uid);
+        let session_key = session.session_key.clone();
+        self.issue(app_id, uid, Purpose::Login { session_key, auth_code }, Some(&session)).await
+    }
+
+    async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
+        let session = self.new_session(app_id, uid);
+        self.store.start_session(&session).await?;
+        Ok(session.session_key)
+    }
+
+    async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), PlatformError> {
+        match self.store.session(app_id, uid).await? {
+            Some(s) if s.expires_at_ms > self.clock.now_ms() => Ok(()),
+            _ => Err(PlatformError::SessionExpired),
+        }
+    }
+
+    async fn value_code(
+        &self,
+        app_id: &str,
+        uid: &str,
+        kind: ValueKind,
+        value: String,
+    ) -> Result<String, PlatformError> {
+        self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
+    }
+
+    async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
+        match self.store.invalidate_codes(app_id, uid, kind).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(app_id, error = %e, "could not invalidate codes");
+                0
+            }
+        }
+    }
+
+    async fn user_changed(&self, old_uid: &str) -> Result<(), PlatformError> {
+        self.store.user_changed(old_uid).await?;
+        Ok(())
+    }
+
+    async fn authenticate(
+        &self,
+        surface: Surface,
+        credential: Credential<'_>,
+    ) -> Result<AuthorizedApp, ExchangeFailure> {
+        let outcome = self.authenticate_now(credential).await;
+        if let Err(e) = &outcome {
+            // The app id is named only when it is a registered app (a wrong secret, a limit).
+            let known = match (credential, e) {
+                (Credential::Secret { app_id, .. }, ExchangeFailure::InvalidSecret | ExchangeFailure::RateLimited) => {
+                    Some(AuthorizedApp::new(app_id))
+                }
+                _ => None,
+            };
+            self.refused(surface, known.as_ref(), "authenticate", e);
+        }
+        outcome
+    }
+
+    async fn code2session(
+        &self,
+        surface: Surface,
+        app: &AuthorizedApp,
+        code: &str,
+    ) -> Result<Code2SessionResponse, ExchangeFailure> {
+        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Login).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.refused(surface, Some(app), "code2Session", &e);
+                return Err(e);
+            }
+        };
+        let Purpose::Login { session_key, auth_code } = entry.purpose else {
+            return Err(ExchangeFailure::InvalidCode);
+        };
+        self.redeemed(surface, app, &entry.uid, Redeemed::Login);
+        let unionid = self
+            .apps
+            .get(app.app_id())
+            .and_then(|a| a.union_group.as_deref())
+            .map(|group| self.keyed("unionid", group, &entry.uid))
+            .unwrap_or_default();
+        Ok(Code2SessionResponse {
+            openid: self.openid(app.app_id(), &entry.uid),
+            session_key,
+            unionid,
+            auth_code: auth_code.unwrap_or_default(),
+        })
+    }
+
+    async fn redeem_value(
+        &self,
+        surface: Surface,
+        app: &AuthorizedApp,
+        code: &str,
+        kind: ValueKind,
+        openid: Option<&str>,
+    ) -> Result<String, ExchangeFailure> {
+        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Value { kind, openid }).await {
+            Ok(entry) => entry,
+            Err(e) => {
+                let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
+                self.refused(surface, Some(app), exchange, &e);
+                return Err(e);
+            }
+        };
+        match entry.purpose {
+            Purpose::Value { value, .. } => {
+                self.redeemed(surface, app, &entry.uid, Redeemed::Value(kind));
+                Ok(value)
+            }
+            Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
+        }
+    }
+
+    async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure> {
+        let token = self.store.issue_token(app.app_id(), request, self.clock.now_ms()).await.map_err(system)?;
+        info!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
+        Ok(token)
+    }
+
+    async fn check_session_signature(
+        &self,
+        app: &AuthorizedApp,
+        openid: &str,
+        signature: &str,
+    ) -> Result<(), ExchangeFailure> {
+        let outcome = self.check_signature_now(app, openid, signature).await;
+        if let Err(e) = &outcome {
+            self.refused(Surface::BackendHttp, Some(app), "checkSession", e);
+        }
+        outcome
+    }
+
+    fn openid(&self, app_id: &str, uid: &str) -> String {
+        openid_of(&self.secret, app_id, uid)
+    }
+
+    async fn register_app(&self, app_id: &str, rotate: bool) -> Result<Option<String>, PlatformError> {
+        let secret = random_token(24);
+        let written = self.store.set_app_secret_hash(app_id, &hash_secret(&secret), rotate).await?;
+        if written {
+            // The old secret's access tokens stop working with it.
+            self.store.revoke_tokens(app_id).await?;
+        }
+        Ok(written.then_some(secret))
+    }
+
+    async fn list_sessions(
+        &self,
+        app_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<SessionInfo>, PlatformError> {
+        let rows = self.store.list_sessions(app_id, after, limit).await?;
+        Ok(rows
+            .into_iter()
+            .map(|s| SessionInfo {
+                // Stored with the session (the openid of (app, uid)): no HMAC per row.
+                openid: s.openid,
+                app_id: s.app_id,
+                uid: s.uid,
+                created_at_ms: s.created_at_ms,
+                expires_at_ms: s.expires_at_ms,
+            })
+            .collect())
+    }
+
+    /// Drops expired codes, tombstones, access tokens and full rate buckets.
+    async fn sweep(&self) {
+        let now = self.clock.now_ms();
+        if let Err(e) = self.store.sweep(now).await {
+            tracing::warn!(error = %e, "could not sweep expired codes");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{clock::ManualClock, store::sqlite::SqliteStore};
+
+    /// A ledger in memory: (what, redeemed through) per row id.
+    #[derive(Debug, Default)]
+    pub(crate) struct TestLedger(Mutex<Vec<(String, Option<&'static str>)>>);
+
+    impl Disclosures for TestLedger {
+        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+            let mut all = self.0.lock().unwrap();
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    all.push((r.what.to_owned(), None));
+                    all.len() as u64 - 1
+                })
+                .collect())
+        }
+
+        fn withdrawn(&self, _: &[u64]) {}
+
+        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), String> {
+            let mut all = self.0.lock().unwrap();
+            ids.iter().for_each(|&id| all[id as usize].1 = Some(surface.as_str()));
+            Ok(())
+        }
+    }
+
+    fn config() -> EmbeddedConfig {
+        EmbeddedConfig { session_ttl_secs: 3600, ..EmbeddedConfig::default() }
+    }
+
+    async fn platform_with(clock: Arc<ManualClock>, ledger: Arc<TestLedger>) -> EmbeddedPlatform {
+        let store = Arc::new(SqliteStore::open(None, false).unwrap());
+        EmbeddedPlatform::new(store, ledger, clock, config()).await.unwrap()
+    }
+
+    async fn platform(clock: Arc<ManualClock>) -> EmbeddedPlatform {
+        platform_with(clock, Arc::default()).await
+    }
+
+    async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
+        p.authenticate(Surface::Exchange, Credential::Secret { app_id, secret }).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn checksession_finds_the_session_of_the_openid_among_many() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone()).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let mut keys = Vec::new();
+        for i in 0..300 {
+            let uid = format!("u{i}");
+            keys.push((p.openid("a", &uid), p.start_session("a", &uid).await.unwrap()));
+            p.start_session("b", &uid).await.unwrap();
+        }
+        for (openid, key) in keys.iter().step_by(37) {
+            assert_eq!(p.check_signature_now(&a, openid, &session_signature(key)).await, Ok(()));
+        }
+        let (openid, key) = &keys[5];
+        let other_key = &keys[6].1;
+        let fail = async |openid: &str, key: &str| p.check_signature_now(&a, openid, &session_signature(key)).await;
+        let bad = Err(ExchangeFailure::InvalidSignature);
+        assert_eq!(fail(openid, other_key).await, bad, "another user's session");
+        assert_eq!(fail(&p.openid("b", "u5"), key).await, bad, "another app's openid");
+        assert_eq!(fail(&p.openid("a", "nobody"), key).await, bad, "no session");
+        clock.advance_ms(3_600_000);
+        assert_eq!(fail(openid, key).await, bad, "expired");
+    }
+
+    #[tokio::test]
+    async fn a_session_stored_before_sessions_kept_their_openid_is_found_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            // The sessions table as an earlier version created it, with one live session.
+            let old = rusqlite::Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE sessions (
+                    app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
+                    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+                    PRIMARY KEY (app_id, uid));
+                 INSERT INTO sessions VALUES ('a', 'u', 'key-from-before', 1000, 9000000);",
+            )
+            .unwrap();
+        }
+        let store = Arc::new(SqliteStore::open(Some(&path), false).unwrap());
+        let clock = ManualClock::new(2_000);
+        let p = EmbeddedPlatform::new(store, Arc::new(TestLedger::default()), clock, config()).await.unwrap();
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let signature = session_signature("key-from-before");
+        assert_eq!(p.check_signature_now(&a, &p.openid("a", "u"), &signature).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_app_guess_leaves_the_code_usable() {
+        let p = platform(ManualClock::new(1_000)).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let other = p.register_app("b", false).await.unwrap().unwrap();
+        let (a, b) = (app(&p, "a", &secret).await, app(&p, "b", &other).await);
+        let code = p.login_code("a", "u", None).await.unwrap();
+        assert_eq!(p.code2session(Surface::Exchange, &b, &code).await, Err(ExchangeFailure::InvalidCode));
+        assert!(p.code2session(Surface::BackendHttp, &a, &code).await.is_ok());
+        assert_eq!(p.code2session(Surface::Exchange, &a, &code).await, Err(ExchangeFailure::CodeUsed));
+    }
+
+    #[tokio::test]
+    async fn codes_expire_after_their_ttl() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone()).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let code = p.value_code("a", "u", ValueKind::Email, "e@x".into()).await.unwrap();
+        clock.advance_ms(300_000);
+        assert_eq!(
+            p.redeem_value(Surface::Exchange, &a, &code, ValueKind::Email, None).await,
+            Err(ExchangeFailure::CodeExpired)
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidation_takes_only_the_codes_of_that_app_user_and_kind() {
+        let ledger = Arc::new(TestLedger::default());
+        let p = platform_with(ManualClock::new(1_000), ledger.clone()).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let phone = p.value_code("a", "u", ValueKind::PhoneNumber, "1".into()).await.unwrap();
+        let email = p.value_code("a", "u", ValueKind::Email, "e".into()).await.unwrap();
+        let other_user = p.value_code("a", "v", ValueKind::PhoneNumber, "2".into()).await.unwrap();
+        let login = p.login_code("a", "u", None).await.unwrap();
+        assert_eq!(p.invalidate_codes("a", "u", Some(ValueKind::PhoneNumber)).await, 1);
+        let (x, h) = (Surface::Exchange, Surface::BackendHttp);
+        let phone_kind = ValueKind::PhoneNumber;
+        assert_eq!(p.redeem_value(x, &a, &phone, phone_kind, None).await, Err(ExchangeFailure::InvalidCode));
+        assert_eq!(p.redeem_value(h, &a, &email, ValueKind::Email, None).await.as_deref(), Ok("e"));
+        assert_eq!(p.redeem_value(x, &a, &other_user, phone_kind, None).await.as_deref(), Ok("2"));
+        assert!(p.code2session(x, &a, &login).await.is_ok());
+        // Issued and redeemed codes are on record with the redeeming surface, the invalidated one
+        // unredeemed.
+        let rows = ledger.0.lock().unwrap().clone();
+        let redeemed: Vec<_> = rows.iter().map(|(what, via)| (what.as_str(), *via)).collect();
+        let expected = [
+            ("phone_number", None),
+            ("email", Some("backend_http")),
+            ("phone_number", Some("exchange")),
+            ("openid", Some("exchange")),
+        ];
+        assert_eq!(redeemed, expected);
+    }
+
+    #[tokio::test]
+    async fn a_value_code_presented_for_another_user_stays_usable() {
+        let p = platform(ManualClock::new(1_000)).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let a = app(&p, "a", &secret).await;
+        let code = p.value_code("a", "u", ValueKind::PhoneNumber, "+86 1".into()).await.unwrap();
+        let wrong = p.openid("a", "someone-else");
+        let kind = ValueKind::PhoneNumber;
+        assert_eq!(
+            p.redeem_value(Surface::BackendHttp, &a, &code, kind, Some(&wrong)).await,
+            Err(ExchangeFailure::InvalidCode)
+        );
+        let right = p.openid("a", "u");
+        assert_eq!(p.redeem_value(Surface::BackendHttp, &a, &code, kind, Some(&right)).await.unwrap(), "+86 1");
+    }
+
+    #[tokio::test]
+    async fn rotating_a_secret_revokes_its_access_tokens() {
+        let p = platform(ManualClock::new(1_000)).await;
+        let secret = p.register_app("a", false).await.unwrap().unwrap();
+        let token = p.access_token(&app(&p, "a", &secret).await, TokenRequest::Fresh).await.unwrap().token;
+        assert!(p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await.is_ok());
+        p.register_app("a", true).await.unwrap().unwrap();
+        assert_eq!(
+            p.authenticate(Surface::BackendHttp, Credential::AccessToken(&token)).await,
+            Err(ExchangeFailure::InvalidCredential)
+        );
+    }
+
+    #[test]
+    fn the_session_signature_is_the_hex_hmac_of_the_empty_message() {
+        // HMAC-SHA256 with key "key" over "" (a published test value).
+        assert_eq!(session_signature("key"), "5d5d139563c95b5967b9bd9a8c9b233a9dedb45072794cd232dc1b74832607d0");
+    }
+}

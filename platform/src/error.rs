@@ -1,0 +1,36 @@
+//! The platform's own errors: what a renderer-side operation can fail with ([`PlatformError`],
+//! mapped once to the embedder's answer, the daemon's `ApiError`) and what a store engine can fail
+//! with ([`StoreError`]). Backend-side failures carry WeChat's errcode: [`crate::ExchangeFailure`].
+
+/// Why a renderer-side platform operation (login, checkSession, a value code, a session listing,
+/// registering an app) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// wx.checkSession: the (app, uid) session is gone or expired.
+    #[error("session expired")]
+    SessionExpired,
+    /// The platform's store could not read or write.
+    #[error("platform store: {0}")]
+    Store(#[from] StoreError),
+    /// The disclosure ledger could not record a code, so the code is not issued.
+    #[error("disclosure ledger: {0}")]
+    Ledger(String),
+    /// A remote platform is down, slow past the call's deadline, or refused the caller.
+    #[error("platform unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Errors from a platform store engine.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("data dir: {0}")]
+    Io(#[from] std::io::Error),
+    /// Another engine's failure, in its own words.
+    #[error("database: {0}")]
+    Other(String),
+    /// A shared engine's database is unreachable, or did not answer within the call's deadline.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}

@@ -1,0 +1,451 @@
+//! The embedded engine: sessions, app secrets and the openid secret in SQLite (bundled, WAL mode);
+//! codes, access tokens and attempt buckets in memory.
+//!
+//! Codes and access tokens live in memory only: a restart invalidates outstanding codes (the mini
+//! app logs in again) and tokens (the backend fetches a new one), while sessions and secrets are
+//! durable. One process owns them, so a map's entry lock decides
+//! each redemption. The tables (`meta`, `sessions`, `app_secrets`) may share a database file with
+//! other tables of the embedder (the daemon keeps its grants, payments and ledger in the same
+//! `broker.db`): each side creates and migrates only its own.
+
+use std::{
+    collections::VecDeque,
+    path::Path,
+    sync::{Mutex, MutexGuard},
+};
+
+use dashmap::DashMap;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{CodeRecord, OpenidOf, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted};
+use crate::{
+    AccessToken, ExchangeFailure, StoreError, TokenRequest, ValueKind, access_tokens::AccessTokens, rate::Buckets,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    app_id TEXT NOT NULL, uid TEXT NOT NULL, session_key TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, openid TEXT,
+    PRIMARY KEY (app_id, uid));
+CREATE INDEX IF NOT EXISTS sessions_uid ON sessions (uid);
+CREATE TABLE IF NOT EXISTS app_secrets (app_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL);
+";
+
+/// Brings a database an earlier version created up to [`SCHEMA`]: sessions gained their openid
+/// (NULL in the rows of before, which the platform fills in when it starts: see
+/// [`PlatformStore::fill_session_openids`]) and an index on it.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_openid: bool =
+        conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'openid'")?.exists([])?;
+    if !has_openid {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN openid TEXT")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS sessions_openid ON sessions (app_id, openid)")?;
+    Ok(())
+}
+
+/// `SELECT`s the columns [`session_row`] reads, in its order, followed by `$rest`.
+macro_rules! select_sessions {
+    ($rest:literal) => {
+        concat!("SELECT app_id, uid, session_key, created_at_ms, expires_at_ms, openid FROM sessions ", $rest)
+    };
+}
+
+/// A new session of (app, uid) replaces the old one. The openid of (app, uid) never changes (it is
+/// keyed by the platform's secret, which lives in this database), so a replacement leaves it, and
+/// its index, untouched: an index entry rewritten on every login cost a third of the upsert.
+const UPSERT_SESSION: &str = "INSERT INTO sessions (app_id, uid, session_key, created_at_ms, expires_at_ms, openid)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (app_id, uid) DO UPDATE SET session_key = ?3, created_at_ms = ?4, expires_at_ms = ?5";
+
+/// Creates the database file private (mode 0600) if it does not exist: it holds the openid secret
+/// and session keys, and SQLite gives its -wal and -shm files the database file's mode, even in a
+/// data dir others can read.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Runs `f` in one transaction on `conn`. rusqlite's `Transaction` parses "BEGIN" and "COMMIT"
+/// anew each time; these statements are prepared once.
+fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    match f(conn).and_then(|t| Ok(conn.prepare_cached("COMMIT")?.execute([]).map(|_| t)?)) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            // After a failed COMMIT SQLite may have rolled back already; ROLLBACK then fails, harmlessly.
+            if !conn.is_autocommit() {
+                let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn upsert_session(conn: &Connection, row: &SessionRow) -> Result<(), StoreError> {
+    conn.prepare_cached(UPSERT_SESSION)?.execute(params![
+        row.app_id,
+        row.uid,
+        row.session_key,
+        row.created_at_ms as i64,
+        row.expires_at_ms as i64,
+        row.openid
+    ])?;
+    Ok(())
+}
+
+/// The embedded engine. See the module docs.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    location: String,
+    codes: DashMap<String, CodeRecord>,
+    /// Redeemed codes until they would have expired, so a replay gets "code been used".
+    spent: DashMap<String, u64>,
+    /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
+    issued: DashMap<(String, String), VecDeque<String>>,
+    tokens: AccessTokens,
+    buckets: Buckets,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &self.location)
+            .field("codes", &self.codes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
+    /// `synchronous_full`: every commit waits for the disk (else only a WAL checkpoint does).
+    pub fn open(path: Option<&Path>, synchronous_full: bool) -> Result<SqliteStore, StoreError> {
+        if let Some(p) = path {
+            create_private(p)?;
+        }
+        let (conn, location) = match path {
+            Some(p) => (Connection::open(p)?, p.display().to_string()),
+            None => (Connection::open_in_memory()?, ":memory:".to_owned()),
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            location,
+            codes: DashMap::new(),
+            spent: DashMap::new(),
+            issued: DashMap::new(),
+            tokens: AccessTokens::default(),
+            buckets: Buckets::default(),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent; keep serving.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session `sql` selects by the app (?1) and one other key (?2), if any.
+    fn one_session(&self, sql: &'static str, app_id: &str, key: &str) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self.conn().prepare_cached(sql)?.query_row(params![app_id, key], session_row).optional()?)
+    }
+
+    /// Runs `sql` on the connection (tests that break the database on purpose).
+    #[cfg(test)]
+    pub(crate) fn execute_batch(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn().execute_batch(sql)
+    }
+}
+
+#[async_trait::async_trait]
+impl PlatformStore for SqliteStore {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    async fn openid_secret(&self, fresh: [u8; 32]) -> Result<[u8; 32], StoreError> {
+        let conn = self.conn();
+        // The key's name is from when the daemon alone held it.
+        let existing: Option<Vec<u8>> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'daemon_secret'", [], |r| r.get(0)).optional()?;
+        if let Some(bytes) = existing.filter(|b| b.len() == 32) {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(&bytes);
+            return Ok(out);
+        }
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('daemon_secret', ?1)", params![&fresh[..]])?;
+        Ok(fresh)
+    }
+
+    async fn fill_session_openids(&self, openid: &OpenidOf) -> Result<usize, StoreError> {
+        in_transaction(&self.conn(), |conn| {
+            let missing: Vec<(String, String)> = conn
+                .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (app_id, uid) in &missing {
+                conn.execute(
+                    "UPDATE sessions SET openid = ?3 WHERE app_id = ?1 AND uid = ?2",
+                    params![app_id, uid, openid(app_id, uid)],
+                )?;
+            }
+            Ok(missing.len())
+        })
+    }
+
+    async fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT secret_hash FROM app_secrets WHERE app_id = ?1")?
+            .query_row(params![app_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    async fn set_app_secret_hash(&self, app_id: &str, hash: &[u8], replace: bool) -> Result<bool, StoreError> {
+        let sql = if replace {
+            "INSERT OR REPLACE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
+        } else {
+            "INSERT OR IGNORE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
+        };
+        Ok(self.conn().execute(sql, params![app_id, hash])? == 1)
+    }
+
+    async fn start_session(&self, session: &SessionRow) -> Result<(), StoreError> {
+        upsert_session(&self.conn(), session)
+    }
+
+    async fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
+        self.one_session(select_sessions!("WHERE app_id = ?1 AND uid = ?2"), app_id, uid)
+    }
+
+    async fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<SessionRow>, StoreError> {
+        self.one_session(select_sessions!("WHERE app_id = ?1 AND openid = ?2"), app_id, openid)
+    }
+
+    async fn list_sessions(
+        &self,
+        app_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<SessionRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(select_sessions!(
+            "WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR (app_id, uid) > (?2, ?3))
+             ORDER BY app_id, uid LIMIT ?4"
+        ))?;
+        let (after_app, after_uid) = after.unzip();
+        let rows = stmt
+            .query_map(params![app_id, after_app, after_uid, i64::from(limit)], session_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    async fn user_changed(&self, uid: &str) -> Result<usize, StoreError> {
+        let ended = self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?;
+        self.codes.retain(|_, e| e.uid != uid);
+        self.issued.retain(|(_, u), _| u != uid);
+        Ok(ended)
+    }
+
+    async fn issue_code(
+        &self,
+        code: &str,
+        record: CodeRecord,
+        session: Option<&SessionRow>,
+        max_per_user: usize,
+    ) -> Result<(), StoreError> {
+        if let Some(session) = session {
+            upsert_session(&self.conn(), session)?;
+        }
+        // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
+        // At the cap the oldest entry goes: a code already gone (redeemed, expired, invalidated)
+        // for free, else the oldest outstanding one. Each code leaves the queue once, so an issue
+        // costs O(1) even at the cap (a scan of the queue here cost every login at the cap ~100
+        // map lookups); gone codes further back count until they reach the front or the sweep.
+        let mut issued = self.issued.entry((record.app_id.clone(), record.uid.clone())).or_default();
+        while issued.len() >= max_per_user.max(1) {
+            if let Some(oldest) = issued.pop_front() {
+                self.codes.remove(&oldest);
+            }
+        }
+        self.codes.insert(code.to_owned(), record);
+        issued.push_back(code.to_owned());
+        Ok(())
+    }
+
+    async fn redeem_code(
+        &self,
+        app_id: &str,
+        code: &str,
+        wanted: Wanted<'_>,
+        now_ms: u64,
+    ) -> Result<Redemption, StoreError> {
+        let taken = self.codes.remove_if(code, |_, e| wanted.takes(app_id, e) && e.expires_at_ms > now_ms);
+        if let Some((code, record)) = taken {
+            self.spent.insert(code, record.expires_at_ms);
+            return Ok(Redemption::Redeemed(record));
+        }
+        if self.spent.contains_key(code) {
+            return Ok(Redemption::Used);
+        }
+        Ok(match self.codes.get(code) {
+            Some(e) if wanted.takes(app_id, &e) && e.expires_at_ms <= now_ms => Redemption::Expired,
+            _ => Redemption::Invalid,
+        })
+    }
+
+    async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> Result<usize, StoreError> {
+        let before = self.codes.len();
+        self.codes.retain(|_, e| {
+            let of_kind = matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
+            !(of_kind && e.app_id == app_id && e.uid == uid)
+        });
+        Ok(before.saturating_sub(self.codes.len()))
+    }
+
+    async fn sweep(&self, now_ms: u64) -> Result<(), StoreError> {
+        self.codes.retain(|_, e| e.expires_at_ms > now_ms);
+        self.spent.retain(|_, expires| *expires > now_ms);
+        self.issued.retain(|_, issued| {
+            issued.retain(|c| self.codes.contains_key(c));
+            !issued.is_empty()
+        });
+        self.tokens.sweep(now_ms);
+        self.buckets.sweep(now_ms);
+        Ok(())
+    }
+
+    async fn outstanding_codes(&self) -> Result<usize, StoreError> {
+        Ok(self.codes.len())
+    }
+
+    async fn issue_token(&self, app_id: &str, request: TokenRequest, now_ms: u64) -> Result<AccessToken, StoreError> {
+        Ok(self.tokens.issue(app_id, request, now_ms))
+    }
+
+    async fn verify_token(&self, token: &str, now_ms: u64) -> Result<TokenCheck, StoreError> {
+        Ok(match self.tokens.verify(token, now_ms) {
+            Ok(app_id) => TokenCheck::Valid(app_id.to_string()),
+            Err(ExchangeFailure::TokenExpired) => TokenCheck::Expired,
+            Err(_) => TokenCheck::Unknown,
+        })
+    }
+
+    async fn revoke_tokens(&self, app_id: &str) -> Result<(), StoreError> {
+        self.tokens.revoke_app(app_id);
+        Ok(())
+    }
+
+    async fn take_attempt(&self, key: &str, quota: Quota, now_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.buckets.take(key, quota, now_ms))
+    }
+}
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        app_id: r.get(0)?,
+        uid: r.get(1)?,
+        session_key: r.get(2)?,
+        created_at_ms: r.get::<_, i64>(3)? as u64,
+        expires_at_ms: r.get::<_, i64>(4)? as u64,
+        // NULL only until the platform fills it in at start.
+        openid: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(uid: &str) -> SessionRow {
+        SessionRow {
+            app_id: "a".into(),
+            uid: uid.into(),
+            openid: format!("oa-{uid}"),
+            session_key: "k".into(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let secret = {
+            let store = SqliteStore::open(Some(&path), false).unwrap();
+            let s = store.openid_secret([7; 32]).await.unwrap();
+            store.start_session(&session("u")).await.unwrap();
+            assert!(store.set_app_secret_hash("a", &[1; 32], false).await.unwrap());
+            s
+        };
+        let store = SqliteStore::open(Some(&path), false).unwrap();
+        assert_eq!(store.openid_secret([9; 32]).await.unwrap(), secret);
+        assert_eq!(store.session("a", "u").await.unwrap(), Some(session("u")));
+        assert_eq!(store.session_by_openid("a", "oa-u").await.unwrap(), Some(session("u")));
+        assert_eq!(store.app_secret_hash("a").await.unwrap(), Some(vec![1; 32]));
+        assert!(!store.set_app_secret_hash("a", &[2; 32], false).await.unwrap(), "kept without replace");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_files_are_private_even_in_an_open_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("broker.db");
+        let store = SqliteStore::open(Some(&path), false).unwrap();
+        store.openid_secret([7; 32]).await.unwrap();
+        for file in ["broker.db", "broker.db-wal", "broker.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
+    }
+
+    #[test]
+    fn a_session_is_found_by_its_openid_through_an_index() {
+        let store = SqliteStore::open(None, false).unwrap();
+        let plan: String = store
+            .conn()
+            .query_row(
+                concat!("EXPLAIN QUERY PLAN ", select_sessions!("WHERE app_id = ?1 AND openid = ?2")),
+                params!["a", "o"],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("USING INDEX sessions_openid"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn a_login_code_whose_session_cannot_be_written_is_not_stored() {
+        let store = SqliteStore::open(None, false).unwrap();
+        let record = |uid: &str| CodeRecord {
+            app_id: "a".into(),
+            uid: uid.into(),
+            openid: format!("oa-{uid}"),
+            purpose: Purpose::Login { session_key: "k".into(), auth_code: None },
+            expires_at_ms: 100,
+            ledger: vec![],
+        };
+        store.issue_code("c1", record("u"), Some(&session("u")), 10).await.unwrap();
+        assert_eq!(store.session("a", "u").await.unwrap(), Some(session("u")));
+        store.execute_batch("ALTER TABLE sessions RENAME TO gone").unwrap();
+        assert!(store.issue_code("c2", record("v"), Some(&session("v")), 10).await.is_err());
+        assert_eq!(store.outstanding_codes().await.unwrap(), 1, "only the code whose session was written");
+        store.execute_batch("ALTER TABLE gone RENAME TO sessions").unwrap();
+        let taken = store.redeem_code("a", "c1", Wanted::Login, 50).await.unwrap();
+        assert_eq!(taken, Redemption::Redeemed(record("u")));
+        assert_eq!(store.redeem_code("a", "c1", Wanted::Login, 50).await.unwrap(), Redemption::Used);
+        assert_eq!(store.redeem_code("a", "c2", Wanted::Login, 50).await.unwrap(), Redemption::Invalid);
+    }
+}
