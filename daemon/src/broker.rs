@@ -23,7 +23,7 @@ use crate::{
     consent::Consent,
     error::ApiError,
     host_link::{AnswerCheck, Deferred, Expect, HostAnswer, HostLink, RendererGone, ReplyPermit, ReplyTo},
-    limits::{Occupancy, RateLimits},
+    limits::{Occupancy, RateLimits, UserRates},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
     store::Store,
@@ -50,6 +50,8 @@ pub struct Broker {
     pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
+    /// Calls per (app, user), for the APIs that write to the store.
+    pub user_rates: UserRates,
     /// Streams and connections held per app and instance.
     pub occupancy: Occupancy,
     pub payments: api::payments::InFlight,

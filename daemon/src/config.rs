@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::version::ApiVersion;
 
+/// The least `store.max_bytes` takes: the schema and a few pages of rows.
+pub const MIN_STORE_BYTES: u64 = 256 * 1024;
+
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +30,7 @@ pub struct Config {
     pub log: LogConfig,
     pub consent: ConsentConfig,
     pub privacy: PrivacyConfig,
+    pub payments: PaymentsConfig,
     pub backend_http: BackendHttpConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
@@ -47,6 +51,24 @@ pub struct ConsentConfig {
 pub struct PrivacyConfig {
     /// Ledger rows older than this many days are deleted by the daemon's sweep.
     pub ledger_days: u32,
+    /// A disclosure identical to one recorded less than this many seconds earlier (same app,
+    /// user, what, surface and API) adds to that row's count instead of adding a row (0: never).
+    pub ledger_coalesce_secs: u64,
+}
+
+/// How long payment outcomes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// A payment's recorded outcome (what a retry with its idempotency key gets) is kept this
+    /// many days after it was recorded, then deleted by the daemon's sweep.
+    pub retention_days: u32,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig { retention_days: 30 }
+    }
 }
 
 impl Default for ConsentConfig {
@@ -57,7 +79,7 @@ impl Default for ConsentConfig {
 
 impl Default for PrivacyConfig {
     fn default() -> Self {
-        PrivacyConfig { ledger_days: 365 }
+        PrivacyConfig { ledger_days: 365, ledger_coalesce_secs: 3600 }
     }
 }
 
@@ -117,6 +139,12 @@ pub struct LimitsConfig {
     pub exchanges_per_minute_per_app: u32,
     /// Burst of exchange attempts above that rate.
     pub exchange_burst_per_app: u32,
+    /// Sustained open-API calls per second of one user in one app (every API but the settings
+    /// APIs: login, checkSession, getUserProfile, the profile values, payments), as WeChat limits
+    /// one user's wx.login and getUserProfile; each may write to the store.
+    pub calls_per_second_per_user: u32,
+    /// Burst of one user's calls in one app above that rate.
+    pub burst_per_user: u32,
 }
 
 /// The embedded platform's session rules.
@@ -137,6 +165,9 @@ pub struct SessionConfig {
 pub struct StoreConfig {
     /// `"normal"`: durable across a daemon crash (WAL, the default). `"full"`: also across power loss.
     pub synchronous: String,
+    /// The most the database file may grow to, in bytes (its write-ahead log is kept to 16 MiB
+    /// more). A write that needs more fails with "storage unavailable" (errno 1018); reads go on.
+    pub max_bytes: u64,
 }
 
 /// Log output.
@@ -242,6 +273,7 @@ impl Default for Config {
             log: LogConfig::default(),
             consent: ConsentConfig::default(),
             privacy: PrivacyConfig::default(),
+            payments: PaymentsConfig::default(),
             backend_http: BackendHttpConfig::default(),
             apps: BTreeMap::new(),
         }
@@ -278,6 +310,8 @@ impl Default for LimitsConfig {
             orphan_idle_secs: 600,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 100,
+            calls_per_second_per_user: 4,
+            burst_per_user: 10,
         }
     }
 }
@@ -290,7 +324,7 @@ impl Default for SessionConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { synchronous: "normal".into() }
+        StoreConfig { synchronous: "normal".into(), max_bytes: 1 << 30 }
     }
 }
 
@@ -334,6 +368,8 @@ impl Config {
             || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
+            || self.limits.calls_per_second_per_user == 0
+            || self.limits.burst_per_user == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -348,6 +384,15 @@ impl Config {
         }
         if !(1..=36_600).contains(&self.privacy.ledger_days) {
             return Err("privacy.ledger_days must be between 1 and 36600".into());
+        }
+        if self.privacy.ledger_coalesce_secs > 86_400 {
+            return Err("privacy.ledger_coalesce_secs must be at most one day (86400)".into());
+        }
+        if !(1..=36_600).contains(&self.payments.retention_days) {
+            return Err("payments.retention_days must be between 1 and 36600".into());
+        }
+        if self.store.max_bytes < MIN_STORE_BYTES {
+            return Err(format!("store.max_bytes must be at least {MIN_STORE_BYTES}"));
         }
         if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
             return Err("limits.orphan_idle_secs must be at most ten years".into());
@@ -432,6 +477,9 @@ mod tests {
         assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
         assert!(Config::from_toml("[privacy]\nledger_days = 0").is_err());
+        assert!(Config::from_toml("[payments]\nretention_days = 0").is_err());
+        assert!(Config::from_toml("[store]\nmax_bytes = 4096").is_err());
+        assert!(Config::from_toml("[limits]\ncalls_per_second_per_user = 0").is_err());
         assert!(Config::from_toml("[consent]\nremember_refusal = false").is_err());
         assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
         assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
@@ -464,6 +512,7 @@ mod tests {
             (1u32.., 1u32.., 1u32..),
             (1u64..=DAY_MS, 1u64..315_000_000),
             (1u32.., 1u32..),
+            (1u32.., 1u32..),
         )
             .prop_map(
                 |(
@@ -472,6 +521,7 @@ mod tests {
                     (max_connections, max_connections_per_app, max_connections_per_instance),
                     (auth_timeout_ms, orphan_idle_secs),
                     (exchanges_per_minute_per_app, exchange_burst_per_app),
+                    (calls_per_second_per_user, burst_per_user),
                 )| {
                     LimitsConfig {
                         max_message_bytes,
@@ -488,6 +538,8 @@ mod tests {
                         orphan_idle_secs,
                         exchanges_per_minute_per_app,
                         exchange_burst_per_app,
+                        calls_per_second_per_user,
+                        burst_per_user,
                     }
                 },
             );
@@ -520,10 +572,10 @@ mod tests {
             host,
             limits,
             sessions,
-            prop_oneof![Just("normal"), Just("full")],
+            (prop_oneof![Just("normal"), Just("full")], MIN_STORE_BYTES..),
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
-            (any::<bool>(), 1u32..=36_600),
+            (any::<bool>(), 1u32..=36_600, 0u64..=86_400, 1u32..=36_600),
             backend_http,
         )
             .prop_map(
@@ -532,10 +584,10 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    synchronous,
+                    (synchronous, max_bytes),
                     (filter, format),
                     apps,
-                    (remember_refusals, ledger_days),
+                    (remember_refusals, ledger_days, ledger_coalesce_secs, retention_days),
                     backend_http,
                 )| Config {
                     socket,
@@ -545,10 +597,11 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    store: StoreConfig { synchronous: synchronous.into() },
+                    store: StoreConfig { synchronous: synchronous.into(), max_bytes },
                     log: LogConfig { filter, format: format.into() },
                     consent: ConsentConfig { remember_refusals },
-                    privacy: PrivacyConfig { ledger_days },
+                    privacy: PrivacyConfig { ledger_days, ledger_coalesce_secs },
+                    payments: PaymentsConfig { retention_days },
                     backend_http,
                     apps,
                 },
@@ -583,6 +636,11 @@ mod tests {
             ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
+            ("limits", "calls_per_second_per_user"),
+            ("limits", "burst_per_user"),
+            ("privacy", "ledger_coalesce_secs"),
+            ("payments", "retention_days"),
+            ("store", "max_bytes"),
             ("sessions", "lifetime_secs"),
             ("sessions", "code_ttl_secs"),
             ("store", "synchronous"),

@@ -66,6 +66,10 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The store cannot write (its `store.max_bytes` is reached, the disk is full or read-only,
+    /// an I/O error): the call needed to record something and did nothing.
+    #[error("storage unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -83,7 +87,7 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::StoreUnavailable(_) => Code::Unavailable,
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -126,6 +130,7 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::StoreUnavailable(_) => 1018,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -154,6 +159,7 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -181,7 +187,8 @@ impl ApiError {
     }
 }
 
-/// Errors from the store, mapped to [`ApiError::Internal`] at the API boundary.
+/// Errors from the store, mapped at the API boundary to [`ApiError::StoreUnavailable`] when the
+/// store cannot write ([`StoreError::is_unwritable`]), else to [`ApiError::Internal`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -190,9 +197,25 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether the store failed because it cannot write: full (`store.max_bytes`, or the disk),
+    /// read-only, or an I/O error. Such a failure is the machine's, not the call's: the call
+    /// changed nothing, reads go on, and the same call works once there is room again.
+    pub fn is_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, DiskFull | ReadOnly | SystemIoFailure | CannotOpen)
+            }
+            StoreError::Sqlite(_) => false,
+            StoreError::Io(_) => true,
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        if e.is_unwritable() { ApiError::StoreUnavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) }
     }
 }
 

@@ -5,10 +5,20 @@
 //! disk for any later reader, and survives the daemon being killed. Writes are short and few
 //! (a login, a grant, a payment), so one connection behind a mutex serves them without a thread hop.
 //! The in-memory mode (`ephemeral`) runs the same SQL against `:memory:`.
+//!
+//! What clients make it hold is bounded: the file grows to `store.max_bytes` at most (SQLite's
+//! `max_page_count`; the write-ahead log is truncated to [`WAL_BYTES`] after each checkpoint), a
+//! disclosure identical to a recent one adds to that row's count instead of adding a row, and the
+//! sweep deletes ledger rows and payment records past their retention a bounded batch at a time.
+//! A write the store cannot make (the bound, a full disk, an I/O error) fails with an error
+//! [`StoreError::is_unwritable`] names, and leaves the connection serving reads.
 
 use std::{
     path::Path,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -49,10 +59,17 @@ pub struct LedgerRow {
     pub what: String,
     pub surface: String,
     pub api: String,
+    /// The first of the identical disclosures the row counts.
     pub at_ms: u64,
     pub via_code: bool,
+    /// When the first of its codes was redeemed, and through which surface.
     pub redeemed_at_ms: Option<u64>,
     pub redeemed_via: Option<String>,
+    /// How many identical disclosures the row stands for, and the last one's time.
+    pub count: u64,
+    pub last_at_ms: u64,
+    /// How many of its codes were redeemed.
+    pub redeemed_count: u64,
 }
 
 /// The recorded outcome of a payment: `ok` with an encoded ApiResponse, else an encoded ApiFailure.
@@ -67,7 +84,12 @@ pub struct PaymentRow {
 pub struct Store {
     conn: Mutex<Connection>,
     location: String,
+    /// A disclosure identical to a row this recent adds to that row (0: never).
+    coalesce_ms: AtomicU64,
 }
+
+/// How large the write-ahead log may stay after a checkpoint, in bytes.
+pub const WAL_BYTES: i64 = 16 << 20;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -90,7 +112,8 @@ CREATE TABLE IF NOT EXISTS refusals (
 CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
     surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
-    redeemed_at_ms INTEGER, redeemed_via TEXT);
+    redeemed_at_ms INTEGER, redeemed_via TEXT,
+    count INTEGER NOT NULL DEFAULT 1, last_at_ms INTEGER, redeemed_count INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at_ms);
 ";
 
@@ -113,7 +136,10 @@ macro_rules! decisions_page {
 /// Brings a database an earlier version created up to [`SCHEMA`]: sessions gained their openid
 /// (NULL in the rows of before, which the platform fills in when it starts: see
 /// [`Store::fill_session_openids`]) and an index on it; the ledger's ids lost AUTOINCREMENT
-/// ([`LEDGER_WITHOUT_AUTOINCREMENT`]).
+/// ([`LEDGER_WITHOUT_AUTOINCREMENT`]); ledger rows gained a count, a last time and a count of
+/// redeemed codes ([`LEDGER_COUNTS`]: a row of before is one disclosure, redeemed once if it was)
+/// and an index by (app, user, time) to find the row a disclosure adds to; payments an index by
+/// time, for the retention sweep.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let has_openid: bool =
         conn.prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'openid'")?.exists([])?;
@@ -126,8 +152,25 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     if ledger_sql.contains("AUTOINCREMENT") {
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
     }
+    let has_count: bool =
+        conn.prepare("SELECT 1 FROM pragma_table_info('ledger') WHERE name = 'count'")?.exists([])?;
+    if !has_count {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_COUNTS}COMMIT;"))?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS ledger_user ON ledger (app_id, uid, at_ms);
+         CREATE INDEX IF NOT EXISTS payments_at ON payments (recorded_at_ms);",
+    )?;
     Ok(())
 }
+
+/// The ledger columns a row's count needs, for a table created before rows were coalesced.
+const LEDGER_COUNTS: &str = "
+ALTER TABLE ledger ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE ledger ADD COLUMN last_at_ms INTEGER;
+ALTER TABLE ledger ADD COLUMN redeemed_count INTEGER NOT NULL DEFAULT 0;
+UPDATE ledger SET redeemed_count = 1 WHERE redeemed_at_ms IS NOT NULL;
+";
 
 /// `SELECT`s the columns [`session_row`] reads, in its order, followed by `$rest`.
 macro_rules! select_sessions {
@@ -152,8 +195,17 @@ ALTER TABLE ledger_new RENAME TO ledger;
 CREATE INDEX ledger_at ON ledger (at_ms);
 ";
 
-const INSERT_LEDGER: &str =
-    "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// A new row's last time is its first (not NULL), so counting another disclosure rewrites the row
+/// at the same size: at a full store it still fits its page.
+const INSERT_LEDGER: &str = "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code, last_at_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)";
+/// The newest row identical to a disclosure (?3-?6) of (app ?1, uid ?2) whose first disclosure is
+/// at ?7 or later: the one it adds to. Found through `ledger_user`, among the user's recent rows.
+const SAME_LEDGER_ROW: &str = "SELECT id FROM ledger
+     WHERE app_id = ?1 AND uid = ?2 AND at_ms >= ?7 AND what = ?3 AND surface = ?4 AND api = ?5 AND via_code = ?6
+     ORDER BY at_ms DESC LIMIT 1";
+const COUNT_LEDGER_ROW: &str =
+    "UPDATE ledger SET count = count + 1, last_at_ms = max(coalesce(last_at_ms, at_ms), ?2) WHERE id = ?1";
 
 /// A new session of (app, uid) replaces the old one. The openid of (app, uid) never changes (it is
 /// keyed by the daemon secret, which lives in this database), so a replacement leaves it, and its
@@ -191,7 +243,24 @@ fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T,
     }
 }
 
-fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
+/// Records a disclosure: adds to the count of an identical row whose first disclosure is less than
+/// `coalesce_ms` old (a row's span is bounded, so retention by its first time stays true), else
+/// adds a row. Returns the row's id.
+fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>, coalesce_ms: u64) -> Result<u64, StoreError> {
+    if coalesce_ms > 0 {
+        let since = row.at_ms.saturating_sub(coalesce_ms - 1);
+        let same: Option<i64> = conn
+            .prepare_cached(SAME_LEDGER_ROW)?
+            .query_row(
+                params![row.app_id, row.uid, row.what, row.surface, row.api, row.via_code as i64, since as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = same {
+            conn.prepare_cached(COUNT_LEDGER_ROW)?.execute(params![id, row.at_ms as i64])?;
+            return Ok(id as u64);
+        }
+    }
     conn.prepare_cached(INSERT_LEDGER)?.execute(params![
         row.app_id,
         row.uid,
@@ -240,10 +309,30 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "journal_size_limit", WAL_BYTES)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn: Mutex::new(conn), location })
+        Ok(Store { conn: Mutex::new(conn), location, coalesce_ms: AtomicU64::new(0) })
+    }
+
+    /// Bounds the database file to `max_bytes` (whole pages; never below what it holds now).
+    /// Returns the bound in bytes.
+    pub fn limit_size(&self, max_bytes: u64) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let pages = (max_bytes / page.max(1) as u64).max(1) as i64;
+        let set: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
+        Ok(set as u64 * page as u64)
+    }
+
+    /// Disclosures identical to a row less than `window_ms` old add to its count (0: never).
+    pub fn coalesce_ledger(&self, window_ms: u64) {
+        self.coalesce_ms.store(window_ms, Ordering::Relaxed);
+    }
+
+    fn coalescing(&self) -> u64 {
+        self.coalesce_ms.load(Ordering::Relaxed)
     }
 
     /// Where the data lives, for status output.
@@ -278,11 +367,12 @@ impl Store {
     /// Writes a code's ledger rows and, for a login code, the session it starts, in one
     /// transaction (both or neither); returns the rows' ids.
     pub fn issue_code(&self, session: Option<&SessionRow>, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
+        let coalesce_ms = self.coalescing();
         in_transaction(&self.conn(), |conn| {
             if let Some(session) = session {
                 upsert_session(conn, session)?;
             }
-            rows.iter().map(|row| insert_ledger(conn, row)).collect()
+            rows.iter().map(|row| insert_ledger(conn, row, coalesce_ms)).collect()
         })
     }
 
@@ -457,16 +547,19 @@ impl Store {
         })
     }
 
-    /// Adds a ledger row; returns its id.
+    /// Records a disclosure (a new row, or one more of a recent identical row); returns the row's id.
     pub fn ledger_add(&self, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
-        insert_ledger(&self.conn(), row)
+        insert_ledger(&self.conn(), row, self.coalescing())
     }
 
-    /// Marks the rows of a code as redeemed through `via` at `at_ms`.
+    /// Marks that a code of each of the rows was redeemed through `via` at `at_ms`: the first
+    /// redemption's time and surface stay, the count of redeemed codes goes up.
     pub fn ledger_redeemed(&self, ids: &[u64], via: &str, at_ms: u64) -> Result<(), StoreError> {
         in_transaction(&self.conn(), |conn| {
             let mut stmt = conn.prepare_cached(
-                "UPDATE ledger SET redeemed_at_ms = ?2, redeemed_via = ?3 WHERE id = ?1 AND redeemed_at_ms IS NULL",
+                "UPDATE ledger SET redeemed_at_ms = coalesce(redeemed_at_ms, ?2),
+                    redeemed_via = coalesce(redeemed_via, ?3), redeemed_count = redeemed_count + 1
+                 WHERE id = ?1",
             )?;
             for id in ids {
                 stmt.execute(params![*id as i64, at_ms as i64, via])?;
@@ -491,7 +584,8 @@ impl Store {
     ) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via FROM ledger
+            "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via,
+                    count, coalesce(last_at_ms, at_ms), redeemed_count FROM ledger
              WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) AND at_ms >= ?3 AND id > ?4
              ORDER BY id LIMIT ?5",
         )?;
@@ -508,15 +602,30 @@ impl Store {
                     via_code: r.get::<_, i64>(7)? != 0,
                     redeemed_at_ms: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
                     redeemed_via: r.get(9)?,
+                    count: r.get::<_, i64>(10)? as u64,
+                    last_at_ms: r.get::<_, i64>(11)? as u64,
+                    redeemed_count: r.get::<_, i64>(12)? as u64,
                 })
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
-    /// Drops ledger rows older than `before_ms` (retention); returns how many.
-    pub fn ledger_prune(&self, before_ms: u64) -> Result<usize, StoreError> {
-        Ok(self.conn().execute("DELETE FROM ledger WHERE at_ms < ?1", params![before_ms as i64])?)
+    /// Drops at most `limit` of the ledger rows older than `before_ms` (retention), oldest
+    /// first; returns how many. A bounded batch holds the store for a bounded time.
+    pub fn ledger_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
+        Ok(self.conn().prepare_cached(
+            "DELETE FROM ledger WHERE id IN (SELECT id FROM ledger WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+        )?.execute(params![before_ms as i64, i64::from(limit)])?)
+    }
+
+    /// Drops at most `limit` of the payment records older than `before_ms` (retention), oldest
+    /// first; returns how many.
+    pub fn payments_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
+        Ok(self.conn().prepare_cached(
+            "DELETE FROM payments WHERE rowid IN
+                 (SELECT rowid FROM payments WHERE recorded_at_ms < ?1 ORDER BY recorded_at_ms LIMIT ?2)",
+        )?.execute(params![before_ms as i64, i64::from(limit)])?)
     }
 
     pub fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -789,7 +898,7 @@ mod tests {
         let rows = store.ledger(Some("a"), None, 0).unwrap();
         assert_eq!((rows[0].redeemed_at_ms, rows[0].redeemed_via.as_deref()), (Some(15), Some("exchange")));
         assert_eq!(store.ledger(None, Some("u"), 11).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [new]);
-        assert_eq!(store.ledger_prune(20).unwrap(), 1);
+        assert_eq!(store.ledger_prune(20, 100).unwrap(), 1);
         assert_eq!(store.ledger(None, None, 0).unwrap().len(), 1);
     }
 }

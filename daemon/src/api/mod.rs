@@ -79,7 +79,9 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
 
 /// Answers one validated call of `api` in an instance running `version`, with the instance's
 /// in-flight `slot` for it: held until the answer, or by the payment's own task until the host
-/// answers it (payments are answered once per key, see [`payments`]).
+/// answers it (payments are answered once per key, see [`payments`]). Every API but the settings
+/// APIs first takes one from the signed-in user's bucket in the app (`limits.calls_per_second_per_user`):
+/// each may write to the store.
 pub async fn handle(
     b: &Arc<Broker>,
     inst: &Arc<AppInstance>,
@@ -88,6 +90,10 @@ pub async fn handle(
     request: ApiRequest,
     slot: CallSlot,
 ) -> Result<ApiResponse, ApiError> {
+    if !api.is_consent() {
+        let uid = b.user.get().map(|u| u.uid.clone()).unwrap_or_default();
+        b.user_rates.check(&inst.app_id, &uid)?;
+    }
     let outcome = match route(api, version) {
         Route::Delegate => delegate(b, inst, version, api, request).await,
         Route::Default => run_default(b, inst, version, request).await,
