@@ -66,6 +66,17 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The superapp's server, which vouches for the user, was slow, down, answered garbage or
+    /// refused the call (docs/superapp-server.md): nothing was issued or recorded.
+    #[error("superapp server: {0}")]
+    Superapp(String),
+    /// The superapp's server does not know the signed-in user (checkUser answered false).
+    #[error("user unknown to the superapp server")]
+    UnknownUser,
+    /// The superapp's server refused the host's authCode, or it is another user's than the one
+    /// the host says is signed in: no code for either.
+    #[error("authCode refused: {0}")]
+    AuthCodeRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -97,6 +108,9 @@ impl ApiError {
             ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::PaymentOutcomeUnknown(_) | ApiError::UserChanged => Code::Aborted,
             ApiError::AuthDeny => Code::PermissionDenied,
+            ApiError::Superapp(_) => Code::Unavailable,
+            ApiError::UnknownUser => Code::FailedPrecondition,
+            ApiError::AuthCodeRefused(_) => Code::PermissionDenied,
             ApiError::HostProtocol(_) | ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -126,6 +140,9 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::Superapp(_) => 1018,
+            ApiError::UnknownUser => 1019,
+            ApiError::AuthCodeRefused(_) => 1020,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -154,6 +171,9 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::Superapp(_) => "superapp_unavailable",
+            ApiError::UnknownUser => "unknown_user",
+            ApiError::AuthCodeRefused(_) => "auth_code_refused",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -169,15 +169,18 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     let db_path = data_dir.join("broker.db");
     let store =
         Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
-    let platform = Arc::new(EmbeddedPlatform::new(
-        store.clone(),
-        clock.clone(),
-        config.apps.clone(),
-        config.sessions.code_ttl_secs,
-        config.sessions.lifetime_secs,
-        config.sessions.max_codes_per_user,
-        RateLimits::exchanges(&config.limits),
-    )?);
+    let platform = Arc::new(
+        EmbeddedPlatform::new(
+            store.clone(),
+            clock.clone(),
+            config.apps.clone(),
+            config.sessions.code_ttl_secs,
+            config.sessions.lifetime_secs,
+            config.sessions.max_codes_per_user,
+            RateLimits::exchanges(&config.limits),
+        )?
+        .with_superapp(superapp_client(&config, &data_dir)?),
+    );
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
         Some(address) => Some(backend_http::bind(address, &config.backend_http).await?),
@@ -236,6 +239,20 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         "miniapp-brokerd listening"
     );
     Ok(Server { broker, task, backend_http, token_file, _lock: lock })
+}
+
+/// The superapp server's client when `[superapp] server_url` is set, with the platform's key pair
+/// (made at first start).
+fn superapp_client(
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> Result<Option<Arc<superapp::SuperappClient>>, StartError> {
+    let Some(settings) = config.superapp.client_settings() else { return Ok(None) };
+    let key_path = config.superapp.key_path(data_dir);
+    let key = Arc::new(platform_key(&key_path)?);
+    let client = superapp::SuperappClient::new(&settings, key).map_err(|e| StartError::Config(e.to_string()))?;
+    info!(server_url = %settings.server_url, key_file = %key_path.display(), "a superapp server vouches for users");
+    Ok(Some(Arc::new(client)))
 }
 
 /// The platform's key pair for superapp servers at `path` (`[superapp] key_file`), made there at

@@ -29,8 +29,10 @@ use sha2::Sha256;
 use tracing::info;
 
 use super::{
-    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, Surface, TokenRequest, ValueKind,
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, ProfileField, Surface, TokenRequest,
+    ValueKind,
     access_tokens::AccessTokens,
+    vouch::{self, Held},
 };
 use crate::{
     clock::Clock,
@@ -75,6 +77,8 @@ pub struct EmbeddedPlatform {
     /// App backends' attempts, per app, over both surfaces.
     exchange_rate: RateLimits,
     tokens: AccessTokens,
+    /// The superapp's server, when one vouches for users ([`super::vouch`]).
+    superapp: Option<Arc<crate::superapp::SuperappClient>>,
 }
 
 /// What a backend redeemed (for the log and the disclosure ledger; never the value).
@@ -151,7 +155,14 @@ impl EmbeddedPlatform {
             session_ttl_ms: session_ttl_secs * 1000,
             exchange_rate,
             tokens: AccessTokens::default(),
+            superapp: None,
         })
+    }
+
+    /// This platform with `server` vouching for its users (`[superapp] server_url`).
+    pub fn with_superapp(mut self, server: Option<Arc<crate::superapp::SuperappClient>>) -> EmbeddedPlatform {
+        self.superapp = server;
+        self
     }
 
     fn keyed(&self, label: &str, a: &str, b: &str) -> String {
@@ -340,6 +351,28 @@ impl EmbeddedPlatform {
 }
 
 impl EmbeddedPlatform {
+    /// The user and the superapp temporary code of a live value code `accept` takes, without
+    /// taking it.
+    fn peek_temporary(
+        &self,
+        app_id: &str,
+        code: &str,
+        accept: &impl Fn(&str, &Purpose) -> bool,
+    ) -> Option<(String, String)> {
+        let now = self.clock.now_ms();
+        let entry = self.codes.get(code)?;
+        if entry.app_id != app_id || !accept(&entry.uid, &entry.purpose) || entry.expires_at_ms <= now {
+            return None;
+        }
+        match &entry.purpose {
+            Purpose::Value { value, .. } => match Held::decode(value) {
+                Held::TemporaryCode(t) => Some((entry.uid.clone(), t.to_owned())),
+                Held::Value(_) => None,
+            },
+            Purpose::Login { .. } => None,
+        }
+    }
+
     fn check_signature_now(&self, app: &AuthorizedApp, openid: &str, signature: &str) -> Result<(), ExchangeFailure> {
         if openid.is_empty() {
             return Err(ExchangeFailure::Malformed(41009, "openid is required"));
@@ -373,6 +406,14 @@ pub fn session_signature(session_key: &str) -> String {
 #[tonic::async_trait]
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, ApiError> {
+        // A vouched authCode is spent at the superapp server: the backend gets the openid, not it.
+        let auth_code = match &self.superapp {
+            Some(server) => {
+                vouch::login(server, uid, auth_code.as_deref()).await?;
+                None
+            }
+            None => auth_code,
+        };
         // The session and the code's ledger rows are one write: both or neither.
         let session = self.new_session(app_id, uid);
         let session_key = session.session_key.clone();
@@ -380,6 +421,9 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, ApiError> {
+        if let Some(server) = &self.superapp {
+            vouch::check_user(server, uid).await?;
+        }
         let session = self.new_session(app_id, uid);
         self.store.upsert_session(&session)?;
         Ok(session.session_key)
@@ -394,6 +438,25 @@ impl Platform for EmbeddedPlatform {
 
     async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, ApiError> {
         self.issue(app_id, uid, Purpose::Value { kind, value }, None)
+    }
+
+    fn vouches(&self) -> bool {
+        self.superapp.is_some()
+    }
+
+    async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, ApiError> {
+        let Some(server) = &self.superapp else {
+            return Err(ApiError::Superapp("no superapp server is configured".into()));
+        };
+        let temporary = vouch::temporary_code(server, uid, kind).await?;
+        self.issue(app_id, uid, Purpose::Value { kind, value: temporary }, None)
+    }
+
+    async fn vouched_profile(&self, uid: &str, field: ProfileField) -> Result<String, ApiError> {
+        match &self.superapp {
+            Some(server) => vouch::profile(server, uid, field).await,
+            None => Err(ApiError::Superapp("no superapp server is configured".into())),
+        }
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
@@ -474,20 +537,47 @@ impl Platform for EmbeddedPlatform {
             matches!(p, Purpose::Value { kind: k, .. } if *k == kind)
                 && openid.is_none_or(|o| self.openid(app.app_id(), uid) == o)
         };
+        let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
+        // A code standing for the superapp server's temporary code: the value is fetched before
+        // the code is taken, so a failing server leaves it unspent and off the ledger (the backend
+        // may retry), and the value is never stored.
+        let fetched = match self.peek_temporary(app.app_id(), code, &accept) {
+            Some((uid, temporary)) => {
+                let Some(server) = &self.superapp else {
+                    let e = ExchangeFailure::System("no superapp server is configured to redeem this code".into());
+                    self.refused(surface, Some(app), exchange, &e);
+                    return Err(e);
+                };
+                match vouch::value(server, &uid, kind, &temporary).await {
+                    Ok(value) => Some(value),
+                    Err(e) => {
+                        self.refused(surface, Some(app), exchange, &e);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let entry = match self.redeem(app.app_id(), code, surface, accept) {
             Ok(entry) => entry,
             Err(e) => {
-                let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
                 self.refused(surface, Some(app), exchange, &e);
                 return Err(e);
             }
         };
-        match entry.purpose {
-            Purpose::Value { value, .. } => {
+        match (entry.purpose, fetched) {
+            (Purpose::Value { value, .. }, fetched) => {
+                let value = match (Held::decode(&value), fetched) {
+                    (Held::Value(value), _) => value.to_owned(),
+                    (Held::TemporaryCode(_), Some(fetched)) => fetched,
+                    // Issued as a temporary code after the peek (cannot happen: codes are never
+                    // rewritten); refuse rather than hand out a temporary code as the value.
+                    (Held::TemporaryCode(_), None) => return Err(ExchangeFailure::InvalidCode),
+                };
                 self.redeemed(surface, app, &entry.uid, Redeemed::Value(kind));
                 Ok(value)
             }
-            Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
+            (Purpose::Login { .. }, _) => Err(ExchangeFailure::InvalidCode),
         }
     }
 
