@@ -13,6 +13,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
+use miniapp_platform::store::sqlite::in_transaction;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::StoreError;
@@ -133,23 +134,6 @@ pub struct NewLedgerRow<'a> {
     pub api: &'a str,
     pub at_ms: u64,
     pub via_code: bool,
-}
-
-/// Runs `f` in one transaction on `conn`: every multi-statement write of the store goes through
-/// here. rusqlite's `Transaction` parses "BEGIN" and "COMMIT" anew each time (a third of a v2
-/// login's store time); these statements are prepared once.
-fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-    conn.prepare_cached("BEGIN")?.execute([])?;
-    match f(conn).and_then(|t| Ok(conn.prepare_cached("COMMIT")?.execute([]).map(|_| t)?)) {
-        Ok(t) => Ok(t),
-        Err(e) => {
-            // After a failed COMMIT SQLite may have rolled back already; ROLLBACK then fails, harmlessly.
-            if !conn.is_autocommit() {
-                let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-            }
-            Err(e)
-        }
-    }
 }
 
 fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {

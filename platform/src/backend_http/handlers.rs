@@ -156,14 +156,24 @@ pub(super) async fn stable_token(State(s): State<Shared>, b: Result<Bytes, Bytes
     answer(s.flavor, &token_empty(), outcome)
 }
 
+/// The checksession query (checksession and resetusersessionkey take the same one): its app, by
+/// the access token, and the query, once its signature method is checked.
+async fn signed_session_query(
+    s: &Shared,
+    q: Result<Query<CheckSessionQuery>, QueryRejection>,
+) -> Result<(AuthorizedApp, CheckSessionQuery), ExchangeFailure> {
+    let q = query(q)?;
+    let app = by_token(s, &q.access_token).await?;
+    require(q.sig_method == "hmac_sha256", 87009, "sig_method must be hmac_sha256")?;
+    Ok((app, q))
+}
+
 pub(super) async fn checksession(
     State(s): State<Shared>,
     q: Result<Query<CheckSessionQuery>, QueryRejection>,
 ) -> Response {
     let outcome: Outcome = async {
-        let q = query(q)?;
-        let app = by_token(&s, &q.access_token).await?;
-        require(q.sig_method == "hmac_sha256", 87009, "sig_method must be hmac_sha256")?;
+        let (app, q) = signed_session_query(&s, q).await?;
         s.platform.check_session_signature(&app, &q.openid, &q.signature).await?;
         Ok(fields([("errcode", json!(0)), ("errmsg", json!("ok"))]))
     }
@@ -178,9 +188,7 @@ pub(super) async fn resetusersessionkey(
     q: Result<Query<CheckSessionQuery>, QueryRejection>,
 ) -> Response {
     let outcome: Outcome = async {
-        let q = query(q)?;
-        let app = by_token(&s, &q.access_token).await?;
-        require(q.sig_method == "hmac_sha256", 87009, "sig_method must be hmac_sha256")?;
+        let (app, q) = signed_session_query(&s, q).await?;
         let session_key = s.platform.reset_session_key(&app, &q.openid, &q.signature).await?;
         Ok(fields([
             ("errcode", json!(0)),

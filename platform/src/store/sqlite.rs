@@ -73,9 +73,13 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` in one transaction on `conn`. rusqlite's `Transaction` parses "BEGIN" and "COMMIT"
-/// anew each time; these statements are prepared once.
-fn in_transaction<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+/// Runs `f` in one transaction on `conn`: every multi-statement write of a SQLite store (this
+/// engine's and the daemon's) goes through here. rusqlite's `Transaction` parses "BEGIN" and
+/// "COMMIT" anew each time; these statements are prepared once.
+pub fn in_transaction<T, E: From<rusqlite::Error>>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E> {
     conn.prepare_cached("BEGIN")?.execute([])?;
     match f(conn).and_then(|t| Ok(conn.prepare_cached("COMMIT")?.execute([]).map(|_| t)?)) {
         Ok(t) => Ok(t),
