@@ -124,6 +124,11 @@ pub struct LimitsConfig {
     pub exchanges_per_minute_per_app: u32,
     /// Burst of exchange attempts above that rate.
     pub exchange_burst_per_app: u32,
+    /// Wrong secrets per minute, every app and unknown app id together (they never draw on an
+    /// app's own bucket); past them a wrong secret hears 45011, the right one is still taken.
+    pub failed_exchanges_per_minute: u32,
+    /// Burst of wrong secrets above that rate.
+    pub failed_exchange_burst: u32,
 }
 
 /// The embedded platform's session rules.
@@ -171,21 +176,42 @@ pub struct BackendHttpConfig {
     pub allow_remote: bool,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
-    /// A connection that sends nothing for this long is closed.
+    /// A connection that gets no answer for this long (since it opened or its last answer) is
+    /// closed, however many bytes it trickles in.
     pub idle_timeout_ms: u64,
+    /// A request head must be complete this long after the connection waits for it (opened, or
+    /// its last answer given); else the connection is closed.
+    pub header_timeout_ms: u64,
+    /// An answer the client does not take within this long closes the connection (a client that
+    /// pipelines requests and never reads).
+    pub write_timeout_ms: u64,
 }
 
 impl Default for BackendHttpConfig {
     fn default() -> Self {
-        BackendHttpConfig { listen: None, allow_remote: false, max_connections: 256, idle_timeout_ms: 30_000 }
+        BackendHttpConfig {
+            listen: None,
+            allow_remote: false,
+            max_connections: 256,
+            idle_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+        }
     }
 }
 
 impl BackendHttpConfig {
     /// The address to bind, if the listener is on; refuses a non-loopback one unless allowed.
     pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
-        if self.max_connections == 0 || self.idle_timeout_ms == 0 || self.idle_timeout_ms > 86_400_000 {
-            return Err("backend_http.max_connections must be above 0, idle_timeout_ms 1..=86400000".into());
+        let in_range = |ms: u64| (1..=86_400_000).contains(&ms);
+        if self.max_connections == 0
+            || !in_range(self.idle_timeout_ms)
+            || !in_range(self.header_timeout_ms)
+            || !in_range(self.write_timeout_ms)
+        {
+            return Err("backend_http.max_connections must be above 0, idle_timeout_ms, header_timeout_ms and \
+                        write_timeout_ms 1..=86400000"
+                .into());
         }
         let Some(listen) = &self.listen else { return Ok(None) };
         let addr: std::net::SocketAddr = listen
@@ -371,6 +397,8 @@ impl Default for LimitsConfig {
             orphan_idle_secs: 600,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 100,
+            failed_exchanges_per_minute: 600,
+            failed_exchange_burst: 100,
         }
     }
 }
@@ -432,6 +460,8 @@ impl Config {
             || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
+            || self.limits.failed_exchanges_per_minute == 0
+            || self.limits.failed_exchange_burst == 0
             || self.limits.max_calls_in_flight == 0
             || self.limits.max_streams_per_connection == 0
         {
@@ -568,7 +598,7 @@ mod tests {
             (1u32.., 1u32.., 1u32..),
             (1u32.., 1u32.., 1u32..),
             (1u64..=DAY_MS, 1u64..315_000_000),
-            (1u32.., 1u32..),
+            (1u32.., 1u32.., 1u32.., 1u32..),
             (1u32.., 1u32..),
         )
             .prop_map(
@@ -577,7 +607,12 @@ mod tests {
                     (max_renderer_streams, max_renderer_streams_per_app, max_renderer_streams_per_instance),
                     (max_connections, max_connections_per_app, max_connections_per_instance),
                     (auth_timeout_ms, orphan_idle_secs),
-                    (exchanges_per_minute_per_app, exchange_burst_per_app),
+                    (
+                        exchanges_per_minute_per_app,
+                        exchange_burst_per_app,
+                        failed_exchanges_per_minute,
+                        failed_exchange_burst,
+                    ),
                     (max_calls_in_flight, max_streams_per_connection),
                 )| {
                     LimitsConfig {
@@ -595,19 +630,33 @@ mod tests {
                         orphan_idle_secs,
                         exchanges_per_minute_per_app,
                         exchange_burst_per_app,
+                        failed_exchanges_per_minute,
+                        failed_exchange_burst,
                         max_calls_in_flight,
                         max_streams_per_connection,
                     }
                 },
             );
-        let backend_http =
-            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
-                |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
-                    listen: listen
-                        .map(|(v6, port)| if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }),
-                    allow_remote,
-                    max_connections,
-                    idle_timeout_ms,
+        let backend_http = (
+            proptest::option::of((any::<bool>(), any::<u16>())),
+            any::<bool>(),
+            1u32..,
+            (1u64..=86_400_000, 1u64..=86_400_000, 1u64..=86_400_000),
+        )
+            .prop_map(
+                |(listen, allow_remote, max_connections, (idle_timeout_ms, header_timeout_ms, write_timeout_ms))| {
+                    BackendHttpConfig {
+                        listen: listen.map(
+                            |(v6, port)| {
+                                if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }
+                            },
+                        ),
+                        allow_remote,
+                        max_connections,
+                        idle_timeout_ms,
+                        header_timeout_ms,
+                        write_timeout_ms,
+                    }
                 },
             );
         let superapp = (
@@ -710,6 +759,8 @@ mod tests {
             ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
+            ("limits", "failed_exchanges_per_minute"),
+            ("limits", "failed_exchange_burst"),
             ("limits", "max_calls_in_flight"),
             ("limits", "max_streams_per_connection"),
             ("sessions", "lifetime_secs"),
@@ -724,6 +775,8 @@ mod tests {
             ("backend_http", "allow_remote"),
             ("backend_http", "max_connections"),
             ("backend_http", "idle_timeout_ms"),
+            ("backend_http", "header_timeout_ms"),
+            ("backend_http", "write_timeout_ms"),
             ("superapp", "server_url"),
             ("superapp", "client_key"),
             ("superapp", "timeout_ms"),

@@ -177,7 +177,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
         Some(address) => Some(
-            backend_http::bind(address, platform::http_limits(&config.backend_http))
+            tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?,
         ),
@@ -217,16 +217,17 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         listen_address: listener.address.clone(),
-        backend_http: backend_listener.as_ref().map(|l| l.address),
+        backend_http: backend_listener.as_ref().and_then(|l| l.local_addr().ok()),
         config,
     });
 
     tokio::spawn(sweep(broker.clone()));
     let task = tokio::spawn(serve(broker.clone(), listener));
     let backend_http = backend_listener.map(|listener| {
-        info!(address = %listener.address, "backend HTTP API listening");
+        info!(address = ?broker.backend_http, "backend HTTP API listening");
         let shutdown = broker.shutdown.clone();
-        tokio::spawn(backend_http::serve(listener, broker.platform.clone(), broker.clock.clone(), shutdown))
+        let limits = platform::http_limits(&broker.config.backend_http);
+        tokio::spawn(backend_http::serve(listener, broker.platform.clone(), broker.clock.clone(), limits, shutdown))
     });
     info!(
         address = %broker.listen_address,

@@ -40,6 +40,8 @@ pub fn embedded_config(config: &Config) -> EmbeddedConfig {
         key_refresh_secs: config.sessions.key_refresh_secs,
         exchanges_per_minute_per_app: config.limits.exchanges_per_minute_per_app,
         exchange_burst_per_app: config.limits.exchange_burst_per_app,
+        failed_exchanges_per_minute: config.limits.failed_exchanges_per_minute,
+        failed_exchange_burst: config.limits.failed_exchange_burst,
     }
 }
 
@@ -48,6 +50,8 @@ pub fn http_limits(config: &BackendHttpConfig) -> HttpLimits {
     HttpLimits {
         max_connections: config.max_connections as usize,
         idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
+        header_timeout: std::time::Duration::from_millis(config.header_timeout_ms),
+        write_timeout: std::time::Duration::from_millis(config.write_timeout_ms),
     }
 }
 

@@ -110,8 +110,10 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     location: String,
     codes: DashMap<String, CodeRecord>,
-    /// Redeemed codes until they would have expired, so a replay gets "code been used".
-    spent: DashMap<String, u64>,
+    /// Redeemed codes (the app each was for, and when it would have expired) until they would have
+    /// expired, so that a replay by that app gets "code been used"; any other app hears what a
+    /// code that never existed gets.
+    spent: DashMap<String, (String, u64)>,
     /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
     issued: DashMap<(String, String), VecDeque<String>>,
     tokens: AccessTokens,
@@ -296,10 +298,10 @@ impl PlatformStore for SqliteStore {
     ) -> Result<Redemption, StoreError> {
         let taken = self.codes.remove_if(code, |_, e| wanted.takes(app_id, e) && e.expires_at_ms > now_ms);
         if let Some((code, record)) = taken {
-            self.spent.insert(code, record.expires_at_ms);
+            self.spent.insert(code, (record.app_id.clone(), record.expires_at_ms));
             return Ok(Redemption::Redeemed(record));
         }
-        if self.spent.contains_key(code) {
+        if self.spent.get(code).is_some_and(|spent| spent.0 == app_id) {
             return Ok(Redemption::Used);
         }
         Ok(match self.codes.get(code) {
@@ -319,7 +321,7 @@ impl PlatformStore for SqliteStore {
 
     async fn sweep(&self, now_ms: u64) -> Result<(), StoreError> {
         self.codes.retain(|_, e| e.expires_at_ms > now_ms);
-        self.spent.retain(|_, expires| *expires > now_ms);
+        self.spent.retain(|_, (_, expires)| *expires > now_ms);
         self.issued.retain(|_, issued| {
             issued.retain(|c| self.codes.contains_key(c));
             !issued.is_empty()
