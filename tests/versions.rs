@@ -573,7 +573,7 @@ async fn exchange_codes_are_single_use_expire_and_need_the_apps_own_secret() {
     let b_secret = ex.code2_session(c2s("wxexchangea", &secret_b, &code)).await.unwrap_err();
     assert_eq!(refusal(b_secret), (Code::Unauthenticated, 40125, "invalid appsecret".into()), "another app's secret");
     let unknown = ex.code2_session(c2s("wxunregistered", "whatever", &code)).await.unwrap_err();
-    assert_eq!(refusal(unknown), (Code::Unauthenticated, 40013, "invalid appid".into()));
+    assert_eq!(refusal(unknown), (Code::Unauthenticated, 40125, "invalid appsecret".into()), "as a wrong secret");
     let other_app = ex.code2_session(c2s("wxexchangeb", &secret_b, &code)).await.unwrap_err();
     assert_eq!(refusal(other_app), (Code::InvalidArgument, 40029, "invalid code".into()), "another app's code");
     let garbage = ex.code2_session(c2s("wxexchangea", &secret_a, "no-such-code")).await.unwrap_err();
