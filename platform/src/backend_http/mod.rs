@@ -12,6 +12,7 @@
 mod answer;
 mod handlers;
 mod listener;
+pub mod probe;
 
 use std::{sync::Arc, time::Duration};
 
@@ -64,6 +65,27 @@ fn router(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
+/// The API as one request-to-answer function: what the accept loop calls for every request, and
+/// what the fuzz target and the property tests drive without a socket.
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+}
+
+impl Api {
+    pub fn new(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Api {
+        Api { router: router(platform, clock) }
+    }
+
+    /// The answer to one request: a browser's refused, else routed to its endpoint.
+    pub async fn answer(&self, request: Request<Body>) -> Response {
+        match browser_request(request.headers()) {
+            Some(refusal) => refusal,
+            None => self.router.clone().oneshot(request).await.unwrap_or_else(|never| match never {}),
+        }
+    }
+}
+
 /// Serves `listener` (plain HTTP/1.1) until `shutdown` is cancelled, within `limits` (see
 /// [`listener`]'s bounds); then stops accepting, lets requests in progress finish and returns once
 /// every connection has closed.
@@ -93,7 +115,7 @@ where
     F: Future<Output = std::io::Result<Io>> + Send + 'static,
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let router = router(platform, clock);
+    let api = Api::new(platform, clock);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let connections = TaskTracker::new();
     loop {
@@ -117,14 +139,14 @@ where
         };
         let progress = listener::Progress::new();
         let stream = BoundedStream::new(stream, permit, &limits, progress.clone());
-        let (router, shutdown, handshake) = (router.clone(), shutdown.clone(), handshake.clone());
+        let (api, shutdown, handshake) = (api.clone(), shutdown.clone(), handshake.clone());
         connections.spawn(async move {
             let io = match tokio::time::timeout(limits.header_timeout, handshake(stream)).await {
                 Ok(Ok(io)) => io,
                 Ok(Err(e)) => return debug!(error = %e, "backend HTTP: handshake failed"),
                 Err(_) => return debug!("backend HTTP: handshake timed out"),
             };
-            serve_connection(io, router, progress, limits, shutdown).await;
+            serve_connection(io, api, progress, limits, shutdown).await;
         });
     }
     connections.close();
@@ -139,7 +161,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// progress is answered).
 async fn serve_connection<Io>(
     io: Io,
-    router: Router,
+    api: Api,
     progress: Arc<listener::Progress>,
     limits: HttpLimits,
     shutdown: CancellationToken,
@@ -147,12 +169,9 @@ async fn serve_connection<Io>(
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (router, progress) = (router.clone(), progress.clone());
+        let (api, progress) = (api.clone(), progress.clone());
         async move {
-            let answer = match browser_request(request.headers()) {
-                Some(refusal) => refusal,
-                None => router.oneshot(request.map(Body::new)).await.unwrap_or_else(|never| match never {}),
-            };
+            let answer = api.answer(request.map(Body::new)).await;
             progress.answered();
             Ok::<_, std::convert::Infallible>(answer)
         }
@@ -197,3 +216,83 @@ fn browser_request(headers: &axum::http::HeaderMap) -> Option<Response> {
 
 /// WeChat's "api unauthorized", for a request a browser made.
 pub const BROWSER_REFUSED: i32 = 48001;
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::probe::{APP_ID, Probe};
+
+    /// A query: pairs of the endpoints' own keys (and others) with any values, or any text.
+    fn query() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("appid".to_owned()),
+            Just("secret".to_owned()),
+            Just("grant_type".to_owned()),
+            Just("js_code".to_owned()),
+            Just("access_token".to_owned()),
+            Just("openid".to_owned()),
+            Just("signature".to_owned()),
+            Just("sig_method".to_owned()),
+            "[ -~]{0,8}",
+        ];
+        let value = prop_oneof![
+            Just(APP_ID.to_owned()),
+            Just("SECRET".to_owned()),
+            Just("client_credential".to_owned()),
+            Just("authorization_code".to_owned()),
+            Just("hmac_sha256".to_owned()),
+            "[ -~]{0,24}",
+            "%[0-9A-Fa-f]{2}(%[0-9A-Fa-f]{2}){0,6}",
+        ];
+        prop_oneof![
+            proptest::collection::vec((key, value), 0..6).prop_map(|pairs| pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&")),
+            "[ -~]{0,64}",
+        ]
+    }
+
+    /// A body: JSON objects of the endpoints' own keys, other JSON, or any bytes.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let json = (
+            proptest::option::of(prop_oneof![Just("client_credential".to_owned()), "[ -~]{0,12}"]),
+            proptest::option::of(prop_oneof![Just(APP_ID.to_owned()), "[ -~]{0,12}"]),
+            proptest::option::of(prop_oneof![Just("SECRET".to_owned()), "[ -~]{0,12}"]),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of("[ -~]{0,24}"),
+        )
+            .prop_map(|(grant, appid, secret, force, code)| {
+                let mut o = serde_json::Map::new();
+                let mut put = |k: &str, v: Option<serde_json::Value>| {
+                    if let Some(v) = v {
+                        o.insert(k.to_owned(), v);
+                    }
+                };
+                put("grant_type", grant.map(Into::into));
+                put("appid", appid.map(Into::into));
+                put("secret", secret.map(Into::into));
+                put("force_refresh", force.map(Into::into));
+                put("code", code.map(Into::into));
+                serde_json::Value::Object(o).to_string().into_bytes()
+            });
+        prop_oneof![json, "[ -~]{0,64}".prop_map(String::into_bytes), proptest::collection::vec(any::<u8>(), 0..256)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// The fuzz target's property (see [`super::probe`]) over structured inputs.
+        #[test]
+        fn every_request_gets_a_json_answer_and_only_the_secret_succeeds(
+            selector in any::<u16>(),
+            query in query(),
+            body in body(),
+        ) {
+            thread_local!(static PROBE: Probe = Probe::new());
+            PROBE.with(|probe| probe.check(selector, &query, &body));
+        }
+    }
+}
