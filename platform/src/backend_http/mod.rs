@@ -245,13 +245,25 @@ mod tests {
             "[ -~]{0,24}",
             "%[0-9A-Fa-f]{2}(%[0-9A-Fa-f]{2}){0,6}",
         ];
+        let either = |right: &'static str| prop_oneof![3 => Just(right.to_owned()), 1 => "[ -~]{0,12}"];
+        // Every endpoint's parameters at once, each mostly right: reaches past the checks.
+        let whole = (
+            prop_oneof![Just("client_credential".to_owned()), Just("authorization_code".to_owned()), "[ -~]{0,12}"],
+            either(APP_ID),
+            either("SECRET"),
+            "[ -~]{0,16}",
+            either("hmac_sha256"),
+        )
+            .prop_map(|(grant, appid, secret, code, sig)| {
+                let tail = format!("js_code={code}&openid=o&signature={code}&sig_method={sig}");
+                format!("grant_type={grant}&appid={appid}&secret={secret}&{tail}")
+            });
+        let pairs = proptest::collection::vec((key, value), 0..6)
+            .prop_map(|pairs| pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"));
         prop_oneof![
-            proptest::collection::vec((key, value), 0..6).prop_map(|pairs| pairs
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("&")),
-            "[ -~]{0,64}",
+            3 => whole,
+            2 => pairs,
+            1 => "[ -~]{0,64}",
         ]
     }
 
@@ -282,8 +294,6 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
-
         /// The fuzz target's property (see [`super::probe`]) over structured inputs.
         #[test]
         fn every_request_gets_a_json_answer_and_only_the_secret_succeeds(
