@@ -987,26 +987,10 @@ async fn peers_dripping_request_heads_are_closed_at_the_header_timeout() {
     })
     .await;
     let address = b.daemon.server.backend_http_addr().unwrap();
+    let head = b"GET /cgi-bin/token?grant_type=client_credential&appid=wxdrip HTTP/1.1\r\nX-Pad: ";
     let mut drippers = Vec::new();
     for _ in 0..2 {
-        let mut peer = tokio::net::TcpStream::connect(address).await.unwrap();
-        drippers.push(tokio::spawn(async move {
-            // At most 300 bytes (30 s); returns how many went out before the daemon closed it.
-            let head = b"GET /cgi-bin/token?grant_type=client_credential&appid=wxdrip HTTP/1.1\r\nX-Pad: ";
-            let mut buf = [0u8; 64];
-            for sent in 0..300 {
-                let byte = head.get(sent).copied().unwrap_or(b'a');
-                if peer.write_all(&[byte]).await.is_err() {
-                    return Some(sent);
-                }
-                // The attacker's pace (not a synchronisation): its next byte, unless closed first.
-                tokio::select! {
-                    read = peer.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return Some(sent) },
-                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                }
-            }
-            None
-        }));
+        drippers.push(drip(address, b"", head).await);
     }
     let started = std::time::Instant::now();
     let body = b.http.get(&token_path(APP, &b.secret)).await;
@@ -1016,6 +1000,57 @@ async fn peers_dripping_request_heads_are_closed_at_the_header_timeout() {
         let sent = within("the dripper ends", dripper).await.unwrap();
         let sent = sent.expect("a dripping peer was kept for 300 bytes (30 s)");
         assert!(sent < 30, "a dripping peer was closed only after {sent} bytes (100 ms apart)");
+    }
+    assert!(waited < std::time::Duration::from_secs(5), "the honest request waited {waited:?}");
+}
+
+/// A peer that sends `at_once`, then `dripped` one byte every 100 ms (then `a`s), 300 bytes at
+/// most (30 s): how many it dripped before the daemon closed it (`None`: never closed).
+async fn drip(address: SocketAddr, at_once: &[u8], dripped: &'static [u8]) -> tokio::task::JoinHandle<Option<usize>> {
+    let mut peer = tokio::net::TcpStream::connect(address).await.unwrap();
+    peer.write_all(at_once).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        for sent in 0..300 {
+            let byte = dripped.get(sent).copied().unwrap_or(b'a');
+            if peer.write_all(&[byte]).await.is_err() {
+                return Some(sent);
+            }
+            // The attacker's pace (not a synchronisation): its next byte, unless closed first.
+            tokio::select! {
+                read = peer.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return Some(sent) },
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+        None
+    })
+}
+
+/// Two peers that send a complete head and then drip its body hold both slots only until
+/// `idle_timeout_ms` after the head (the deadline does not restart on each byte): the honest
+/// request behind them is answered in bounded time.
+#[tokio::test]
+async fn peers_dripping_request_bodies_are_closed_at_the_idle_timeout() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.idle_timeout_ms = 500;
+        c.backend_http.header_timeout_ms = 60_000;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let head = b"POST /cgi-bin/stable_token HTTP/1.1\r\nHost: backend\r\nContent-Length: 10000\r\n\r\n";
+    let mut drippers = Vec::new();
+    for _ in 0..2 {
+        drippers.push(drip(address, head, b"{\"appid\": \"").await);
+    }
+    let started = std::time::Instant::now();
+    let body = b.http.get(&token_path(APP, &b.secret)).await;
+    let waited = started.elapsed();
+    assert!(body["access_token"].is_string(), "{body}");
+    for dripper in drippers {
+        let sent = within("the dripper ends", dripper).await.unwrap();
+        let sent = sent.expect("a peer dripping its body was kept for 300 bytes (30 s)");
+        assert!(sent < 30, "a peer dripping its body was closed only after {sent} bytes (100 ms apart)");
     }
     assert!(waited < std::time::Duration::from_secs(5), "the honest request waited {waited:?}");
 }

@@ -176,8 +176,8 @@ pub struct BackendHttpConfig {
     pub allow_remote: bool,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
-    /// A connection that gets no answer for this long (since it opened or its last answer) is
-    /// closed, however many bytes it trickles in.
+    /// A connection on which no request starts and none is answered for this long is closed,
+    /// however many bytes it trickles in (a body dripped after a complete head).
     pub idle_timeout_ms: u64,
     /// A request head must be complete this long after the connection waits for it (opened, or
     /// its last answer given); else the connection is closed.

@@ -5,9 +5,9 @@
 //! - a request head must be complete within `header_timeout` of the connection waiting for it
 //!   (hyper's header-read timeout: it runs from the connection's opening, or from its last
 //!   answer, not from the first byte, so it also closes idle keep-alive connections);
-//! - a connection that gets no answer for `idle_timeout` is closed, however many bytes it
-//!   trickles in (the deadline restarts when an answer is given, not when a byte arrives): a body
-//!   dripped after a complete head is bounded by it;
+//! - a connection on which no request starts (its head complete) and none is answered for
+//!   `idle_timeout` is closed, however many bytes it trickles in (the deadline restarts at those
+//!   two moments, not when a byte arrives): a body dripped after a complete head is bounded by it;
 //! - an answer the peer does not take within `write_timeout` (a peer that pipelines requests and
 //!   never reads) closes the connection: the deadline starts when a write cannot be taken whole
 //!   and is cleared only when one is.
@@ -35,33 +35,33 @@ use tokio::{
 
 use crate::config::HttpLimits;
 
-/// When a connection last gave an answer: shared by the connection's stream (whose idle deadline
-/// it moves) and its service (which marks each answer).
+/// When a connection last made progress (a request head complete, an answer given): shared by
+/// the connection's stream (whose idle deadline it moves) and its service (which marks both).
 #[derive(Debug)]
 pub(super) struct Progress {
     opened: Instant,
-    /// Milliseconds after `opened` of the last answer (0: none yet).
-    answered_ms: AtomicU64,
+    /// Milliseconds after `opened` of the last progress (0: none yet).
+    progressed_ms: AtomicU64,
 }
 
 impl Progress {
     pub(super) fn new() -> Arc<Progress> {
-        Arc::new(Progress { opened: Instant::now(), answered_ms: AtomicU64::new(0) })
+        Arc::new(Progress { opened: Instant::now(), progressed_ms: AtomicU64::new(0) })
     }
 
-    /// An answer was given now: the idle deadline starts again.
-    pub(super) fn answered(&self) {
+    /// A request started, or was answered, now: the idle deadline starts again.
+    pub(super) fn progressed(&self) {
         let ms = self.opened.elapsed().as_millis() as u64;
-        self.answered_ms.store(ms, Ordering::Relaxed);
+        self.progressed_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn last_answer(&self) -> Instant {
-        self.opened + Duration::from_millis(self.answered_ms.load(Ordering::Relaxed))
+    fn last_progress(&self) -> Instant {
+        self.opened + Duration::from_millis(self.progressed_ms.load(Ordering::Relaxed))
     }
 }
 
 /// One accepted connection with its deadlines (see the module docs): holds its listener slot
-/// until dropped; reads fail once no answer was given for `idle`, writes once an answer waited
+/// until dropped; reads fail once it made no progress for `idle`, writes once an answer waited
 /// unread for `write_timeout`.
 pub struct BoundedStream {
     stream: TcpStream,
@@ -88,7 +88,7 @@ impl BoundedStream {
         progress: Arc<Progress>,
     ) -> BoundedStream {
         let _ = stream.set_nodelay(true);
-        let idle_deadline = Box::pin(tokio::time::sleep_until(progress.last_answer() + limits.idle_timeout));
+        let idle_deadline = Box::pin(tokio::time::sleep_until(progress.last_progress() + limits.idle_timeout));
         BoundedStream {
             stream,
             _permit: permit,
@@ -116,12 +116,14 @@ impl AsyncRead for BoundedStream {
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
-                let deadline = this.progress.last_answer() + this.idle;
+                let deadline = this.progress.last_progress() + this.idle;
                 if this.idle_deadline.deadline() != deadline {
                     this.idle_deadline.as_mut().reset(deadline);
                 }
                 match this.idle_deadline.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(timed_out("no answer within the idle timeout: closed"))),
+                    Poll::Ready(()) => {
+                        Poll::Ready(Err(timed_out("no request started or answered within the idle timeout")))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -171,8 +171,9 @@ async fn serve_connection<Io>(
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (api, progress) = (api.clone(), progress.clone());
         async move {
+            progress.progressed();
             let answer = api.answer(request.map(Body::new)).await;
-            progress.answered();
+            progress.progressed();
             Ok::<_, std::convert::Infallible>(answer)
         }
     });
