@@ -146,11 +146,12 @@ pub struct LimitsConfig {
     pub exchanges_per_minute_per_app: u32,
     /// Burst of exchange attempts above that rate.
     pub exchange_burst_per_app: u32,
-    /// Sustained calls per second of one user in one app among those that may add to the store
-    /// (every default implementation, payments, and a delegated API whose answer is recorded in
-    /// the ledger), as WeChat limits one user's wx.login, checkSession and getUserProfile.
+    /// Sustained calls per second of one API by one user in one app, for the calls that may add to
+    /// the store (every default implementation, payments, and a delegated API whose answer is
+    /// recorded in the ledger), as WeChat limits one user's wx.login, checkSession and
+    /// getUserProfile each.
     pub calls_per_second_per_user: u32,
-    /// Burst of one user's such calls in one app above that rate.
+    /// Burst of one user's such calls of one API in one app above that rate.
     pub burst_per_user: u32,
 }
 

@@ -81,7 +81,7 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
 /// The last check before a call's route does anything, the same on every surface and on both the
 /// fast and the waiting path: a remembered refusal of a scope the API discloses denies it
 /// (`auth deny`) before the host or a default sees it; a call that may add to the store
-/// ([`adds_to_store`]) takes one from its user's bucket in the app
+/// ([`adds_to_store`]) takes one from its user's bucket for the API in the app
 /// (`limits.calls_per_second_per_user`). Returns the call's route.
 pub fn gate(b: &Broker, inst: &AppInstance, api: Api, version: ApiVersion) -> Result<Route, ApiError> {
     let route = route(api, version);
@@ -97,8 +97,11 @@ pub fn gate(b: &Broker, inst: &AppInstance, api: Api, version: ApiVersion) -> Re
     {
         return Err(ApiError::AuthDeny);
     }
-    if adds {
-        b.user_rates.check(&inst.app_id, user.as_ref().map_or("", |u| u.uid.as_str()))?;
+    // Signed out, nothing but a payment writes (the defaults fail "app not login").
+    match &user {
+        Some(user) if adds => b.user_rates.check(&inst.app_id, &user.uid, api)?,
+        None if route == Route::Payment => b.user_rates.check(&inst.app_id, "", api)?,
+        _ => {}
     }
     Ok(route)
 }
