@@ -337,3 +337,53 @@ async fn a_full_store_fails_the_writes_clearly_and_keeps_serving_reads() {
     within("pay", r.call(payment("order-after"))).await.expect("paid");
     assert_eq!(within("the host saw it", seen.recv()).await.as_deref(), Some("order-after"));
 }
+
+/// `register-app --rotate` of an app whose secret is set in the config is refused with a clear
+/// FAILED_PRECONDITION (the config's secret would come back at the next start and undo it); the
+/// config's secret keeps working, before and after a restart. An app registered through the admin
+/// API rotates, and its rotated secret is the one that works after a restart.
+#[tokio::test]
+async fn a_config_pinned_secret_is_not_rotated_and_a_rotation_survives_a_restart() {
+    const PINNED: &str = "wxpinnedsecret01";
+    const PINNED_SECRET: &str = "the-secret-in-the-config";
+    let dir = tempfile::Builder::new().prefix("brokerd-test").tempdir().expect("temp dir");
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    config.ephemeral = false;
+    let pinned = miniapp_brokerd::config::AppConfig { union_group: None, secret: Some(PINNED_SECRET.into()) };
+    config.apps.insert(PINNED.into(), pinned);
+    let mut daemon = Daemon::start_in(dir, config.clone()).await;
+    // Whether `secret` logs a backend of `app_id` in, with a fresh login code of `daemon`'s.
+    async fn logs_in(daemon: &Daemon, host: &HostClient, app_id: &str, secret: &str) -> bool {
+        let r = renderer(daemon, host, app_id).await;
+        let code = within("login", r.call(v1::LoginRequest::default())).await.expect("login").code;
+        let mut ex = ExchangeClient::new(connect::channel(&daemon.address()).await.expect("channel"));
+        let request = v1::Code2SessionRequest { app_id: app_id.into(), secret: secret.into(), code };
+        within("code2session", ex.code2_session(request)).await.is_ok()
+    }
+
+    let (host, _seen) = paying_host(&daemon, "u1").await;
+    let refused = host.register_app(PINNED, true).await.expect_err("a pinned secret is not rotated");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        format!(
+            "the secret of {PINNED} is set in the config (apps.{PINNED}.secret) and comes back at every start: \
+             change it there and restart the daemon"
+        )
+    );
+    let kept = host.register_app(PINNED, false).await.expect("registering without --rotate changes nothing");
+    assert!(!kept.created && kept.secret.is_empty(), "{kept:?}");
+    assert!(logs_in(&daemon, &host, PINNED, PINNED_SECRET).await, "the config's secret still works");
+
+    let first = host.register_app(APP, false).await.expect("register").secret;
+    let rotated = host.register_app(APP, true).await.expect("rotate");
+    assert!(rotated.created && rotated.secret != first);
+    drop(host);
+
+    let dir = within("shutdown", daemon.stop()).await;
+    daemon = Daemon::start_in(dir, config).await;
+    let (host, _seen) = paying_host(&daemon, "u1").await;
+    assert!(logs_in(&daemon, &host, PINNED, PINNED_SECRET).await, "the config's secret after a restart");
+    assert!(logs_in(&daemon, &host, APP, &rotated.secret).await, "the rotation held over the restart");
+    assert!(!logs_in(&daemon, &host, APP, &first).await, "the secret it replaced does not come back");
+}
