@@ -684,15 +684,18 @@ async fn http_redemptions_are_in_the_ledger_and_a_refused_scope_bites_over_http_
     let refused = b.http.post(&phone_path, json!({ "code": outstanding }).to_string()).await;
     assert_wechat_err(&refused, 40029, "invalid code");
 
+    // The two phone codes are one row (privacy.ledger_coalesce_secs): two issued, one redeemed.
     let ledger = b.host.ledger(APP, "u1", 0).await.expect("ledger");
-    let rows: Vec<_> = ledger.iter().map(|d| (d.what.as_str(), d.via_code, d.redeemed_via.as_str())).collect();
+    let rows: Vec<_> = ledger
+        .iter()
+        .map(|d| (d.what.as_str(), d.via_code, d.redeemed_via.as_str(), d.count, d.redeemed_count))
+        .collect();
     assert_eq!(
         rows,
         [
-            ("openid", true, "backend_http"),
-            ("unionid", true, "backend_http"),
-            ("phone_number", true, "backend_http"),
-            ("phone_number", true, ""),
+            ("openid", true, "backend_http", 1, 1),
+            ("unionid", true, "backend_http", 1, 1),
+            ("phone_number", true, "backend_http", 2, 1),
         ]
     );
 }

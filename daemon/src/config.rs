@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::version::ApiVersion;
 
+/// The least `store.max_bytes` takes: the schema and a few pages of rows.
+pub const MIN_STORE_BYTES: u64 = 256 * 1024;
+
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +30,7 @@ pub struct Config {
     pub log: LogConfig,
     pub consent: ConsentConfig,
     pub privacy: PrivacyConfig,
+    pub payments: PaymentsConfig,
     pub backend_http: BackendHttpConfig,
     pub superapp: SuperappConfig,
     /// Per-app settings, keyed by app id.
@@ -48,6 +52,24 @@ pub struct ConsentConfig {
 pub struct PrivacyConfig {
     /// Ledger rows older than this many days are deleted by the daemon's sweep.
     pub ledger_days: u32,
+    /// A disclosure identical to one recorded less than this many seconds earlier (same app,
+    /// user, what, surface and API) adds to that row's count instead of adding a row (0: never).
+    pub ledger_coalesce_secs: u64,
+}
+
+/// How long payment outcomes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// A payment's recorded outcome (what a retry with its idempotency key gets) is kept this
+    /// many days after it was recorded, then deleted by the daemon's sweep.
+    pub retention_days: u32,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig { retention_days: 30 }
+    }
 }
 
 impl Default for ConsentConfig {
@@ -58,7 +80,7 @@ impl Default for ConsentConfig {
 
 impl Default for PrivacyConfig {
     fn default() -> Self {
-        PrivacyConfig { ledger_days: 365 }
+        PrivacyConfig { ledger_days: 365, ledger_coalesce_secs: 3600 }
     }
 }
 
@@ -129,6 +151,13 @@ pub struct LimitsConfig {
     pub failed_exchanges_per_minute: u32,
     /// Burst of wrong secrets above that rate.
     pub failed_exchange_burst: u32,
+    /// Sustained calls per second of one API by one user in one app, for the calls that may add to
+    /// the store (every default implementation, payments, and a delegated API whose answer is
+    /// recorded in the ledger), as WeChat limits one user's wx.login, checkSession and
+    /// getUserProfile each.
+    pub calls_per_second_per_user: u32,
+    /// Burst of one user's such calls of one API in one app above that rate.
+    pub burst_per_user: u32,
 }
 
 /// The embedded platform's session rules.
@@ -153,6 +182,10 @@ pub struct SessionConfig {
 pub struct StoreConfig {
     /// `"normal"`: durable across a daemon crash (WAL, the default). `"full"`: also across power loss.
     pub synchronous: String,
+    /// The most the database file may grow to, in bytes (its write-ahead log is truncated to
+    /// 16 MiB after each checkpoint). A call that must write beyond it fails "storage
+    /// unavailable" (errno 1022); reads go on.
+    pub max_bytes: u64,
 }
 
 /// Log output.
@@ -358,6 +391,7 @@ impl Default for Config {
             log: LogConfig::default(),
             consent: ConsentConfig::default(),
             privacy: PrivacyConfig::default(),
+            payments: PaymentsConfig::default(),
             backend_http: BackendHttpConfig::default(),
             superapp: SuperappConfig::default(),
             apps: BTreeMap::new(),
@@ -399,6 +433,8 @@ impl Default for LimitsConfig {
             exchange_burst_per_app: 100,
             failed_exchanges_per_minute: 600,
             failed_exchange_burst: 100,
+            calls_per_second_per_user: 4,
+            burst_per_user: 10,
         }
     }
 }
@@ -416,7 +452,7 @@ impl Default for SessionConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { synchronous: "normal".into() }
+        StoreConfig { synchronous: "normal".into(), max_bytes: 1 << 30 }
     }
 }
 
@@ -464,6 +500,8 @@ impl Config {
             || self.limits.failed_exchange_burst == 0
             || self.limits.max_calls_in_flight == 0
             || self.limits.max_streams_per_connection == 0
+            || self.limits.calls_per_second_per_user == 0
+            || self.limits.burst_per_user == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -481,6 +519,15 @@ impl Config {
         }
         if !(1..=36_600).contains(&self.privacy.ledger_days) {
             return Err("privacy.ledger_days must be between 1 and 36600".into());
+        }
+        if self.privacy.ledger_coalesce_secs > 86_400 {
+            return Err("privacy.ledger_coalesce_secs must be at most one day (86400)".into());
+        }
+        if !(1..=36_600).contains(&self.payments.retention_days) {
+            return Err("payments.retention_days must be between 1 and 36600".into());
+        }
+        if self.store.max_bytes < MIN_STORE_BYTES {
+            return Err(format!("store.max_bytes must be at least {MIN_STORE_BYTES}"));
         }
         if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
             return Err("limits.orphan_idle_secs must be at most ten years".into());
@@ -567,6 +614,11 @@ mod tests {
         assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
         assert!(Config::from_toml("[privacy]\nledger_days = 0").is_err());
+        assert!(Config::from_toml("[privacy]\nledger_coalesce_secs = 86401").is_err());
+        assert!(Config::from_toml("[payments]\nretention_days = 0").is_err());
+        assert!(Config::from_toml("[store]\nmax_bytes = 4096").is_err());
+        assert!(Config::from_toml("[limits]\ncalls_per_second_per_user = 0").is_err());
+        assert!(Config::from_toml("[limits]\nburst_per_user = 0").is_err());
         assert!(Config::from_toml("[consent]\nremember_refusal = false").is_err());
         assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
         assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
@@ -600,6 +652,7 @@ mod tests {
             (1u64..=DAY_MS, 1u64..315_000_000),
             (1u32.., 1u32.., 1u32.., 1u32..),
             (1u32.., 1u32..),
+            (1u32.., 1u32..),
         )
             .prop_map(
                 |(
@@ -614,6 +667,7 @@ mod tests {
                         failed_exchange_burst,
                     ),
                     (max_calls_in_flight, max_streams_per_connection),
+                    (calls_per_second_per_user, burst_per_user),
                 )| {
                     LimitsConfig {
                         max_message_bytes,
@@ -634,6 +688,8 @@ mod tests {
                         failed_exchange_burst,
                         max_calls_in_flight,
                         max_streams_per_connection,
+                        calls_per_second_per_user,
+                        burst_per_user,
                     }
                 },
             );
@@ -693,10 +749,10 @@ mod tests {
             host,
             limits,
             sessions,
-            prop_oneof![Just("normal"), Just("full")],
+            (prop_oneof![Just("normal"), Just("full")], MIN_STORE_BYTES..),
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
-            (any::<bool>(), 1u32..=36_600),
+            (any::<bool>(), 1u32..=36_600, 0u64..=86_400, 1u32..=36_600),
             backend_http,
             superapp,
         )
@@ -706,10 +762,10 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    synchronous,
+                    (synchronous, max_bytes),
                     (filter, format),
                     apps,
-                    (remember_refusals, ledger_days),
+                    (remember_refusals, ledger_days, ledger_coalesce_secs, retention_days),
                     backend_http,
                     superapp,
                 )| Config {
@@ -720,10 +776,11 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    store: StoreConfig { synchronous: synchronous.into() },
+                    store: StoreConfig { synchronous: synchronous.into(), max_bytes },
                     log: LogConfig { filter, format: format.into() },
                     consent: ConsentConfig { remember_refusals },
-                    privacy: PrivacyConfig { ledger_days },
+                    privacy: PrivacyConfig { ledger_days, ledger_coalesce_secs },
+                    payments: PaymentsConfig { retention_days },
                     backend_http,
                     superapp,
                     apps,
@@ -771,6 +828,11 @@ mod tests {
             ("log", "format"),
             ("consent", "remember_refusals"),
             ("privacy", "ledger_days"),
+            ("privacy", "ledger_coalesce_secs"),
+            ("payments", "retention_days"),
+            ("store", "max_bytes"),
+            ("limits", "calls_per_second_per_user"),
+            ("limits", "burst_per_user"),
             ("backend_http", "listen"),
             ("backend_http", "allow_remote"),
             ("backend_http", "max_connections"),

@@ -359,7 +359,9 @@ impl EmbeddedPlatform {
         match found {
             Redemption::Redeemed(record) => {
                 // The value leaves only once its disclosure is on record.
-                self.ledger.redeemed(&record.ledger, surface, now).map_err(ExchangeFailure::System)?;
+                self.ledger
+                    .redeemed(&record.ledger, surface, now)
+                    .map_err(|e| ExchangeFailure::System(e.to_string()))?;
                 Ok(record)
             }
             Redemption::Used => Err(ExchangeFailure::CodeUsed),
@@ -672,14 +674,14 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::{clock::ManualClock, store::sqlite::SqliteStore};
+    use crate::{clock::ManualClock, disclosures::LedgerError, store::sqlite::SqliteStore};
 
     /// A ledger in memory: (what, redeemed through) per row id.
     #[derive(Debug, Default)]
     pub(crate) struct TestLedger(Mutex<Vec<(String, Option<&'static str>)>>);
 
     impl Disclosures for TestLedger {
-        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, LedgerError> {
             let mut all = self.0.lock().unwrap();
             Ok(rows
                 .iter()
@@ -692,7 +694,7 @@ mod tests {
 
         fn withdrawn(&self, _: &[u64]) {}
 
-        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), String> {
+        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), LedgerError> {
             let mut all = self.0.lock().unwrap();
             ids.iter().for_each(|&id| all[id as usize].1 = Some(surface.as_str()));
             Ok(())

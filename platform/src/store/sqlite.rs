@@ -73,6 +73,41 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The write-ahead log is truncated to this after each checkpoint: with `max_page_count`, what the
+/// database takes on disk is bounded.
+pub const WAL_BYTES: i64 = 16 * 1024 * 1024;
+
+/// Bounds the database file `conn` writes to `max_bytes` (whole pages, and never below what it
+/// holds now: SQLite keeps the larger), and its write-ahead log to [`WAL_BYTES`] after each
+/// checkpoint. A write beyond the bound fails with SQLITE_FULL ([`unwritable`]) and leaves the
+/// connection serving reads. Returns the bound in bytes. Every connection to the file sets it.
+pub fn limit_size(conn: &Connection, max_bytes: u64) -> rusqlite::Result<u64> {
+    let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    let page = page.max(512) as u64;
+    let pages = (max_bytes / page).clamp(1, i64::MAX as u64);
+    let set: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_BYTES)?;
+    Ok(set as u64 * page)
+}
+
+/// Whether `e` says the database cannot write now (full: `max_page_count` or the disk;
+/// read-only; an I/O error) rather than that the statement was wrong: such a failure is the
+/// machine's, the call changed nothing, reads go on, and the same call works once there is room.
+pub fn unwritable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, DiskFull | ReadOnly | SystemIoFailure | CannotOpen))
+}
+
+/// What a caller is told about a database that cannot write: SQLite's own words ("database or
+/// disk is full", "attempt to write a readonly database"), never a path.
+pub fn unwritable_reason(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, message) => message.clone().unwrap_or_else(|| f.to_string()),
+        other => other.to_string(),
+    }
+}
+
 /// Runs `f` in one transaction on `conn`: every multi-statement write of a SQLite store (this
 /// engine's and the daemon's) goes through here. rusqlite's `Transaction` parses "BEGIN" and
 /// "COMMIT" anew each time; these statements are prepared once.
@@ -154,6 +189,11 @@ impl SqliteStore {
             tokens: AccessTokens::default(),
             buckets: Buckets::default(),
         })
+    }
+
+    /// Bounds the database file to `max_bytes` ([`limit_size`]); returns the bound in bytes.
+    pub fn limit_size(&self, max_bytes: u64) -> Result<u64, StoreError> {
+        Ok(limit_size(&self.conn(), max_bytes)?)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
