@@ -15,11 +15,7 @@ use serde_json::Value;
 
 use super::Api;
 use crate::{
-    Platform, Surface,
-    clock::ManualClock,
-    config::EmbeddedConfig,
-    disclosures::{CodeDisclosure, Disclosures},
-    embedded::EmbeddedPlatform,
+    Platform, clock::ManualClock, config::EmbeddedConfig, disclosures::NoLedger, embedded::EmbeddedPlatform,
     store::sqlite::SqliteStore,
 };
 
@@ -47,18 +43,6 @@ pub struct Probe {
     api: Api,
     secret: String,
     runtime: tokio::runtime::Runtime,
-}
-
-struct NoLedger;
-
-impl Disclosures for NoLedger {
-    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
-        Ok((0..rows.len() as u64).collect())
-    }
-    fn withdrawn(&self, _: &[u64]) {}
-    fn redeemed(&self, _: &[u64], _: Surface, _: u64) -> Result<(), String> {
-        Ok(())
-    }
 }
 
 impl Default for Probe {
