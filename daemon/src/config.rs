@@ -29,6 +29,7 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     pub backend_http: BackendHttpConfig,
     pub superapp: SuperappConfig,
+    pub platform: PlatformConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -201,6 +202,48 @@ impl BackendHttpConfig {
     }
 }
 
+/// The remote platform (`miniapp-platformd`, docs/platform.md): with `url` set, every v2/v3 default
+/// (login, checkSession, phone and e-mail codes, sessions, user changes, revocations) goes to it,
+/// and the daemon's own backend HTTP API and `Exchange` service are off (backends redeem at the
+/// platform). Unset: the embedded platform, as on one machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// `http(s)://HOST:PORT` of the platform's daemon listener (`serve --daemon-listen`).
+    pub url: Option<String>,
+    /// The superapp's client key (`miniapp-platformd superapp add`).
+    pub client_key: Option<String>,
+    /// The file holding the superapp's client secret (its first line).
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM of the CA that signed the platform's certificate (https; default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// The longest one platform call may take when the renderer's own deadline is not shorter.
+    pub timeout_ms: u64,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig { url: None, client_key: None, client_secret_file: None, ca_file: None, timeout_ms: 3_000 }
+    }
+}
+
+impl PlatformConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err("platform.timeout_ms must be 1..=60000".into());
+        }
+        if let Some(url) = &self.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("platform.url must be http(s)://HOST:PORT, not {url:?}"));
+            }
+            if self.client_key.as_deref().is_none_or(str::is_empty) || self.client_secret_file.is_none() {
+                return Err("platform.url needs platform.client_key and platform.client_secret_file".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The superapp's server, which vouches for the user (docs/superapp-server.md): v3 authCodes are
 /// redeemed there, users checked there, and phone, e-mail, avatar and nickname fetched from there.
 /// Off while `server_url` is empty: the host's pushed profile serves, as on one machine.
@@ -334,6 +377,7 @@ impl Default for Config {
             privacy: PrivacyConfig::default(),
             backend_http: BackendHttpConfig::default(),
             superapp: SuperappConfig::default(),
+            platform: PlatformConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -468,6 +512,7 @@ impl Config {
         }
         self.backend_http.address()?;
         self.superapp.validate()?;
+        self.platform.validate()?;
         Ok(())
     }
 

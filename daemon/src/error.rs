@@ -67,6 +67,10 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The remote platform (`[platform] url`) is down, slow past the call's deadline, or refused
+    /// the daemon's credentials: nothing was issued.
+    #[error("platform unavailable")]
+    PlatformUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -84,7 +88,7 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::PlatformUnavailable => Code::Unavailable,
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -127,6 +131,7 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::PlatformUnavailable => 1018,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -155,6 +160,7 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::PlatformUnavailable => "platform_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -202,6 +208,9 @@ impl From<PlatformError> for ApiError {
     fn from(e: PlatformError) -> Self {
         match e {
             PlatformError::SessionExpired => ApiError::SessionExpired,
+            PlatformError::Unavailable(_) | PlatformError::Store(miniapp_platform::StoreError::Unavailable(_)) => {
+                ApiError::PlatformUnavailable
+            }
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),
         }

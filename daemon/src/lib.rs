@@ -9,6 +9,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod consent;
+pub mod deadline;
 pub mod demo;
 pub mod dev_host;
 pub mod dev_sim;

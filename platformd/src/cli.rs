@@ -134,3 +134,23 @@ fn default_data_dir() -> Option<PathBuf> {
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/miniapp-platformd"))
 }
+
+impl ServeArgs {
+    /// The serve defaults over `db`, for the commands that build a platform without serving.
+    pub fn for_commands(db: DatabaseArgs) -> ServeArgs {
+        ServeArgs {
+            db,
+            listen: ([127, 0, 0, 1], 8440).into(),
+            daemon_listen: ([127, 0, 0, 1], 8441).into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_plain_remote: false,
+            code_ttl_secs: 300,
+            session_ttl_secs: 7 * 24 * 3600,
+            max_codes_per_user: 100,
+            exchanges_per_minute_per_app: 600,
+            exchange_burst_per_app: 60,
+            log_json: false,
+        }
+    }
+}

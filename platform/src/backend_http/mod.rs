@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{Platform, clock::Clock, config::HttpLimits};
 
 pub use answer::Flavor;
+pub use listener::{BoundedListener, BoundedStream};
 
 /// Largest request body taken (the JSON bodies here are a few dozen bytes).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -38,6 +39,14 @@ struct Shared {
 pub struct BackendListener {
     listener: listener::BoundedListener,
     pub address: SocketAddr,
+}
+
+impl BackendListener {
+    /// The bounded listener, for an embedder that wraps its connections (TLS) before handing them
+    /// to [`serve_with`].
+    pub fn into_bounded(self) -> BoundedListener {
+        self.listener
+    }
 }
 
 impl std::fmt::Debug for BackendListener {
@@ -85,5 +94,22 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener.listener, router(platform, clock)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    serve_with(listener.listener, platform, clock, Router::new(), shutdown).await
+}
+
+/// [`serve`], for an embedder that adds to it: `listener` is the bound listener's
+/// ([`BackendListener::into_bounded`]), possibly wrapped (a platform service's TLS), and `extra`
+/// routes are served beside the API's (a service's health probes; they must not shadow its paths).
+pub async fn serve_with<L>(
+    listener: L,
+    platform: Arc<dyn Platform>,
+    clock: Arc<dyn Clock>,
+    extra: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router(platform, clock).merge(extra)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

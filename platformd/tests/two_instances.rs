@@ -1,0 +1,365 @@
+//! End to end: two `miniapp-platformd serve` processes on one real PostgreSQL, a real daemon in
+//! remote mode with a real host and renderer, and unmodified wechatpy redeeming at the instance
+//! that did not issue. Then the races and failures the service must survive: 200 codes redeemed
+//! through both instances at once, an instance killed under load, the database stopped and
+//! started, the platform down while renderers call.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use miniapp_broker_client::{
+    HostClient, RendererClient,
+    proto::v1::{self, SignedInUser, UserProfile},
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_miniapp-platformd");
+const APP: &str = "wx-remote-app";
+const WECHATPY_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/backend_wechatpy.py");
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what}: no answer within 30s"))
+}
+
+/// Runs a platformd command to completion and returns its stdout as JSON.
+async fn command_json(args: &[&str]) -> Value {
+    let out = within("platformd command", Command::new(BIN).args(args).kill_on_drop(true).output()).await.unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// One `serve` process: its addresses, read from its start-up log line.
+struct Instance {
+    child: Child,
+    http: SocketAddr,
+    daemon: SocketAddr,
+}
+
+impl Instance {
+    async fn start(database_url: &str, http: &str, daemon: &str) -> Instance {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--database-url", database_url, "--listen", http, "--daemon-listen", daemon])
+            .args(["--database-deadline-ms", "500", "--log-json"])
+            .env("MINIAPP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("platformd starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (http, daemon) = within("platform serving", async {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("platformd exited before serving");
+                let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                if v["fields"]["message"] == "platform serving" {
+                    let addr = |k: &str| v["fields"][k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    return (addr("listen"), addr("daemon_listen"));
+                }
+            }
+        })
+        .await;
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Instance { child, http, daemon }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// A plain HTTP/1.1 client (a backend would use its own; wechatpy is the real one below).
+#[derive(Clone)]
+struct Http {
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+}
+
+impl Http {
+    fn new() -> Http {
+        Http { client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    async fn get(&self, base: &str, path: &str) -> (u16, Value) {
+        let uri: hyper::Uri = format!("{base}{path}").parse().unwrap();
+        let response = within("http", self.client.get(uri)).await.expect("http answers");
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+fn user(uid: &str) -> SignedInUser {
+    SignedInUser {
+        uid: uid.into(),
+        profile: Some(UserProfile {
+            nick_name: "Nick".into(),
+            avatar_url: String::new(),
+            phone_number: "+86 138 0013 8000".into(),
+            email: format!("{uid}@example.invalid"),
+        }),
+    }
+}
+
+/// The tenant of these tests: a superapp and its app registered at the platform.
+struct Tenant {
+    client_key: String,
+    client_secret: String,
+    app_secret: String,
+}
+
+async fn tenant(database_url: &str) -> Tenant {
+    let sa = command_json(&["superapp", "add", "acme", "--json", "--database-url", database_url]).await;
+    let app =
+        command_json(&["register-app", APP, "--superapp", "acme", "--json", "--database-url", database_url]).await;
+    assert_eq!(app["app_id"], APP);
+    Tenant {
+        client_key: sa["client_key"].as_str().unwrap().into(),
+        client_secret: sa["client_secret"].as_str().unwrap().into(),
+        app_secret: app["secret"].as_str().unwrap().into(),
+    }
+}
+
+/// A daemon in remote mode pointed at `daemon_addr`, with a host and a v2 renderer of the app.
+struct Desktop {
+    _dir: tempfile::TempDir,
+    server: miniapp_brokerd::Server,
+    host: HostClient,
+    renderer: RendererClient,
+}
+
+async fn desktop(t: &Tenant, daemon_addr: SocketAddr, timeout_ms: u64) -> Desktop {
+    let dir = tempfile::Builder::new().prefix("brokerd-remote").tempdir().unwrap();
+    let secret_file = dir.path().join("client.secret");
+    std::fs::write(&secret_file, &t.client_secret).unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    config.platform.url = Some(format!("http://{daemon_addr}"));
+    config.platform.client_key = Some(t.client_key.clone());
+    config.platform.client_secret_file = Some(secret_file);
+    config.platform.timeout_ms = timeout_ms;
+    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    let host = within(
+        "host",
+        miniapp_broker_client::HostBuilder::new(server.address(), server.host_token()).user(user("u1")).connect(),
+    )
+    .await
+    .unwrap();
+    let launch = host.launch_app(APP, r#"{"apiVersion":"v2"}"#).await.unwrap();
+    let renderer = RendererClient::connect(server.address(), &launch.launch_token).await.unwrap();
+    Desktop { _dir: dir, server, host, renderer }
+}
+
+async fn login(r: &RendererClient) -> Result<String, v1::ApiFailure> {
+    r.call(v1::LoginRequest::default()).await.map(|l| l.code)
+}
+
+fn session_path(secret: &str, code: &str) -> String {
+    format!("/sns/jscode2session?appid={APP}&secret={secret}&js_code={code}&grant_type=authorization_code")
+}
+
+#[tokio::test]
+async fn codes_issued_through_one_instance_are_redeemed_at_the_other_by_wechatpy_and_each_exactly_once() {
+    let url = miniapp_test_postgres::shared().database().await;
+    let t = tenant(&url).await;
+    let a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let b = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let d = desktop(&t, a.daemon, 3000).await;
+
+    // The daemon's own backend API is off: the platform serves backends.
+    assert!(d.server.backend_http_addr().is_none());
+
+    // wechatpy at instance B redeems codes instance A issued.
+    let login_code = within("login", login(&d.renderer)).await.expect("login through the platform");
+    let phone_code =
+        within("getPhoneNumber", d.renderer.call(v1::GetPhoneNumberRequest {})).await.expect("phone code").code;
+    let out = within(
+        "backend_wechatpy.py",
+        Command::new("python3")
+            .arg(WECHATPY_SCRIPT)
+            .args([
+                format!("--base-url={}", b.url()),
+                format!("--appid={APP}"),
+                format!("--secret={}", t.app_secret),
+                format!("--login-code={login_code}"),
+                format!("--phone-code={phone_code}"),
+            ])
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python3 runs (scripts/test installs wechatpy)");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "wechatpy backend failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert_eq!(stdout.lines().last(), Some("wechatpy backend: all ok"), "{stdout}\n{stderr}");
+
+    // A's own HTTP API agrees the login code is spent.
+    let http = Http::new();
+    let (_, body) = http.get(&a.url(), &session_path(&t.app_secret, &login_code)).await;
+    assert_eq!(body["errcode"], 40163, "{body}");
+
+    // 200 codes, each redeemed through both instances at once: each exactly once.
+    let mut codes = Vec::new();
+    for _ in 0..200 {
+        codes.push(within("login", login(&d.renderer)).await.expect("login"));
+    }
+    let attempts = codes.iter().flat_map(|code| {
+        [a.url(), b.url()].into_iter().map(|base| {
+            let http = http.clone();
+            let path = session_path(&t.app_secret, code);
+            let code = code.clone();
+            async move { (code, http.get(&base, &path).await.1) }
+        })
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let mut redeemed = HashSet::new();
+    for (code, body) in &outcomes {
+        if body["openid"].is_string() {
+            assert!(redeemed.insert(code.clone()), "{code} redeemed twice");
+        } else {
+            assert_eq!(body["errcode"], 40163, "the loser hears 'code been used': {body}");
+        }
+    }
+    assert_eq!(redeemed.len(), 200);
+
+    // The user's ledger says what the platform redeemed (asked of the platform by the daemon).
+    let ledger = within("ledger", d.host.ledger(APP, "u1", 0)).await.unwrap();
+    let stamped = ledger.iter().filter(|r| r.redeemed_via == "backend_http").count();
+    assert_eq!(stamped, 202, "every redeemed code is stamped in the user's ledger: {ledger:?}");
+}
+
+#[tokio::test]
+async fn an_instance_killed_under_load_loses_no_acknowledged_code_and_the_daemon_recovers_on_its_own() {
+    let url = miniapp_test_postgres::shared().database().await;
+    let t = tenant(&url).await;
+    let mut a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let b = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let daemon_port = a.daemon;
+    let d = Arc::new(desktop(&t, a.daemon, 1000).await);
+
+    // Renderer logins in a loop while the instance they go through is killed.
+    let issued = Arc::new(tokio::sync::Semaphore::new(0));
+    let load = {
+        let (d, issued) = (d.clone(), issued.clone());
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..120 {
+                let started = Instant::now();
+                let outcome = login(&d.renderer).await;
+                if outcome.is_ok() {
+                    issued.add_permits(1);
+                }
+                outcomes.push((outcome, started.elapsed()));
+            }
+            outcomes
+        })
+    };
+    // Kill it once some logins went through.
+    drop(within("some logins", issued.acquire_many(10)).await);
+    a.kill().await;
+    let outcomes = within("the load", load).await.unwrap();
+    let mut ok = Vec::new();
+    let mut unavailable = 0;
+    for (outcome, took) in outcomes {
+        assert!(took < Duration::from_millis(1800), "a call took {took:?}: past its deadline");
+        match outcome {
+            Ok(code) => ok.push(code),
+            Err(f) => {
+                assert_eq!(f.err_msg, "login:fail platform unavailable", "{f:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(ok.len() >= 10 && unavailable > 0, "{} ok, {unavailable} unavailable", ok.len());
+    // Every acknowledged code is redeemable, once, at the surviving instance.
+    let http = Http::new();
+    for code in &ok {
+        let (_, body) = http.get(&b.url(), &session_path(&t.app_secret, code)).await;
+        assert!(body["openid"].is_string(), "an acknowledged code was lost: {body}");
+        let (_, again) = http.get(&b.url(), &session_path(&t.app_secret, code)).await;
+        assert_eq!(again["errcode"], 40163);
+    }
+    // The instance comes back on its address: the daemon recovers by itself.
+    let _a = Instance::start(&url, "127.0.0.1:0", &daemon_port.to_string()).await;
+    within("the daemon recovers", async {
+        loop {
+            if login(&d.renderer).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_database_stopped_answers_system_busy_at_once_and_started_again_serves() {
+    let mut pg = miniapp_test_postgres::Postgres::start().expect("a cluster of its own");
+    let url = pg.database().await;
+    let t = tenant(&url).await;
+    let a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let d = desktop(&t, a.daemon, 2000).await;
+    let http = Http::new();
+    let code = within("login", login(&d.renderer)).await.expect("login");
+    assert_eq!(http.get(&a.url(), "/readyz").await.0, 200);
+
+    pg.stop();
+    let started = Instant::now();
+    let (_, body) = http.get(&a.url(), &session_path(&t.app_secret, &code)).await;
+    assert_eq!(body["errcode"], -1, "{body}");
+    assert_eq!(body["errmsg"], "system busy", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+    assert_eq!(http.get(&a.url(), "/readyz").await.0, 503);
+    assert_eq!(http.get(&a.url(), "/healthz").await.0, 200, "live, though not ready");
+    let failure = within("login", login(&d.renderer)).await.expect_err("no code without the database");
+    assert_eq!(failure.err_msg, "login:fail platform unavailable");
+
+    pg.restart().unwrap();
+    within("ready again", async {
+        while http.get(&a.url(), "/readyz").await.0 != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // The code issued before the outage was acknowledged: it is still there, once.
+    let (_, body) = http.get(&a.url(), &session_path(&t.app_secret, &code)).await;
+    assert!(body["openid"].is_string(), "{body}");
+    assert!(within("login", login(&d.renderer)).await.is_ok());
+}
+
+#[tokio::test]
+async fn renderers_calling_while_the_platform_is_down_hear_platform_unavailable_within_their_deadline() {
+    // Nothing listens on the platform's address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    // A platform that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let t = Tenant { client_key: "ck_x".into(), client_secret: "s".into(), app_secret: String::new() };
+    for addr in [closed_addr, silent_addr] {
+        let d = desktop(&t, addr, 800).await;
+        let started = Instant::now();
+        let failure = within("login", login(&d.renderer)).await.expect_err("no platform, no code");
+        assert_eq!(failure.err_msg, "login:fail platform unavailable", "{addr}");
+        assert!(started.elapsed() < Duration::from_millis(1500), "{addr}: {:?}", started.elapsed());
+        let check = within("checkSession", d.renderer.call(v1::CheckSessionRequest::default())).await;
+        assert_eq!(check.expect_err("no platform").err_msg, "checkSession:fail platform unavailable");
+    }
+    drop(silent);
+}
