@@ -513,6 +513,11 @@ impl Config {
         self.backend_http.address()?;
         self.superapp.validate()?;
         self.platform.validate()?;
+        if self.platform.url.is_some() && self.backend_http.listen.is_some() {
+            return Err("backend_http.listen (--backend-listen) is off with a remote platform (platform.url): \
+                        app backends redeem at the platform service's --listen"
+                .into());
+        }
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use miniapp_platform::{
     AccessToken, AuthorizedApp, Credential, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
-    TokenRequest, ValueKind,
+    TokenRequest, ValueKind, user_data::UserCredentials,
 };
 
 use crate::{
@@ -197,8 +197,9 @@ impl RemotePlatform {
     pub fn outstanding_codes(&self) -> usize {
         self.outstanding.len()
     }
+}
 
-#[async_trait::async_trait]
+#[tonic::async_trait]
 impl Platform for RemotePlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
         let request = self.request(pv1::IssueLoginCodeRequest {
@@ -294,6 +295,34 @@ impl Platform for RemotePlatform {
 
     async fn check_session_signature(&self, _: &AuthorizedApp, _: &str, _: &str) -> Result<(), ExchangeFailure> {
         Err(use_the_platform())
+    }
+
+    async fn reset_session_key(&self, _: &AuthorizedApp, _: &str, _: &str) -> Result<String, ExchangeFailure> {
+        Err(use_the_platform())
+    }
+
+    async fn user_credentials(
+        &self,
+        app_id: &str,
+        uid: &str,
+        user_info_json: &str,
+    ) -> Result<Option<UserCredentials>, PlatformError> {
+        let request = self.request(pv1::UserCredentialsRequest {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            user_info_json: user_info_json.to_owned(),
+        });
+        let mut client = self.client.clone();
+        match self.call("UserCredentials", client.user_credentials(request)).await {
+            Ok(c) => Ok(Some(UserCredentials {
+                raw_data: c.raw_data,
+                signature: c.signature,
+                encrypted_data: c.encrypted_data,
+                iv: c.iv,
+            })),
+            Err(PlatformError::SessionExpired) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Openids are the platform service's; the daemon never computes one in remote mode.

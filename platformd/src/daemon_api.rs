@@ -21,6 +21,8 @@ use crate::{
 
 /// Longest app id, uid, auth code or value taken.
 const MAX_FIELD_BYTES: usize = 1024;
+/// Longest user info JSON taken (a profile of a nickname, an avatar URL and a few fields).
+const MAX_USER_INFO_BYTES: usize = 16 * 1024;
 /// Most code ids one Redemptions call may ask about.
 const MAX_REDEMPTIONS: usize = 1000;
 
@@ -112,6 +114,7 @@ fn tenant_failure(e: &TenantError) -> Status {
 fn platform_failure(e: PlatformError) -> Status {
     match e {
         PlatformError::SessionExpired => Status::failed_precondition("session expired"),
+        PlatformError::UserData(_) => Status::invalid_argument("user_info_json is not a JSON object"),
         PlatformError::Store(StoreError::Unavailable(_)) => {
             warn!(error = %e, "platform database unavailable");
             Status::unavailable("platform database unavailable")
@@ -232,5 +235,25 @@ impl platform_server::Platform for DaemonApi {
             })
             .collect();
         Ok(Response::new(pv1::RedemptionsResponse { redeemed }))
+    }
+
+    async fn user_credentials(
+        &self,
+        request: Request<pv1::UserCredentialsRequest>,
+    ) -> Result<Response<pv1::UserCredentialsResponse>, Status> {
+        let uid = self.for_app(&request, &request.get_ref().app_id, &request.get_ref().uid).await?;
+        let r = request.into_inner();
+        if r.user_info_json.len() > MAX_USER_INFO_BYTES {
+            return Err(Status::invalid_argument(format!("user_info_json is longer than {MAX_USER_INFO_BYTES} bytes")));
+        }
+        match self.platform.user_credentials(&r.app_id, &uid, &r.user_info_json).await.map_err(platform_failure)? {
+            Some(c) => Ok(Response::new(pv1::UserCredentialsResponse {
+                raw_data: c.raw_data,
+                signature: c.signature,
+                encrypted_data: c.encrypted_data,
+                iv: c.iv,
+            })),
+            None => Err(Status::failed_precondition("session expired")),
+        }
     }
 }
