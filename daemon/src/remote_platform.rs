@@ -225,7 +225,13 @@ impl Platform for RemotePlatform {
         self.call("CheckSession", client.check_session(request)).await.map(drop)
     }
 
-    async fn value_code(&self, app_id: &str, uid: &str, kind: ValueKind, value: String) -> Result<String, PlatformError> {
+    async fn value_code(
+        &self,
+        app_id: &str,
+        uid: &str,
+        kind: ValueKind,
+        value: String,
+    ) -> Result<String, PlatformError> {
         let (wire, api) = match kind {
             ValueKind::PhoneNumber => (pv1::ValueKind::PhoneNumber, "getPhoneNumber"),
             ValueKind::Email => (pv1::ValueKind::Email, "getEmail"),
@@ -254,8 +260,11 @@ impl Platform for RemotePlatform {
             Some(ValueKind::PhoneNumber) => pv1::ValueKind::PhoneNumber,
             Some(ValueKind::Email) => pv1::ValueKind::Email,
         };
-        let request =
-            self.request(pv1::InvalidateCodesRequest { app_id: app_id.to_owned(), uid: uid.to_owned(), kind: kind as i32 });
+        let request = self.request(pv1::InvalidateCodesRequest {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            kind: kind as i32,
+        });
         let mut client = self.client.clone();
         match self.call("InvalidateCodes", client.invalidate_codes(request)).await {
             Ok(answer) => answer.invalidated as usize,
@@ -274,7 +283,12 @@ impl Platform for RemotePlatform {
         Err(use_the_platform())
     }
 
-    async fn code2session(&self, _: Surface, _: &AuthorizedApp, _: &str) -> Result<Code2SessionResponse, ExchangeFailure> {
+    async fn code2session(
+        &self,
+        _: Surface,
+        _: &AuthorizedApp,
+        _: &str,
+    ) -> Result<Code2SessionResponse, ExchangeFailure> {
         Err(use_the_platform())
     }
 
@@ -335,7 +349,12 @@ impl Platform for RemotePlatform {
     }
 
     /// Sessions live at the platform service; the daemon lists none.
-    async fn list_sessions(&self, _: Option<&str>, _: Option<(&str, &str)>, _: u32) -> Result<Vec<SessionInfo>, PlatformError> {
+    async fn list_sessions(
+        &self,
+        _: Option<&str>,
+        _: Option<(&str, &str)>,
+        _: u32,
+    ) -> Result<Vec<SessionInfo>, PlatformError> {
         Ok(Vec::new())
     }
 

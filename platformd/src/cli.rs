@@ -70,6 +70,10 @@ pub enum SuperappCommand {
         /// Print one JSON object: {"client_key", "client_secret"}.
         #[arg(long)]
         json: bool,
+        /// The superapp's own server (`https://HOST[:PORT]`), which vouches for its users in v3;
+        /// stored with the tenant.
+        #[arg(long, value_name = "URL")]
+        server_url: Option<String>,
         #[command(flatten)]
         db: DatabaseArgs,
     },

@@ -55,7 +55,9 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             eprintln!("miniapp-platformd: the database schema is up to date");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Superapp { command: SuperappCommand::Add { name, json, db } } => add_superapp(&db, &name, json).await,
+        Command::Superapp { command: SuperappCommand::Add { name, json, server_url, db } } => {
+            add_superapp(&db, &name, json, server_url.as_deref()).await
+        }
         Command::RegisterApp { app_id, superapp, rotate, json, db } => {
             register_app(&db, &app_id, &superapp, rotate, json).await
         }
@@ -67,14 +69,24 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-async fn add_superapp(db: &DatabaseArgs, name: &str, json: bool) -> Result<ExitCode, BoxError> {
+async fn add_superapp(
+    db: &DatabaseArgs,
+    name: &str,
+    json: bool,
+    server_url: Option<&str>,
+) -> Result<ExitCode, BoxError> {
     if !valid_name(name) {
         return Err(format!("superapp name {name:?}: 1-64 letters, digits, '-', '_' or '.'").into());
+    }
+    if let Some(url) = server_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(format!("--server-url must be http(s)://HOST[:PORT], not {url:?}").into());
     }
     let db = serve::open(db).await?;
     let client_key = format!("ck_{}", miniapp_platform::tokens::random_token(16));
     let client_secret = miniapp_platform::tokens::random_token(32);
-    if !db.tenants.add_superapp(name, &client_key, &hash_secret(&client_secret)).await? {
+    if !db.tenants.add_superapp(name, &client_key, &hash_secret(&client_secret), server_url).await? {
         return Err(format!("a superapp named {name} exists already (its secret is not shown again)").into());
     }
     if json {

@@ -84,6 +84,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE stable_tokens (app_id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at_ms BIGINT NOT NULL);
      CREATE TABLE rate_buckets (app_id TEXT PRIMARY KEY, tat_us BIGINT NOT NULL);
      CREATE INDEX sessions_expires ON sessions (expires_at_ms);",
+    // 2: the superapp's server (`superapp add --server-url`), for v3.
+    "ALTER TABLE superapps ADD COLUMN server_url TEXT;",
 ];
 
 /// The advisory lock key migrations hold ("miniapp" in ASCII).
@@ -329,13 +331,19 @@ impl PgStore {
         bytes.try_into().map_err(|_| PgError::Url("the stored openid secret is not 32 bytes".into()))
     }
 
-    /// Adds a superapp; false when the name is taken.
-    pub async fn add_superapp(&self, name: &str, client_key: &str, secret_hash: &[u8; 32]) -> Result<bool, PgError> {
+    /// Adds a superapp (with its server's URL, when it has one); false when the name is taken.
+    pub async fn add_superapp(
+        &self,
+        name: &str,
+        client_key: &str,
+        secret_hash: &[u8; 32],
+        server_url: Option<&str>,
+    ) -> Result<bool, PgError> {
         let n = self
             .execute(
-                "INSERT INTO superapps (name, client_key, secret_hash, created_at_ms) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT DO NOTHING",
-                &[&name, &client_key, &&secret_hash[..], &now_ms()],
+                "INSERT INTO superapps (name, client_key, secret_hash, created_at_ms, server_url)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&name, &client_key, &&secret_hash[..], &now_ms(), &server_url],
             )
             .await?;
         Ok(n == 1)

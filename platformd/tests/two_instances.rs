@@ -27,6 +27,21 @@ use tokio::{
 const BIN: &str = env!("CARGO_BIN_EXE_miniapp-platformd");
 const APP: &str = "wx-remote-app";
 const WECHATPY_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/backend_wechatpy.py");
+const WECHATPY_INSTALL: &str = "python3 -m pip install -r clients/python/backend-requirements.txt";
+
+/// Without python3 or wechatpy the wechatpy test fails with the install command (scripts/test
+/// installs it): it never passes unrun.
+async fn require_wechatpy() {
+    let probe = Command::new("python3").args(["-c", "import wechatpy"]).kill_on_drop(true).output();
+    match within("python3 probe", probe).await {
+        Err(e) => panic!("python3 is not available ({e}); install Python 3, then: {WECHATPY_INSTALL}"),
+        Ok(out) if !out.status.success() => panic!(
+            "wechatpy is not installed; run: {WECHATPY_INSTALL}\n{}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+        ),
+        Ok(_) => {}
+    }
+}
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what}: no answer within 30s"))
@@ -52,6 +67,10 @@ impl Instance {
         let mut child = Command::new(BIN)
             .args(["serve", "--database-url", database_url, "--listen", http, "--daemon-listen", daemon])
             .args(["--database-deadline-ms", "500", "--log-json"])
+            // 200 codes of one user outstanding at once (the default keeps the latest 100).
+            .args(["--max-codes-per-user", "256"])
+            // 400 redemption attempts at once (the per-app limit has its own test).
+            .args(["--exchanges-per-minute-per-app", "60000", "--exchange-burst-per-app", "1000"])
             .env("MINIAPP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -174,6 +193,7 @@ fn session_path(secret: &str, code: &str) -> String {
 
 #[tokio::test]
 async fn codes_issued_through_one_instance_are_redeemed_at_the_other_by_wechatpy_and_each_exactly_once() {
+    require_wechatpy().await;
     let url = miniapp_test_postgres::shared().database().await;
     let t = tenant(&url).await;
     let a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
