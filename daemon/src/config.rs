@@ -682,6 +682,20 @@ mod tests {
                 key_refresh_secs,
             },
         );
+        let platform =
+            (proptest::option::of(("[a-z0-9.]{1,12}", 1u16.., "[ -~]{1,16}", path())), path(), 1u64..=60_000).prop_map(
+                |(remote, ca_file, timeout_ms)| {
+                    let (url, client_key, client_secret_file) = match remote {
+                        Some((host, port, key, file)) => (
+                            Some(format!("https://{host}:{port}")),
+                            Some(key),
+                            Some(file.unwrap_or_else(|| PathBuf::from("/client.secret"))),
+                        ),
+                        None => (None, None, None),
+                    };
+                    PlatformConfig { url, client_key, client_secret_file, ca_file, timeout_ms }
+                },
+            );
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
             .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
@@ -700,6 +714,7 @@ mod tests {
             (any::<bool>(), 1u32..=36_600),
             backend_http,
             superapp,
+            platform,
         )
             .prop_map(
                 |(
@@ -713,7 +728,13 @@ mod tests {
                     (remember_refusals, ledger_days),
                     backend_http,
                     superapp,
+                    platform,
                 )| Config {
+                    // A remote platform turns the daemon's backend HTTP API off.
+                    backend_http: match platform.url {
+                        Some(_) => BackendHttpConfig { listen: None, ..backend_http },
+                        None => backend_http,
+                    },
                     socket,
                     data_dir,
                     ephemeral,
@@ -725,8 +746,8 @@ mod tests {
                     log: LogConfig { filter, format: format.into() },
                     consent: ConsentConfig { remember_refusals },
                     privacy: PrivacyConfig { ledger_days },
-                    backend_http,
                     superapp,
+                    platform,
                     apps,
                 },
             )
