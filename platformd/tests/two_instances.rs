@@ -60,6 +60,8 @@ struct Instance {
     child: Child,
     http: SocketAddr,
     daemon: SocketAddr,
+    /// Every line it logged, until its stderr closes.
+    log: tokio::task::JoinHandle<String>,
 }
 
 impl Instance {
@@ -90,8 +92,15 @@ impl Instance {
         })
         .await;
         // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Instance { child, http, daemon }
+        let log = tokio::spawn(async move {
+            let mut log = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        });
+        Instance { child, http, daemon, log }
     }
 
     fn url(&self) -> String {
@@ -100,6 +109,11 @@ impl Instance {
 
     async fn kill(&mut self) {
         self.child.kill().await.unwrap();
+    }
+
+    /// What it logged after its start-up line (once it exited).
+    async fn log(self) -> String {
+        within("its log", self.log).await.unwrap()
     }
 }
 
@@ -382,4 +396,61 @@ async fn renderers_calling_while_the_platform_is_down_hear_platform_unavailable_
         assert_eq!(check.expect_err("no platform").err_msg, "checkSession:fail platform unavailable");
     }
     drop(silent);
+}
+
+/// A daemon API call with these credentials: its gRPC status code.
+async fn issue_as(daemon: SocketAddr, key: &str, secret: &str, app_id: &str) -> tonic::Code {
+    use miniapp_broker_proto::platform::v1::{IssueLoginCodeRequest, platform_client::PlatformClient};
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{daemon}")).unwrap();
+    let mut client = PlatformClient::new(within("connect", endpoint.connect()).await.unwrap());
+    let mut request = tonic::Request::new(IssueLoginCodeRequest {
+        app_id: app_id.into(),
+        uid: "u1".into(),
+        auth_code: String::new(),
+    });
+    request.metadata_mut().insert("client-key", key.parse().unwrap());
+    request.metadata_mut().insert("client-secret", secret.parse().unwrap());
+    match within("IssueLoginCode", client.issue_login_code(request)).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test]
+async fn only_a_superapps_own_daemons_issue_its_apps_codes_and_no_credential_reaches_the_log() {
+    let url = miniapp_test_postgres::shared().database().await;
+    let t = tenant(&url).await;
+    let other = command_json(&["superapp", "add", "other", "--json", "--database-url", &url]).await;
+    let (other_key, other_secret) = (other["client_key"].as_str().unwrap(), other["client_secret"].as_str().unwrap());
+    // An app belongs to one superapp: registering it for another is refused.
+    let out = Command::new(BIN)
+        .args(["register-app", APP, "--superapp", "other", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "an app registered to acme cannot be claimed by other");
+    let mut a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+
+    assert_eq!(issue_as(a.daemon, &t.client_key, &t.client_secret, APP).await, tonic::Code::Ok);
+    assert_eq!(issue_as(a.daemon, &t.client_key, "not-the-secret-4f9a1c", APP).await, tonic::Code::Unauthenticated);
+    assert_eq!(issue_as(a.daemon, "ck_unknown", &t.client_secret, APP).await, tonic::Code::Unauthenticated);
+    assert_eq!(issue_as(a.daemon, other_key, other_secret, APP).await, tonic::Code::PermissionDenied);
+    assert_eq!(
+        issue_as(a.daemon, &t.client_key, &t.client_secret, "wx-unregistered").await,
+        tonic::Code::PermissionDenied
+    );
+
+    // A daemon with a wrong secret hears "platform unavailable" (nothing was issued).
+    let wrong = Tenant { client_secret: "not-the-secret-4f9a1c".into(), ..t };
+    let d = desktop(&wrong, a.daemon, 2000).await;
+    let failure = within("login", login(&d.renderer)).await.expect_err("refused credentials issue nothing");
+    assert_eq!(failure.err_msg, "login:fail platform unavailable");
+
+    // Nothing the instance logged carries a client key or secret, right or wrong.
+    a.kill().await;
+    let log = a.log().await;
+    assert!(log.contains("daemon call refused"), "the refusals were logged: {log}");
+    for secret in [wrong.client_key.as_str(), &t.client_secret, "not-the-secret-4f9a1c", other_secret, other_key] {
+        assert!(!log.contains(secret), "{secret} is in the log");
+    }
 }
