@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
+    local_redemptions::RecordingStore,
     postgres::PgStore,
     tenants::{TenantError, Tenants},
 };
@@ -26,13 +27,19 @@ const MAX_USER_INFO_BYTES: usize = 16 * 1024;
 /// Most code ids one Redemptions call may ask about.
 const MAX_REDEMPTIONS: usize = 1000;
 
+/// Where `Redemptions` finds which codes were redeemed: the codes' rows of the shared engine, or
+/// what a single SQLite instance remembered.
+#[derive(Clone)]
+pub enum RedemptionSource {
+    Pg(PgStore),
+    Local(Arc<RecordingStore>),
+}
+
 /// The service. See the module docs.
 pub struct DaemonApi {
     platform: Arc<dyn Platform>,
     tenants: Arc<Tenants>,
-    /// The shared engine, for Redemptions (a single SQLite instance answers none: see
-    /// docs/platform.md).
-    pg: Option<PgStore>,
+    redemptions: RedemptionSource,
     code_ttl_ms: u64,
 }
 
@@ -40,10 +47,10 @@ impl DaemonApi {
     pub fn new(
         platform: Arc<dyn Platform>,
         tenants: Arc<Tenants>,
-        pg: Option<PgStore>,
+        redemptions: RedemptionSource,
         code_ttl_secs: u64,
     ) -> DaemonApi {
-        DaemonApi { platform, tenants, pg, code_ttl_ms: code_ttl_secs * 1000 }
+        DaemonApi { platform, tenants, redemptions, code_ttl_ms: code_ttl_secs * 1000 }
     }
 
     pub fn into_server(self) -> platform_server::PlatformServer<DaemonApi> {
@@ -218,14 +225,14 @@ impl platform_server::Platform for DaemonApi {
         if ids.len() > MAX_REDEMPTIONS {
             return Err(Status::invalid_argument(format!("at most {MAX_REDEMPTIONS} code ids")));
         }
-        let Some(pg) = &self.pg else {
-            return Ok(Response::new(pv1::RedemptionsResponse { redeemed: Vec::new() }));
-        };
         let hashes: Vec<Vec<u8>> = ids.iter().filter_map(|id| crate::code_hash_of_id(id)).collect();
-        let found = pg.redemptions(&superapp, &hashes).await.map_err(|e| {
-            warn!(error = %e, "redemptions lookup failed");
-            Status::unavailable("platform database unavailable")
-        })?;
+        let found = match &self.redemptions {
+            RedemptionSource::Pg(pg) => pg.redemptions(&superapp, &hashes).await.map_err(|e| {
+                warn!(error = %e, "redemptions lookup failed");
+                Status::unavailable("platform database unavailable")
+            })?,
+            RedemptionSource::Local(store) => store.redemptions(&superapp, &hashes),
+        };
         let redeemed = found
             .into_iter()
             .map(|(hash, at, via)| pv1::Redemption {

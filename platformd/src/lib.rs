@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod daemon_api;
 pub mod engine;
+pub mod local_redemptions;
 pub mod postgres;
 pub mod serve;
 pub mod tenants;

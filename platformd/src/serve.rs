@@ -18,7 +18,8 @@ use tracing::{info, warn};
 
 use crate::{
     cli::{DatabaseArgs, ServeArgs},
-    daemon_api::DaemonApi,
+    daemon_api::{DaemonApi, RedemptionSource},
+    local_redemptions::RecordingStore,
     postgres::{PgOptions, PgStore},
     tenants::{SqliteTenants, TenantStore, Tenants},
     tls,
@@ -47,7 +48,8 @@ pub enum ServeError {
 pub struct Database {
     pub store: Arc<dyn PlatformStore>,
     pub tenants: Arc<dyn TenantStore>,
-    pub pg: Option<PgStore>,
+    /// Where the daemon API's `Redemptions` looks.
+    pub redemptions: RedemptionSource,
     /// How to check the database answers (`/readyz`).
     probe: Probe,
 }
@@ -58,8 +60,14 @@ enum Probe {
     Sqlite,
 }
 
-/// Opens (and migrates) the database `args` names.
+/// Opens (and migrates) the database `args` names, for a command that serves nothing.
 pub async fn open(args: &DatabaseArgs) -> Result<Database, ServeError> {
+    open_for(args, EmbeddedConfig::default().code_ttl_secs).await
+}
+
+/// Opens (and migrates) the database `args` names, for a platform whose codes live
+/// `code_ttl_secs`.
+pub async fn open_for(args: &DatabaseArgs, code_ttl_secs: u64) -> Result<Database, ServeError> {
     let url = args.url().map_err(ServeError::Config)?;
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
@@ -68,7 +76,15 @@ pub async fn open(args: &DatabaseArgs) -> Result<Database, ServeError> {
         }
         let store = SqliteStore::open(Some(&path), true).map_err(|e| ServeError::Database(e.to_string()))?;
         let tenants = SqliteTenants::open(&path).map_err(|e| ServeError::Database(e.to_string()))?;
-        return Ok(Database { store: Arc::new(store), tenants: Arc::new(tenants), pg: None, probe: Probe::Sqlite });
+        // Kept as long as a daemon asks about a code: its lifetime and a few sweeps more.
+        let keep_ms = (code_ttl_secs + 600) * 1000;
+        let store = Arc::new(RecordingStore::new(Arc::new(store), keep_ms));
+        return Ok(Database {
+            store: store.clone(),
+            tenants: Arc::new(tenants),
+            redemptions: RedemptionSource::Local(store),
+            probe: Probe::Sqlite,
+        });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let options = PgOptions {
@@ -83,7 +99,7 @@ pub async fn open(args: &DatabaseArgs) -> Result<Database, ServeError> {
         return Ok(Database {
             store: Arc::new(pg.clone()),
             tenants: Arc::new(pg.clone()),
-            pg: Some(pg.clone()),
+            redemptions: RedemptionSource::Pg(pg.clone()),
             probe: Probe::Pg(pg),
         });
     }
@@ -155,7 +171,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
     };
     check_plain(args.listen, tls.is_some(), args.allow_plain_remote, "--listen")?;
     check_plain(args.daemon_listen, tls.is_some(), args.allow_plain_remote, "--daemon-listen")?;
-    let db = open(&args.db).await?;
+    let db = open_for(&args.db, args.code_ttl_secs).await?;
     let location = db.store.location();
     let platform = platform(&db, &args).await?;
     let tenants = Arc::new(Tenants::new(db.tenants.clone()));
@@ -196,7 +212,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
         .await
         .map_err(|e| ServeError::Listen(args.daemon_listen, e))?;
     let daemon_addr = daemon_listener.local_addr().map_err(|e| ServeError::Listen(args.daemon_listen, e))?;
-    let api = DaemonApi::new(dyn_platform.clone(), tenants, db.pg.clone(), args.code_ttl_secs).into_server();
+    let api = DaemonApi::new(dyn_platform.clone(), tenants, db.redemptions.clone(), args.code_ttl_secs).into_server();
     let mut builder = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
