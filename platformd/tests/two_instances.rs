@@ -266,3 +266,37 @@ async fn only_a_superapps_own_daemons_issue_its_apps_codes_and_no_credential_rea
         assert!(!log.contains(secret), "{secret} is in the log");
     }
 }
+
+#[tokio::test]
+async fn a_revocation_and_a_user_change_on_the_desktop_end_codes_at_every_instance() {
+    let url = miniapp_test_postgres::shared().database().await;
+    let t = tenant(&url).await;
+    let a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let b = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let d = desktop(&t, a.daemon, 3000).await;
+    let http = Http::new();
+    let (_, token) = http
+        .get(&b.url(), &format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={}", t.app_secret))
+        .await;
+    let token = token["access_token"].as_str().expect("an access token").to_owned();
+    let phone_path = format!("/wxa/business/getuserphonenumber?access_token={token}");
+
+    // Revoking the phone scope on the desktop kills the outstanding phone codes at the platform.
+    let kept = within("getPhoneNumber", d.renderer.call(v1::GetPhoneNumberRequest {})).await.expect("phone code").code;
+    let (_, body) = http.post(&b.url(), &phone_path, &serde_json::json!({ "code": kept })).await;
+    assert_eq!(body["errcode"], 0, "a phone code redeems before any revocation: {body}");
+    let revoked =
+        within("getPhoneNumber", d.renderer.call(v1::GetPhoneNumberRequest {})).await.expect("phone code").code;
+    within("revoke", d.host.revoke_grants(APP, "u1", "SCOPE_PHONE_NUMBER")).await.unwrap();
+    let (_, body) = http.post(&b.url(), &phone_path, &serde_json::json!({ "code": revoked })).await;
+    assert_eq!(body["errcode"], 40029, "a revoked scope's code is dead at every instance: {body}");
+
+    // Another user signs in: the previous user's codes and session end at the platform.
+    let before = within("login", login(&d.renderer)).await.expect("login");
+    within("set_user", d.host.set_user(user("u2"))).await.unwrap();
+    let (_, body) = http.get(&b.url(), &session_path(&t.app_secret, &before)).await;
+    assert_eq!(body["errcode"], 40029, "the previous user's login code is dead: {body}");
+    let after = within("login", login(&d.renderer)).await.expect("u2 logs in");
+    let (_, body) = http.get(&b.url(), &session_path(&t.app_secret, &after)).await;
+    assert!(body["openid"].is_string(), "{body}");
+}

@@ -136,6 +136,18 @@ impl Http {
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
+    /// POST `json` to `path`: the status and the JSON answer.
+    pub async fn post(&self, base: &str, path: &str, json: &Value) -> (u16, Value) {
+        let request = hyper::Request::post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(json.to_string())))
+            .unwrap();
+        let response = within("http", self.client.request(request)).await.expect("http answers");
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
     /// The status of a GET, `None` when the connection failed or closed without an answer.
     pub async fn try_get(&self, base: &str, path: &str) -> (Option<u16>, ()) {
         let uri: hyper::Uri = format!("{base}{path}").parse().unwrap();
