@@ -210,6 +210,21 @@ async fn renderers_calling_while_the_platform_is_down_hear_platform_unavailable_
     drop(silent);
 }
 
+/// Whether the platform at `daemon` has a live session of (APP, uid), asked with `t`'s credentials.
+async fn session_live(daemon: SocketAddr, t: &Tenant, uid: &str) -> bool {
+    use miniapp_broker_proto::platform::v1::{CheckSessionRequest, platform_client::PlatformClient};
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{daemon}")).unwrap();
+    let mut client = PlatformClient::new(within("connect", endpoint.connect()).await.unwrap());
+    let mut request = tonic::Request::new(CheckSessionRequest { app_id: APP.into(), uid: uid.into() });
+    request.metadata_mut().insert("client-key", t.client_key.parse().unwrap());
+    request.metadata_mut().insert("client-secret", t.client_secret.parse().unwrap());
+    match within("CheckSession", client.check_session(request)).await {
+        Ok(_) => true,
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => false,
+        Err(status) => panic!("CheckSession: {status}"),
+    }
+}
+
 /// A daemon API call with these credentials: its gRPC status code.
 async fn issue_as(daemon: SocketAddr, key: &str, secret: &str, app_id: &str) -> tonic::Code {
     use miniapp_broker_proto::platform::v1::{IssueLoginCodeRequest, platform_client::PlatformClient};
@@ -293,7 +308,16 @@ async fn a_revocation_and_a_user_change_on_the_desktop_end_codes_at_every_instan
 
     // Another user signs in: the previous user's codes and session end at the platform.
     let before = within("login", login(&d.renderer)).await.expect("login");
+    assert!(session_live(b.daemon, &t, "u1").await, "the login started u1's session at the platform");
     within("set_user", d.host.set_user(user("u2"))).await.unwrap();
+    // The daemon tells the platform after it switched users: wait until the platform says u1's
+    // session ended (asked as the superapp's daemons ask, over gRPC, at the other instance).
+    within("the platform hears of the user change", async {
+        while session_live(b.daemon, &t, "u1").await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let (_, body) = http.get(&b.url(), &session_path(&t.app_secret, &before)).await;
     assert_eq!(body["errcode"], 40029, "the previous user's login code is dead: {body}");
     let after = within("login", login(&d.renderer)).await.expect("u2 logs in");
