@@ -150,3 +150,29 @@ async fn a_plain_listener_off_loopback_is_refused_unless_allowed() {
     let local = format!("http://127.0.0.1:{}", a.http.port());
     assert_eq!(within("healthz", Http::new().get(&local, "/healthz")).await.0, 200);
 }
+
+/// getUserInfo in remote mode: the platform signs and encrypts the host's profile with the
+/// session's key (which never reaches the desktop); the backend checks the signature with the key
+/// it redeemed: `sha1(rawData + session_key)`, computed here independently.
+#[tokio::test]
+async fn get_user_info_in_remote_mode_is_signed_with_the_key_the_backend_redeems() {
+    use sha1::{Digest, Sha1};
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(&dir);
+    let t = tenant(&url).await;
+    let a = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+    let d = desktop(&t, a.daemon, 3000).await;
+    let code = within("login", login(&d.renderer)).await.expect("login");
+    let (_, session) = Http::new().get(&a.url(), &session_path(&t.app_secret, &code)).await;
+    let key = session["session_key"].as_str().expect("a session key").to_owned();
+    let info =
+        within("getUserInfo", d.renderer.call(v1::GetUserInfoRequest { with_credentials: true, lang: "en".into() }))
+            .await
+            .expect("getUserInfo through the platform");
+    assert_ne!(info.raw_data, "host-raw-data", "the platform's rawData, not the host's");
+    assert!(info.raw_data.contains("Nick"), "{}", info.raw_data);
+    let expected: String =
+        Sha1::digest(format!("{}{key}", info.raw_data).as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(info.signature, expected);
+    assert!(!info.encrypted_data.is_empty() && !info.iv.is_empty());
+}

@@ -212,7 +212,21 @@ pub async fn desktop_at(t: &Tenant, url: &str, ca_file: Option<&Path>, timeout_m
     let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
     let host = within(
         "host",
-        miniapp_broker_client::HostBuilder::new(server.address(), server.host_token()).user(user("u1")).connect(),
+        miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
+            .user(user("u1"))
+            .handle(|_app, _r: v1::GetUserInfoRequest| async move {
+                Ok(v1::GetUserInfoResponse {
+                    user_info: Some(v1::UserInfo {
+                        nick_name: "Nick".into(),
+                        language: "en".into(),
+                        ..Default::default()
+                    }),
+                    raw_data: "host-raw-data".into(),
+                    signature: "host-signature".into(),
+                    ..Default::default()
+                })
+            })
+            .connect(),
     )
     .await
     .unwrap();
