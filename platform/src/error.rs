@@ -18,6 +18,9 @@ pub enum PlatformError {
     /// The host's userInfo could not be made into signed and encrypted user data.
     #[error("user data: {0}")]
     UserData(String),
+    /// A remote platform is down, slow past the call's deadline, or refused the caller.
+    #[error("platform unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Errors from a platform store engine.
@@ -30,6 +33,9 @@ pub enum StoreError {
     /// Another engine's failure, in its own words.
     #[error("database: {0}")]
     Other(String),
+    /// A shared engine's database is unreachable, or did not answer within the call's deadline.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -39,7 +45,7 @@ impl StoreError {
         match self {
             StoreError::Sqlite(e) => crate::store::sqlite::unwritable(e),
             StoreError::Io(_) => true,
-            StoreError::Other(_) => false,
+            StoreError::Other(_) | StoreError::Unavailable(_) => false,
         }
     }
 }

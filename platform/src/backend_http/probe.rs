@@ -15,7 +15,11 @@ use serde_json::Value;
 
 use super::Api;
 use crate::{
-    Platform, clock::ManualClock, config::EmbeddedConfig, disclosures::NoLedger, embedded::EmbeddedPlatform,
+    Platform, Surface,
+    clock::ManualClock,
+    config::EmbeddedConfig,
+    disclosures::{CodeDisclosure, Disclosures},
+    embedded::EmbeddedPlatform,
     store::sqlite::SqliteStore,
 };
 
@@ -43,6 +47,19 @@ pub struct Probe {
     api: Api,
     secret: String,
     runtime: tokio::runtime::Runtime,
+}
+
+/// A ledger that records nothing but numbers the rows, as the codes need ids.
+struct NoLedger;
+
+impl Disclosures for NoLedger {
+    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, crate::disclosures::LedgerError> {
+        Ok((0..rows.len() as u64).collect())
+    }
+    fn withdrawn(&self, _: &[u64]) {}
+    fn redeemed(&self, _: &[u64], _: Surface, _: u64) -> Result<(), crate::disclosures::LedgerError> {
+        Ok(())
+    }
 }
 
 impl Default for Probe {
