@@ -67,6 +67,17 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The superapp's server, which vouches for the user, was slow, down, answered garbage or
+    /// refused the call (docs/superapp-server.md): nothing was issued or recorded.
+    #[error("{0}")]
+    Superapp(String),
+    /// The superapp's server does not know the signed-in user (checkUser answered false).
+    #[error("user unknown to the superapp server")]
+    UnknownUser,
+    /// The superapp's server refused the host's authCode, or it stands for another user than the
+    /// one the host says is signed in: no code for either.
+    #[error("authCode refused: {0}")]
+    AuthCodeRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -98,6 +109,9 @@ impl ApiError {
             ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::PaymentOutcomeUnknown(_) | ApiError::UserChanged => Code::Aborted,
             ApiError::AuthDeny => Code::PermissionDenied,
+            ApiError::Superapp(_) => Code::Unavailable,
+            ApiError::UnknownUser => Code::FailedPrecondition,
+            ApiError::AuthCodeRefused(_) => Code::PermissionDenied,
             ApiError::HostProtocol(_) | ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -127,6 +141,9 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::Superapp(_) => 1018,
+            ApiError::UnknownUser => 1019,
+            ApiError::AuthCodeRefused(_) => 1020,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -155,6 +172,9 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::Superapp(_) => "superapp_unavailable",
+            ApiError::UnknownUser => "unknown_user",
+            ApiError::AuthCodeRefused(_) => "auth_code_refused",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -204,6 +224,9 @@ impl From<PlatformError> for ApiError {
             PlatformError::SessionExpired => ApiError::SessionExpired,
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),
+            PlatformError::Superapp(_) => ApiError::Superapp(e.to_string()),
+            PlatformError::UnknownUser => ApiError::UnknownUser,
+            PlatformError::AuthCodeRefused(reason) => ApiError::AuthCodeRefused(reason),
         }
     }
 }

@@ -21,7 +21,7 @@ pub mod platform;
 pub mod registry;
 pub mod services;
 pub mod store;
-pub mod superapp;
+pub use miniapp_platform::superapp;
 pub mod tokens;
 pub mod transport;
 pub mod user;
@@ -173,7 +173,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
     let db_path = (!config.ephemeral).then_some(db_path.as_path());
     let platform: Arc<dyn Platform> =
-        Arc::new(platform::embedded(&config, db_path, store.clone(), clock.clone()).await?);
+        Arc::new(platform::embedded(&config, db_path, &data_dir, store.clone(), clock.clone()).await?);
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
         Some(address) => Some(

@@ -36,6 +36,10 @@ use crate::{
     config::{AppSettings, EmbeddedConfig},
     disclosures::{CodeDisclosure, Disclosures},
     store::{CodeRecord, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted},
+    superapp::{
+        SuperappClient,
+        vouch::{self, Held, ProfileField},
+    },
     tokens::{hash_secret, random_key, random_token, secrets_equal},
     user_data::{self, Identity, SessionKey, UserCredentials},
 };
@@ -58,6 +62,8 @@ pub struct EmbeddedPlatform {
     replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
     /// App backends' attempts, per app, over both surfaces.
     exchange_quota: Quota,
+    /// The superapp's server, when one vouches for users ([`crate::superapp::vouch`]).
+    superapp: Option<Arc<SuperappClient>>,
 }
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
@@ -139,7 +145,15 @@ impl EmbeddedPlatform {
                 per_minute: config.exchanges_per_minute_per_app,
                 burst: config.exchange_burst_per_app,
             },
+            superapp: None,
         })
+    }
+
+    /// This platform with `server` vouching for its users (`[superapp] server_url` in the daemon,
+    /// the tenant's `--server-url` in the service).
+    pub fn with_superapp(mut self, server: Option<Arc<SuperappClient>>) -> EmbeddedPlatform {
+        self.superapp = server;
+        self
     }
 
     fn keyed(&self, label: &str, a: &str, b: &str) -> String {
@@ -318,21 +332,29 @@ impl EmbeddedPlatform {
         surface: Surface,
         wanted: Wanted<'_>,
     ) -> Result<CodeRecord, ExchangeFailure> {
+        let record = self.take(app_id, code, wanted).await?;
+        self.stamp(&record, surface)?;
+        Ok(record)
+    }
+
+    /// [`Self::redeem`] without the ledger's stamp: the code is spent, its disclosure not yet
+    /// on record (a value fetched from the superapp server is stamped once it is in hand).
+    async fn take(&self, app_id: &str, code: &str, wanted: Wanted<'_>) -> Result<CodeRecord, ExchangeFailure> {
         if code.is_empty() {
             return Err(ExchangeFailure::Malformed(41008, "code is required"));
         }
         let now = self.clock.now_ms();
-        let found = self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)?;
-        match found {
-            Redemption::Redeemed(record) => {
-                // The value leaves only once its disclosure is on record.
-                self.ledger.redeemed(&record.ledger, surface, now).map_err(ExchangeFailure::System)?;
-                Ok(record)
-            }
+        match self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)? {
+            Redemption::Redeemed(record) => Ok(record),
             Redemption::Used => Err(ExchangeFailure::CodeUsed),
             Redemption::Expired => Err(ExchangeFailure::CodeExpired),
             Redemption::Invalid => Err(ExchangeFailure::InvalidCode),
         }
+    }
+
+    /// The value leaves only once its disclosure is on record.
+    fn stamp(&self, record: &CodeRecord, surface: Surface) -> Result<(), ExchangeFailure> {
+        self.ledger.redeemed(&record.ledger, surface, self.clock.now_ms()).map_err(ExchangeFailure::System)
     }
 }
 
@@ -405,12 +427,24 @@ pub fn session_signature(session_key: &str) -> String {
 #[async_trait::async_trait]
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
+        // A vouched authCode is spent at the superapp server before anything is started or issued:
+        // the backend gets the openid of the server's userId, not the authCode.
+        let auth_code = match &self.superapp {
+            Some(server) => {
+                vouch::login(server, uid, auth_code.as_deref()).await?;
+                None
+            }
+            None => auth_code,
+        };
         // The session and the code are one write: both or neither.
         let session = self.session_for_login(app_id, uid).await?;
         self.issue(app_id, uid, Purpose::Login { auth_code }, Some(&session)).await
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
+        if let Some(server) = &self.superapp {
+            vouch::check_user(server, uid).await?;
+        }
         let session = self.session_for_login(app_id, uid).await?;
         self.store.start_session(&session).await?;
         Ok(session.session_key)
@@ -431,6 +465,25 @@ impl Platform for EmbeddedPlatform {
         value: String,
     ) -> Result<String, PlatformError> {
         self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
+    }
+
+    fn vouches(&self) -> bool {
+        self.superapp.is_some()
+    }
+
+    async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, PlatformError> {
+        let Some(server) = &self.superapp else {
+            return Err(PlatformError::Superapp("no superapp server is configured".into()));
+        };
+        let temporary = vouch::temporary_code(server, uid, kind).await?;
+        self.issue(app_id, uid, Purpose::Value { kind, value: temporary }, None).await
+    }
+
+    async fn vouched_profile(&self, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
+        match &self.superapp {
+            Some(server) => vouch::profile(server, uid, field).await,
+            None => Err(PlatformError::Superapp("no superapp server is configured".into())),
+        }
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
@@ -510,20 +563,35 @@ impl Platform for EmbeddedPlatform {
         kind: ValueKind,
         openid: Option<&str>,
     ) -> Result<String, ExchangeFailure> {
-        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Value { kind, openid }).await {
-            Ok(entry) => entry,
-            Err(e) => {
-                let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
-                self.refused(surface, Some(app), exchange, &e);
-                return Err(e);
-            }
-        };
-        match entry.purpose {
-            Purpose::Value { value, .. } => {
-                self.redeemed(surface, app, &entry.uid, Redeemed::Value(kind));
+        let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
+        let outcome = async {
+            let entry = self.take(app.app_id(), code, Wanted::Value { kind, openid }).await?;
+            let Purpose::Value { value, .. } = &entry.purpose else { return Err(ExchangeFailure::InvalidCode) };
+            // A code standing for the superapp server's temporary code: the value is fetched now,
+            // never stored, and the disclosure stamped only once it is in hand. A failing server
+            // leaves the code spent (codes are redeemed once) and the ledger unstamped.
+            let value = match (Held::decode(value), &self.superapp) {
+                (Held::Value(value), _) => value.to_owned(),
+                (Held::TemporaryCode(temporary), Some(server)) => {
+                    vouch::value(server, &entry.uid, kind, temporary).await?
+                }
+                (Held::TemporaryCode(_), None) => {
+                    return Err(ExchangeFailure::System("no superapp server is configured to redeem this code".into()));
+                }
+            };
+            self.stamp(&entry, surface)?;
+            Ok((entry.uid, value))
+        }
+        .await;
+        match outcome {
+            Ok((uid, value)) => {
+                self.redeemed(surface, app, &uid, Redeemed::Value(kind));
                 Ok(value)
             }
-            Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
+            Err(e) => {
+                self.refused(surface, Some(app), exchange, &e);
+                Err(e)
+            }
         }
     }
 
