@@ -315,7 +315,11 @@ pub trait Platform: Send + Sync + 'static {
     }
 
     /// wx.chooseAvatar / wx.getNickName when a superapp server vouches: the value from it.
-    async fn vouched_profile(&self, _uid: &str, _field: superapp::vouch::ProfileField) -> Result<String, PlatformError> {
+    async fn vouched_profile(
+        &self,
+        _uid: &str,
+        _field: superapp::vouch::ProfileField,
+    ) -> Result<String, PlatformError> {
         Err(PlatformError::Superapp("no superapp server is configured".into()))
     }
 
