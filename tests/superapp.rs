@@ -539,7 +539,8 @@ async fn an_auth_code_is_redeemed_once_and_unknown_v2_users_get_no_login() {
     assert!(has_session(&daemon, APP, "alice").await);
     let replay = within("replay", v3.call(v1::LoginRequest::default())).await.unwrap_err();
     assert_eq!((replay.errno, replay.reason.as_str()), (1021, "auth_code_refused"), "{replay:?}");
-    assert!(replay.err_msg.contains("returnCode \"2005\""), "{}", replay.err_msg);
+    // The platform remembers what it redeemed (the dev-host's server would refuse it too: 2005).
+    assert_eq!(replay.err_msg, "login:fail authCode refused: already redeemed");
 
     // v2: checkUser vouches; a user the superapp does not know gets nothing.
     let v2 = daemon.renderer(&support::launch(&host, APP2, r#"{"apiVersion":"v2"}"#).await.launch_token).await;
@@ -674,5 +675,43 @@ async fn a_server_failing_at_redemption_gives_the_backend_minus_one_in_time_and_
         assert!(ledger(&daemon).iter().all(|r| r.redeemed_at_ms.is_none()), "{name}: not stamped as redeemed");
         daemon.stop().await;
     }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn an_auth_code_a_replaying_server_would_answer_again_is_redeemed_once() {
+    let stop = CancellationToken::new();
+    // Answers every authCode, however often, as alice's.
+    let replays =
+        answering(StatusCode::OK, r#"{"returnCode":"0","data":{"accessToken":"t","userId":"alice"}}"#, &stop).await;
+    let daemon = vouched_daemon(replays, 2_000).await;
+    // The host answers the same authCode until `fresh` is set, then a new one each time.
+    let fresh = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counter = std::sync::atomic::AtomicU32::new(0);
+    let switch = fresh.clone();
+    let host = host_with(&daemon, "alice", move || {
+        if switch.load(std::sync::atomic::Ordering::SeqCst) {
+            format!("fresh-{}", counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+        } else {
+            "the-same-auth-code".into()
+        }
+    })
+    .await;
+    let v3 = daemon.renderer(&support::launch(&host, APP, r#"{"apiVersion":"v3"}"#).await.launch_token).await;
+    within("first", v3.call(v1::LoginRequest::default())).await.expect("the first redemption logs in");
+    let replay = within("replay", v3.call(v1::LoginRequest::default())).await.unwrap_err();
+    support::assert_failure(
+        &replay,
+        "login:fail authCode refused: already redeemed",
+        1021,
+        tonic::Code::PermissionDenied,
+        "auth_code_refused",
+    );
+    // Fresh authCodes log in again.
+    fresh.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..2 {
+        within("fresh", v3.call(v1::LoginRequest::default())).await.expect("a fresh authCode logs in");
+    }
+    daemon.stop().await;
     stop.cancel();
 }

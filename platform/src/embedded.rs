@@ -64,6 +64,8 @@ pub struct EmbeddedPlatform {
     exchange_quota: Quota,
     /// The superapp's server, when one vouches for users ([`crate::superapp::vouch`]).
     superapp: Option<Arc<SuperappClient>>,
+    /// The authCodes sent to the superapp server, so each is redeemed once.
+    spent_auth_codes: vouch::SpentAuthCodes,
 }
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
@@ -146,6 +148,7 @@ impl EmbeddedPlatform {
                 burst: config.exchange_burst_per_app,
             },
             superapp: None,
+            spent_auth_codes: Default::default(),
         })
     }
 
@@ -431,7 +434,8 @@ impl Platform for EmbeddedPlatform {
         // the backend gets the openid of the server's userId, not the authCode.
         let auth_code = match &self.superapp {
             Some(server) => {
-                vouch::login(server, uid, auth_code.as_deref()).await?;
+                let now = self.clock.now_ms();
+                vouch::login(server, &self.spent_auth_codes, now, uid, auth_code.as_deref()).await?;
                 None
             }
             None => auth_code,

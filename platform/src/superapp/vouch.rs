@@ -12,10 +12,61 @@
 //! A server that is slow, down, answers garbage or a returnCode other than "0" fails the renderer's
 //! call with [`PlatformError::Superapp`] and the backend's request with errcode -1 (system busy).
 
+use std::{collections::VecDeque, sync::Mutex};
+
+use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::{InfoType, SuperappClient, SuperappError};
 use crate::{ExchangeFailure, PlatformError, ValueKind};
+
+/// How long the platform remembers an authCode it redeemed.
+pub const SPENT_AUTH_CODE_TTL_MS: u64 = 60 * 60 * 1000;
+/// How many redeemed authCodes it remembers at most; one more forgets the oldest.
+pub const MAX_SPENT_AUTH_CODES: usize = 65_536;
+
+/// The authCodes this platform has sent to the superapp server (their SHA-256, never the code),
+/// each for [`SPENT_AUTH_CODE_TTL_MS`]: an authCode is redeemed once even when the server would
+/// answer it again (a replaying or buggy server), and two logins racing with one authCode send it
+/// once. Bounded by [`MAX_SPENT_AUTH_CODES`], oldest first.
+#[derive(Debug, Default)]
+pub struct SpentAuthCodes(Mutex<SpentInner>);
+
+#[derive(Debug, Default)]
+struct SpentInner {
+    by_hash: std::collections::HashSet<[u8; 32]>,
+    /// (hash, until) in the order they were spent.
+    order: VecDeque<([u8; 32], u64)>,
+}
+
+impl SpentAuthCodes {
+    /// Records `auth_code` as spent at `now_ms`; false when it already was (and is not forgotten).
+    pub fn spend(&self, auth_code: &str, now_ms: u64) -> bool {
+        let hash: [u8; 32] = Sha256::digest(auth_code.as_bytes()).into();
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&(old, until)) = inner.order.front() {
+            if until > now_ms && inner.order.len() < MAX_SPENT_AUTH_CODES {
+                break;
+            }
+            inner.order.pop_front();
+            inner.by_hash.remove(&old);
+        }
+        if !inner.by_hash.insert(hash) {
+            return false;
+        }
+        inner.order.push_back((hash, now_ms + SPENT_AUTH_CODE_TTL_MS));
+        true
+    }
+
+    /// How many are remembered now.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Which profile value the superapp server is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,10 +113,20 @@ fn unavailable(call: &'static str, e: SuperappError) -> PlatformError {
     PlatformError::Superapp(e.to_string())
 }
 
-/// wx.login's check: with the host's authCode, the server's userId for it must be `uid`; without
-/// one, the server must know `uid`.
-pub async fn login(server: &SuperappClient, uid: &str, auth_code: Option<&str>) -> Result<(), PlatformError> {
+/// wx.login's check: with the host's authCode, the server's userId for it must be `uid` (and the
+/// authCode not one this platform sent before: `spent`); without one, the server must know `uid`.
+pub async fn login(
+    server: &SuperappClient,
+    spent: &SpentAuthCodes,
+    now_ms: u64,
+    uid: &str,
+    auth_code: Option<&str>,
+) -> Result<(), PlatformError> {
     let Some(auth_code) = auth_code else { return check_user(server, uid).await };
+    if !spent.spend(auth_code, now_ms) {
+        warn!("the host's authCode was redeemed before");
+        return Err(PlatformError::AuthCodeRefused("already redeemed".into()));
+    }
     match server.redeem_auth_code(auth_code).await {
         Ok(grant) if grant.user_id == uid => Ok(()),
         Ok(_) => {
@@ -123,6 +184,19 @@ pub async fn profile(server: &SuperappClient, uid: &str, field: ProfileField) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_auth_code_is_spent_once_until_forgotten_and_the_memory_is_bounded() {
+        let spent = SpentAuthCodes::default();
+        assert!(spent.spend("a", 0));
+        assert!(!spent.spend("a", 1));
+        assert!(spent.spend("b", 1));
+        assert!(spent.spend("a", SPENT_AUTH_CODE_TTL_MS), "forgotten after its time");
+        for i in 0..MAX_SPENT_AUTH_CODES + 10 {
+            spent.spend(&i.to_string(), SPENT_AUTH_CODE_TTL_MS);
+        }
+        assert_eq!(spent.len(), MAX_SPENT_AUTH_CODES);
+    }
 
     #[test]
     fn a_temporary_code_is_told_from_a_value() {
