@@ -511,7 +511,7 @@ async fn a_host_claiming_bob_with_alices_auth_code_gets_no_code_for_either() {
     support::assert_failure(
         &failure,
         "login:fail authCode refused: it stands for another user than the signed-in one",
-        1021,
+        1022,
         tonic::Code::PermissionDenied,
         "auth_code_refused",
     );
@@ -521,7 +521,7 @@ async fn a_host_claiming_bob_with_alices_auth_code_gets_no_code_for_either() {
     // The same authCode with alice signed in: it was redeemed once already.
     host.set_user(bare("alice")).await.unwrap();
     let failure = within("login", renderer.call(v1::LoginRequest::default())).await.unwrap_err();
-    assert_eq!((failure.errno, failure.reason.as_str()), (1021, "auth_code_refused"), "{failure:?}");
+    assert_eq!((failure.errno, failure.reason.as_str()), (1022, "auth_code_refused"), "{failure:?}");
     assert!(!has_session(&daemon, APP, "alice").await && ledger(&daemon).is_empty());
     daemon.stop().await;
     stop.cancel();
@@ -538,7 +538,7 @@ async fn an_auth_code_is_redeemed_once_and_unknown_v2_users_get_no_login() {
     within("first login", v3.call(v1::LoginRequest::default())).await.expect("the first redemption logs in");
     assert!(has_session(&daemon, APP, "alice").await);
     let replay = within("replay", v3.call(v1::LoginRequest::default())).await.unwrap_err();
-    assert_eq!((replay.errno, replay.reason.as_str()), (1021, "auth_code_refused"), "{replay:?}");
+    assert_eq!((replay.errno, replay.reason.as_str()), (1022, "auth_code_refused"), "{replay:?}");
     // The platform remembers what it redeemed (the dev-host's server would refuse it too: 2005).
     assert_eq!(replay.err_msg, "login:fail authCode refused: already redeemed");
 
@@ -550,7 +550,7 @@ async fn an_auth_code_is_redeemed_once_and_unknown_v2_users_get_no_login() {
     support::assert_failure(
         &failure,
         "login:fail user unknown to the superapp server",
-        1020,
+        1021,
         tonic::Code::FailedPrecondition,
         "unknown_user",
     );
@@ -593,12 +593,12 @@ async fn a_hostile_superapp_server_fails_each_renderer_call_by_its_deadline_and_
     let (_server, wrong_key) = dev_server(&other, &stop).await;
 
     for (name, address, v3_errno) in [
-        ("stalls", stalls, 1019),
-        ("garbage", garbage, 1019),
-        ("bad returnCode", refuses, 1021),
-        ("oversized", oversized, 1019),
-        ("lies about the userId", lies, 1021),
-        ("bad signature", wrong_key, 1021),
+        ("stalls", stalls, 1020),
+        ("garbage", garbage, 1020),
+        ("bad returnCode", refuses, 1022),
+        ("oversized", oversized, 1020),
+        ("lies about the userId", lies, 1022),
+        ("bad signature", wrong_key, 1022),
     ] {
         let daemon = vouched_daemon(address, 300).await;
         let host = host_with(&daemon, "alice", || "some-auth-code".into()).await;
@@ -606,7 +606,7 @@ async fn a_hostile_superapp_server_fails_each_renderer_call_by_its_deadline_and_
         let v3 = daemon.renderer(&support::launch(&host, APP2, r#"{"apiVersion":"v3"}"#).await.launch_token).await;
         let started = Instant::now();
         let login = within(name, v2.call(v1::LoginRequest::default())).await.unwrap_err();
-        assert_eq!((login.errno, login.reason.as_str()), (1019, "superapp_unavailable"), "{name}: v2 login {login:?}");
+        assert_eq!((login.errno, login.reason.as_str()), (1020, "superapp_unavailable"), "{name}: v2 login {login:?}");
         let login = within(name, v3.call(v1::LoginRequest::default())).await.unwrap_err();
         assert_eq!(login.errno, v3_errno, "{name}: v3 login {login:?}");
         for failure in [
@@ -615,7 +615,7 @@ async fn a_hostile_superapp_server_fails_each_renderer_call_by_its_deadline_and_
             within(name, v2.call(v1::ChooseAvatarRequest {})).await.unwrap_err(),
             within(name, v2.call(v1::GetNickNameRequest {})).await.unwrap_err(),
         ] {
-            assert_eq!((failure.errno, failure.reason.as_str()), (1019, "superapp_unavailable"), "{name}: {failure:?}");
+            assert_eq!((failure.errno, failure.reason.as_str()), (1020, "superapp_unavailable"), "{name}: {failure:?}");
             assert!(failure.err_msg.contains(":fail superapp server"), "{name}: {}", failure.err_msg);
         }
         // Six calls, each ended by the 300 ms deadline at the latest.
@@ -703,7 +703,7 @@ async fn an_auth_code_a_replaying_server_would_answer_again_is_redeemed_once() {
     support::assert_failure(
         &replay,
         "login:fail authCode refused: already redeemed",
-        1021,
+        1022,
         tonic::Code::PermissionDenied,
         "auth_code_refused",
     );
@@ -712,6 +712,31 @@ async fn an_auth_code_a_replaying_server_would_answer_again_is_redeemed_once() {
     for _ in 0..2 {
         within("fresh", v3.call(v1::LoginRequest::default())).await.expect("a fresh authCode logs in");
     }
+    daemon.stop().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_v3_login_with_the_hosts_own_code_needs_a_user_the_server_knows() {
+    let stop = CancellationToken::new();
+    let (_server, address) = dev_server(&key(), &stop).await;
+    let daemon = vouched_daemon(address, 5_000).await;
+    let host = daemon.host().user(bare("mallory")).get_auth_code(|_app, req: v1::GetAuthCodeRequest| async move {
+        Ok(v1::GetAuthCodeResponse {
+            code: "hosts-own-code".into(),
+            auth_success_scopes: req.scopes,
+            ..Default::default()
+        })
+    });
+    let host = within("host", host.connect()).await.expect("host connects");
+    let v3 = daemon.renderer(&support::launch(&host, APP, r#"{"apiVersion":"v3"}"#).await.launch_token).await;
+    let failure = within("login", v3.call(v1::LoginRequest::default())).await.unwrap_err();
+    assert_eq!((failure.errno, failure.reason.as_str()), (1021, "unknown_user"), "{failure:?}");
+    assert!(!has_session(&daemon, APP, "mallory").await, "no session for a user the server does not know");
+    host.set_user(bare("alice")).await.unwrap();
+    let login = within("login", v3.call(v1::LoginRequest::default())).await.expect("alice is known");
+    assert_eq!(login.code, "hosts-own-code");
+    assert!(has_session(&daemon, APP, "alice").await);
     daemon.stop().await;
     stop.cancel();
 }

@@ -141,9 +141,9 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
-            ApiError::Superapp(_) => 1019,
-            ApiError::UnknownUser => 1020,
-            ApiError::AuthCodeRefused(_) => 1021,
+            ApiError::Superapp(_) => 1020,
+            ApiError::UnknownUser => 1021,
+            ApiError::AuthCodeRefused(_) => 1022,
             ApiError::Replayed(f) => f.errno,
         }
     }
