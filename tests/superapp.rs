@@ -740,3 +740,97 @@ async fn a_v3_login_with_the_hosts_own_code_needs_a_user_the_server_knows() {
     daemon.stop().await;
     stop.cancel();
 }
+
+/// Every log line of one test, in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The vouched flow and a server that answers a user's values where they do not belong, every
+/// log at TRACE on this (current-thread) runtime, where the daemon, the platform's client and the
+/// dev-host's server all run: no line holds a value the server handed out, nor an authCode.
+#[tokio::test]
+async fn the_vouched_flow_logs_no_value_the_server_handed_out() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(captured.clone())
+        .finish();
+    let _logs = tracing::subscriber::set_default(subscriber);
+    let carol = DevUser {
+        uid: "carol".into(),
+        nick_name: "Carol Nickname-7731".into(),
+        avatar_url: "https://example.invalid/carol-avatar-7731.png".into(),
+        phone_number: "13977317731".into(),
+        email: "carol-7731@example.invalid".into(),
+    };
+    let stop = CancellationToken::new();
+    let server = Arc::new(DevSuperapp::new([carol.clone()], CLIENT_KEY, key().public_key()));
+    let address = server.clone().spawn("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let daemon = vouched_daemon(address, 5_000).await;
+    let auth_code = server.issue_auth_code("carol", &[]).unwrap();
+    let once = auth_code.clone();
+    let host = host_with(&daemon, "carol", move || once.clone()).await;
+    let secret = host.register_app(APP, false).await.unwrap().secret;
+    let renderer = daemon.renderer(&support::launch(&host, APP, r#"{"apiVersion":"v3"}"#).await.launch_token).await;
+    let mut backend = exchange(&daemon).await;
+    within("login", renderer.call(v1::LoginRequest::default())).await.expect("login");
+    let redeem = |code: String| v1::RedeemCodeRequest { app_id: APP.into(), secret: secret.clone(), code };
+    let code = within("phone", renderer.call(v1::GetPhoneNumberRequest {})).await.unwrap().code;
+    assert_eq!(backend.get_phone_number(redeem(code)).await.unwrap().into_inner().phone_number, carol.phone_number);
+    let code = within("email", renderer.call(v1::GetEmailRequest {})).await.unwrap().code;
+    assert_eq!(backend.get_email(redeem(code)).await.unwrap().into_inner().email, carol.email);
+    assert_eq!(within("avatar", renderer.call(v1::ChooseAvatarRequest {})).await.unwrap().avatar_url, carol.avatar_url);
+    assert_eq!(within("nick", renderer.call(v1::GetNickNameRequest {})).await.unwrap().nick_name, carol.nick_name);
+    daemon.stop().await;
+
+    // A server answering the phone number where checkUser's bool belongs, and the e-mail address
+    // as its returnMessage's neighbour in a refusal: the failures are logged, the values not.
+    let mistyped = answering(
+        StatusCode::OK,
+        r#"{"returnCode":"0","data":"13977317731","requestId":"carol-7731@example.invalid"}"#,
+        &stop,
+    )
+    .await;
+    let daemon = vouched_daemon(mistyped, 2_000).await;
+    let host = host_with(&daemon, "carol", String::new).await;
+    let v2 = daemon.renderer(&support::launch(&host, APP, r#"{"apiVersion":"v2"}"#).await.launch_token).await;
+    let failure = within("login", v2.call(v1::LoginRequest::default())).await.unwrap_err();
+    assert_eq!(failure.reason, "superapp_unavailable", "{failure:?}");
+    assert!(!failure.err_msg.contains("13977317731"), "{}", failure.err_msg);
+    daemon.stop().await;
+    stop.cancel();
+
+    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    for expected in ["superapp server call failed", "TRACE"] {
+        assert!(logs.contains(expected), "the logs lack {expected:?}: is the capture working?");
+    }
+    for (what, value) in [
+        ("phone number", carol.phone_number.as_str()),
+        ("e-mail", carol.email.as_str()),
+        ("nickname", carol.nick_name.as_str()),
+        ("avatar", carol.avatar_url.as_str()),
+        ("authCode", auth_code.as_str()),
+    ] {
+        if let Some(line) = logs.lines().find(|l| l.contains(value)) {
+            panic!("the {what} is in a log line: {line}");
+        }
+    }
+}
