@@ -62,11 +62,15 @@ pub struct EmbeddedPlatform {
     replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
     /// App backends' attempts, per app, over both surfaces.
     exchange_quota: Quota,
-    /// The superapp's server, when one vouches for users ([`crate::superapp::vouch`]).
-    superapp: Option<Arc<SuperappClient>>,
+    /// The superapp server that vouches for an app's users, if any ([`crate::superapp::vouch`]).
+    superapp: SuperappOf,
     /// The authCodes sent to the superapp server, so each is redeemed once.
     spent_auth_codes: vouch::SpentAuthCodes,
 }
+
+/// Which superapp server vouches for the users of an app (by app id): one for every app in the
+/// daemon's embedded platform, the app's tenant's in the platform service, none by default.
+pub type SuperappOf = Arc<dyn Fn(&str) -> Option<Arc<SuperappClient>> + Send + Sync>;
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
 const REPLACED_KEPT: usize = 4;
@@ -147,15 +151,24 @@ impl EmbeddedPlatform {
                 per_minute: config.exchanges_per_minute_per_app,
                 burst: config.exchange_burst_per_app,
             },
-            superapp: None,
+            superapp: Arc::new(|_| None),
             spent_auth_codes: Default::default(),
         })
     }
 
-    /// This platform with `server` vouching for its users (`[superapp] server_url` in the daemon,
-    /// the tenant's `--server-url` in the service).
-    pub fn with_superapp(mut self, server: Option<Arc<SuperappClient>>) -> EmbeddedPlatform {
-        self.superapp = server;
+    /// This platform with `server` vouching for the users of every app (`[superapp] server_url`
+    /// in the daemon).
+    pub fn with_superapp(self, server: Option<Arc<SuperappClient>>) -> EmbeddedPlatform {
+        match server {
+            Some(server) => self.with_superapps(Arc::new(move |_| Some(server.clone()))),
+            None => self,
+        }
+    }
+
+    /// This platform with `of` naming the server that vouches for each app's users (in the
+    /// platform service: the server URL stored with the app's tenant).
+    pub fn with_superapps(mut self, of: SuperappOf) -> EmbeddedPlatform {
+        self.superapp = of;
         self
     }
 
@@ -432,10 +445,10 @@ impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
         // A vouched authCode is spent at the superapp server before anything is started or issued:
         // the backend gets the openid of the server's userId, not the authCode.
-        let auth_code = match &self.superapp {
+        let auth_code = match (self.superapp)(app_id) {
             Some(server) => {
                 let now = self.clock.now_ms();
-                vouch::login(server, &self.spent_auth_codes, now, uid, auth_code.as_deref()).await?;
+                vouch::login(&server, &self.spent_auth_codes, now, uid, auth_code.as_deref()).await?;
                 None
             }
             None => auth_code,
@@ -446,8 +459,8 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
-        if let Some(server) = &self.superapp {
-            vouch::check_user(server, uid).await?;
+        if let Some(server) = (self.superapp)(app_id) {
+            vouch::check_user(&server, uid).await?;
         }
         let session = self.session_for_login(app_id, uid).await?;
         self.store.start_session(&session).await?;
@@ -471,21 +484,21 @@ impl Platform for EmbeddedPlatform {
         self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
     }
 
-    fn vouches(&self) -> bool {
-        self.superapp.is_some()
+    fn vouches(&self, app_id: &str) -> bool {
+        (self.superapp)(app_id).is_some()
     }
 
     async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, PlatformError> {
-        let Some(server) = &self.superapp else {
+        let Some(server) = (self.superapp)(app_id) else {
             return Err(PlatformError::Superapp("no superapp server is configured".into()));
         };
-        let temporary = vouch::temporary_code(server, uid, kind).await?;
+        let temporary = vouch::temporary_code(&server, uid, kind).await?;
         self.issue(app_id, uid, Purpose::Value { kind, value: temporary }, None).await
     }
 
-    async fn vouched_profile(&self, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
-        match &self.superapp {
-            Some(server) => vouch::profile(server, uid, field).await,
+    async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
+        match (self.superapp)(app_id) {
+            Some(server) => vouch::profile(&server, uid, field).await,
             None => Err(PlatformError::Superapp("no superapp server is configured".into())),
         }
     }
@@ -574,10 +587,10 @@ impl Platform for EmbeddedPlatform {
             // A code standing for the superapp server's temporary code: the value is fetched now,
             // never stored, and the disclosure stamped only once it is in hand. A failing server
             // leaves the code spent (codes are redeemed once) and the ledger unstamped.
-            let value = match (Held::decode(value), &self.superapp) {
+            let value = match (Held::decode(value), (self.superapp)(app.app_id())) {
                 (Held::Value(value), _) => value.to_owned(),
                 (Held::TemporaryCode(temporary), Some(server)) => {
-                    vouch::value(server, &entry.uid, kind, temporary).await?
+                    vouch::value(&server, &entry.uid, kind, temporary).await?
                 }
                 (Held::TemporaryCode(_), None) => {
                     return Err(ExchangeFailure::System("no superapp server is configured to redeem this code".into()));
@@ -991,5 +1004,29 @@ mod tests {
     fn the_session_signature_is_the_hex_hmac_of_the_empty_message() {
         // HMAC-SHA256 with key "key" over "" (a published test value).
         assert_eq!(session_signature("key"), "5d5d139563c95b5967b9bd9a8c9b233a9dedb45072794cd232dc1b74832607d0");
+    }
+
+    #[tokio::test]
+    async fn each_app_is_vouched_for_by_its_own_superapp_server_or_none() {
+        use crate::superapp::{ClientSettings, PlatformKey};
+        // Nothing listens there: a call to it fails at once.
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let settings = ClientSettings {
+            server_url: format!("http://{down}"),
+            client_key: "k".into(),
+            timeout: std::time::Duration::from_secs(2),
+            max_answer_bytes: 1024,
+            max_in_flight: 2,
+        };
+        let client = Arc::new(SuperappClient::new(&settings, Arc::new(PlatformKey::generate().unwrap())).unwrap());
+        let p = platform(ManualClock::new(0))
+            .await
+            .with_superapps(Arc::new(move |app_id| (app_id == "wxvouched").then(|| client.clone())));
+        assert!(p.vouches("wxvouched") && !p.vouches("wxplain"));
+        assert!(p.login_code("wxplain", "u1", Some("host-auth-code".into())).await.is_ok(), "no server: as before");
+        let refused = p.login_code("wxvouched", "u1", Some("host-auth-code".into())).await;
+        assert!(matches!(refused, Err(PlatformError::Superapp(_))), "{refused:?}");
+        assert!(matches!(p.start_session("wxvouched", "u1").await, Err(PlatformError::Superapp(_))));
+        assert!(p.check_session("wxvouched", "u1").await.is_err(), "no session started");
     }
 }

@@ -302,9 +302,9 @@ pub trait Platform: Send + Sync + 'static {
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;
 
-    /// Whether a superapp server vouches for users ([`superapp::vouch`]): logins are checked
+    /// Whether a superapp server vouches for the users of `app_id` ([`superapp::vouch`]): logins are checked
     /// there, and phone, e-mail, avatar and nickname come from it instead of the host's profile.
-    fn vouches(&self) -> bool {
+    fn vouches(&self, _app_id: &str) -> bool {
         false
     }
 
@@ -317,6 +317,7 @@ pub trait Platform: Send + Sync + 'static {
     /// wx.chooseAvatar / wx.getNickName when a superapp server vouches: the value from it.
     async fn vouched_profile(
         &self,
+        _app_id: &str,
         _uid: &str,
         _field: superapp::vouch::ProfileField,
     ) -> Result<String, PlatformError> {

@@ -16,7 +16,7 @@ pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Res
     let (hold, source) = profile::value(b, inst, version, Api::ChooseAvatar, "avatar", |p| p.avatar_url).await?;
     let avatar_url = match source {
         profile::Source::Profile(value) => value,
-        profile::Source::Superapp => b.platform.vouched_profile(hold.uid(), ProfileField::Avatar).await?,
+        profile::Source::Superapp => b.platform.vouched_profile(&inst.app_id, hold.uid(), ProfileField::Avatar).await?,
     };
     b.consent.ledger.record(&inst.app_id, hold.uid(), Disclosed::Avatar, Api::ChooseAvatar)?;
     Ok(ChooseAvatarResponse { err_msg: Api::ChooseAvatar.ok_msg(), avatar_url })

@@ -16,7 +16,9 @@ pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Res
     let (hold, source) = profile::value(b, inst, version, Api::GetNickName, "nickname", |p| p.nick_name).await?;
     let nick_name = match source {
         profile::Source::Profile(value) => value,
-        profile::Source::Superapp => b.platform.vouched_profile(hold.uid(), ProfileField::Nickname).await?,
+        profile::Source::Superapp => {
+            b.platform.vouched_profile(&inst.app_id, hold.uid(), ProfileField::Nickname).await?
+        }
     };
     b.consent.ledger.record(&inst.app_id, hold.uid(), Disclosed::Nickname, Api::GetNickName)?;
     Ok(GetNickNameResponse { err_msg: Api::GetNickName.ok_msg(), nick_name })
