@@ -478,6 +478,10 @@ async fn through_the_dev_host_v3_logs_in_as_the_servers_user_and_every_value_com
     let path = format!("/wxa/business/getuserphonenumber?access_token={token}");
     let body = backend_post(&daemon, &path, serde_json::json!({ "code": code }).to_string()).await;
     assert_eq!(body["phone_info"]["purePhoneNumber"], "15800002850", "{body}");
+    let code = within("email", renderer.call(v1::GetEmailRequest {})).await.expect("email").code;
+    let path = format!("/wxa/business/getuseremail?access_token={token}");
+    let body = backend_post(&daemon, &path, serde_json::json!({ "code": code }).to_string()).await;
+    assert_eq!(body["email_info"]["email"], "alice@example.invalid", "{body}");
 
     let avatar = within("avatar", renderer.call(v1::ChooseAvatarRequest {})).await.expect("avatar");
     assert_eq!(avatar.avatar_url, "https://example.invalid/alice.png");
@@ -489,6 +493,7 @@ async fn through_the_dev_host_v3_logs_in_as_the_servers_user_and_every_value_com
         ("phone_number", Some("exchange")),
         ("phone_number", Some("backend_http")),
         ("email", Some("exchange")),
+        ("email", Some("backend_http")),
         ("avatar", None),
         ("nickname", None),
     ] {
