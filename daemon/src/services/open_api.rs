@@ -133,7 +133,7 @@ impl OpenApi for OpenApiService {
         };
         Ok(Response::new(match outcome {
             Ok(resp) => {
-                v1::InvokeResponse { ok: true, result_json: json::response_to_json(&resp).to_string(), failure: None }
+                v1::InvokeResponse { ok: true, result_json: json::response_to_json_text(&resp), failure: None }
             }
             Err((name, e)) => {
                 let failure = e.to_failure(&name);
