@@ -191,7 +191,9 @@ mod tests {
     fn a_response_as_text_is_the_same_object() {
         let responses = [
             v1::LoginRequest::wrap_response(v1::LoginResponse { err_msg: "login:ok".into(), code: "c\"x".into() }),
-            v1::RequestPaymentRequest::wrap_response(v1::RequestPaymentResponse { err_msg: "requestPayment:ok".into() }),
+            v1::RequestPaymentRequest::wrap_response(v1::RequestPaymentResponse {
+                err_msg: "requestPayment:ok".into(),
+            }),
             v1::GetSettingRequest::wrap_response(v1::GetSettingResponse {
                 err_msg: "getSetting:ok".into(),
                 auth_setting: [("b".to_owned(), true), ("a".to_owned(), false)].into(),

@@ -1147,8 +1147,11 @@ fn sweep_load(p: &Params) -> SweepLoad {
         assert!(left <= CONCURRENCY * 100, "{left} codes left after the sweep");
         // During: every login whose wait or run overlapped the sweep. Without: as many (at least
         // 100) of the last logins that ended before it started.
-        let during: Vec<u64> =
-            calls.iter().filter(|(ready, ended)| *ready < sweep_end && *ended > sweep_start).map(|(r, e)| e - r).collect();
+        let during: Vec<u64> = calls
+            .iter()
+            .filter(|(ready, ended)| *ready < sweep_end && *ended > sweep_start)
+            .map(|(r, e)| e - r)
+            .collect();
         let mut before: Vec<(u64, u64)> = calls.iter().copied().filter(|(_, ended)| *ended <= sweep_start).collect();
         before.sort_unstable_by_key(|(_, ended)| *ended);
         let keep = during.len().max(100).min(before.len());

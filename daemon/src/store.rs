@@ -430,7 +430,14 @@ impl Store {
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<usize, StoreError> {
-        Ok(self.conn().prepare_cached(sql)?.execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?)
+        Ok(self.conn().prepare_cached(sql)?.execute(params![
+            app_id,
+            key,
+            api,
+            row.ok as i64,
+            row.body,
+            now_ms as i64
+        ])?)
     }
 
     /// Drops a payment's record (the payment never reached the host; its key is unspent).

@@ -132,9 +132,7 @@ impl OpenApi for OpenApiService {
             },
         };
         Ok(Response::new(match outcome {
-            Ok(resp) => {
-                v1::InvokeResponse { ok: true, result_json: json::response_to_json_text(&resp), failure: None }
-            }
+            Ok(resp) => v1::InvokeResponse { ok: true, result_json: json::response_to_json_text(&resp), failure: None },
             Err((name, e)) => {
                 let failure = e.to_failure(&name);
                 v1::InvokeResponse {

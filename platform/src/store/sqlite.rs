@@ -352,9 +352,7 @@ impl PlatformStore for SqliteStore {
         let Some(queue) = self.issued.get(&key).map(|q| q.clone()) else { return Ok(0) };
         let mut dropped = 0;
         for code in &queue {
-            let of_kind = |e: &CodeRecord| {
-                matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k))
-            };
+            let of_kind = |e: &CodeRecord| matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
             if self.codes.remove_if(code, |_, e| of_kind(e)).is_some() {
                 self.unqueue(app_id, uid, code);
                 dropped += 1;
@@ -507,7 +505,11 @@ mod tests {
         store.sweep(200).await.unwrap();
         assert_eq!(store.outstanding_codes().await.unwrap(), 1);
         assert_eq!(store.redeem_code("a", "old-1", Wanted::Login, 200).await.unwrap(), Redemption::Invalid);
-        assert_eq!(store.redeem_code("a", "old-2", Wanted::Login, 200).await.unwrap(), Redemption::Invalid, "tombstone gone");
+        assert_eq!(
+            store.redeem_code("a", "old-2", Wanted::Login, 200).await.unwrap(),
+            Redemption::Invalid,
+            "tombstone gone"
+        );
         assert_eq!(store.issued.len(), 1, "only u, whose newer code is outstanding");
         assert_eq!(store.expiring.lock().unwrap().len(), 1);
         store.sweep(300).await.unwrap();
