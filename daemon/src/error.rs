@@ -67,6 +67,10 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The store cannot write (`store.max_bytes` reached, the disk full or read-only, an I/O
+    /// error): the call needed to record something and did nothing; reads go on.
+    #[error("storage unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -84,7 +88,7 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::StoreUnavailable(_) => Code::Unavailable,
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -127,6 +131,7 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::StoreUnavailable(_) => 1022,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -155,6 +160,7 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -182,7 +188,8 @@ impl ApiError {
     }
 }
 
-/// Errors from the store, mapped to [`ApiError::Internal`] at the API boundary.
+/// Errors from the store, mapped at the API boundary to [`ApiError::StoreUnavailable`] when the
+/// store cannot write ([`StoreError::is_unwritable`]), else to [`ApiError::Internal`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -191,9 +198,32 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether the store failed because it cannot write now (full, read-only, an I/O error):
+    /// the machine's failure, not the call's; the call changed nothing and reads go on.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable(e),
+            StoreError::Io(_) => true,
+        }
+    }
+
+    /// What a renderer is told about a store that cannot write (never a path).
+    pub fn unwritable_reason(&self) -> String {
+        match self {
+            StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable_reason(e),
+            StoreError::Io(io) => io.kind().to_string(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        if e.is_unwritable() {
+            ApiError::StoreUnavailable(e.unwritable_reason())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
     }
 }
 
@@ -202,6 +232,13 @@ impl From<PlatformError> for ApiError {
     fn from(e: PlatformError) -> Self {
         match e {
             PlatformError::SessionExpired => ApiError::SessionExpired,
+            PlatformError::Store(s) if s.is_unwritable() => ApiError::StoreUnavailable(match &s {
+                miniapp_platform::StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable_reason(e),
+                other => other.to_string(),
+            }),
+            PlatformError::Ledger(miniapp_platform::disclosures::LedgerError::Unwritable(reason)) => {
+                ApiError::StoreUnavailable(reason)
+            }
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),
         }
