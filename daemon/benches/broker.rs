@@ -369,6 +369,69 @@ fn echo_server_main(path: &Path) {
     let _ = std::io::stdin().read(&mut [0u8; 1]);
 }
 
+/// The bare HTTP server the backend HTTP API is compared with: axum on the daemon's runtime
+/// settings (one worker taking from the shared queue every 4th task, unless TOKIO_WORKER_THREADS
+/// says otherwise), answering `/cgi-bin/token` and `/sns/jscode2session` with a fixed JSON object
+/// of the sizes given (`TOKEN_BYTES,JSCODE_BYTES`), on a loopback port it prints.
+fn http_bare_main(sizes: &str) {
+    let (token, jscode) = sizes.split_once(',').expect("--http-bare=TOKEN_BYTES,JSCODE_BYTES");
+    let body = |n: &str| -> &'static str {
+        let n: usize = n.parse().expect("a size");
+        // {"pad":"…"} is 10 bytes around the padding.
+        format!("{{\"pad\":\"{}\"}}", "x".repeat(n.saturating_sub(10))).leak()
+    };
+    let (token, jscode) = (body(token), body(jscode));
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1).global_queue_interval(4);
+    }
+    let runtime = builder.enable_all().build().expect("runtime");
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bare server binds");
+    let address = listener.local_addr().expect("address");
+    let json = |text: &'static str| {
+        move || async move { ([(http::header::CONTENT_TYPE, "application/json; charset=utf-8")], text) }
+    };
+    let app = axum::Router::new()
+        .route("/cgi-bin/token", axum::routing::get(json(token)))
+        .route("/sns/jscode2session", axum::routing::get(json(jscode)));
+    runtime.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    println!("ready {address}");
+    std::io::stdout().flush().expect("stdout");
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+/// The bare HTTP server's process; it ends when this is dropped (its stdin closes).
+struct HttpBareProcess {
+    child: Child,
+    address: std::net::SocketAddr,
+}
+
+impl HttpBareProcess {
+    fn spawn(token_bytes: usize, jscode_bytes: usize) -> HttpBareProcess {
+        let exe = std::env::current_exe().expect("bench executable");
+        let mut child = Command::new(exe)
+            .arg(format!("--http-bare={token_bytes},{jscode_bytes}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("bare HTTP server process");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        std::io::BufRead::read_line(&mut out, &mut line).expect("bare server ready");
+        let address = line.trim().strip_prefix("ready ").expect("ready ADDR").parse().expect("an address");
+        HttpBareProcess { child, address }
+    }
+}
+
+impl Drop for HttpBareProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 /// The direct echo server, in its own process like the daemon, so that its CPU time can be read
 /// from /proc the same way and the comparison is fair.
 struct EchoProcess {
@@ -488,11 +551,16 @@ impl DaemonProcess {
     }
 
     fn spawn_binary(binary: &Path) -> (DaemonProcess, Duration) {
+        DaemonProcess::spawn_configured(binary, BENCH_CONFIG)
+    }
+
+    /// The daemon with `config_text` as its config file.
+    fn spawn_configured(binary: &Path, config_text: &str) -> (DaemonProcess, Duration) {
         let dir = tempfile::Builder::new().prefix("brokerd-bench").tempdir().expect("temp dir");
         let socket = dir.path().join("brokerd.sock");
         let data = dir.path().join("data");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, BENCH_CONFIG).expect("config written");
+        std::fs::write(&config, config_text).expect("config written");
         let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
         let start = Instant::now();
         // BROKER_BENCH_WRAPPER runs the daemon under a tool, e.g. "valgrind --tool=massif".
@@ -542,6 +610,21 @@ impl DaemonProcess {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The backend HTTP API's address, from the daemon's log line saying where it listens.
+    fn backend_http_address(&self) -> std::net::SocketAddr {
+        let log = self.socket.with_file_name("daemon.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("backend HTTP API listening")) {
+                let at = line.split("Some(").nth(1).and_then(|rest| rest.split(')').next()).expect("an address");
+                return at.parse().expect("a socket address");
+            }
+            assert!(Instant::now() < deadline, "the daemon did not say where its backend HTTP API listens:\n{text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn address(&self) -> String {
@@ -1064,6 +1147,156 @@ struct Idle {
     threads: u64,
 }
 
+/// Requests per second and latency of one HTTP load.
+#[derive(Debug, Default, Clone, Copy)]
+struct HttpLoad {
+    per_sec: f64,
+    latency: Latency,
+}
+
+/// 64 keep-alive connections (one hyper client with one connection each) sending GETs back to back
+/// for `secs`, or until `next` has no request left; every answer must be HTTP 200 and, when
+/// `expect` is given, contain it.
+async fn http_load(
+    address: std::net::SocketAddr,
+    secs: f64,
+    next: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    expect: Option<&'static str>,
+) -> HttpLoad {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(1)
+                    .build_http::<Empty<tonic::codegen::Bytes>>();
+                let mut samples = Samples::default();
+                while Instant::now() < deadline {
+                    let Some(path) = next() else { break };
+                    let uri: http::Uri = format!("http://{address}{path}").parse().expect("a URI");
+                    let t = Instant::now();
+                    let response = client.get(uri).await.expect("an HTTP answer");
+                    let status = response.status();
+                    let body = response.into_body().collect().await.expect("a body").to_bytes();
+                    samples.record(t.elapsed());
+                    assert_eq!(status, 200, "{path}: {body:?}");
+                    if let Some(expect) = expect {
+                        assert!(body.windows(expect.len()).any(|w| w == expect.as_bytes()), "{path}: {body:?}");
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut all = Samples::default();
+    for task in tasks {
+        all.0.extend(task.await.expect("client").0);
+    }
+    let elapsed = started.elapsed().min(Duration::from_secs_f64(secs)).as_secs_f64().max(1e-3);
+    HttpLoad { per_sec: all.0.len() as f64 / elapsed, latency: all.summary() }
+}
+
+/// The backend HTTP API against a bare axum handler.
+#[derive(Debug, Default, Clone, Copy)]
+struct BackendHttp {
+    token: HttpLoad,
+    token_bare: HttpLoad,
+    jscode: HttpLoad,
+    jscode_bare: HttpLoad,
+    token_bytes: usize,
+    jscode_bytes: usize,
+}
+
+/// The backend HTTP part: a daemon with its backend listener on loopback and one app with a
+/// secret, at the default log settings (`info`); `/cgi-bin/token` (the app's stable token, handed
+/// out again) and `/sns/jscode2session` (each request redeems a fresh login code made beforehand
+/// by 64 renderers) at 64 keep-alive connections, each against a bare axum handler answering as
+/// many bytes on the same runtime settings, measured in turn in the same run, twice each.
+async fn backend_http(p: &Params) -> BackendHttp {
+    const APP: &str = "wxbenchhttp00000000";
+    const SECRET: &str = "bench-backend-secret-0123456789";
+    let config = format!(
+        "{BENCH_CONFIG}exchanges_per_minute_per_app = 4000000000\nexchange_burst_per_app = 4000000000\n\
+         failed_exchanges_per_minute = 4000000000\nfailed_exchange_burst = 4000000000\n\
+         [sessions]\nmax_codes_per_user = 10000000\n\
+         [backend_http]\nlisten = \"127.0.0.1:0\"\nmax_connections = 1024\n\
+         [apps.{APP}]\nsecret = \"{SECRET}\"\n"
+    );
+    let (daemon, _) = DaemonProcess::spawn_configured(&daemon_binary(), &config);
+    let backend = daemon.backend_http_address();
+    let host = Host::connect(&daemon.address(), &daemon.host_token());
+    let tokens = host.launch_over("benchhttp", V2, CONCURRENCY, 1).await;
+    let clients = renderers(&daemon.address(), &tokens).await;
+    let secs = p.throughput_secs / 2.0;
+    // Enough codes for the fastest jscode2session seen here, twice over, and the warm-up.
+    let wanted = ((secs * 2.0 + p.throughput_warmup_secs) * 30_000.0) as usize + 1_000;
+    let per_client = wanted.div_ceil(CONCURRENCY);
+    let codes: Vec<String> = stream::iter(clients.iter())
+        .map(|r| async move {
+            let mut codes = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                codes.push(r.call(LoginRequest::default()).await.expect("login").code);
+            }
+            codes
+        })
+        .buffer_unordered(CONCURRENCY)
+        .flat_map(stream::iter)
+        .collect()
+        .await;
+    let codes = Arc::new(std::sync::Mutex::new(codes));
+    let token_path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={SECRET}");
+    let token: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(move || Some(token_path.clone()));
+    let jscode: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
+        let codes = codes.clone();
+        Arc::new(move || {
+            let code = codes.lock().expect("codes").pop()?;
+            Some(format!(
+                "/sns/jscode2session?appid={APP}&secret={SECRET}&js_code={code}&grant_type=authorization_code"
+            ))
+        })
+    };
+    // One answer of each, for the bare server's sizes.
+    let size = |next: &Arc<dyn Fn() -> Option<String> + Send + Sync>| {
+        let path = next().expect("a request");
+        async move {
+            use http_body_util::{BodyExt, Empty};
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<tonic::codegen::Bytes>>();
+            let uri: http::Uri = format!("http://{backend}{path}").parse().expect("a URI");
+            let answer = client.get(uri).await.expect("an answer").into_body().collect().await.expect("a body");
+            answer.to_bytes().len()
+        }
+    };
+    let (token_bytes, jscode_bytes) = (size(&token).await, size(&jscode).await);
+    let bare = HttpBareProcess::spawn(token_bytes, jscode_bytes);
+    let bare_token: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(|| Some("/cgi-bin/token".to_owned()));
+    let bare_jscode: Arc<dyn Fn() -> Option<String> + Send + Sync> =
+        Arc::new(|| Some("/sns/jscode2session".to_owned()));
+    let warm = p.throughput_warmup_secs;
+    http_load(backend, warm, token.clone(), None).await;
+    http_load(bare.address, warm, bare_token.clone(), None).await;
+    let mut out = BackendHttp { token_bytes, jscode_bytes, ..BackendHttp::default() };
+    let add = |sum: &mut HttpLoad, one: HttpLoad| {
+        sum.per_sec += one.per_sec / 2.0;
+        sum.latency.p50_us += one.latency.p50_us / 2.0;
+        sum.latency.p99_us += one.latency.p99_us / 2.0;
+        sum.latency.mean_us += one.latency.mean_us / 2.0;
+    };
+    for _ in 0..2 {
+        add(&mut out.token, http_load(backend, secs, token.clone(), Some("access_token")).await);
+        add(&mut out.token_bare, http_load(bare.address, secs, bare_token.clone(), None).await);
+        add(&mut out.jscode, http_load(backend, secs, jscode.clone(), Some("session_key")).await);
+        add(&mut out.jscode_bare, http_load(bare.address, secs, bare_jscode.clone(), None).await);
+    }
+    drop(clients);
+    drop(host);
+    out
+}
+
 /// What the codes sweep of a large store does to a login load on one runtime worker (the daemon
 /// runs one): logins' p99 while a sweep runs, against p99 just before it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1287,6 +1520,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(path) = args.iter().find_map(|a| a.strip_prefix("--echo-server=")) {
         echo_server_main(Path::new(path));
+        return;
+    }
+    if let Some(sizes) = args.iter().find_map(|a| a.strip_prefix("--http-bare=")) {
+        http_bare_main(sizes);
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -1570,6 +1807,21 @@ fn main() {
         idle.renderers, idle.rss_base_kib, idle.rss_launched_kib, idle.rss_connected_kib, idle.per_renderer_kib
     );
 
+    let http = runtime.block_on(backend_http(&p));
+    println!(
+        "backend HTTP: /cgi-bin/token {:.0}/s p50 {:.1} us ({} bytes) against bare axum {:.0}/s p50 {:.1} us; \
+         /sns/jscode2session {:.0}/s p50 {:.1} us ({} bytes) against {:.0}/s p50 {:.1} us",
+        http.token.per_sec,
+        http.token.latency.p50_us,
+        http.token_bytes,
+        http.token_bare.per_sec,
+        http.token_bare.latency.p50_us,
+        http.jscode.per_sec,
+        http.jscode.latency.p50_us,
+        http.jscode_bytes,
+        http.jscode_bare.per_sec,
+        http.jscode_bare.latency.p50_us
+    );
     let swept = sweep_load(&p);
     println!(
         "sweep:    {} expired codes swept in {:.1} ms under 64 logins: p99 {:.1} us during ({} logins), {:.1} us before",
@@ -1765,6 +2017,48 @@ fn main() {
             target: Some(("<=", 2.0)),
         },
         Row { key: "sweep_p99_us", value: swept.during.p99_us, unit: "us", target: None },
+        Row {
+            key: "backend_token_throughput_ratio",
+            value: ratio(http.token.per_sec, http.token_bare.per_sec),
+            unit: "x",
+            target: Some((">=", 0.8)),
+        },
+        Row {
+            key: "backend_jscode2session_throughput_ratio",
+            value: ratio(http.jscode.per_sec, http.jscode_bare.per_sec),
+            unit: "x",
+            target: None,
+        },
+        Row {
+            key: "backend_token_p50_ratio",
+            value: ratio(http.token.latency.p50_us, http.token_bare.latency.p50_us),
+            unit: "x",
+            target: None,
+        },
+        Row {
+            key: "backend_jscode2session_p50_ratio",
+            value: ratio(http.jscode.latency.p50_us, http.jscode_bare.latency.p50_us),
+            unit: "x",
+            target: None,
+        },
+        Row { key: "backend_token_throughput", value: http.token.per_sec, unit: "req/s", target: None },
+        Row { key: "backend_token_p50_us", value: http.token.latency.p50_us, unit: "us", target: None },
+        Row { key: "backend_token_bare_throughput", value: http.token_bare.per_sec, unit: "req/s", target: None },
+        Row { key: "backend_token_bare_p50_us", value: http.token_bare.latency.p50_us, unit: "us", target: None },
+        Row { key: "backend_jscode2session_throughput", value: http.jscode.per_sec, unit: "req/s", target: None },
+        Row { key: "backend_jscode2session_p50_us", value: http.jscode.latency.p50_us, unit: "us", target: None },
+        Row {
+            key: "backend_jscode2session_bare_throughput",
+            value: http.jscode_bare.per_sec,
+            unit: "req/s",
+            target: None,
+        },
+        Row {
+            key: "backend_jscode2session_bare_p50_us",
+            value: http.jscode_bare.latency.p50_us,
+            unit: "us",
+            target: None,
+        },
         Row { key: "sweep_without_p99_us", value: swept.without.p99_us, unit: "us", target: None },
         Row { key: "sweep_ms", value: swept.sweep_ms, unit: "ms", target: None },
         Row {

@@ -52,11 +52,11 @@ pub struct Probe {
 struct NoLedger;
 
 impl Disclosures for NoLedger {
-    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, crate::disclosures::LedgerError> {
         Ok((0..rows.len() as u64).collect())
     }
     fn withdrawn(&self, _: &[u64]) {}
-    fn redeemed(&self, _: &[u64], _: Surface, _: u64) -> Result<(), String> {
+    fn redeemed(&self, _: &[u64], _: Surface, _: u64) -> Result<(), crate::disclosures::LedgerError> {
         Ok(())
     }
 }
