@@ -1247,13 +1247,14 @@ async fn backend_http(p: &Params) -> BackendHttp {
         .flat_map(stream::iter)
         .collect()
         .await;
-    let codes = Arc::new(std::sync::Mutex::new(codes));
+    // Redeemed in the order issued, as a backend redeems its mini program's logins.
+    let codes = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(codes)));
     let token_path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={SECRET}");
     let token: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(move || Some(token_path.clone()));
     let jscode: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
         let codes = codes.clone();
         Arc::new(move || {
-            let code = codes.lock().expect("codes").pop()?;
+            let code = codes.lock().expect("codes").pop_front()?;
             Some(format!(
                 "/sns/jscode2session?appid={APP}&secret={SECRET}&js_code={code}&grant_type=authorization_code"
             ))

@@ -223,7 +223,9 @@ impl SqliteStore {
     fn unqueue(&self, app_id: &str, uid: &str, code: &Arc<str>) {
         let key = (app_id.to_owned(), uid.to_owned());
         if let Some(mut queue) = self.issued.get_mut(&key) {
-            if let Some(at) = queue.iter().position(|c| Arc::ptr_eq(c, code) || c == code) {
+            // The queue holds the very text the map's key does: a pointer compare finds it, at most
+            // `max_codes_per_user` of them (the oldest first, which a redemption usually is).
+            if let Some(at) = queue.iter().position(|c| Arc::ptr_eq(c, code)) {
                 queue.remove(at);
             }
             if !queue.is_empty() {
