@@ -1147,6 +1147,9 @@ struct Idle {
     threads: u64,
 }
 
+/// The next request's path and query of an HTTP load, or none: the load ends.
+type NextRequest = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Requests per second and latency of one HTTP load.
 #[derive(Debug, Default, Clone, Copy)]
 struct HttpLoad {
@@ -1160,7 +1163,7 @@ struct HttpLoad {
 async fn http_load(
     address: std::net::SocketAddr,
     secs: f64,
-    next: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    next: NextRequest,
     expect: Option<&'static str>,
 ) -> HttpLoad {
     use http_body_util::{BodyExt, Empty};
@@ -1250,8 +1253,8 @@ async fn backend_http(p: &Params) -> BackendHttp {
     // Redeemed in the order issued, as a backend redeems its mini program's logins.
     let codes = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(codes)));
     let token_path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={SECRET}");
-    let token: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(move || Some(token_path.clone()));
-    let jscode: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
+    let token: NextRequest = Arc::new(move || Some(token_path.clone()));
+    let jscode: NextRequest = {
         let codes = codes.clone();
         Arc::new(move || {
             let code = codes.lock().expect("codes").pop_front()?;
@@ -1261,7 +1264,7 @@ async fn backend_http(p: &Params) -> BackendHttp {
         })
     };
     // One answer of each, for the bare server's sizes.
-    let size = |next: &Arc<dyn Fn() -> Option<String> + Send + Sync>| {
+    let size = |next: &NextRequest| {
         let path = next().expect("a request");
         async move {
             use http_body_util::{BodyExt, Empty};
@@ -1274,9 +1277,8 @@ async fn backend_http(p: &Params) -> BackendHttp {
     };
     let (token_bytes, jscode_bytes) = (size(&token).await, size(&jscode).await);
     let bare = HttpBareProcess::spawn(token_bytes, jscode_bytes);
-    let bare_token: Arc<dyn Fn() -> Option<String> + Send + Sync> = Arc::new(|| Some("/cgi-bin/token".to_owned()));
-    let bare_jscode: Arc<dyn Fn() -> Option<String> + Send + Sync> =
-        Arc::new(|| Some("/sns/jscode2session".to_owned()));
+    let bare_token: NextRequest = Arc::new(|| Some("/cgi-bin/token".to_owned()));
+    let bare_jscode: NextRequest = Arc::new(|| Some("/sns/jscode2session".to_owned()));
     let warm = p.throughput_warmup_secs;
     http_load(backend, warm, token.clone(), None).await;
     http_load(bare.address, warm, bare_token.clone(), None).await;
