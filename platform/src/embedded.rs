@@ -212,7 +212,11 @@ impl EmbeddedPlatform {
         let record = CodeRecord {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
-            openid: self.openid(app_id, uid),
+            // A login's session carries the openid of (app, uid) already: no second HMAC.
+            openid: match session {
+                Some(s) if !s.openid.is_empty() => s.openid.clone(),
+                _ => self.openid(app_id, uid),
+            },
             purpose,
             expires_at_ms: now + self.code_ttl_ms,
             ledger: ledger.clone(),
@@ -354,7 +358,7 @@ impl EmbeddedPlatform {
     /// The one point every redemption passes, whichever surface it came through: the disclosure
     /// ledger records `what` went to `app` through `surface` here (never the value).
     fn redeemed(&self, surface: Surface, app: &AuthorizedApp, _uid: &str, what: Redeemed) {
-        info!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
+        debug!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
     }
 
     /// Logs a refusal with the app id only when the platform validated it.
@@ -651,7 +655,7 @@ impl Platform for EmbeddedPlatform {
 
     async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure> {
         let token = self.store.issue_token(app.app_id(), request, self.clock.now_ms()).await.map_err(system)?;
-        info!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
+        debug!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
         Ok(token)
     }
 
