@@ -126,7 +126,7 @@ async fn bare_pairs(url: &str, secs: f64) -> f64 {
     store.migrate().await.unwrap();
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
-    let quota = Quota { per_minute: 60_000, burst: 1000 };
+    let quota = Quota { per_minute: 6_000_000, burst: 100_000 };
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let store = store.clone();

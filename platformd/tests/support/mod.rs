@@ -71,7 +71,7 @@ impl Instance {
             // 200 codes of one user outstanding at once (the default keeps the latest 100).
             .args(["--max-codes-per-user", "256"])
             // 400 redemption attempts at once (the per-app limit has its own test).
-            .args(["--exchanges-per-minute-per-app", "60000", "--exchange-burst-per-app", "1000"])
+            .args(["--exchanges-per-minute-per-app", "6000000", "--exchange-burst-per-app", "100000"])
             .env("MINIAPP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
