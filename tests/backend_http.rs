@@ -25,7 +25,7 @@ use miniapp_brokerd::config::AppConfig;
 use prost::Message;
 use serde_json::{Value, json};
 use support::{Daemon, T0_MS, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const APP: &str = "wxbackend0000001";
 const PLAIN: &str = "wxbackend0000002";
@@ -42,11 +42,16 @@ impl Http {
     }
 
     async fn send(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .body(Full::new(Bytes::from(body)))
-            .expect("request");
+        self.send_with(method, path, &[], body).await
+    }
+
+    /// With extra request headers.
+    async fn send_with(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::from(body))).expect("request");
         let response = within(path, self.client.request(request)).await.expect("HTTP response");
         let status = response.status().as_u16();
         let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
@@ -221,7 +226,8 @@ async fn jscode2session_answers_openid_session_key_and_unionid_as_wechat_does() 
         "/sns/jscode2session?appid=wxnosuchapp00001&secret={}&js_code={fresh}&grant_type=authorization_code",
         b.secret
     );
-    assert_wechat_err(&b.http.get(&unknown).await, 40013, "invalid appid");
+    // An unknown app id hears what a wrong secret hears: the answer does not tell which apps exist.
+    assert_wechat_err(&b.http.get(&unknown).await, 40125, "invalid appsecret");
     let no_grant = format!("/sns/jscode2session?appid={APP}&secret={}&js_code={fresh}", b.secret);
     // WeChat's own codes for a bad or missing parameter, never 40001: on 40001 a backend library
     // (wechatpy) fetches a new access token and retries, over and over.
@@ -436,9 +442,9 @@ async fn the_rate_limit_is_one_per_app_over_both_surfaces() {
         c.limits.exchange_burst_per_app = 3;
     })
     .await;
-    let wrong = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret=wrong");
+    // Attempts that prove the app (its secret) spend its bucket, whatever they then ask.
     for _ in 0..3 {
-        assert_wechat_err(&b.http.get(&wrong).await, 40125, "invalid appsecret");
+        assert_wechat_err(&b.http.get(&b.session_path("", "no-such-code")).await, 40029, "invalid code");
     }
     let limited = b.http.get(&b.session_path("", &b.login_code().await)).await;
     assert_wechat_err(&limited, 45011, "api minute-quota reach limit, rate limit exceeded");
@@ -678,15 +684,18 @@ async fn http_redemptions_are_in_the_ledger_and_a_refused_scope_bites_over_http_
     let refused = b.http.post(&phone_path, json!({ "code": outstanding }).to_string()).await;
     assert_wechat_err(&refused, 40029, "invalid code");
 
+    // The two phone codes are one row (privacy.ledger_coalesce_secs): two issued, one redeemed.
     let ledger = b.host.ledger(APP, "u1", 0).await.expect("ledger");
-    let rows: Vec<_> = ledger.iter().map(|d| (d.what.as_str(), d.via_code, d.redeemed_via.as_str())).collect();
+    let rows: Vec<_> = ledger
+        .iter()
+        .map(|d| (d.what.as_str(), d.via_code, d.redeemed_via.as_str(), d.count, d.redeemed_count))
+        .collect();
     assert_eq!(
         rows,
         [
-            ("openid", true, "backend_http"),
-            ("unionid", true, "backend_http"),
-            ("phone_number", true, "backend_http"),
-            ("phone_number", true, ""),
+            ("openid", true, "backend_http", 1, 1),
+            ("unionid", true, "backend_http", 1, 1),
+            ("phone_number", true, "backend_http", 2, 1),
         ]
     );
 }
@@ -962,4 +971,316 @@ async fn an_earlier_login_code_redeems_to_the_sessions_current_key() {
     // Within the refresh period a login keeps the key.
     let again = b.http.get(&b.session_path("", &b.login_code().await)).await;
     assert_eq!(again["session_key"].as_str(), Some(key));
+}
+
+fn token_path(app_id: &str, secret: &str) -> String {
+    format!("/cgi-bin/token?grant_type=client_credential&appid={app_id}&secret={secret}")
+}
+
+/// Two peers dripping a request head, one byte every 100 ms, hold both slots
+/// (`max_connections = 2`) only until `header_timeout_ms`, although each byte comes well within
+/// the idle timeout of the last: the honest `/cgi-bin/token` behind them is answered, in bounded
+/// time, once the daemon has closed them.
+#[tokio::test]
+async fn peers_dripping_request_heads_are_closed_at_the_header_timeout() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.header_timeout_ms = 500;
+        c.backend_http.idle_timeout_ms = 60_000;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let head = b"GET /cgi-bin/token?grant_type=client_credential&appid=wxdrip HTTP/1.1\r\nX-Pad: ";
+    let mut drippers = Vec::new();
+    for _ in 0..2 {
+        drippers.push(drip(address, b"", head).await);
+    }
+    let started = std::time::Instant::now();
+    let body = b.http.get(&token_path(APP, &b.secret)).await;
+    let waited = started.elapsed();
+    assert!(body["access_token"].is_string(), "{body}");
+    for dripper in drippers {
+        let sent = within("the dripper ends", dripper).await.unwrap();
+        let sent = sent.expect("a dripping peer was kept for 300 bytes (30 s)");
+        assert!(sent < 30, "a dripping peer was closed only after {sent} bytes (100 ms apart)");
+    }
+    assert!(waited < std::time::Duration::from_secs(5), "the honest request waited {waited:?}");
+}
+
+/// A peer that sends `at_once`, then `dripped` one byte every 100 ms (then `a`s), 300 bytes at
+/// most (30 s): how many it dripped before the daemon closed it (`None`: never closed).
+async fn drip(address: SocketAddr, at_once: &[u8], dripped: &'static [u8]) -> tokio::task::JoinHandle<Option<usize>> {
+    let mut peer = tokio::net::TcpStream::connect(address).await.unwrap();
+    peer.write_all(at_once).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        for sent in 0..300 {
+            let byte = dripped.get(sent).copied().unwrap_or(b'a');
+            if peer.write_all(&[byte]).await.is_err() {
+                return Some(sent);
+            }
+            // The attacker's pace (not a synchronisation): its next byte, unless closed first.
+            tokio::select! {
+                read = peer.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return Some(sent) },
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+        None
+    })
+}
+
+/// Two peers that send a complete head and then drip its body hold both slots only until
+/// `idle_timeout_ms` after the head (the deadline does not restart on each byte): the honest
+/// request behind them is answered in bounded time.
+#[tokio::test]
+async fn peers_dripping_request_bodies_are_closed_at_the_idle_timeout() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.idle_timeout_ms = 500;
+        c.backend_http.header_timeout_ms = 60_000;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let head = b"POST /cgi-bin/stable_token HTTP/1.1\r\nHost: backend\r\nContent-Length: 10000\r\n\r\n";
+    let mut drippers = Vec::new();
+    for _ in 0..2 {
+        drippers.push(drip(address, head, b"{\"appid\": \"").await);
+    }
+    let started = std::time::Instant::now();
+    let body = b.http.get(&token_path(APP, &b.secret)).await;
+    let waited = started.elapsed();
+    assert!(body["access_token"].is_string(), "{body}");
+    for dripper in drippers {
+        let sent = within("the dripper ends", dripper).await.unwrap();
+        let sent = sent.expect("a peer dripping its body was kept for 300 bytes (30 s)");
+        assert!(sent < 30, "a peer dripping its body was closed only after {sent} bytes (100 ms apart)");
+    }
+    assert!(waited < std::time::Duration::from_secs(5), "the honest request waited {waited:?}");
+}
+
+/// Two peers that pipeline requests and never read the answers hold both slots only until
+/// `write_timeout_ms`: the honest request behind them is answered, in bounded time, and they are
+/// closed (each peer has a small receive buffer, so the daemon's answers back up quickly).
+#[tokio::test]
+async fn peers_that_pipeline_and_never_read_are_closed_at_the_write_timeout() {
+    let b = Backend::start_with(|c| {
+        c.backend_http.max_connections = 2;
+        c.backend_http.write_timeout_ms = 500;
+        c.backend_http.header_timeout_ms = 60_000;
+        c.backend_http.idle_timeout_ms = 60_000;
+    })
+    .await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let mut unread = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (read_half, mut write_half) = socket.connect(address).await.unwrap().into_split();
+        unread.push(read_half);
+        writers.push(tokio::spawn(async move {
+            // At most 40,000 requests, 100 at a time; the daemon stops taking them once its
+            // answers back up, and this writer then waits until the test ends.
+            let batch = b"GET /cgi-bin/nothing HTTP/1.1\r\nHost: backend\r\n\r\n".repeat(100);
+            for _ in 0..400 {
+                if write_half.write_all(&batch).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    let started = std::time::Instant::now();
+    let body = b.http.get(&token_path(APP, &b.secret)).await;
+    let waited = started.elapsed();
+    assert!(body["access_token"].is_string(), "{body}");
+    assert!(waited < std::time::Duration::from_secs(10), "the honest request waited {waited:?}");
+    // Both pipelining peers were closed: what they never read ends (or is reset).
+    for mut peer in unread {
+        let mut sink = Vec::new();
+        // Ends at EOF or with a reset; `within` fails the test if it does not end.
+        let _ended = within("the daemon closes a peer that never reads", peer.read_to_end(&mut sink)).await;
+    }
+    writers.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+/// The backend port speaks HTTP/1.1 only: a client opening with HTTP/2's preface (prior
+/// knowledge, h2c) gets no answer but a closed connection, while HTTP/1.1 on the port works.
+#[tokio::test]
+async fn the_backend_port_refuses_http2_with_prior_knowledge() {
+    let b = Backend::start().await;
+    let address = b.daemon.server.backend_http_addr().unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let uri = format!("http://{address}{}", token_path(APP, &b.secret));
+    let answer = within("an HTTP/2 request", async move {
+        let (client, connection) = h2::client::handshake(tcp).await?;
+        let driver = tokio::spawn(connection);
+        let mut client = client.ready().await?;
+        let (response, _) = client.send_request(Request::get(uri).body(()).unwrap(), true)?;
+        let response = response.await;
+        driver.abort();
+        response
+    })
+    .await;
+    assert!(answer.is_err(), "an HTTP/2 request was answered: {answer:?}");
+    assert!(b.http.get(&token_path(APP, &b.secret)).await["access_token"].is_string());
+}
+
+/// A flood of wrong secrets for an app, four times its whole bucket, does not spend what its real
+/// backend may do: between the floods the backend keeps getting tokens over HTTP and exchanging
+/// codes over gRPC, while the flood hears 40125 and, past the failure bucket, 45011.
+#[tokio::test]
+async fn wrong_secrets_for_an_app_do_not_lock_its_backend_out() {
+    let b = Backend::start_with(|c| {
+        c.limits.exchanges_per_minute_per_app = 1;
+        c.limits.exchange_burst_per_app = 10;
+        c.limits.failed_exchanges_per_minute = 1;
+        c.limits.failed_exchange_burst = 5;
+    })
+    .await;
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let mut heard = Vec::new();
+    for round in 0..4 {
+        for i in 0..10 {
+            let body = b.http.get(&token_path(APP, &format!("guess-{round}-{i}"))).await;
+            assert!(body.get("access_token").is_none(), "{body}");
+            heard.push(body["errcode"].as_i64().unwrap());
+        }
+        let guess = v1::Code2SessionRequest { app_id: APP.into(), secret: format!("guess-{round}"), code: "c".into() };
+        let status = exchange.code2_session(guess).await.unwrap_err();
+        heard.push(i64::from(ExchangeError::decode(status.details()).unwrap().errcode));
+
+        // The real backend, between the floods: a token over HTTP, a login code over gRPC.
+        let token = b.http.get(&token_path(APP, &b.secret)).await;
+        assert!(token["access_token"].is_string(), "round {round}: {token}");
+        let real = v1::Code2SessionRequest { app_id: APP.into(), secret: b.secret.clone(), code: b.login_code().await };
+        within("code2Session", exchange.code2_session(real)).await.expect("the real backend's gRPC exchange");
+    }
+    assert_eq!(heard[..5], [40125; 5], "the failure bucket's burst hears 40125: {heard:?}");
+    assert!(heard[5..].iter().all(|&e| e == 45011), "then 45011: {heard:?}");
+}
+
+/// A wrong secret gets the same answer whether its app id is registered or not, on both answer
+/// shapes, over gRPC too, and at the failure bucket's bound as well: the answers do not tell
+/// which apps exist.
+#[tokio::test]
+async fn registered_and_unknown_app_ids_get_one_answer_to_a_wrong_secret() {
+    let b = Backend::start_with(|c| {
+        c.limits.failed_exchanges_per_minute = 1;
+        c.limits.failed_exchange_burst = 6;
+    })
+    .await;
+    let unknown = "wxnosuchapp00001";
+    let strip_id = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("requestId").expect("TCMPP answers carry a requestId");
+        v
+    };
+    for prefix in ["", "/openserver"] {
+        let registered = b.http.get(&format!("{prefix}{}", token_path(APP, "wrong"))).await;
+        let not = b.http.get(&format!("{prefix}{}", token_path(unknown, "wrong"))).await;
+        assert_eq!(registered["errcode"], json!(40125), "{registered}");
+        if prefix.is_empty() {
+            assert_eq!(registered, not);
+        } else {
+            assert_eq!(strip_id(registered), strip_id(not));
+        }
+    }
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let mut ask = async |app_id: &str| {
+        let request = v1::Code2SessionRequest { app_id: app_id.into(), secret: "wrong".into(), code: "c".into() };
+        let status = exchange.code2_session(request).await.unwrap_err();
+        (status.code(), status.message().to_owned(), ExchangeError::decode(status.details()).unwrap())
+    };
+    let (registered, not) = (ask(APP).await, ask(unknown).await);
+    assert_eq!(registered.2.errcode, 40125);
+    assert_eq!(registered, not);
+    // Six failures spent the failure bucket: past it, both hear 45011.
+    let (registered, not) = (ask(APP).await, ask(unknown).await);
+    assert_eq!(registered.2.errcode, 45011);
+    assert_eq!(registered, not);
+    assert_eq!(b.http.get(&token_path(APP, "wrong")).await, b.http.get(&token_path(unknown, "wrong")).await);
+}
+
+/// A request a web browser made (an `Origin` header, or fetch metadata other than
+/// `Sec-Fetch-Site: none`) is refused with HTTP 403 and errcode 48001, on GET and POST paths,
+/// even with the right secret; backends' libraries (no fetch metadata) and what a user typed in
+/// the address bar (`none`) are answered.
+#[tokio::test]
+async fn requests_from_web_pages_are_refused() {
+    let b = Backend::start().await;
+    let path = token_path(APP, &b.secret);
+    let stable = json!({ "grant_type": "client_credential", "appid": APP, "secret": b.secret }).to_string();
+    let browsers: [&[(&str, &str)]; 5] = [
+        &[("origin", "http://pages.example")],
+        &[("origin", "null")],
+        &[("sec-fetch-site", "cross-site"), ("sec-fetch-mode", "no-cors"), ("sec-fetch-dest", "image")],
+        &[("sec-fetch-site", "same-site")],
+        &[("sec-fetch-site", "same-origin")],
+    ];
+    for headers in browsers {
+        for (method, path, body) in [
+            (Method::GET, path.as_str(), Vec::new()),
+            (Method::POST, "/cgi-bin/stable_token", stable.clone().into_bytes()),
+            (Method::GET, "/openserver/cgi-bin/token", Vec::new()),
+        ] {
+            let (status, answer) = b.http.send_with(method, path, headers, body).await;
+            assert_eq!((status, answer["errcode"].clone()), (403, json!(48001)), "{headers:?} {path}: {answer}");
+            assert!(answer["errmsg"].as_str().unwrap().contains("Origin"), "{answer}");
+            assert!(answer.get("access_token").is_none());
+        }
+    }
+    let (status, typed) = b.http.send_with(Method::GET, &path, &[("sec-fetch-site", "none")], Vec::new()).await;
+    assert_eq!(status, 200);
+    assert!(typed["access_token"].is_string(), "{typed}");
+    assert!(b.http.get(&path).await["access_token"].is_string());
+}
+
+/// A code its own app redeemed is "code been used" to that app only: another app presenting it
+/// (with its own, right credentials) hears exactly what a code that never existed gets, over HTTP
+/// and over gRPC, for login and phone codes, whichever surface spent it.
+#[tokio::test]
+async fn a_code_another_app_spent_looks_like_no_code_to_it() {
+    let b = Backend::start().await;
+    let as_plain = |code: &str| {
+        format!(
+            "/sns/jscode2session?appid={PLAIN}&secret={}&js_code={code}&grant_type=authorization_code",
+            b.plain_secret
+        )
+    };
+    let never = b.http.get(&as_plain("no-such-code")).await;
+    assert_wechat_err(&never, 40029, "invalid code");
+    let mut exchange = ExchangeClient::new(connect::channel(&b.daemon.address()).await.unwrap());
+    let mut own_app = exchange.clone();
+    let mut grpc = async |app_id: &str, secret: &str, code: &str| {
+        let request = v1::Code2SessionRequest { app_id: app_id.into(), secret: secret.into(), code: code.into() };
+        let status = exchange.code2_session(request).await.unwrap_err();
+        (status.code(), status.message().to_owned(), ExchangeError::decode(status.details()).unwrap())
+    };
+    let never_grpc = grpc(PLAIN, &b.plain_secret, "no-such-code").await;
+
+    // Spent over HTTP by its app.
+    let code = b.login_code().await;
+    assert!(b.http.get(&b.session_path("", &code)).await["openid"].is_string());
+    assert_eq!(b.http.get(&as_plain(&code)).await, never, "another app presenting a spent code");
+    assert_eq!(grpc(PLAIN, &b.plain_secret, &code).await, never_grpc);
+    assert_wechat_err(&b.http.get(&b.session_path("", &code)).await, 40163, "code been used");
+
+    // Spent over gRPC by its app.
+    let code = b.login_code().await;
+    let request = v1::Code2SessionRequest { app_id: APP.into(), secret: b.secret.clone(), code: code.clone() };
+    within("code2Session", own_app.code2_session(request)).await.expect("its own app redeems it");
+    assert_eq!(b.http.get(&as_plain(&code)).await, never);
+    assert_eq!(grpc(PLAIN, &b.plain_secret, &code).await, never_grpc);
+    assert_eq!(grpc(APP, &b.secret, &code).await.2.errcode, 40163, "its own app hears it was used");
+
+    // A phone code, over getuserphonenumber with each app's own token.
+    let phone = b.phone_code().await;
+    let plain_token =
+        b.http.get(&token_path(PLAIN, &b.plain_secret)).await["access_token"].as_str().unwrap().to_owned();
+    let phone_path = |token: &str| format!("/wxa/business/getuserphonenumber?access_token={token}");
+    let body = |code: &str| json!({ "code": code }).to_string();
+    let never_phone = b.http.post(&phone_path(&plain_token), body("no-such-code")).await;
+    assert_wechat_err(&never_phone, 40029, "invalid code");
+    let own = b.http.post(&phone_path(&b.token().await), body(&phone)).await;
+    assert_eq!(own["errcode"], json!(0), "{own}");
+    assert_eq!(b.http.post(&phone_path(&plain_token), body(&phone)).await, never_phone);
 }

@@ -495,6 +495,8 @@ async fn renderers_get_one_answer_per_call_and_payments_happen_once_while_the_ho
         c.host.grace_ms = GRACE_MS;
         c.limits.calls_per_second_per_app = 1_000_000;
         c.limits.burst_per_app = 1_000_000;
+        c.limits.calls_per_second_per_user = 1_000_000;
+        c.limits.burst_per_user = 1_000_000;
         c.limits.max_calls_in_flight_per_instance = 1_024;
     })
     .await;

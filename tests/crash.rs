@@ -69,13 +69,21 @@ impl ChildDaemon {
     /// Starts `miniapp-brokerd serve` on `dir` and waits (bounded) until its socket accepts.
     async fn start(dir: &Path, run: u32) -> ChildDaemon {
         let log = std::fs::File::create(dir.join(format!("daemon-{run}.log"))).expect("log file");
+        // The load is one user's calls, many a second in each app: past one user's rate by design.
+        let config_dir = dir.join("config").join("miniapp-broker");
+        std::fs::create_dir_all(&config_dir).expect("config dir");
+        std::fs::write(
+            config_dir.join("config.toml"),
+            "[limits]\ncalls_per_second_per_user = 1000000\nburst_per_user = 1000000\n",
+        )
+        .expect("config file");
         let child = Command::new(env!("CARGO_BIN_EXE_miniapp-brokerd"))
             .arg("serve")
             .arg("--socket")
             .arg(socket(dir))
             .arg("--data-dir")
             .arg(dir.join("data"))
-            // No config file from the environment; keep the log small.
+            // No config file from the environment but the one above; keep the log small.
             .env("XDG_CONFIG_HOME", dir.join("config"))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -1,7 +1,8 @@
 //! The backend exchange is rate-limited per app, whichever surface it arrives on (the gRPC
 //! `Exchange` service here; the HTTP API in tests/backend_http.rs shares the same platform bucket).
-//! Over the limit an attempt gets WeChat's errcode 45011 and changes nothing; another app is
-//! unaffected. Refusals never echo unvalidated input into the daemon's logs.
+//! Only attempts that prove the app (its secret) draw on it; wrong secrets draw on a failure bucket
+//! of their own. Over a limit an attempt gets WeChat's errcode 45011 and changes nothing; another
+//! app is unaffected. Refusals never echo unvalidated input into the daemon's logs.
 
 mod support;
 
@@ -63,17 +64,17 @@ async fn exchange_attempts_are_rate_limited_per_app_with_errcode_45011() {
     let secret_b = host.register_app("wxbystander00001", false).await.unwrap().secret;
     let mut exchange = ExchangeClient::new(connect::channel(&daemon.address()).await.expect("channel"));
 
-    // A backend guessing secrets (or codes) for one app is stopped by the app's bucket.
+    // A backend with the secret guessing codes is stopped by the app's bucket.
     let mut limited_after = None;
     for attempt in 0..ATTEMPTS {
         let request = v1::Code2SessionRequest {
             app_id: "wxlimited0000001".into(),
-            secret: format!("guess-{attempt}"),
-            code: "no-such-code".into(),
+            secret: secret_a.clone(),
+            code: format!("guess-{attempt}"),
         };
         let status = within("code2Session", exchange.code2_session(request)).await.unwrap_err();
         match errcode(&status) {
-            (Code::Unauthenticated, 40125, _) => {}
+            (Code::InvalidArgument, 40029, _) => {}
             (Code::ResourceExhausted, 45011, msg) => {
                 assert!(msg.contains("limit"), "errmsg {msg:?}");
                 limited_after = Some(attempt);
@@ -85,7 +86,7 @@ async fn exchange_attempts_are_rate_limited_per_app_with_errcode_45011() {
     let limited_after = limited_after.expect("no 45011 within the attempts: exchanges are not rate-limited");
     assert!(limited_after >= 10, "the burst allows a normal backend some attempts ({limited_after})");
 
-    // Over the limit, even the right secret with a real code is refused.
+    // Over the limit, even a real code is refused.
     let launched = host.launch_app("wxlimited0000001", r#"{"apiVersion":"v2"}"#).await.unwrap();
     let renderer = daemon.renderer(&launched.launch_token).await;
     let login = renderer.call(v1::LoginRequest::default()).await.expect("login");
@@ -100,6 +101,49 @@ async fn exchange_attempts_are_rate_limited_per_app_with_errcode_45011() {
     // Another app's backend is unaffected.
     let other = v1::Code2SessionRequest { app_id: "wxbystander00001".into(), secret: secret_b, code: "nope".into() };
     assert_eq!(errcode(&exchange.code2_session(other).await.unwrap_err()).1, 40029);
+}
+
+/// Wrong secrets never draw on the app's bucket: a flood of them (registered app id or not) is
+/// stopped by the failure bucket (40125, then 45011), while the app's real backend, with its
+/// secret, keeps exchanging codes over gRPC.
+#[tokio::test]
+async fn wrong_secrets_are_limited_apart_and_never_lock_out_the_right_one() {
+    let daemon = Daemon::start_with(|c| {
+        c.limits.exchanges_per_minute_per_app = 1;
+        c.limits.exchange_burst_per_app = 10;
+    })
+    .await;
+    let host = within("host", daemon.host().user(user("u1")).connect()).await.expect("host connects");
+    let secret = host.register_app("wxlimited0000001", false).await.unwrap().secret;
+    let launched = host.launch_app("wxlimited0000001", r#"{"apiVersion":"v2"}"#).await.unwrap();
+    let renderer = daemon.renderer(&launched.launch_token).await;
+    let mut exchange = ExchangeClient::new(connect::channel(&daemon.address()).await.expect("channel"));
+
+    let mut limited_after = None;
+    for attempt in 0..ATTEMPTS {
+        // Registered and unknown app ids alternate: they hear the same and share one bucket.
+        let app_id = if attempt % 2 == 0 { "wxlimited0000001" } else { "wxnosuchapp00001" };
+        let request =
+            v1::Code2SessionRequest { app_id: app_id.into(), secret: format!("guess-{attempt}"), code: "c".into() };
+        let status = within("code2Session", exchange.code2_session(request)).await.unwrap_err();
+        match errcode(&status) {
+            (Code::Unauthenticated, 40125, msg) => assert_eq!(msg, "invalid appsecret"),
+            (Code::ResourceExhausted, 45011, _) => {
+                limited_after = Some(attempt);
+                break;
+            }
+            other => panic!("attempt {attempt}: unexpected {other:?}"),
+        }
+    }
+    let limited_after = limited_after.expect("wrong secrets are never limited");
+    assert!(limited_after > 10, "more wrong secrets than the app's whole bucket were taken ({limited_after})");
+
+    // The app's bucket is whole: its real backend exchanges its codes, up to its burst.
+    for i in 0..10 {
+        let code = within("login", renderer.call(v1::LoginRequest::default())).await.expect("login").code;
+        let request = v1::Code2SessionRequest { app_id: "wxlimited0000001".into(), secret: secret.clone(), code };
+        within("code2Session", exchange.code2_session(request)).await.unwrap_or_else(|s| panic!("exchange {i}: {s:?}"));
+    }
 }
 
 #[tokio::test]

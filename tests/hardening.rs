@@ -887,10 +887,14 @@ async fn take_all(d: &Daemon, pool: SharedPool, token: &str, attempts: usize, he
 #[tokio::test]
 async fn no_app_takes_the_last_of_a_shared_pool() {
     for pool in [SharedPool::Streams, SharedPool::Connections, SharedPool::Calls] {
-        let d = Daemon::start_with(|c| match pool {
-            SharedPool::Streams => c.limits.max_renderer_streams = 40,
-            SharedPool::Connections => c.limits.max_connections = 40,
-            SharedPool::Calls => c.limits.max_calls_in_flight = 40,
+        let d = Daemon::start_with(|c| {
+            // Each stream's first call is one user's: not held to one user's rate here.
+            c.limits.burst_per_user = 1_000;
+            match pool {
+                SharedPool::Streams => c.limits.max_renderer_streams = 40,
+                SharedPool::Connections => c.limits.max_connections = 40,
+                SharedPool::Calls => c.limits.max_calls_in_flight = 40,
+            }
         })
         .await;
         let held_calls = Arc::new(AtomicUsize::new(0));

@@ -1542,7 +1542,7 @@ fn cases() -> Vec<Case> {
         row(
             "Code2Session for an unknown app id",
             On::Main,
-            vec![exch(Code::Unauthenticated, 40013, "invalid appid")],
+            vec![exch(Code::Unauthenticated, 40125, "invalid appsecret")],
             |c, p| {
                 Box::pin(async move {
                     vec![of_exchange(&c.main.code2session("wxnosuchapp0001", &c.secret_a, &p.code).await.unwrap_err())]

@@ -228,6 +228,8 @@ async fn a_host_that_stops_reading_cannot_make_calls_outlive_their_deadline() {
         c.limits.max_calls_in_flight = 4 * QUEUE;
         c.limits.calls_per_second_per_app = 100_000;
         c.limits.burst_per_app = 100_000;
+        c.limits.calls_per_second_per_user = 100_000;
+        c.limits.burst_per_user = 100_000;
     })
     .await;
     let (_stalled, mut launcher, app) = stalled_host_with_app(&daemon).await;

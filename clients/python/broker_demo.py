@@ -15,6 +15,11 @@ This proves the wire contract is usable from another language with stock grpcio:
 * the app's backend registers a secret with Admin.RegisterApp and swaps the v2 code for an openid
   with Exchange.Code2Session.
 
+Before the host token or a launch token goes out, the script checks that the server at the socket
+runs as this user (SO_PEERCRED on Linux, the socket file's owner elsewhere), as the Rust client and
+the CLI do: a squatter of another uid on the daemon's address is refused with the Rust client's
+words and gets nothing.
+
 Stubs are generated from proto/ at run time into a temporary directory (never committed).
 Each step prints one ``ok ...`` line; the last line is ``python client: all ok``. Any failure prints
 ``FAIL ...`` on stderr and exits 1. Every RPC is bounded by a deadline.
@@ -28,6 +33,8 @@ import json
 import os
 import queue
 import secrets
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -44,6 +51,36 @@ PROTO_FILES = ["api.proto", "renderer.proto", "host.proto", "exchange.proto", "a
 
 class Failure(Exception):
     pass
+
+
+class ForeignServer(Failure):
+    """The server at an address runs as another user than this process: nothing was sent to it."""
+
+    def __init__(self, address, server_uid, own_uid):
+        super().__init__(
+            f"the server at {address} runs as uid {server_uid}, not as this user (uid {own_uid}); "
+            "refusing to send it anything"
+        )
+
+
+def check_server_owner(path):
+    """Raises ForeignServer unless the server listening at the Unix socket `path` runs as this
+    process's effective uid. grpcio opens its own connections, so this asks on one of ours, which
+    sends nothing: SO_PEERCRED (Linux) gives the listening process's uid; elsewhere the socket
+    file's owner, the uid of whoever bound it, stands in for it. A squatter would have to replace
+    the socket between this check and grpcio's connect, which needs write access to the daemon's
+    private socket directory."""
+    own = os.geteuid()
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is not None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(DEADLINE_S)
+            probe.connect(path)
+            _pid, uid, _gid = struct.unpack("iII", probe.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("iII")))
+    else:
+        uid = os.stat(path).st_uid
+    if uid != own:
+        raise ForeignServer(path, uid, own)
 
 
 def check(cond, what):
@@ -144,6 +181,8 @@ def main():
     with open(args.token_file, encoding="utf-8") as f:
         token = f.read().strip()
     target = f"unix:{args.socket}"
+    check_server_owner(args.socket)
+    print(f"ok the server at {args.socket} runs as this user (uid {os.geteuid()})")
 
     with tempfile.TemporaryDirectory(prefix="miniapp-broker-py-") as out_dir:
         m = generate_stubs(args.proto_dir, out_dir)

@@ -462,6 +462,8 @@ const BENCH_CONFIG: &str = r#"
 max_calls_in_flight_per_instance = 1024
 calls_per_second_per_app = 100000000
 burst_per_app = 100000000
+calls_per_second_per_user = 100000000
+burst_per_user = 100000000
 max_renderer_streams = 100000
 max_connections = 100000
 "#;

@@ -25,7 +25,7 @@ use crate::{
     consent::Consent,
     error::ApiError,
     host_link::{AnswerFinish, Deferred, Expect, HostCall, HostLink, RendererGone, ReplyPermit, ReplyTo},
-    limits::{Occupancy, RateLimits},
+    limits::{Occupancy, RateLimits, UserRates},
     platform::Platform,
     registry::{AppInstance, AppRegistry, CallSlot},
     store::Store,
@@ -51,6 +51,8 @@ pub struct Broker {
     pub consent: Consent,
     pub store: Arc<Store>,
     pub rates: RateLimits,
+    /// Calls per (app, user) among those that may add to the store (see [`api::gate`]).
+    pub user_rates: UserRates,
     /// Streams and connections held per app and instance.
     pub occupancy: Occupancy,
     pub payments: api::payments::InFlight,

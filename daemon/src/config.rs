@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::version::ApiVersion;
 
+/// The least `store.max_bytes` takes: the schema and a few pages of rows.
+pub const MIN_STORE_BYTES: u64 = 256 * 1024;
+
 /// Everything `serve` needs to know.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +30,7 @@ pub struct Config {
     pub log: LogConfig,
     pub consent: ConsentConfig,
     pub privacy: PrivacyConfig,
+    pub payments: PaymentsConfig,
     pub backend_http: BackendHttpConfig,
     pub superapp: SuperappConfig,
     pub platform: PlatformConfig,
@@ -49,6 +53,24 @@ pub struct ConsentConfig {
 pub struct PrivacyConfig {
     /// Ledger rows older than this many days are deleted by the daemon's sweep.
     pub ledger_days: u32,
+    /// A disclosure identical to one recorded less than this many seconds earlier (same app,
+    /// user, what, surface and API) adds to that row's count instead of adding a row (0: never).
+    pub ledger_coalesce_secs: u64,
+}
+
+/// How long payment outcomes are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// A payment's recorded outcome (what a retry with its idempotency key gets) is kept this
+    /// many days after it was recorded, then deleted by the daemon's sweep.
+    pub retention_days: u32,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig { retention_days: 30 }
+    }
 }
 
 impl Default for ConsentConfig {
@@ -59,7 +81,7 @@ impl Default for ConsentConfig {
 
 impl Default for PrivacyConfig {
     fn default() -> Self {
-        PrivacyConfig { ledger_days: 365 }
+        PrivacyConfig { ledger_days: 365, ledger_coalesce_secs: 3600 }
     }
 }
 
@@ -125,6 +147,18 @@ pub struct LimitsConfig {
     pub exchanges_per_minute_per_app: u32,
     /// Burst of exchange attempts above that rate.
     pub exchange_burst_per_app: u32,
+    /// Wrong secrets per minute, every app and unknown app id together (they never draw on an
+    /// app's own bucket); past them a wrong secret hears 45011, the right one is still taken.
+    pub failed_exchanges_per_minute: u32,
+    /// Burst of wrong secrets above that rate.
+    pub failed_exchange_burst: u32,
+    /// Sustained calls per second of one API by one user in one app, for the calls that may add to
+    /// the store (every default implementation, payments, and a delegated API whose answer is
+    /// recorded in the ledger), as WeChat limits one user's wx.login, checkSession and
+    /// getUserProfile each.
+    pub calls_per_second_per_user: u32,
+    /// Burst of one user's such calls of one API in one app above that rate.
+    pub burst_per_user: u32,
 }
 
 /// The embedded platform's session rules.
@@ -149,6 +183,10 @@ pub struct SessionConfig {
 pub struct StoreConfig {
     /// `"normal"`: durable across a daemon crash (WAL, the default). `"full"`: also across power loss.
     pub synchronous: String,
+    /// The most the database file may grow to, in bytes (its write-ahead log is truncated to
+    /// 16 MiB after each checkpoint). A call that must write beyond it fails "storage
+    /// unavailable" (errno 1022); reads go on.
+    pub max_bytes: u64,
 }
 
 /// Log output.
@@ -172,21 +210,42 @@ pub struct BackendHttpConfig {
     pub allow_remote: bool,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: u32,
-    /// A connection that sends nothing for this long is closed.
+    /// A connection on which no request starts and none is answered for this long is closed,
+    /// however many bytes it trickles in (a body dripped after a complete head).
     pub idle_timeout_ms: u64,
+    /// A request head must be complete this long after the connection waits for it (opened, or
+    /// its last answer given); else the connection is closed.
+    pub header_timeout_ms: u64,
+    /// An answer the client does not take within this long closes the connection (a client that
+    /// pipelines requests and never reads).
+    pub write_timeout_ms: u64,
 }
 
 impl Default for BackendHttpConfig {
     fn default() -> Self {
-        BackendHttpConfig { listen: None, allow_remote: false, max_connections: 256, idle_timeout_ms: 30_000 }
+        BackendHttpConfig {
+            listen: None,
+            allow_remote: false,
+            max_connections: 256,
+            idle_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+        }
     }
 }
 
 impl BackendHttpConfig {
     /// The address to bind, if the listener is on; refuses a non-loopback one unless allowed.
     pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
-        if self.max_connections == 0 || self.idle_timeout_ms == 0 || self.idle_timeout_ms > 86_400_000 {
-            return Err("backend_http.max_connections must be above 0, idle_timeout_ms 1..=86400000".into());
+        let in_range = |ms: u64| (1..=86_400_000).contains(&ms);
+        if self.max_connections == 0
+            || !in_range(self.idle_timeout_ms)
+            || !in_range(self.header_timeout_ms)
+            || !in_range(self.write_timeout_ms)
+        {
+            return Err("backend_http.max_connections must be above 0, idle_timeout_ms, header_timeout_ms and \
+                        write_timeout_ms 1..=86400000"
+                .into());
         }
         let Some(listen) = &self.listen else { return Ok(None) };
         let addr: std::net::SocketAddr = listen
@@ -375,6 +434,7 @@ impl Default for Config {
             log: LogConfig::default(),
             consent: ConsentConfig::default(),
             privacy: PrivacyConfig::default(),
+            payments: PaymentsConfig::default(),
             backend_http: BackendHttpConfig::default(),
             superapp: SuperappConfig::default(),
             platform: PlatformConfig::default(),
@@ -415,6 +475,10 @@ impl Default for LimitsConfig {
             orphan_idle_secs: 600,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 100,
+            failed_exchanges_per_minute: 600,
+            failed_exchange_burst: 100,
+            calls_per_second_per_user: 4,
+            burst_per_user: 10,
         }
     }
 }
@@ -432,7 +496,7 @@ impl Default for SessionConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { synchronous: "normal".into() }
+        StoreConfig { synchronous: "normal".into(), max_bytes: 1 << 30 }
     }
 }
 
@@ -476,8 +540,12 @@ impl Config {
             || self.limits.orphan_idle_secs == 0
             || self.limits.exchanges_per_minute_per_app == 0
             || self.limits.exchange_burst_per_app == 0
+            || self.limits.failed_exchanges_per_minute == 0
+            || self.limits.failed_exchange_burst == 0
             || self.limits.max_calls_in_flight == 0
             || self.limits.max_streams_per_connection == 0
+            || self.limits.calls_per_second_per_user == 0
+            || self.limits.burst_per_user == 0
         {
             return Err("limits must be above 0".into());
         }
@@ -495,6 +563,15 @@ impl Config {
         }
         if !(1..=36_600).contains(&self.privacy.ledger_days) {
             return Err("privacy.ledger_days must be between 1 and 36600".into());
+        }
+        if self.privacy.ledger_coalesce_secs > 86_400 {
+            return Err("privacy.ledger_coalesce_secs must be at most one day (86400)".into());
+        }
+        if !(1..=36_600).contains(&self.payments.retention_days) {
+            return Err("payments.retention_days must be between 1 and 36600".into());
+        }
+        if self.store.max_bytes < MIN_STORE_BYTES {
+            return Err(format!("store.max_bytes must be at least {MIN_STORE_BYTES}"));
         }
         if self.limits.orphan_idle_secs > TEN_YEARS_SECS {
             return Err("limits.orphan_idle_secs must be at most ten years".into());
@@ -587,6 +664,11 @@ mod tests {
         assert!(Config::from_toml("[sessions]\nlifetime_secs = 18446744073709551615").is_err());
         assert!(Config::from_toml("[host]\ncall_timeout_ms = 4294967296000").is_err());
         assert!(Config::from_toml("[privacy]\nledger_days = 0").is_err());
+        assert!(Config::from_toml("[privacy]\nledger_coalesce_secs = 86401").is_err());
+        assert!(Config::from_toml("[payments]\nretention_days = 0").is_err());
+        assert!(Config::from_toml("[store]\nmax_bytes = 4096").is_err());
+        assert!(Config::from_toml("[limits]\ncalls_per_second_per_user = 0").is_err());
+        assert!(Config::from_toml("[limits]\nburst_per_user = 0").is_err());
         assert!(Config::from_toml("[consent]\nremember_refusal = false").is_err());
         assert!(Config::from_toml("[backend_http]\nlisten = \"127.0.0.1:0\"").is_ok());
         assert!(Config::from_toml("[backend_http]\nlisten = \"[::1]:8088\"").is_ok());
@@ -618,6 +700,7 @@ mod tests {
             (1u32.., 1u32.., 1u32..),
             (1u32.., 1u32.., 1u32..),
             (1u64..=DAY_MS, 1u64..315_000_000),
+            (1u32.., 1u32.., 1u32.., 1u32..),
             (1u32.., 1u32..),
             (1u32.., 1u32..),
         )
@@ -627,8 +710,14 @@ mod tests {
                     (max_renderer_streams, max_renderer_streams_per_app, max_renderer_streams_per_instance),
                     (max_connections, max_connections_per_app, max_connections_per_instance),
                     (auth_timeout_ms, orphan_idle_secs),
-                    (exchanges_per_minute_per_app, exchange_burst_per_app),
+                    (
+                        exchanges_per_minute_per_app,
+                        exchange_burst_per_app,
+                        failed_exchanges_per_minute,
+                        failed_exchange_burst,
+                    ),
                     (max_calls_in_flight, max_streams_per_connection),
+                    (calls_per_second_per_user, burst_per_user),
                 )| {
                     LimitsConfig {
                         max_message_bytes,
@@ -645,19 +734,35 @@ mod tests {
                         orphan_idle_secs,
                         exchanges_per_minute_per_app,
                         exchange_burst_per_app,
+                        failed_exchanges_per_minute,
+                        failed_exchange_burst,
                         max_calls_in_flight,
                         max_streams_per_connection,
+                        calls_per_second_per_user,
+                        burst_per_user,
                     }
                 },
             );
-        let backend_http =
-            (proptest::option::of((any::<bool>(), any::<u16>())), any::<bool>(), 1u32.., 1u64..=86_400_000).prop_map(
-                |(listen, allow_remote, max_connections, idle_timeout_ms)| BackendHttpConfig {
-                    listen: listen
-                        .map(|(v6, port)| if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }),
-                    allow_remote,
-                    max_connections,
-                    idle_timeout_ms,
+        let backend_http = (
+            proptest::option::of((any::<bool>(), any::<u16>())),
+            any::<bool>(),
+            1u32..,
+            (1u64..=86_400_000, 1u64..=86_400_000, 1u64..=86_400_000),
+        )
+            .prop_map(
+                |(listen, allow_remote, max_connections, (idle_timeout_ms, header_timeout_ms, write_timeout_ms))| {
+                    BackendHttpConfig {
+                        listen: listen.map(
+                            |(v6, port)| {
+                                if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }
+                            },
+                        ),
+                        allow_remote,
+                        max_connections,
+                        idle_timeout_ms,
+                        header_timeout_ms,
+                        write_timeout_ms,
+                    }
                 },
             );
         let superapp = (
@@ -708,10 +813,10 @@ mod tests {
             host,
             limits,
             sessions,
-            prop_oneof![Just("normal"), Just("full")],
+            (prop_oneof![Just("normal"), Just("full")], MIN_STORE_BYTES..),
             (".{0,24}", prop_oneof![Just("text"), Just("json")]),
             prop::collection::btree_map("[a-zA-Z0-9_.-]{1,16}", app, 0..4),
-            (any::<bool>(), 1u32..=36_600),
+            (any::<bool>(), 1u32..=36_600, 0u64..=86_400, 1u32..=36_600),
             backend_http,
             superapp,
             platform,
@@ -722,10 +827,10 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    synchronous,
+                    (synchronous, max_bytes),
                     (filter, format),
                     apps,
-                    (remember_refusals, ledger_days),
+                    (remember_refusals, ledger_days, ledger_coalesce_secs, retention_days),
                     backend_http,
                     superapp,
                     platform,
@@ -742,10 +847,11 @@ mod tests {
                     host,
                     limits,
                     sessions,
-                    store: StoreConfig { synchronous: synchronous.into() },
+                    store: StoreConfig { synchronous: synchronous.into(), max_bytes },
                     log: LogConfig { filter, format: format.into() },
                     consent: ConsentConfig { remember_refusals },
-                    privacy: PrivacyConfig { ledger_days },
+                    privacy: PrivacyConfig { ledger_days, ledger_coalesce_secs },
+                    payments: PaymentsConfig { retention_days },
                     superapp,
                     platform,
                     apps,
@@ -781,6 +887,8 @@ mod tests {
             ("sessions", "max_codes_per_user"),
             ("limits", "exchanges_per_minute_per_app"),
             ("limits", "exchange_burst_per_app"),
+            ("limits", "failed_exchanges_per_minute"),
+            ("limits", "failed_exchange_burst"),
             ("limits", "max_calls_in_flight"),
             ("limits", "max_streams_per_connection"),
             ("sessions", "lifetime_secs"),
@@ -791,10 +899,17 @@ mod tests {
             ("log", "format"),
             ("consent", "remember_refusals"),
             ("privacy", "ledger_days"),
+            ("privacy", "ledger_coalesce_secs"),
+            ("payments", "retention_days"),
+            ("store", "max_bytes"),
+            ("limits", "calls_per_second_per_user"),
+            ("limits", "burst_per_user"),
             ("backend_http", "listen"),
             ("backend_http", "allow_remote"),
             ("backend_http", "max_connections"),
             ("backend_http", "idle_timeout_ms"),
+            ("backend_http", "header_timeout_ms"),
+            ("backend_http", "write_timeout_ms"),
             ("superapp", "server_url"),
             ("superapp", "client_key"),
             ("superapp", "timeout_ms"),

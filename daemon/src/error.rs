@@ -71,6 +71,10 @@ pub enum ApiError {
     /// the daemon's credentials: nothing was issued.
     #[error("platform unavailable")]
     PlatformUnavailable,
+    /// The store cannot write (`store.max_bytes` reached, the disk full or read-only, an I/O
+    /// error): the call needed to record something and did nothing; reads go on.
+    #[error("storage unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -88,7 +92,9 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone | ApiError::PlatformUnavailable => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::PlatformUnavailable | ApiError::StoreUnavailable(_) => {
+                Code::Unavailable
+            }
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -132,6 +138,7 @@ impl ApiError {
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
             ApiError::PlatformUnavailable => 1018,
+            ApiError::StoreUnavailable(_) => 1022,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -161,6 +168,7 @@ impl ApiError {
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
             ApiError::PlatformUnavailable => "platform_unavailable",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -188,7 +196,8 @@ impl ApiError {
     }
 }
 
-/// Errors from the store, mapped to [`ApiError::Internal`] at the API boundary.
+/// Errors from the store, mapped at the API boundary to [`ApiError::StoreUnavailable`] when the
+/// store cannot write ([`StoreError::is_unwritable`]), else to [`ApiError::Internal`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -197,9 +206,32 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether the store failed because it cannot write now (full, read-only, an I/O error):
+    /// the machine's failure, not the call's; the call changed nothing and reads go on.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable(e),
+            StoreError::Io(_) => true,
+        }
+    }
+
+    /// What a renderer is told about a store that cannot write (never a path).
+    pub fn unwritable_reason(&self) -> String {
+        match self {
+            StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable_reason(e),
+            StoreError::Io(io) => io.kind().to_string(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        if e.is_unwritable() {
+            ApiError::StoreUnavailable(e.unwritable_reason())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
     }
 }
 
@@ -210,6 +242,13 @@ impl From<PlatformError> for ApiError {
             PlatformError::SessionExpired => ApiError::SessionExpired,
             PlatformError::Unavailable(_) | PlatformError::Store(miniapp_platform::StoreError::Unavailable(_)) => {
                 ApiError::PlatformUnavailable
+            }
+            PlatformError::Store(s) if s.is_unwritable() => ApiError::StoreUnavailable(match &s {
+                miniapp_platform::StoreError::Sqlite(e) => miniapp_platform::store::sqlite::unwritable_reason(e),
+                other => other.to_string(),
+            }),
+            PlatformError::Ledger(miniapp_platform::disclosures::LedgerError::Unwritable(reason)) => {
+                ApiError::StoreUnavailable(reason)
             }
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),

@@ -21,6 +21,7 @@ pub mod page;
 pub mod platform;
 pub mod registry;
 pub mod remote_platform;
+pub mod retention;
 pub mod services;
 pub mod store;
 pub mod superapp;
@@ -173,6 +174,11 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     let db_path = data_dir.join("broker.db");
     let store =
         Arc::new(Store::open((!config.ephemeral).then_some(db_path.as_path()), config.store.synchronous == "full")?);
+    let max_bytes = store.limit_size(config.store.max_bytes)?;
+    if max_bytes > config.store.max_bytes {
+        warn!(max_bytes, "the database is already larger than store.max_bytes: it may not grow further");
+    }
+    store.coalesce_ledger(config.privacy.ledger_coalesce_secs * 1000);
     let db_path = (!config.ephemeral).then_some(db_path.as_path());
     let platform: Arc<dyn Platform> = match &config.platform.url {
         Some(url) => Arc::new(remote_platform(&config.platform, url, store.clone(), clock.clone())?),
@@ -181,7 +187,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
         Some(address) => Some(
-            backend_http::bind(address, platform::http_limits(&config.backend_http))
+            tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|source| StartError::Listen { path: format!("backend_http {address}"), source })?,
         ),
@@ -213,6 +219,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         consent,
         store,
         rates: RateLimits::new(&config.limits),
+        user_rates: limits::UserRates::new(&config.limits),
         occupancy,
         payments: Default::default(),
         clock,
@@ -221,16 +228,17 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         started: Instant::now(),
         shutdown: CancellationToken::new(),
         listen_address: listener.address.clone(),
-        backend_http: backend_listener.as_ref().map(|l| l.address),
+        backend_http: backend_listener.as_ref().and_then(|l| l.local_addr().ok()),
         config,
     });
 
     tokio::spawn(sweep(broker.clone()));
     let task = tokio::spawn(serve(broker.clone(), listener));
     let backend_http = backend_listener.map(|listener| {
-        info!(address = %listener.address, "backend HTTP API listening");
+        info!(address = ?broker.backend_http, "backend HTTP API listening");
         let shutdown = broker.shutdown.clone();
-        tokio::spawn(backend_http::serve(listener, broker.platform.clone(), broker.clock.clone(), shutdown))
+        let limits = platform::http_limits(&broker.config.backend_http);
+        tokio::spawn(backend_http::serve(listener, broker.platform.clone(), broker.clock.clone(), limits, shutdown))
     });
     info!(
         address = %broker.listen_address,
@@ -345,8 +353,9 @@ async fn serve(broker: Arc<Broker>, listener: transport::Listener) -> Result<(),
         .await
 }
 
-/// Sweeps expired codes, idle rate buckets and idle orphaned app instances: every 30 s, or a
-/// quarter of `limits.orphan_idle_secs` if that is shorter.
+/// Sweeps expired codes, idle rate buckets, idle orphaned app instances and rows past their
+/// retention (a bounded share a tick: [`retention`]): every 30 s, or a quarter of
+/// `limits.orphan_idle_secs` if that is shorter.
 async fn sweep(broker: Arc<Broker>) {
     let orphan_idle = Duration::from_secs(broker.config.limits.orphan_idle_secs);
     let mut every = tokio::time::interval((orphan_idle / 4).clamp(Duration::from_millis(50), SWEEP_EVERY));
@@ -356,11 +365,8 @@ async fn sweep(broker: Arc<Broker>) {
             _ = every.tick() => {
                 broker.platform.sweep().await;
                 broker.rates.sweep();
-                match broker.consent.ledger.prune() {
-                    Ok(0) => {}
-                    Ok(pruned) => info!(pruned, "ledger rows past privacy.ledger_days deleted"),
-                    Err(e) => warn!(error = %e, "could not prune the ledger"),
-                }
+                broker.user_rates.sweep();
+                retention::prune(&broker).await;
                 close_idle_orphans(&broker, orphan_idle);
             }
             _ = broker.shutdown.cancelled() => return,

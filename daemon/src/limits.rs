@@ -14,6 +14,8 @@ use std::{
 use dashmap::{DashMap, mapref::entry::Entry};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use miniapp_broker_proto::Api;
+
 use crate::{config::LimitsConfig, error::ApiError};
 
 /// A token bucket per app id, so one noisy app cannot starve the others.
@@ -52,6 +54,53 @@ impl RateLimits {
     /// Forgets buckets that are full again (called periodically).
     pub fn sweep(&self) {
         self.per_app.retain_recent();
+    }
+}
+
+/// A token bucket per (app, user, API) for the calls that may add to the store: each v2 login,
+/// phone or avatar call writes (a session, a ledger row, a payment record), so the per-app rate
+/// alone would let one renderer write thousands of times a second; WeChat, too, allows one user a
+/// few wx.login, checkSession or getUserProfile calls a second, each API on its own. The user is
+/// keyed by a hash of the uid (no per-call copy of it; a collision of two users' 64-bit hashes
+/// would only share a bucket).
+pub struct UserRates {
+    per_user: DefaultKeyedRateLimiter<(Arc<str>, u64, Api)>,
+    hasher: std::hash::RandomState,
+    rate: u32,
+}
+
+impl std::fmt::Debug for UserRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRates").field("rate", &self.rate).finish()
+    }
+}
+
+impl UserRates {
+    /// `calls_per_second_per_user`, with `burst_per_user` above it.
+    pub fn new(config: &LimitsConfig) -> Self {
+        let rate = NonZeroU32::new(config.calls_per_second_per_user).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.burst_per_user).unwrap_or(NonZeroU32::MIN);
+        UserRates {
+            per_user: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            hasher: std::hash::RandomState::new(),
+            rate: rate.get(),
+        }
+    }
+
+    /// Takes one call of `api` by `uid` in `app_id` from its bucket, or refuses with
+    /// RESOURCE_EXHAUSTED.
+    pub fn check(&self, app_id: &Arc<str>, uid: &str, api: Api) -> Result<(), ApiError> {
+        use std::hash::BuildHasher;
+        if self.per_user.check_key(&(app_id.clone(), self.hasher.hash_one(uid), api)).is_ok() {
+            Ok(())
+        } else {
+            Err(ApiError::Exhausted(format!("more than {} calls a second by this user in this app", self.rate)))
+        }
+    }
+
+    /// Forgets buckets that are full again (called periodically).
+    pub fn sweep(&self) {
+        self.per_user.retain_recent();
     }
 }
 
@@ -315,6 +364,19 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_bucket_is_per_app_and_user() {
+        let config = LimitsConfig { calls_per_second_per_user: 1, burst_per_user: 2, ..LimitsConfig::default() };
+        let rates = UserRates::new(&config);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert!(rates.check(&a, "u", Api::Login).is_ok() && rates.check(&a, "u", Api::Login).is_ok());
+        let refused = rates.check(&a, "u", Api::Login).unwrap_err();
+        assert_eq!(refused.to_string(), "resource exhausted: more than 1 calls a second by this user in this app");
+        assert!(rates.check(&a, "u", Api::CheckSession).is_ok(), "another API");
+        assert!(rates.check(&a, "v", Api::Login).is_ok(), "another user of the app");
+        assert!(rates.check(&b, "u", Api::Login).is_ok(), "the same user in another app");
+    }
 
     #[test]
     fn a_key_holds_at_most_its_cap_and_gives_units_back() {

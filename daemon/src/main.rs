@@ -702,6 +702,7 @@ async fn ledger(
                         "api": d.api, "atMs": d.at_ms, "viaCode": d.via_code,
                         "redeemedAtMs": (d.redeemed_at_ms > 0).then_some(d.redeemed_at_ms),
                         "redeemedVia": (!d.redeemed_via.is_empty()).then_some(&d.redeemed_via),
+                        "count": d.count, "lastAtMs": d.last_at_ms, "redeemedCount": d.redeemed_count,
                     })
                 })
                 .collect(),
@@ -713,17 +714,16 @@ async fn ledger(
                 let redeemed = match (d.via_code, d.redeemed_at_ms) {
                     (false, _) => "-".to_owned(),
                     (true, 0) => "not redeemed".to_owned(),
+                    (true, at) if d.count > 1 => {
+                        format!("{} of {}, first {} via {}", d.redeemed_count, d.count, rfc3339(at), d.redeemed_via)
+                    }
                     (true, at) => format!("{} via {}", rfc3339(at), d.redeemed_via),
                 };
-                vec![
-                    rfc3339(d.at_ms),
-                    d.app_id.clone(),
-                    d.uid.clone(),
-                    d.what.clone(),
-                    d.surface.clone(),
-                    d.api.clone(),
-                    redeemed,
-                ]
+                let when = match d.count {
+                    0 | 1 => rfc3339(d.at_ms),
+                    n => format!("{} .. {} ({n}x)", rfc3339(d.at_ms), rfc3339(d.last_at_ms)),
+                };
+                vec![when, d.app_id.clone(), d.uid.clone(), d.what.clone(), d.surface.clone(), d.api.clone(), redeemed]
             })
             .collect();
         print_table(&["when", "app", "uid", "what", "surface", "api", "code redeemed"], rows);

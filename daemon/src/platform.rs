@@ -12,7 +12,7 @@ pub use miniapp_platform::{
 };
 use miniapp_platform::{
     config::{AppSettings, EmbeddedConfig, HttpLimits},
-    disclosures::{CodeDisclosure, Disclosures},
+    disclosures::{CodeDisclosure, Disclosures, LedgerError},
     embedded::EmbeddedPlatform,
     store::sqlite::SqliteStore,
 };
@@ -20,7 +20,7 @@ use miniapp_platform::{
 use crate::{
     clock::Clock,
     config::{BackendHttpConfig, Config},
-    error::StartError,
+    error::{StartError, StoreError},
     store::{NewLedgerRow, Store},
 };
 
@@ -40,6 +40,8 @@ pub fn embedded_config(config: &Config) -> EmbeddedConfig {
         key_refresh_secs: config.sessions.key_refresh_secs,
         exchanges_per_minute_per_app: config.limits.exchanges_per_minute_per_app,
         exchange_burst_per_app: config.limits.exchange_burst_per_app,
+        failed_exchanges_per_minute: config.limits.failed_exchanges_per_minute,
+        failed_exchange_burst: config.limits.failed_exchange_burst,
     }
 }
 
@@ -48,6 +50,8 @@ pub fn http_limits(config: &BackendHttpConfig) -> HttpLimits {
     HttpLimits {
         max_connections: config.max_connections as usize,
         idle_timeout: std::time::Duration::from_millis(config.idle_timeout_ms),
+        header_timeout: std::time::Duration::from_millis(config.header_timeout_ms),
+        write_timeout: std::time::Duration::from_millis(config.write_timeout_ms),
     }
 }
 
@@ -61,6 +65,8 @@ pub async fn embedded(
 ) -> Result<EmbeddedPlatform, StartError> {
     let engine = SqliteStore::open(db_path, config.store.synchronous == "full")
         .map_err(|e| StartError::Platform(PlatformError::Store(e)))?;
+    // The same bound as the daemon's connection to the file: whichever writes, the file stops there.
+    engine.limit_size(config.store.max_bytes).map_err(|e| StartError::Platform(PlatformError::Store(e)))?;
     let ledger = Arc::new(LedgerHook(store));
     Ok(EmbeddedPlatform::new(Arc::new(engine), ledger, clock, embedded_config(config)).await?)
 }
@@ -70,7 +76,7 @@ pub async fn embedded(
 struct LedgerHook(Arc<Store>);
 
 impl Disclosures for LedgerHook {
-    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+    fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, LedgerError> {
         let rows: Vec<NewLedgerRow<'_>> = rows
             .iter()
             .map(|r| NewLedgerRow {
@@ -83,7 +89,7 @@ impl Disclosures for LedgerHook {
                 via_code: true,
             })
             .collect();
-        self.0.ledger_add_all(&rows).map_err(|e| e.to_string())
+        self.0.ledger_add_all(&rows).map_err(ledger_error)
     }
 
     fn withdrawn(&self, ids: &[u64]) {
@@ -92,7 +98,12 @@ impl Disclosures for LedgerHook {
         }
     }
 
-    fn redeemed(&self, ids: &[u64], surface: Surface, at_ms: u64) -> Result<(), String> {
-        self.0.ledger_redeemed(ids, surface.as_str(), at_ms).map_err(|e| e.to_string())
+    fn redeemed(&self, ids: &[u64], surface: Surface, at_ms: u64) -> Result<(), LedgerError> {
+        self.0.ledger_redeemed(ids, surface.as_str(), at_ms).map_err(ledger_error)
     }
+}
+
+/// The daemon store's failure as the platform's ledger hook reports it.
+pub(crate) fn ledger_error(e: StoreError) -> LedgerError {
+    if e.is_unwritable() { LedgerError::Unwritable(e.unwritable_reason()) } else { LedgerError::Failed(e.to_string()) }
 }

@@ -7,10 +7,20 @@
 //! disk for any later reader, and survives the daemon being killed. Writes are short and few
 //! (a login, a grant, a payment), so one connection behind a mutex serves them without a thread hop.
 //! The in-memory mode (`ephemeral`) runs the same SQL against `:memory:`.
+//!
+//! What clients make it hold is bounded: the file grows to `store.max_bytes` at most
+//! ([`Store::limit_size`]), a disclosure identical to a recent one adds to that row's count
+//! instead of adding a row (`privacy.ledger_coalesce_secs`), and the sweep deletes ledger rows and
+//! payment records past their retention a bounded batch at a time (`crate::retention`). A write
+//! the store cannot make (the bound, a full disk, an I/O error) fails with an error
+//! [`StoreError::is_unwritable`] names, and leaves the connection serving reads.
 
 use std::{
     path::Path,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use miniapp_platform::store::sqlite::in_transaction;
@@ -40,10 +50,17 @@ pub struct LedgerRow {
     pub what: String,
     pub surface: String,
     pub api: String,
+    /// The first of the identical disclosures the row counts.
     pub at_ms: u64,
     pub via_code: bool,
+    /// When the first of its codes was redeemed, and through which surface.
     pub redeemed_at_ms: Option<u64>,
     pub redeemed_via: Option<String>,
+    /// How many identical disclosures the row stands for, and the last one's time.
+    pub count: u64,
+    pub last_at_ms: u64,
+    /// How many of its codes were redeemed.
+    pub redeemed_count: u64,
 }
 
 /// The recorded outcome of a payment: `ok` with an encoded ApiResponse, else an encoded ApiFailure.
@@ -58,6 +75,9 @@ pub struct PaymentRow {
 pub struct Store {
     conn: Mutex<Connection>,
     location: String,
+    /// A disclosure identical to a row whose first disclosure is this recent adds to that row
+    /// (0: never).
+    coalesce_ms: AtomicU64,
 }
 
 const SCHEMA: &str = "
@@ -74,7 +94,8 @@ CREATE TABLE IF NOT EXISTS refusals (
 CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
     surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
-    redeemed_at_ms INTEGER, redeemed_via TEXT);
+    redeemed_at_ms INTEGER, redeemed_via TEXT,
+    count INTEGER NOT NULL DEFAULT 1, last_at_ms INTEGER, redeemed_count INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS ledger_at ON ledger (at_ms);
 ";
 
@@ -95,15 +116,34 @@ macro_rules! decisions_page {
 }
 
 /// Brings a database an earlier version created up to [`SCHEMA`]: the ledger's ids lost
-/// AUTOINCREMENT ([`LEDGER_WITHOUT_AUTOINCREMENT`]). (The platform's engine migrates its tables.)
+/// AUTOINCREMENT ([`LEDGER_WITHOUT_AUTOINCREMENT`]); ledger rows gained a count, a last time and
+/// a count of redeemed codes ([`LEDGER_COUNTS`]: a row of before is one disclosure, redeemed once
+/// if it was) and an index by (app, user, time) to find the row a disclosure adds to; payments an
+/// index by time for the retention sweep. (The platform's engine migrates its tables.)
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let ledger_sql: String =
         conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
     if ledger_sql.contains("AUTOINCREMENT") {
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_WITHOUT_AUTOINCREMENT}COMMIT;"))?;
     }
+    let has_count: bool = conn.prepare("SELECT 1 FROM pragma_table_info('ledger') WHERE name = 'count'")?.exists([])?;
+    if !has_count {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_COUNTS}COMMIT;"))?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS ledger_user ON ledger (app_id, uid, at_ms);
+         CREATE INDEX IF NOT EXISTS payments_at ON payments (recorded_at_ms);",
+    )?;
     Ok(())
 }
+
+/// The ledger columns a row's count needs, for a table created before rows were coalesced.
+const LEDGER_COUNTS: &str = "
+ALTER TABLE ledger ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE ledger ADD COLUMN last_at_ms INTEGER;
+ALTER TABLE ledger ADD COLUMN redeemed_count INTEGER NOT NULL DEFAULT 0;
+UPDATE ledger SET redeemed_count = 1 WHERE redeemed_at_ms IS NOT NULL;
+";
 
 /// Ledger ids are rowids: each new row gets the highest id + 1, and only the oldest rows are ever
 /// deleted (retention), so ids grow as `ListLedger`'s paging needs. The first schema declared the
@@ -121,8 +161,17 @@ ALTER TABLE ledger_new RENAME TO ledger;
 CREATE INDEX ledger_at ON ledger (at_ms);
 ";
 
-const INSERT_LEDGER: &str =
-    "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+/// A new row's last time is its first (not NULL), so counting another disclosure rewrites the row
+/// at nearly the same size.
+const INSERT_LEDGER: &str = "INSERT INTO ledger (app_id, uid, what, surface, api, at_ms, via_code, last_at_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)";
+/// The newest row identical to a disclosure (?3-?6) of (app ?1, uid ?2) whose first disclosure is
+/// at ?7 or later: the one it adds to. Found through `ledger_user`, among the user's recent rows.
+const SAME_LEDGER_ROW: &str = "SELECT id FROM ledger
+     WHERE app_id = ?1 AND uid = ?2 AND at_ms >= ?7 AND what = ?3 AND surface = ?4 AND api = ?5 AND via_code = ?6
+     ORDER BY at_ms DESC LIMIT 1";
+const COUNT_LEDGER_ROW: &str =
+    "UPDATE ledger SET count = count + 1, last_at_ms = max(coalesce(last_at_ms, at_ms), ?2) WHERE id = ?1";
 
 /// A ledger row about to be written (the id is the store's).
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +185,24 @@ pub struct NewLedgerRow<'a> {
     pub via_code: bool,
 }
 
-fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
+/// Records a disclosure: adds to the count of an identical row whose first disclosure is less than
+/// `coalesce_ms` old (so a row spans at most that long, and retention by its first time stays
+/// true), else adds a row. Returns the row's id.
+fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>, coalesce_ms: u64) -> Result<u64, StoreError> {
+    if coalesce_ms > 0 {
+        let since = row.at_ms.saturating_sub(coalesce_ms - 1);
+        let same: Option<i64> = conn
+            .prepare_cached(SAME_LEDGER_ROW)?
+            .query_row(
+                params![row.app_id, row.uid, row.what, row.surface, row.api, row.via_code as i64, since as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = same {
+            conn.prepare_cached(COUNT_LEDGER_ROW)?.execute(params![id, row.at_ms as i64])?;
+            return Ok(id as u64);
+        }
+    }
     conn.prepare_cached(INSERT_LEDGER)?.execute(params![
         row.app_id,
         row.uid,
@@ -173,7 +239,23 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn: Mutex::new(conn), location })
+        Ok(Store { conn: Mutex::new(conn), location, coalesce_ms: AtomicU64::new(0) })
+    }
+
+    /// Bounds the database file to `max_bytes` (whole pages, never below what it holds now) and
+    /// its write-ahead log ([`miniapp_platform::store::sqlite::limit_size`]); returns the bound.
+    pub fn limit_size(&self, max_bytes: u64) -> Result<u64, StoreError> {
+        Ok(miniapp_platform::store::sqlite::limit_size(&self.conn(), max_bytes)?)
+    }
+
+    /// Disclosures identical to a row whose first is less than `window_ms` old add to its count
+    /// (0: never).
+    pub fn coalesce_ledger(&self, window_ms: u64) {
+        self.coalesce_ms.store(window_ms, Ordering::Relaxed);
+    }
+
+    fn coalescing(&self) -> u64 {
+        self.coalesce_ms.load(Ordering::Relaxed)
     }
 
     /// Where the data lives, for status output.
@@ -186,17 +268,23 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes a code's ledger rows in one transaction; returns their ids.
+    /// Records a code's disclosures in one transaction (each a new row or one more of a recent
+    /// identical row); returns the rows' ids.
     pub fn ledger_add_all(&self, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
-        in_transaction(&self.conn(), |conn| rows.iter().map(|row| insert_ledger(conn, row)).collect())
+        let coalesce_ms = self.coalescing();
+        in_transaction(&self.conn(), |conn| rows.iter().map(|row| insert_ledger(conn, row, coalesce_ms)).collect())
     }
 
-    /// Removes ledger rows (those of a code that was not issued after all).
+    /// Takes back one disclosure from each row (those of a code that was not issued after all): a
+    /// row that counted only it goes.
     pub fn ledger_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
         in_transaction(&self.conn(), |conn| {
-            let mut stmt = conn.prepare_cached("DELETE FROM ledger WHERE id = ?1")?;
+            let mut less = conn.prepare_cached("UPDATE ledger SET count = count - 1 WHERE id = ?1 AND count > 1")?;
+            let mut gone = conn.prepare_cached("DELETE FROM ledger WHERE id = ?1 AND count <= 1")?;
             for id in ids {
-                stmt.execute(params![*id as i64])?;
+                if less.execute(params![*id as i64])? == 0 {
+                    gone.execute(params![*id as i64])?;
+                }
             }
             Ok(())
         })
@@ -315,16 +403,19 @@ impl Store {
         })
     }
 
-    /// Adds a ledger row; returns its id.
+    /// Records a disclosure (a new row, or one more of a recent identical row); returns the row's id.
     pub fn ledger_add(&self, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
-        insert_ledger(&self.conn(), row)
+        insert_ledger(&self.conn(), row, self.coalescing())
     }
 
-    /// Marks the rows of a code as redeemed through `via` at `at_ms`.
+    /// Marks that a code of each of the rows was redeemed through `via` at `at_ms`: the first
+    /// redemption's time and surface stay, the count of redeemed codes goes up.
     pub fn ledger_redeemed(&self, ids: &[u64], via: &str, at_ms: u64) -> Result<(), StoreError> {
         in_transaction(&self.conn(), |conn| {
             let mut stmt = conn.prepare_cached(
-                "UPDATE ledger SET redeemed_at_ms = ?2, redeemed_via = ?3 WHERE id = ?1 AND redeemed_at_ms IS NULL",
+                "UPDATE ledger SET redeemed_at_ms = coalesce(redeemed_at_ms, ?2),
+                    redeemed_via = coalesce(redeemed_via, ?3), redeemed_count = redeemed_count + 1
+                 WHERE id = ?1",
             )?;
             for id in ids {
                 stmt.execute(params![*id as i64, at_ms as i64, via])?;
@@ -349,7 +440,8 @@ impl Store {
     ) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via FROM ledger
+            "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via,
+                    count, coalesce(last_at_ms, at_ms), redeemed_count FROM ledger
              WHERE (?1 IS NULL OR app_id = ?1) AND (?2 IS NULL OR uid = ?2) AND at_ms >= ?3 AND id > ?4
              ORDER BY id LIMIT ?5",
         )?;
@@ -366,15 +458,36 @@ impl Store {
                     via_code: r.get::<_, i64>(7)? != 0,
                     redeemed_at_ms: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
                     redeemed_via: r.get(9)?,
+                    count: r.get::<_, i64>(10)? as u64,
+                    last_at_ms: r.get::<_, i64>(11)? as u64,
+                    redeemed_count: r.get::<_, i64>(12)? as u64,
                 })
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
-    /// Drops ledger rows older than `before_ms` (retention); returns how many.
-    pub fn ledger_prune(&self, before_ms: u64) -> Result<usize, StoreError> {
-        Ok(self.conn().execute("DELETE FROM ledger WHERE at_ms < ?1", params![before_ms as i64])?)
+    /// Drops at most `limit` of the ledger rows first disclosed before `before_ms` (retention),
+    /// oldest first; returns how many. A bounded batch holds the store for a bounded time.
+    pub fn ledger_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "DELETE FROM ledger WHERE id IN (SELECT id FROM ledger WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+            )?
+            .execute(params![before_ms as i64, i64::from(limit)])?)
+    }
+
+    /// Drops at most `limit` of the payment records recorded before `before_ms` (retention),
+    /// oldest first; returns how many.
+    pub fn payments_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "DELETE FROM payments WHERE rowid IN
+                     (SELECT rowid FROM payments WHERE recorded_at_ms < ?1 ORDER BY recorded_at_ms LIMIT ?2)",
+            )?
+            .execute(params![before_ms as i64, i64::from(limit)])?)
     }
 
     pub fn payment(&self, app_id: &str, key: &str) -> Result<Option<PaymentRow>, StoreError> {
@@ -573,6 +686,80 @@ mod tests {
     }
 
     #[test]
+    fn identical_disclosures_are_counted_on_one_row_and_a_withdrawn_one_is_taken_back() {
+        let store = Store::open(None, false).unwrap();
+        store.coalesce_ledger(100);
+        let first = store.ledger_add_all(&[row("openid", "login", 10, true)]).unwrap();
+        let again = store.ledger_add_all(&[row("openid", "login", 60, true)]).unwrap();
+        assert_eq!(first, again, "within the window: the same row");
+        assert_ne!(store.ledger_add(&row("avatar", "chooseAvatar", 60, false)).unwrap(), first[0], "another kind");
+        let counts = |store: &Store| -> Vec<(String, u64, u64, u64)> {
+            let rows = store.ledger(None, None, 0).unwrap();
+            rows.into_iter().map(|r| (r.what, r.count, r.at_ms, r.last_at_ms)).collect()
+        };
+        assert_eq!(counts(&store), [("openid".into(), 2, 10, 60), ("avatar".into(), 1, 60, 60)]);
+        // A code that was not issued after all takes its disclosure back; the row stays for the other.
+        store.ledger_remove(&again).unwrap();
+        assert_eq!(counts(&store)[0].1, 1);
+        store.ledger_remove(&first).unwrap();
+        assert_eq!(counts(&store), [("avatar".into(), 1, 60, 60)], "a row that counted only it goes");
+        // Past the window (measured from the row's first disclosure): a new row.
+        let a = store.ledger_add(&row("openid", "login", 200, true)).unwrap();
+        let b = store.ledger_add(&row("openid", "login", 299, true)).unwrap();
+        let c = store.ledger_add(&row("openid", "login", 300, true)).unwrap();
+        assert_eq!((a == b, b == c), (true, false));
+    }
+
+    #[test]
+    fn a_ledger_of_before_counts_gets_its_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE ledger (
+                    id INTEGER PRIMARY KEY, app_id TEXT NOT NULL, uid TEXT NOT NULL, what TEXT NOT NULL,
+                    surface TEXT NOT NULL, api TEXT NOT NULL, at_ms INTEGER NOT NULL, via_code INTEGER NOT NULL,
+                    redeemed_at_ms INTEGER, redeemed_via TEXT);
+                 CREATE INDEX ledger_at ON ledger (at_ms);
+                 INSERT INTO ledger VALUES (1, 'a', 'u', 'openid', 'renderer_api', 'login', 10, 1, 12, 'exchange');
+                 INSERT INTO ledger VALUES (2, 'a', 'u', 'avatar', 'renderer_api', 'chooseAvatar', 11, 0, NULL, NULL);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(Some(&path), false).unwrap();
+        let rows: Vec<_> = store
+            .ledger(None, None, 0)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.count, r.last_at_ms, r.redeemed_count))
+            .collect();
+        assert_eq!(rows, [(1, 1, 10, 1), (2, 1, 11, 0)]);
+    }
+
+    #[test]
+    fn a_store_at_its_size_bound_refuses_writes_as_unwritable_and_keeps_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(Some(&dir.path().join("broker.db")), false).unwrap();
+        let bound = store.limit_size(crate::config::MIN_STORE_BYTES).unwrap();
+        assert!(bound <= crate::config::MIN_STORE_BYTES, "{bound}");
+        let mut added = 0u64;
+        let refused = loop {
+            let what = format!("w{added}");
+            match store.ledger_add(&row(&what, "login", 1, false)) {
+                Ok(_) => added += 1,
+                Err(e) => break e,
+            }
+            assert!(added < 100_000, "never full");
+        };
+        assert!(refused.is_unwritable(), "{refused}");
+        assert_eq!(refused.unwritable_reason(), "database or disk is full");
+        assert_eq!(store.ledger(None, None, 0).unwrap().len() as u64, added, "reads go on");
+        assert_eq!(store.ledger_prune(2, 1_000).unwrap(), 1_000, "deleting needs no room");
+        assert!(store.ledger_add(&row("again", "login", 3, false)).is_ok(), "room again");
+    }
+
+    #[test]
     fn ledger_rows_are_stamped_once_and_pruned_by_age() {
         let store = Store::open(None, false).unwrap();
         let old = store.ledger_add(&row("openid", "login", 10, true)).unwrap();
@@ -582,7 +769,7 @@ mod tests {
         let rows = store.ledger(Some("a"), None, 0).unwrap();
         assert_eq!((rows[0].redeemed_at_ms, rows[0].redeemed_via.as_deref()), (Some(15), Some("exchange")));
         assert_eq!(store.ledger(None, Some("u"), 11).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [new]);
-        assert_eq!(store.ledger_prune(20).unwrap(), 1);
+        assert_eq!(store.ledger_prune(20, 100).unwrap(), 1);
         assert_eq!(store.ledger(None, None, 0).unwrap().len(), 1);
     }
 }

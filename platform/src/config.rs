@@ -29,6 +29,11 @@ pub struct EmbeddedConfig {
     pub exchanges_per_minute_per_app: u32,
     /// Burst of attempts above that rate.
     pub exchange_burst_per_app: u32,
+    /// Wrong secrets per minute, all apps (and unknown app ids) together; past them a wrong secret
+    /// hears 45011 (the right one is still taken).
+    pub failed_exchanges_per_minute: u32,
+    /// Burst of wrong secrets above that rate.
+    pub failed_exchange_burst: u32,
 }
 
 impl Default for EmbeddedConfig {
@@ -41,21 +46,36 @@ impl Default for EmbeddedConfig {
             key_refresh_secs: 300,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 100,
+            failed_exchanges_per_minute: 600,
+            failed_exchange_burst: 100,
         }
     }
 }
 
-/// The backend HTTP listener's bounds ([`crate::backend_http::bind`]).
+/// The backend HTTP listener's bounds ([`crate::backend_http::serve`]): what one peer can make the
+/// listener hold, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
-    /// A connection that sends nothing for this long is closed.
+    /// A connection that gets no answer for this long (since it opened, or since its last answer)
+    /// is closed, however many bytes it trickles in meanwhile.
     pub idle_timeout: Duration,
+    /// From the moment a connection waits for a request (opened, or its last answer given) to the
+    /// end of that request's head; past it the connection is closed.
+    pub header_timeout: Duration,
+    /// How long an answer may wait for the peer to take it (a write the socket cannot take, or
+    /// takes only in part); past it the connection is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_connections: 256, idle_timeout: Duration::from_secs(30) }
+        HttpLimits {
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
     }
 }

@@ -56,9 +56,19 @@ pub struct EmbeddedPlatform {
     /// newest last, each until the replaced session would have expired: only so that a backend
     /// presenting one is told at debug why it failed. At most [`REPLACED_KEPT`] per session; swept.
     replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
-    /// App backends' attempts, per app, over both surfaces.
+    /// App backends' attempts that proved the app, per app, over both surfaces.
     exchange_quota: Quota,
+    /// Wrong secrets, all apps and unknown app ids together.
+    failed_quota: Quota,
 }
+
+/// The failure bucket's key: every wrong secret, whichever app id it names, draws on it. Not an app
+/// id (app ids have no NUL), so no app's own bucket is it.
+const FAILED_ATTEMPTS: &str = "\0failed-secrets";
+
+/// What a presented secret is compared with when its app id is not registered (no secret hashes to
+/// it): the same work as for a registered app, so the time does not tell either.
+const UNKNOWN_APP_HASH: [u8; 32] = [0; 32];
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
 const REPLACED_KEPT: usize = 4;
@@ -139,6 +149,7 @@ impl EmbeddedPlatform {
                 per_minute: config.exchanges_per_minute_per_app,
                 burst: config.exchange_burst_per_app,
             },
+            failed_quota: Quota { per_minute: config.failed_exchanges_per_minute, burst: config.failed_exchange_burst },
         })
     }
 
@@ -244,45 +255,67 @@ impl EmbeddedPlatform {
         Ok(self.store.outstanding_codes().await?)
     }
 
-    /// Who the credential proves the caller to be; counts the attempt against the app's bucket
-    /// once the app is known to exist (so unknown app ids make no buckets).
-    async fn authenticate_now(&self, credential: Credential<'_>) -> Result<AuthorizedApp, ExchangeFailure> {
+    /// Who the credential proves the caller to be, and whether the app id it names is a registered
+    /// app (for the log only: the answer never tells).
+    ///
+    /// Only a credential that checks out draws on the app's exchange bucket, so no one without the
+    /// secret (or a token) spends the budget of the app's real backend. A wrong secret, for a
+    /// registered app or an unknown one alike, draws on the one failure bucket of the platform
+    /// ([`FAILED_ATTEMPTS`]) and hears the same answer either way (40125; past the failure bucket
+    /// 45011), after the same work (a presented secret is hashed and compared even for an unknown
+    /// app). The secret is checked whatever the failure bucket holds: a flood of wrong secrets
+    /// cannot lock the right one out.
+    async fn authenticate_now(&self, credential: Credential<'_>) -> (Result<AuthorizedApp, ExchangeFailure>, bool) {
         match credential {
             Credential::Secret { app_id, secret } => {
                 if app_id.is_empty() {
-                    return Err(ExchangeFailure::Malformed(41002, "app id is required"));
+                    return (Err(ExchangeFailure::Malformed(41002, "app id is required")), false);
                 }
                 if secret.is_empty() {
-                    return Err(ExchangeFailure::Malformed(41004, "secret is required"));
+                    return (Err(ExchangeFailure::Malformed(41004, "secret is required")), false);
                 }
-                let stored =
-                    self.store.app_secret_hash(app_id).await.map_err(system)?.ok_or(ExchangeFailure::InvalidAppId)?;
-                self.take_attempt(app_id).await?;
-                if secrets_equal(&stored, &hash_secret(secret)) {
-                    Ok(AuthorizedApp::new(app_id))
-                } else {
-                    Err(ExchangeFailure::InvalidSecret)
+                let stored = match self.store.app_secret_hash(app_id).await {
+                    Ok(stored) => stored,
+                    Err(e) => return (Err(system(e)), false),
+                };
+                let known = stored.is_some();
+                let presented = hash_secret(secret);
+                let expected = stored.unwrap_or_else(|| UNKNOWN_APP_HASH.to_vec());
+                if known && secrets_equal(&expected, &presented) {
+                    return (
+                        self.take_attempt(app_id, self.exchange_quota).await.map(|()| AuthorizedApp::new(app_id)),
+                        true,
+                    );
                 }
+                let outcome = match self.take_attempt(FAILED_ATTEMPTS, self.failed_quota).await {
+                    Ok(()) => Err(ExchangeFailure::InvalidSecret),
+                    Err(e) => Err(e),
+                };
+                (outcome, known)
             }
             Credential::AccessToken(token) => {
                 if token.is_empty() {
-                    return Err(ExchangeFailure::InvalidCredential);
+                    return (Err(ExchangeFailure::InvalidCredential), false);
                 }
-                let found = self.store.verify_token(token, self.clock.now_ms()).await.map_err(system)?;
+                let found = match self.store.verify_token(token, self.clock.now_ms()).await {
+                    Ok(found) => found,
+                    Err(e) => return (Err(system(e)), false),
+                };
                 let app_id = match found {
                     TokenCheck::Valid(app_id) => app_id,
-                    TokenCheck::Expired => return Err(ExchangeFailure::TokenExpired),
-                    TokenCheck::Unknown => return Err(ExchangeFailure::InvalidCredential),
+                    TokenCheck::Expired => return (Err(ExchangeFailure::TokenExpired), false),
+                    TokenCheck::Unknown => return (Err(ExchangeFailure::InvalidCredential), false),
                 };
-                self.take_attempt(&app_id).await?;
-                Ok(AuthorizedApp::new(&app_id))
+                let outcome =
+                    self.take_attempt(&app_id, self.exchange_quota).await.map(|()| AuthorizedApp::new(&app_id));
+                (outcome, false)
             }
         }
     }
 
-    async fn take_attempt(&self, app_id: &str) -> Result<(), ExchangeFailure> {
+    async fn take_attempt(&self, key: &str, quota: Quota) -> Result<(), ExchangeFailure> {
         let now = self.clock.now_ms();
-        match self.store.take_attempt(app_id, self.exchange_quota, now).await.map_err(system)? {
+        match self.store.take_attempt(key, quota, now).await.map_err(system)? {
             true => Ok(()),
             false => Err(ExchangeFailure::RateLimited),
         }
@@ -326,7 +359,9 @@ impl EmbeddedPlatform {
         match found {
             Redemption::Redeemed(record) => {
                 // The value leaves only once its disclosure is on record.
-                self.ledger.redeemed(&record.ledger, surface, now).map_err(ExchangeFailure::System)?;
+                self.ledger
+                    .redeemed(&record.ledger, surface, now)
+                    .map_err(|e| ExchangeFailure::System(e.to_string()))?;
                 Ok(record)
             }
             Redemption::Used => Err(ExchangeFailure::CodeUsed),
@@ -457,13 +492,11 @@ impl Platform for EmbeddedPlatform {
         surface: Surface,
         credential: Credential<'_>,
     ) -> Result<AuthorizedApp, ExchangeFailure> {
-        let outcome = self.authenticate_now(credential).await;
+        let (outcome, known) = self.authenticate_now(credential).await;
         if let Err(e) = &outcome {
-            // The app id is named only when it is a registered app (a wrong secret, a limit).
-            let known = match (credential, e) {
-                (Credential::Secret { app_id, .. }, ExchangeFailure::InvalidSecret | ExchangeFailure::RateLimited) => {
-                    Some(AuthorizedApp::new(app_id))
-                }
+            // The app id is named only when it is a registered app.
+            let known = match credential {
+                Credential::Secret { app_id, .. } if known => Some(AuthorizedApp::new(app_id)),
                 _ => None,
             };
             self.refused(surface, known.as_ref(), "authenticate", e);
@@ -645,14 +678,14 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::{clock::ManualClock, store::sqlite::SqliteStore};
+    use crate::{clock::ManualClock, disclosures::LedgerError, store::sqlite::SqliteStore};
 
     /// A ledger in memory: (what, redeemed through) per row id.
     #[derive(Debug, Default)]
     pub(crate) struct TestLedger(Mutex<Vec<(String, Option<&'static str>)>>);
 
     impl Disclosures for TestLedger {
-        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, String> {
+        fn issued(&self, rows: &[CodeDisclosure<'_>]) -> Result<Vec<u64>, LedgerError> {
             let mut all = self.0.lock().unwrap();
             Ok(rows
                 .iter()
@@ -665,7 +698,7 @@ mod tests {
 
         fn withdrawn(&self, _: &[u64]) {}
 
-        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), String> {
+        fn redeemed(&self, ids: &[u64], surface: Surface, _: u64) -> Result<(), LedgerError> {
             let mut all = self.0.lock().unwrap();
             ids.iter().for_each(|&id| all[id as usize].1 = Some(surface.as_str()));
             Ok(())

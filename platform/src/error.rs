@@ -14,7 +14,7 @@ pub enum PlatformError {
     Store(#[from] StoreError),
     /// The disclosure ledger could not record a code, so the code is not issued.
     #[error("disclosure ledger: {0}")]
-    Ledger(String),
+    Ledger(crate::disclosures::LedgerError),
     /// The host's userInfo could not be made into signed and encrypted user data.
     #[error("user data: {0}")]
     UserData(String),
@@ -36,4 +36,28 @@ pub enum StoreError {
     /// A shared engine's database is unreachable, or did not answer within the call's deadline.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the engine failed because it cannot write now (full, read-only, an I/O error;
+    /// [`crate::store::sqlite::unwritable`]), not because of the operation: it changed nothing.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => crate::store::sqlite::unwritable(e),
+            StoreError::Io(_) => true,
+            StoreError::Other(_) | StoreError::Unavailable(_) => false,
+        }
+    }
+}
+
+impl PlatformError {
+    /// Whether the operation failed only because a store (the platform's or the ledger's) cannot
+    /// write now: nothing was issued or stored.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            PlatformError::Store(e) => e.is_unwritable(),
+            PlatformError::Ledger(e) => matches!(e, crate::disclosures::LedgerError::Unwritable(_)),
+            _ => false,
+        }
+    }
 }

@@ -151,8 +151,8 @@ pub enum TokenRequest {
 /// Exchange failures with their WeChat-style errcode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeFailure {
-    #[error("invalid appid")]
-    InvalidAppId,
+    /// A wrong secret, or an app id that is not registered: one answer for both, so that it does
+    /// not tell which apps exist.
     #[error("invalid appsecret")]
     InvalidSecret,
     #[error("invalid code")]
@@ -192,7 +192,6 @@ impl ExchangeFailure {
     /// WeChat's errcode for the failure.
     pub fn errcode(&self) -> i32 {
         match self {
-            ExchangeFailure::InvalidAppId => 40013,
             ExchangeFailure::InvalidSecret => 40125,
             ExchangeFailure::InvalidCode | ExchangeFailure::CodeExpired => 40029,
             ExchangeFailure::CodeUsed => 40163,

@@ -1,18 +1,12 @@
 //! TLS for both listeners (rustls, ring): `--tls-cert` and `--tls-key` (PEM). The gRPC listener
-//! takes tonic's own TLS; the backend HTTP listener is wrapped in [`TlsListener`], which runs each
-//! handshake on its own task (bounded, with a deadline) so a client that stalls its handshake holds
-//! up no one else's.
+//! takes tonic's own TLS; the backend HTTP listener's accept loop (the platform crate's) runs the
+//! [`Identity::acceptor`]'s handshake on each connection's own task, within its header deadline,
+//! so a client that stalls its handshake holds up no one else's.
 
-use std::{io, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::task::JoinSet;
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
-
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; past it, accepting waits for one to finish.
-const MAX_HANDSHAKES: usize = 128;
+use tokio_rustls::TlsAcceptor;
 
 /// The certificate chain and key, as read from their files.
 #[derive(Clone)]
@@ -60,52 +54,5 @@ impl Identity {
             .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
-    }
-}
-
-/// A listener whose connections arrive after their TLS handshake.
-pub struct TlsListener<L: axum::serve::Listener<Addr = SocketAddr>> {
-    inner: L,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Option<(TlsStream<L::Io>, SocketAddr)>>,
-}
-
-impl<L: axum::serve::Listener<Addr = SocketAddr>> TlsListener<L> {
-    pub fn new(inner: L, acceptor: TlsAcceptor) -> Self {
-        TlsListener { inner, acceptor, handshakes: JoinSet::new() }
-    }
-}
-
-impl<L> axum::serve::Listener for TlsListener<L>
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    type Io = TlsStream<L::Io>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let full = self.handshakes.len() >= MAX_HANDSHAKES;
-            tokio::select! {
-                (io, addr) = self.inner.accept(), if !full => {
-                    let acceptor = self.acceptor.clone();
-                    self.handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                            Ok(Ok(stream)) => Some((stream, addr)),
-                            _ => None,
-                        }
-                    });
-                }
-                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }

@@ -2,6 +2,7 @@
  * Reaching the daemon: the gRPC target for a socket path or pipe name, the channel options every
  * client uses, and the backoff the reconnecting clients share (as client/src/connect.rs).
  */
+import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
@@ -73,4 +74,42 @@ export function waitForReady(client: grpc.Client, timeoutMs: number): Promise<vo
   return new Promise((resolve, reject) =>
     client.waitForReady(Date.now() + timeoutMs, (err) => (err ? reject(err) : resolve())),
   );
+}
+
+/**
+ * The server at an address runs as another user than this process: nothing was sent to it (the
+ * Rust client's `ForeignServer`, same words). A squatter on the daemon's address never gets a
+ * host token or a launch token.
+ */
+export class ForeignServerError extends Error {
+  constructor(
+    readonly address: string,
+    readonly serverUid: number,
+    readonly ownUid: number,
+  ) {
+    super(`the server at ${address} runs as uid ${serverUid}, not as this user (uid ${ownUid}); refusing to send it anything`);
+    this.name = 'ForeignServerError';
+  }
+}
+
+/**
+ * Unix: throws `ForeignServerError` unless the socket at `address` belongs to this process's
+ * effective uid. Node cannot read a Unix socket peer's credentials (no SO_PEERCRED in `net`), so
+ * this checks the socket file instead: its owner is the uid of the process that bound it, and no
+ * other (non-root) user can make one owned by this user. (The Rust client checks the connected
+ * peer itself; here a squatter would have to replace the file between this check and grpc-js's
+ * connect, which needs write access to the daemon's private socket directory.) No socket there
+ * yet: nothing to check, the connection will fail. Windows: nothing to check (docs/windows.md).
+ */
+export function checkServerOwner(address: string): void {
+  if (process.platform === 'win32' || !process.geteuid) return;
+  const file = address.startsWith('unix:') ? address.slice('unix:'.length) : address;
+  let owner: number;
+  try {
+    owner = fs.statSync(file).uid;
+  } catch {
+    return;
+  }
+  const own = process.geteuid();
+  if (owner !== own) throw new ForeignServerError(address, owner, own);
 }

@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { OPEN_APIS, OPEN_API_NAMES, type DelegatedApiName, type OpenApiName, type ReceivedRequestOf, type ResponseOf } from './apis';
-import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, defaultAddress, target } from './connect';
+import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, checkServerOwner, defaultAddress, ForeignServerError, target } from './connect';
 import { HostError, UserCancelled } from './failure';
 import type { AdminClient } from './generated/miniapp/broker/v1/Admin';
 import type { AppInfo__Output } from './generated/miniapp/broker/v1/AppInfo';
@@ -154,7 +154,10 @@ export class HostClient extends EventEmitter {
     return fs.readFileSync(this.options.tokenFile, 'utf8').trim();
   }
 
+  /** The host token's metadata, once the daemon's address is known to be this user's
+   * (`checkServerOwner`): every send of the token goes through here. */
   private metadata(): grpc.Metadata {
+    checkServerOwner(this.address);
     const md = new grpc.Metadata();
     md.set('authorization', `Bearer ${this.token}`);
     return md;
@@ -173,12 +176,15 @@ export class HostClient extends EventEmitter {
 
   /** Opens the host link and resolves on Welcome. */
   private open(): Promise<void> {
+    let md: grpc.Metadata;
     try {
       this.token = this.readToken();
+      md = this.metadata();
     } catch (e) {
+      if (e instanceof ForeignServerError) return Promise.reject(new HostConnectError(e.message, grpc.status.PERMISSION_DENIED));
       return Promise.reject(e instanceof HostConnectError ? e : new HostConnectError(String(e), grpc.status.UNAVAILABLE));
     }
-    const link = this.grpc.Connect(this.metadata());
+    const link = this.grpc.Connect(md);
     link.write({ hello: { methods: this.methods(), hostName: this.options.name ?? 'host', user: this.user } });
     return new Promise((resolve, reject) => {
       let welcomed = false;
@@ -290,6 +296,10 @@ export class HostClient extends EventEmitter {
     return new Promise((resolve, reject) =>
       send(this.metadata(), (err, res) => (err || !res ? reject(err ?? new Error('no answer')) : resolve(res))),
     );
+  }
+
+  private get address(): string {
+    return this.options.address ?? defaultAddress();
   }
 
   /** Launches an app instance; hand `launchToken` to the renderer process you start. */

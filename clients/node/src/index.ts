@@ -6,7 +6,7 @@
  * - `createWx(renderer)`: the `wx.*` surface over the JSON bridge.
  */
 export { OPEN_APIS, OPEN_API_NAMES, type OpenApiName, type DelegatedApiName, type RequestOf, type ResponseOf, type ReceivedRequestOf, type ReceivedResponseOf } from './apis';
-export { Backoff, defaultAddress, target, CHANNEL_OPTIONS } from './connect';
+export { Backoff, checkServerOwner, defaultAddress, ForeignServerError, target, CHANNEL_OPTIONS } from './connect';
 export { ApiError, HostError, UserCancelled, TRANSPORT_REASON } from './failure';
 export { HostClient, HostConnectError, type HostOptions, type HostHandlers, type ApiHandler, type CallContext, type Relaunched } from './host';
 export { RendererClient, newPaymentKey, LAUNCH_TOKEN_HEADER, type RendererOptions, type InvokeResult } from './renderer';

@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { isOpenApi, PAYMENT_APIS, type OpenApiName, type ReceivedResponseOf, type RequestOf } from './apis';
-import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, target, waitForReady } from './connect';
+import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, checkServerOwner, target, waitForReady } from './connect';
 import { ApiError, isTransportCode, TRANSPORT_REASON, transportError } from './failure';
 import type { ApiRequest } from './generated/miniapp/broker/v1/ApiRequest';
 import type { ApiResponse__Output } from './generated/miniapp/broker/v1/ApiResponse';
@@ -64,7 +64,11 @@ export class RendererClient {
 
   /** A client for the daemon at `address` (socket path, or pipe name on Windows) that connects on
    * first use, so it can be made before the daemon is up. */
-  constructor(address: string, launchToken: string, options: RendererOptions = {}) {
+  constructor(
+    private readonly address: string,
+    launchToken: string,
+    options: RendererOptions = {},
+  ) {
     this.client = new v1.OpenApi(target(address), CREDENTIALS, CHANNEL_OPTIONS) as unknown as OpenApiClient;
     this.token = launchToken;
     this.budgetMs = options.reconnectBudgetMs ?? 10_000;
@@ -101,7 +105,11 @@ export class RendererClient {
     }
   }
 
+  /** The launch token's metadata, once the daemon's address is known to be this user's
+   * (`checkServerOwner`; throws `ForeignServerError` otherwise): every stream and `Invoke` that
+   * carries the token gets it here. */
   private metadata(): grpc.Metadata {
+    checkServerOwner(this.address);
     const md = new grpc.Metadata();
     md.set(LAUNCH_TOKEN_HEADER, this.token);
     return md;
@@ -195,7 +203,7 @@ export class RendererClient {
       const response = await this.retrying(api, () => this.invokeOnce(api, paramsJson));
       return { ok: response.ok, result: JSON.parse(response.resultJson) as WxResult };
     } catch (e) {
-      const message = e instanceof ApiError ? e.errMsg : `${api}:fail ${String(e)}`;
+      const message = e instanceof ApiError ? e.errMsg : `${api}:fail ${e instanceof Error ? e.message : String(e)}`;
       const errno = e instanceof ApiError ? e.errno : 1005;
       return { ok: false, result: { errMsg: message, errno } };
     }

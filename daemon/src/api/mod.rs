@@ -80,17 +80,41 @@ pub fn validate(request: &ApiRequest) -> Result<Api, ApiError> {
 
 /// The last check before a call's route does anything, the same on every surface and on both the
 /// fast and the waiting path: a remembered refusal of a scope the API discloses denies it
-/// (`auth deny`) before the host or a default sees it. Returns the call's route.
+/// (`auth deny`) before the host or a default sees it; a call that may add to the store
+/// ([`adds_to_store`]) takes one from its user's bucket for the API in the app
+/// (`limits.calls_per_second_per_user`). Returns the call's route.
 pub fn gate(b: &Broker, inst: &AppInstance, api: Api, version: ApiVersion) -> Result<Route, ApiError> {
     let route = route(api, version);
     let scopes = facts(api).refused_by;
+    let adds = adds_to_store(api, route);
+    if scopes.is_empty() && !adds {
+        return Ok(route);
+    }
+    let user = b.user.get();
     if !scopes.is_empty()
-        && let Some(user) = b.user.get()
+        && let Some(user) = &user
         && b.consent.refuses_any(&inst.app_id, &user.uid, scopes)?
     {
         return Err(ApiError::AuthDeny);
     }
+    // Signed out, nothing but a payment writes (the defaults fail "app not login").
+    match &user {
+        Some(user) if adds => b.user_rates.check(&inst.app_id, &user.uid, api)?,
+        None if route == Route::Payment => b.user_rates.check(&inst.app_id, "", api)?,
+        _ => {}
+    }
     Ok(route)
+}
+
+/// Whether a call of `api` on `route` may add to the store: every default (a session, a code's
+/// ledger rows, a disclosure), a payment (its record), and a delegated answer the ledger records.
+/// The settings APIs only replace one decision per scope, and other delegated calls store nothing.
+pub fn adds_to_store(api: Api, route: Route) -> bool {
+    match route {
+        Route::Default | Route::Payment => true,
+        Route::Delegate => facts(api).disclosed.is_some(),
+        Route::Consent => false,
+    }
 }
 
 /// Answers one validated call of `api` in an instance running `version`, past its [`gate`] (which

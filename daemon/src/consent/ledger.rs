@@ -3,7 +3,10 @@
 //! privacy reports of mobile systems keep it. Codes are recorded by the platform when issued and
 //! stamped when redeemed (one redeem path for every surface); what the daemon hands to a renderer
 //! directly (avatar, nickname, the host's user info passed through) is recorded here.
-//! Rows older than `privacy.ledger_days` are deleted by the daemon's sweep.
+//! A disclosure identical to a recent one (`privacy.ledger_coalesce_secs`) adds to that row's
+//! count instead of adding a row, so what one app makes the ledger hold grows with the kinds of
+//! data it asked for, not with how often it asked. Rows older than `privacy.ledger_days` are
+//! deleted by the daemon's sweep, a bounded batch at a time (`crate::retention`).
 
 use std::sync::Arc;
 
@@ -68,9 +71,9 @@ impl Ledger {
         Ok((rows, next))
     }
 
-    /// Deletes rows past the retention; returns how many.
-    pub fn prune(&self) -> Result<usize, StoreError> {
-        self.store.ledger_prune(self.clock.now_ms().saturating_sub(self.retention_ms))
+    /// Deletes at most `limit` of the rows past the retention, oldest first; returns how many.
+    pub fn prune(&self, limit: u32) -> Result<usize, StoreError> {
+        self.store.ledger_prune(self.clock.now_ms().saturating_sub(self.retention_ms), limit)
     }
 }
 
@@ -91,5 +94,8 @@ fn disclosure(r: LedgerRow) -> Disclosure {
         via_code: r.via_code,
         redeemed_at_ms: r.redeemed_at_ms.unwrap_or(0),
         redeemed_via: r.redeemed_via.unwrap_or_default(),
+        count: r.count,
+        last_at_ms: r.last_at_ms,
+        redeemed_count: r.redeemed_count,
     }
 }

@@ -235,6 +235,15 @@ impl Admin for AdminService {
         require_host_token(&self.broker, r.metadata())?;
         let q = r.into_inner();
         check_app_id(&q.app_id)?;
+        // A secret set in the config is provisioned again at every start: a rotation here would
+        // hold only until then, so it is refused rather than silently undone.
+        if q.rotate && self.broker.config.apps.get(&q.app_id).is_some_and(|a| a.secret.is_some()) {
+            return Err(Status::failed_precondition(format!(
+                "the secret of {} is set in the config (apps.{}.secret) and comes back at every start: \
+                 change it there and restart the daemon",
+                q.app_id, q.app_id
+            )));
+        }
         let secret = self.broker.platform.register_app(&q.app_id, q.rotate).await.map_err(internal)?;
         info!(app_id = %q.app_id, created = secret.is_some(), rotate = q.rotate, "app registered");
         Ok(Response::new(v1::RegisterAppResponse { created: secret.is_some(), secret: secret.unwrap_or_default() }))

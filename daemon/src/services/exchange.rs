@@ -43,8 +43,7 @@ impl ExchangeService {
 /// The status of an exchange failure: its gRPC code, `errcode N: errmsg`, and the details.
 pub fn to_status(e: ExchangeFailure) -> Status {
     let code = match e {
-        ExchangeFailure::InvalidAppId
-        | ExchangeFailure::InvalidSecret
+        ExchangeFailure::InvalidSecret
         | ExchangeFailure::InvalidCredential
         | ExchangeFailure::TokenExpired
         | ExchangeFailure::InvalidSignature => Code::Unauthenticated,

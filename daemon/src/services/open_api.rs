@@ -87,6 +87,36 @@ fn call_deadline(md: &MetadataMap) -> Option<tokio::time::Instant> {
     Some(tokio::time::Instant::now() + timeout.saturating_sub(margin))
 }
 
+/// What `Invoke` makes of a renderer's API name and params text before anything else happens: the
+/// API and its request, or the name its errMsg uses and why it is refused. (The fuzz target
+/// `invoke` drives it with arbitrary bytes.)
+pub fn parse_invoke(api: &str, params_json: &str) -> Result<(Api, v1::ApiRequest), (String, ApiError)> {
+    match Api::from_name(api) {
+        None => Err((sanitize(api), ApiError::UnknownApi(sanitize(api)))),
+        Some(api) => match json::request_from_json(api, params_json) {
+            Err(e) => Err((api.name().to_owned(), ApiError::InvalidParams(e.to_string()))),
+            Ok(request) => Ok((api, request)),
+        },
+    }
+}
+
+/// `Invoke`'s answer: the response as WeChat-style JSON, or the failure of the API `name`d.
+pub fn invoke_response(outcome: Result<v1::ApiResponse, (String, ApiError)>) -> v1::InvokeResponse {
+    match outcome {
+        Ok(resp) => {
+            v1::InvokeResponse { ok: true, result_json: json::response_to_json(&resp).to_string(), failure: None }
+        }
+        Err((name, e)) => {
+            let failure = e.to_failure(&name);
+            v1::InvokeResponse {
+                ok: false,
+                result_json: json::failure_to_json(&failure).to_string(),
+                failure: Some(failure),
+            }
+        }
+    }
+}
+
 /// An unknown API name as it may appear in an errMsg: printable, short.
 fn sanitize(name: &str) -> String {
     let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_').take(64).collect();
@@ -146,28 +176,13 @@ impl OpenApi for OpenApiService {
         let instance = self.instance(r.metadata())?;
         let deadline = call_deadline(r.metadata());
         let v1::InvokeRequest { api, params_json } = r.into_inner();
-        let outcome = match Api::from_name(&api) {
-            None => Err((sanitize(&api), ApiError::UnknownApi(sanitize(&api)))),
-            Some(api) => match json::request_from_json(api, &params_json) {
-                Err(e) => Err((api.name().to_owned(), ApiError::InvalidParams(e.to_string()))),
-                Ok(request) => crate::deadline::with_deadline(deadline, self.broker.call(&instance, request))
-                    .await
-                    .map_err(|e| (api.name().to_owned(), e)),
-            },
+        let outcome = match parse_invoke(&api, &params_json) {
+            Err(refused) => Err(refused),
+            Ok((api, request)) => crate::deadline::with_deadline(deadline, self.broker.call(&instance, request))
+                .await
+                .map_err(|e| (api.name().to_owned(), e)),
         };
-        Ok(Response::new(match outcome {
-            Ok(resp) => {
-                v1::InvokeResponse { ok: true, result_json: json::response_to_json(&resp).to_string(), failure: None }
-            }
-            Err((name, e)) => {
-                let failure = e.to_failure(&name);
-                v1::InvokeResponse {
-                    ok: false,
-                    result_json: json::failure_to_json(&failure).to_string(),
-                    failure: Some(failure),
-                }
-            }
-        }))
+        Ok(Response::new(invoke_response(outcome)))
     }
 
     type SessionStream = ReplyStream;

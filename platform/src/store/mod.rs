@@ -77,7 +77,8 @@ impl Wanted<'_> {
 pub enum Redemption {
     /// The code, taken: no one else redeems it.
     Redeemed(CodeRecord),
-    /// The code was redeemed already.
+    /// The code was redeemed already, by the app presenting it (another app presenting it hears
+    /// [`Redemption::Invalid`], as for a code that never existed).
     Used,
     /// The code is one this redemption would take, but it expired.
     Expired,

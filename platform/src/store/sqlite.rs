@@ -73,6 +73,41 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The write-ahead log is truncated to this after each checkpoint: with `max_page_count`, what the
+/// database takes on disk is bounded.
+pub const WAL_BYTES: i64 = 16 * 1024 * 1024;
+
+/// Bounds the database file `conn` writes to `max_bytes` (whole pages, and never below what it
+/// holds now: SQLite keeps the larger), and its write-ahead log to [`WAL_BYTES`] after each
+/// checkpoint. A write beyond the bound fails with SQLITE_FULL ([`unwritable`]) and leaves the
+/// connection serving reads. Returns the bound in bytes. Every connection to the file sets it.
+pub fn limit_size(conn: &Connection, max_bytes: u64) -> rusqlite::Result<u64> {
+    let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    let page = page.max(512) as u64;
+    let pages = (max_bytes / page).clamp(1, i64::MAX as u64);
+    let set: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_BYTES)?;
+    Ok(set as u64 * page)
+}
+
+/// Whether `e` says the database cannot write now (full: `max_page_count` or the disk;
+/// read-only; an I/O error) rather than that the statement was wrong: such a failure is the
+/// machine's, the call changed nothing, reads go on, and the same call works once there is room.
+pub fn unwritable(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, DiskFull | ReadOnly | SystemIoFailure | CannotOpen))
+}
+
+/// What a caller is told about a database that cannot write: SQLite's own words ("database or
+/// disk is full", "attempt to write a readonly database"), never a path.
+pub fn unwritable_reason(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, message) => message.clone().unwrap_or_else(|| f.to_string()),
+        other => other.to_string(),
+    }
+}
+
 /// Runs `f` in one transaction on `conn`: every multi-statement write of a SQLite store (this
 /// engine's and the daemon's) goes through here. rusqlite's `Transaction` parses "BEGIN" and
 /// "COMMIT" anew each time; these statements are prepared once.
@@ -110,8 +145,10 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     location: String,
     codes: DashMap<String, CodeRecord>,
-    /// Redeemed codes until they would have expired, so a replay gets "code been used".
-    spent: DashMap<String, u64>,
+    /// Redeemed codes (the app each was for, and when it would have expired) until they would have
+    /// expired, so that a replay by that app gets "code been used"; any other app hears what a
+    /// code that never existed gets.
+    spent: DashMap<String, (String, u64)>,
     /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
     issued: DashMap<(String, String), VecDeque<String>>,
     tokens: AccessTokens,
@@ -152,6 +189,11 @@ impl SqliteStore {
             tokens: AccessTokens::default(),
             buckets: Buckets::default(),
         })
+    }
+
+    /// Bounds the database file to `max_bytes` ([`limit_size`]); returns the bound in bytes.
+    pub fn limit_size(&self, max_bytes: u64) -> Result<u64, StoreError> {
+        Ok(limit_size(&self.conn(), max_bytes)?)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -296,10 +338,10 @@ impl PlatformStore for SqliteStore {
     ) -> Result<Redemption, StoreError> {
         let taken = self.codes.remove_if(code, |_, e| wanted.takes(app_id, e) && e.expires_at_ms > now_ms);
         if let Some((code, record)) = taken {
-            self.spent.insert(code, record.expires_at_ms);
+            self.spent.insert(code, (record.app_id.clone(), record.expires_at_ms));
             return Ok(Redemption::Redeemed(record));
         }
-        if self.spent.contains_key(code) {
+        if self.spent.get(code).is_some_and(|spent| spent.0 == app_id) {
             return Ok(Redemption::Used);
         }
         Ok(match self.codes.get(code) {
@@ -319,7 +361,7 @@ impl PlatformStore for SqliteStore {
 
     async fn sweep(&self, now_ms: u64) -> Result<(), StoreError> {
         self.codes.retain(|_, e| e.expires_at_ms > now_ms);
-        self.spent.retain(|_, expires| *expires > now_ms);
+        self.spent.retain(|_, (_, expires)| *expires > now_ms);
         self.issued.retain(|_, issued| {
             issued.retain(|c| self.codes.contains_key(c));
             !issued.is_empty()
