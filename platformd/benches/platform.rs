@@ -188,7 +188,11 @@ fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
 async fn logins(instance: &Instance, t: &Tenant, samples: usize) -> ((u128, u128), (u128, u128), (u128, u128)) {
     let remote = desktop(t, instance.daemon, 3000).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = miniapp_brokerd::start(miniapp_brokerd::Config::ephemeral_in(dir.path())).await.unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    // The same limits as the remote desktop's (support::desktop_at): back-to-back logins of one user.
+    config.limits.calls_per_second_per_user = 100_000;
+    config.limits.burst_per_user = 100_000;
+    let server = miniapp_brokerd::start(config).await.unwrap();
     let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
         .user(user("u1"))
         .connect()
