@@ -33,6 +33,7 @@ pub struct Config {
     pub payments: PaymentsConfig,
     pub backend_http: BackendHttpConfig,
     pub superapp: SuperappConfig,
+    pub platform: PlatformConfig,
     /// Per-app settings, keyed by app id.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -260,6 +261,48 @@ impl BackendHttpConfig {
     }
 }
 
+/// The remote platform (`miniapp-platformd`, docs/platform.md): with `url` set, every v2/v3 default
+/// (login, checkSession, phone and e-mail codes, sessions, user changes, revocations) goes to it,
+/// and the daemon's own backend HTTP API and `Exchange` service are off (backends redeem at the
+/// platform). Unset: the embedded platform, as on one machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// `http(s)://HOST:PORT` of the platform's daemon listener (`serve --daemon-listen`).
+    pub url: Option<String>,
+    /// The superapp's client key (`miniapp-platformd superapp add`).
+    pub client_key: Option<String>,
+    /// The file holding the superapp's client secret (its first line).
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM of the CA that signed the platform's certificate (https; default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// The longest one platform call may take when the renderer's own deadline is not shorter.
+    pub timeout_ms: u64,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig { url: None, client_key: None, client_secret_file: None, ca_file: None, timeout_ms: 3_000 }
+    }
+}
+
+impl PlatformConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err("platform.timeout_ms must be 1..=60000".into());
+        }
+        if let Some(url) = &self.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("platform.url must be http(s)://HOST:PORT, not {url:?}"));
+            }
+            if self.client_key.as_deref().is_none_or(str::is_empty) || self.client_secret_file.is_none() {
+                return Err("platform.url needs platform.client_key and platform.client_secret_file".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The superapp's server, which vouches for the user (docs/superapp-server.md): v3 authCodes are
 /// redeemed there, users checked there, and phone, e-mail, avatar and nickname fetched from there.
 /// Off while `server_url` is empty: the host's pushed profile serves, as on one machine.
@@ -394,6 +437,7 @@ impl Default for Config {
             payments: PaymentsConfig::default(),
             backend_http: BackendHttpConfig::default(),
             superapp: SuperappConfig::default(),
+            platform: PlatformConfig::default(),
             apps: BTreeMap::new(),
         }
     }
@@ -545,6 +589,12 @@ impl Config {
         }
         self.backend_http.address()?;
         self.superapp.validate()?;
+        self.platform.validate()?;
+        if self.platform.url.is_some() && self.backend_http.listen.is_some() {
+            return Err("backend_http.listen (--backend-listen) is off with a remote platform (platform.url): \
+                        app backends redeem at the platform service's --listen"
+                .into());
+        }
         Ok(())
     }
 
@@ -737,6 +787,20 @@ mod tests {
                 key_refresh_secs,
             },
         );
+        let platform =
+            (proptest::option::of(("[a-z0-9.]{1,12}", 1u16.., "[ -~]{1,16}", path())), path(), 1u64..=60_000).prop_map(
+                |(remote, ca_file, timeout_ms)| {
+                    let (url, client_key, client_secret_file) = match remote {
+                        Some((host, port, key, file)) => (
+                            Some(format!("https://{host}:{port}")),
+                            Some(key),
+                            Some(file.unwrap_or_else(|| PathBuf::from("/client.secret"))),
+                        ),
+                        None => (None, None, None),
+                    };
+                    PlatformConfig { url, client_key, client_secret_file, ca_file, timeout_ms }
+                },
+            );
         let app = (proptest::option::of(".{0,16}"), proptest::option::of(".{0,16}"))
             .prop_map(|(union_group, secret)| AppConfig { union_group, secret });
         (
@@ -755,6 +819,7 @@ mod tests {
             (any::<bool>(), 1u32..=36_600, 0u64..=86_400, 1u32..=36_600),
             backend_http,
             superapp,
+            platform,
         )
             .prop_map(
                 |(
@@ -768,7 +833,13 @@ mod tests {
                     (remember_refusals, ledger_days, ledger_coalesce_secs, retention_days),
                     backend_http,
                     superapp,
+                    platform,
                 )| Config {
+                    // A remote platform turns the daemon's backend HTTP API off.
+                    backend_http: match platform.url {
+                        Some(_) => BackendHttpConfig { listen: None, ..backend_http },
+                        None => backend_http,
+                    },
                     socket,
                     data_dir,
                     ephemeral,
@@ -781,8 +852,8 @@ mod tests {
                     consent: ConsentConfig { remember_refusals },
                     privacy: PrivacyConfig { ledger_days, ledger_coalesce_secs },
                     payments: PaymentsConfig { retention_days },
-                    backend_http,
                     superapp,
+                    platform,
                     apps,
                 },
             )

@@ -82,6 +82,10 @@ pub enum ApiError {
     /// error): the call needed to record something and did nothing; reads go on.
     #[error("storage unavailable: {0}")]
     StoreUnavailable(String),
+    /// The remote platform (`[platform] url`) is down, slow past the call's deadline, or refused
+    /// the daemon's credentials: nothing was issued.
+    #[error("platform unavailable")]
+    PlatformUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -99,7 +103,10 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost | ApiError::HostGone | ApiError::StoreUnavailable(_) => Code::Unavailable,
+            ApiError::NoHost
+            | ApiError::HostGone
+            | ApiError::StoreUnavailable(_)
+            | ApiError::PlatformUnavailable => Code::Unavailable,
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,
@@ -149,6 +156,7 @@ impl ApiError {
             ApiError::UnknownUser => 1020,
             ApiError::AuthCodeRefused(_) => 1021,
             ApiError::StoreUnavailable(_) => 1022,
+            ApiError::PlatformUnavailable => 1018,
             ApiError::Replayed(f) => f.errno,
         }
     }
@@ -181,6 +189,7 @@ impl ApiError {
             ApiError::UnknownUser => "unknown_user",
             ApiError::AuthCodeRefused(_) => "auth_code_refused",
             ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::PlatformUnavailable => "platform_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -258,6 +267,9 @@ impl From<PlatformError> for ApiError {
             }),
             PlatformError::Ledger(miniapp_platform::disclosures::LedgerError::Unwritable(reason)) => {
                 ApiError::StoreUnavailable(reason)
+            }
+            PlatformError::Unavailable(_) | PlatformError::Store(miniapp_platform::StoreError::Unavailable(_)) => {
+                ApiError::PlatformUnavailable
             }
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),

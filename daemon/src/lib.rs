@@ -9,6 +9,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod consent;
+pub mod deadline;
 pub mod demo;
 pub mod dev_host;
 pub mod dev_sim;
@@ -20,6 +21,7 @@ pub mod page;
 pub mod platform;
 pub mod registry;
 pub mod retention;
+pub mod remote_platform;
 pub mod services;
 pub mod store;
 pub use miniapp_platform::superapp;
@@ -178,8 +180,10 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     }
     store.coalesce_ledger(config.privacy.ledger_coalesce_secs * 1000);
     let db_path = (!config.ephemeral).then_some(db_path.as_path());
-    let platform: Arc<dyn Platform> =
-        Arc::new(platform::embedded(&config, db_path, &data_dir, store.clone(), clock.clone()).await?);
+    let platform: Arc<dyn Platform> = match &config.platform.url {
+        Some(url) => Arc::new(remote_platform(&config.platform, url, store.clone(), clock.clone())?),
+        None => Arc::new(platform::embedded(&config, db_path, &data_dir, store.clone(), clock.clone()).await?),
+    };
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {
         Some(address) => Some(
@@ -244,6 +248,35 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
         "miniapp-brokerd listening"
     );
     Ok(Server { broker, task, backend_http, token_file, _lock: lock })
+}
+
+/// The remote platform `[platform]` names (remote mode): the client secret read from its file.
+fn remote_platform(
+    config: &config::PlatformConfig,
+    url: &str,
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<remote_platform::RemotePlatform, StartError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| StartError::DataDir { path: path.display().to_string(), source })
+    };
+    let secret_file = config.client_secret_file.as_deref().ok_or_else(|| {
+        StartError::Config("platform.url needs platform.client_key and platform.client_secret_file".into())
+    })?;
+    let secret = String::from_utf8_lossy(&read(secret_file)?).lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(StartError::Config(format!("platform.client_secret_file {} is empty", secret_file.display())));
+    }
+    let ca_pem = config.ca_file.as_deref().map(read).transpose()?;
+    let remote = remote_platform::RemoteConfig {
+        url: url.to_owned(),
+        client_key: config.client_key.clone().unwrap_or_default(),
+        client_secret: secret,
+        ca_pem,
+        timeout: Duration::from_millis(config.timeout_ms),
+    };
+    info!(platform = url, "remote platform: backends redeem at the platform service");
+    remote_platform::RemotePlatform::new(remote, store, clock).map_err(StartError::Config)
 }
 
 /// The platform's key pair for superapp servers at `path` (`[superapp] key_file`), made there at

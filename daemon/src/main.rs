@@ -135,6 +135,10 @@ struct ServeArgs {
     /// (port 0: a free port; a non-loopback address needs `[backend_http] allow_remote`).
     #[arg(long, value_name = "ADDR")]
     backend_listen: Option<String>,
+    /// Use the platform service at URL (`http(s)://HOST:PORT`, its `--daemon-listen`) instead of
+    /// the embedded platform: `[platform] url`; the client key and secret file come from `[platform]`.
+    #[arg(long, value_name = "URL")]
+    platform_url: Option<String>,
 }
 
 /// How an operator command finds the daemon and its host token.
@@ -310,6 +314,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     }
     if args.backend_listen.is_some() {
         config.backend_http.listen = args.backend_listen;
+    }
+    if args.platform_url.is_some() {
+        config.platform.url = args.platform_url;
     }
     init_logs(&config, args.log_json);
     let server = miniapp_brokerd::start(config).await?;

@@ -122,6 +122,6 @@ impl Disclosures for LedgerHook {
 }
 
 /// The daemon store's failure as the platform's ledger hook reports it.
-fn ledger_error(e: StoreError) -> LedgerError {
+pub(crate) fn ledger_error(e: StoreError) -> LedgerError {
     if e.is_unwritable() { LedgerError::Unwritable(e.unwritable_reason()) } else { LedgerError::Failed(e.to_string()) }
 }

@@ -464,9 +464,13 @@ impl EmbeddedPlatform {
     }
 }
 
-/// A store failure as a backend hears it: -1, system error.
+/// A store failure as a backend hears it: -1, system busy when the database is unreachable or
+/// slow (the backend retries later), -1 system error otherwise.
 fn system(e: crate::StoreError) -> ExchangeFailure {
-    ExchangeFailure::System(e.to_string())
+    match e {
+        crate::StoreError::Unavailable(_) => ExchangeFailure::Busy,
+        e => ExchangeFailure::System(e.to_string()),
+    }
 }
 
 /// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).

@@ -29,6 +29,9 @@ pub enum PlatformError {
     /// one the host says is signed in: no code for either.
     #[error("authCode refused: {0}")]
     AuthCodeRefused(String),
+    /// A remote platform is down, slow past the call's deadline, or refused the caller.
+    #[error("platform unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Errors from a platform store engine.
@@ -41,6 +44,9 @@ pub enum StoreError {
     /// Another engine's failure, in its own words.
     #[error("database: {0}")]
     Other(String),
+    /// A shared engine's database is unreachable, or did not answer within the call's deadline.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -50,7 +56,7 @@ impl StoreError {
         match self {
             StoreError::Sqlite(e) => crate::store::sqlite::unwritable(e),
             StoreError::Io(_) => true,
-            StoreError::Other(_) => false,
+            StoreError::Other(_) | StoreError::Unavailable(_) => false,
         }
     }
 }

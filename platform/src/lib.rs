@@ -183,6 +183,10 @@ pub enum ExchangeFailure {
     InvalidSignature,
     #[error("system error: {0}")]
     System(String),
+    /// The platform's database is unreachable or did not answer within its deadline: WeChat's
+    /// "system busy", answered at once; the backend retries later.
+    #[error("system busy")]
+    Busy,
 }
 
 impl ExchangeFailure {
@@ -198,7 +202,7 @@ impl ExchangeFailure {
             ExchangeFailure::RateLimited => 45011,
             ExchangeFailure::DataFormat => 47001,
             ExchangeFailure::InvalidSignature => 87009,
-            ExchangeFailure::System(_) => -1,
+            ExchangeFailure::System(_) | ExchangeFailure::Busy => -1,
         }
     }
 

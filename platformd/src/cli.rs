@@ -70,6 +70,10 @@ pub enum SuperappCommand {
         /// Print one JSON object: {"client_key", "client_secret"}.
         #[arg(long)]
         json: bool,
+        /// The superapp's own server (`https://HOST[:PORT]`), which vouches for its users in v3;
+        /// stored with the tenant.
+        #[arg(long, value_name = "URL")]
+        server_url: Option<String>,
         #[command(flatten)]
         db: DatabaseArgs,
     },
@@ -133,4 +137,24 @@ fn default_data_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(xdg).join("miniapp-platformd"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/miniapp-platformd"))
+}
+
+impl ServeArgs {
+    /// The serve defaults over `db`, for the commands that build a platform without serving.
+    pub fn for_commands(db: DatabaseArgs) -> ServeArgs {
+        ServeArgs {
+            db,
+            listen: ([127, 0, 0, 1], 8440).into(),
+            daemon_listen: ([127, 0, 0, 1], 8441).into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_plain_remote: false,
+            code_ttl_secs: 300,
+            session_ttl_secs: 7 * 24 * 3600,
+            max_codes_per_user: 100,
+            exchanges_per_minute_per_app: 600,
+            exchange_burst_per_app: 60,
+            log_json: false,
+        }
+    }
 }

@@ -73,7 +73,8 @@ const MIGRATIONS: &[&str] = &[
          app_id TEXT NOT NULL, uid TEXT NOT NULL, openid TEXT NOT NULL,
          purpose SMALLINT NOT NULL, session_key TEXT, auth_code TEXT, value TEXT,
          issued_at_ms BIGINT NOT NULL, expires_at_ms BIGINT NOT NULL,
-         redeemed_at_ms BIGINT, redeemed_via TEXT, invalidated BOOLEAN NOT NULL DEFAULT FALSE);
+         redeemed_at_ms BIGINT, redeemed_via TEXT, invalidated BOOLEAN NOT NULL DEFAULT FALSE,
+         ledger BIGINT[] NOT NULL DEFAULT '{}');
      CREATE INDEX codes_outstanding ON codes (app_id, uid) WHERE redeemed_at_ms IS NULL AND NOT invalidated;
      CREATE INDEX codes_expires ON codes (expires_at_ms);
      CREATE TABLE access_tokens (
@@ -81,7 +82,10 @@ const MIGRATIONS: &[&str] = &[
          expires_at_ms BIGINT NOT NULL);
      CREATE INDEX access_tokens_app ON access_tokens (app_id, issued_at_ms);
      CREATE TABLE stable_tokens (app_id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at_ms BIGINT NOT NULL);
-     CREATE TABLE rate_buckets (app_id TEXT PRIMARY KEY, tat_us BIGINT NOT NULL);",
+     CREATE TABLE rate_buckets (app_id TEXT PRIMARY KEY, tat_us BIGINT NOT NULL);
+     CREATE INDEX sessions_expires ON sessions (expires_at_ms);",
+    // 2: the superapp's server (`superapp add --server-url`), for v3.
+    "ALTER TABLE superapps ADD COLUMN server_url TEXT;",
 ];
 
 /// The advisory lock key migrations hold ("miniapp" in ASCII).
@@ -129,6 +133,10 @@ pub struct Taken {
     pub session_key: Option<String>,
     pub auth_code: Option<String>,
     pub value: Option<String>,
+    pub openid: String,
+    pub expires_at_ms: u64,
+    /// The code's rows in the issuer's disclosure ledger.
+    pub ledger: Vec<i64>,
 }
 
 /// The outcome of a redemption attempt.
@@ -183,20 +191,14 @@ macro_rules! take_for {
 pub struct PgStore {
     pool: Pool,
     deadline: Duration,
+    /// Where, for status output (never the password).
+    location: String,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").field("deadline", &self.deadline).finish_non_exhaustive()
     }
-}
-
-/// The app a token was issued to, and whether the attempt was within the app's rate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenCheck {
-    pub app_id: String,
-    pub expires_at_ms: u64,
-    pub allowed: bool,
 }
 
 impl PgStore {
@@ -214,6 +216,16 @@ impl PgStore {
                 "-c statement_timeout={deadline_ms} -c lock_timeout={deadline_ms} -c idle_in_transaction_session_timeout={}",
                 deadline_ms * 5
             ));
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let location = format!("postgres://{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""));
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
@@ -223,7 +235,12 @@ impl PgStore {
             .recycle_timeout(Some(options.deadline))
             .build()
             .map_err(|e| PgError::Url(e.to_string()))?;
-        Ok(PgStore { pool, deadline: options.deadline })
+        Ok(PgStore { pool, deadline: options.deadline, location })
+    }
+
+    /// Where the data lives, for status output (no credentials).
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// Runs `f` on a pooled connection within the deadline.
@@ -245,7 +262,7 @@ impl PgStore {
         }
     }
 
-    async fn query(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+    pub(crate) async fn query(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
         self.with(async |c| {
             let stmt = c.prepare_cached(sql).await?;
             Ok(c.query(&stmt, params).await?)
@@ -253,7 +270,7 @@ impl PgStore {
         .await
     }
 
-    async fn execute(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
+    pub(crate) async fn execute(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
         self.with(async |c| {
             let stmt = c.prepare_cached(sql).await?;
             Ok(c.execute(&stmt, params).await?)
@@ -304,17 +321,29 @@ impl PgStore {
                 &[&&fresh[..]],
             )
             .await?;
+        // An instance that lost the race inserted nothing, and its statement's snapshot may predate
+        // the winner's commit: a second statement (a new snapshot) reads the winner's secret.
+        let rows = match rows.is_empty() {
+            false => rows,
+            true => self.query("SELECT value FROM meta WHERE key = 'openid_secret'", &[]).await?,
+        };
         let bytes: Vec<u8> = rows.first().map(|r| r.get(0)).ok_or_else(|| PgError::Unavailable("no secret".into()))?;
         bytes.try_into().map_err(|_| PgError::Url("the stored openid secret is not 32 bytes".into()))
     }
 
-    /// Adds a superapp; false when the name is taken.
-    pub async fn add_superapp(&self, name: &str, client_key: &str, secret_hash: &[u8; 32]) -> Result<bool, PgError> {
+    /// Adds a superapp (with its server's URL, when it has one); false when the name is taken.
+    pub async fn add_superapp(
+        &self,
+        name: &str,
+        client_key: &str,
+        secret_hash: &[u8; 32],
+        server_url: Option<&str>,
+    ) -> Result<bool, PgError> {
         let n = self
             .execute(
-                "INSERT INTO superapps (name, client_key, secret_hash, created_at_ms) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT DO NOTHING",
-                &[&name, &client_key, &&secret_hash[..], &now_ms()],
+                "INSERT INTO superapps (name, client_key, secret_hash, created_at_ms, server_url)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&name, &client_key, &&secret_hash[..], &now_ms(), &server_url],
             )
             .await?;
         Ok(n == 1)
@@ -375,46 +404,20 @@ impl PgStore {
         Ok(rows.first().map(|r| r.get(0)))
     }
 
-    /// The app's secret hash (`None`: no such app) and whether this attempt is within its rate
-    /// (taken only for an app that exists): one statement.
-    pub async fn authenticate_secret(&self, app_id: &str, rate: Rate) -> Result<Option<(Vec<u8>, bool)>, PgError> {
+    /// Takes one attempt from the bucket `key` if it has one left: one conditional upsert of the
+    /// bucket's theoretical arrival time, in the database's clock.
+    pub async fn take(&self, key: &str, rate: Rate) -> Result<bool, PgError> {
         let rows = self
             .query(
                 concat!(
-                    "WITH a AS (SELECT app_id, secret_hash FROM app_secrets WHERE app_id = $1), ",
-                    take_for!("a"),
-                    " SELECT a.secret_hash, EXISTS (SELECT 1 FROM take) FROM a"
+                    "WITH k AS (SELECT $1::TEXT AS app_id), ",
+                    take_for!("k"),
+                    " SELECT EXISTS (SELECT 1 FROM take)"
                 ),
-                &[&app_id, &rate.interval_us(), &rate.tolerance_us()],
+                &[&key, &rate.interval_us(), &rate.tolerance_us()],
             )
             .await?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
-    }
-
-    /// The app a live token was issued to, and whether this attempt is within its rate (taken
-    /// only for a token that has not expired): one statement.
-    pub async fn authenticate_token(
-        &self,
-        token_hash: &[u8; 32],
-        rate: Rate,
-        now_ms: u64,
-    ) -> Result<Option<TokenCheck>, PgError> {
-        let rows = self
-            .query(
-                concat!(
-                    "WITH t AS (SELECT app_id, expires_at_ms FROM access_tokens WHERE token_hash = $1),
-                          live AS (SELECT app_id FROM t WHERE expires_at_ms > $4), ",
-                    take_for!("live"),
-                    " SELECT t.app_id, t.expires_at_ms, EXISTS (SELECT 1 FROM take) FROM t"
-                ),
-                &[&&token_hash[..], &rate.interval_us(), &rate.tolerance_us(), &(now_ms as i64)],
-            )
-            .await?;
-        Ok(rows.first().map(|r| TokenCheck {
-            app_id: r.get(0),
-            expires_at_ms: r.get::<_, i64>(1) as u64,
-            allowed: r.get(2),
-        }))
+        Ok(rows[0].get(0))
     }
 
     /// Stores a fresh token of `app_id`, keeping at most `max_per_app` of its fresh tokens (the
@@ -463,6 +466,12 @@ impl PgStore {
                 &[&app_id, &fresh, &&fresh_hash[..], &force_refresh, &(now_ms as i64), &(expires_at_ms as i64)],
             )
             .await?;
+        // Lost a race to another instance whose row this statement's snapshot predates: read it
+        // with a new one.
+        let rows = match rows.is_empty() {
+            false => rows,
+            true => self.query("SELECT token, expires_at_ms FROM stable_tokens WHERE app_id = $1", &[&app_id]).await?,
+        };
         let row = rows.first().ok_or_else(|| PgError::Unavailable("no stable token".into()))?;
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
     }
@@ -475,6 +484,7 @@ impl PgStore {
         code: &NewCode<'_>,
         session: Option<&NewSession<'_>>,
         cap: i64,
+        ledger: &[i64],
     ) -> Result<i64, PgError> {
         let s = session;
         let rows = self
@@ -488,8 +498,8 @@ impl PgStore {
                                  WHERE app_id = $2 AND uid = $3 AND redeemed_at_ms IS NULL AND NOT invalidated
                                  ORDER BY code_id DESC OFFSET $15::BIGINT))
                  INSERT INTO codes (code_hash, app_id, uid, openid, purpose, session_key, auth_code, value,
-                                    issued_at_ms, expires_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                    issued_at_ms, expires_at_ms, ledger)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $16)
                  RETURNING code_id",
                 &[
                     &&code.code_hash[..],
@@ -507,6 +517,7 @@ impl PgStore {
                     &s.map(|s| s.created_at_ms as i64),
                     &s.map(|s| s.expires_at_ms as i64),
                     &(cap - 1).max(0),
+                    &ledger,
                 ],
             )
             .await?;
@@ -533,7 +544,7 @@ impl PgStore {
                  WHERE c.code_hash = $1 AND o.code_id = c.code_id AND c.app_id = $2 AND c.purpose = $3
                    AND c.redeemed_at_ms IS NULL AND NOT c.invalidated AND c.expires_at_ms > $4
                    AND ($6::TEXT IS NULL OR c.openid = $6)
-                 RETURNING c.code_id, c.uid, o.session_key, o.auth_code, o.value",
+                 RETURNING c.code_id, c.uid, o.session_key, o.auth_code, o.value, c.openid, c.expires_at_ms, c.ledger",
                 &[&&code_hash[..], &app_id, &(purpose as i16), &now, &surface, &openid],
             )
             .await?;
@@ -544,6 +555,9 @@ impl PgStore {
                 session_key: r.get(2),
                 auth_code: r.get(3),
                 value: r.get(4),
+                openid: r.get(5),
+                expires_at_ms: r.get::<_, i64>(6) as u64,
+                ledger: r.get(7),
             }));
         }
         // Why not (the refusal path only): a replay hears "code been used" from any instance.

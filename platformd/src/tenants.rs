@@ -44,7 +44,15 @@ pub enum Claim {
 /// Where tenants are stored.
 #[tonic::async_trait]
 pub trait TenantStore: Send + Sync + 'static {
-    async fn add_superapp(&self, name: &str, client_key: &str, secret_hash: &[u8; 32]) -> Result<bool, TenantError>;
+    /// Adds a superapp with its credentials and its server's URL (v3; `None`: none yet); false
+    /// when the name is taken.
+    async fn add_superapp(
+        &self,
+        name: &str,
+        client_key: &str,
+        secret_hash: &[u8; 32],
+        server_url: Option<&str>,
+    ) -> Result<bool, TenantError>;
     async fn superapp_by_key(&self, client_key: &str) -> Result<Option<(String, Vec<u8>)>, TenantError>;
     async fn claim_app(&self, app_id: &str, superapp: &str) -> Result<Claim, TenantError>;
     async fn app_superapp(&self, app_id: &str) -> Result<Option<String>, TenantError>;
@@ -120,8 +128,14 @@ impl Tenants {
 
 #[tonic::async_trait]
 impl TenantStore for PgStore {
-    async fn add_superapp(&self, name: &str, client_key: &str, secret_hash: &[u8; 32]) -> Result<bool, TenantError> {
-        Ok(PgStore::add_superapp(self, name, client_key, secret_hash).await?)
+    async fn add_superapp(
+        &self,
+        name: &str,
+        client_key: &str,
+        secret_hash: &[u8; 32],
+        server_url: Option<&str>,
+    ) -> Result<bool, TenantError> {
+        Ok(PgStore::add_superapp(self, name, client_key, secret_hash, server_url).await?)
     }
 
     async fn superapp_by_key(&self, client_key: &str) -> Result<Option<(String, Vec<u8>)>, TenantError> {
@@ -149,7 +163,7 @@ impl SqliteTenants {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS superapps (
                  name TEXT PRIMARY KEY, client_key TEXT NOT NULL UNIQUE, secret_hash BLOB NOT NULL,
-                 created_at_ms INTEGER NOT NULL);
+                 created_at_ms INTEGER NOT NULL, server_url TEXT);
              CREATE TABLE IF NOT EXISTS app_owners (
                  app_id TEXT PRIMARY KEY, superapp TEXT NOT NULL REFERENCES superapps (name));",
         )?;
@@ -163,11 +177,18 @@ impl SqliteTenants {
 
 #[tonic::async_trait]
 impl TenantStore for SqliteTenants {
-    async fn add_superapp(&self, name: &str, client_key: &str, secret_hash: &[u8; 32]) -> Result<bool, TenantError> {
+    async fn add_superapp(
+        &self,
+        name: &str,
+        client_key: &str,
+        secret_hash: &[u8; 32],
+        server_url: Option<&str>,
+    ) -> Result<bool, TenantError> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let n = self.conn().execute(
-            "INSERT OR IGNORE INTO superapps (name, client_key, secret_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![name, client_key, &secret_hash[..], now as i64],
+            "INSERT OR IGNORE INTO superapps (name, client_key, secret_hash, created_at_ms, server_url)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, client_key, &secret_hash[..], now as i64, server_url],
         )?;
         Ok(n == 1)
     }

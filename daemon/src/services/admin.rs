@@ -208,6 +208,16 @@ impl Admin for AdminService {
 
     async fn list_ledger(&self, r: Request<v1::ListLedgerRequest>) -> Result<Response<v1::ListLedgerResponse>, Status> {
         require_host_token(&self.broker, r.metadata())?;
+        if self.broker.config.platform.url.is_some() {
+            // A remote platform reports its redemptions when asked: ask now, so that the listing
+            // shows what backends redeemed up to this moment (a platform down leaves the stamps
+            // for the next sweep).
+            crate::deadline::with_deadline(
+                Some(tokio::time::Instant::now() + std::time::Duration::from_secs(2)),
+                self.broker.platform.sweep(),
+            )
+            .await;
+        }
         let q = r.into_inner();
         let (disclosures, next_after_id) = self
             .broker

@@ -54,6 +54,7 @@ pub fn to_status(e: ExchangeFailure) -> Status {
         ExchangeFailure::CodeUsed => Code::FailedPrecondition,
         ExchangeFailure::RateLimited => Code::ResourceExhausted,
         ExchangeFailure::System(_) => Code::Internal,
+        ExchangeFailure::Busy => Code::Unavailable,
     };
     let error = e.to_error();
     Status::with_details(code, format!("errcode {}: {}", error.errcode, error.errmsg), error.encode_to_vec().into())

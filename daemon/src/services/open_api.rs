@@ -57,7 +57,9 @@ impl OpenApiService {
 
     async fn unary<T: ApiCall>(&self, request: Request<T>) -> Result<Response<T::Response>, Status> {
         let instance = self.instance(request.metadata())?;
-        match self.broker.call(&instance, request.into_inner().into_request()).await {
+        let deadline = call_deadline(request.metadata());
+        let call = self.broker.call(&instance, request.into_inner().into_request());
+        match crate::deadline::with_deadline(deadline, call).await {
             Ok(resp) => T::unwrap_response(resp)
                 .map(Response::new)
                 .ok_or_else(|| ApiError::HostProtocol("answer of the wrong type".into()).failure(T::API).into_status()),
@@ -94,6 +96,25 @@ pub fn invoke_response(outcome: Result<v1::ApiResponse, (String, ApiError)>) -> 
             }
         }
     }
+}
+
+/// When the renderer stops waiting for this call (its `grpc-timeout`), less a margin so that the
+/// daemon's own answer arrives first: the deadline of the platform calls it makes (remote mode).
+fn call_deadline(md: &MetadataMap) -> Option<tokio::time::Instant> {
+    let value = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    let margin = (timeout / 10).min(std::time::Duration::from_millis(100));
+    Some(tokio::time::Instant::now() + timeout.saturating_sub(margin))
 }
 
 /// An unknown API name as it may appear in an errMsg: printable, short.
@@ -153,10 +174,13 @@ impl OpenApi for OpenApiService {
 
     async fn invoke(&self, r: Request<v1::InvokeRequest>) -> Unary<v1::InvokeResponse> {
         let instance = self.instance(r.metadata())?;
+        let deadline = call_deadline(r.metadata());
         let v1::InvokeRequest { api, params_json } = r.into_inner();
         let outcome = match parse_invoke(&api, &params_json) {
             Err(refused) => Err(refused),
-            Ok((api, request)) => self.broker.call(&instance, request).await.map_err(|e| (api.name().to_owned(), e)),
+            Ok((api, request)) => crate::deadline::with_deadline(deadline, self.broker.call(&instance, request))
+                .await
+                .map_err(|e| (api.name().to_owned(), e)),
         };
         Ok(Response::new(invoke_response(outcome)))
     }

@@ -74,7 +74,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Api {
-        Api { router: router(platform, clock) }
+        Api::with_routes(platform, clock, Router::new())
+    }
+
+    /// The API with an embedder's `extra` routes beside its own (a service's health probes; they
+    /// must not shadow the API's paths).
+    pub fn with_routes(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>, extra: Router) -> Api {
+        Api { router: router(platform, clock).merge(extra) }
     }
 
     /// The answer to one request: a browser's refused, else routed to its endpoint.
@@ -96,16 +102,17 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with(listener, platform, clock, limits, shutdown, |stream| std::future::ready(Ok(stream))).await
+    let api = Api::new(platform, clock);
+    serve_with(listener, api, limits, shutdown, |stream| std::future::ready(Ok(stream))).await
 }
 
-/// [`serve`], each accepted connection first passed through `handshake` (a TLS acceptor, say):
-/// the handshake must end within `limits.header_timeout`, and the connection's deadlines
-/// ([`BoundedStream`]) apply to the bytes under it.
+/// [`serve`] for an embedder: `api` may carry extra routes ([`Api::with_routes`]), and each
+/// accepted connection is first passed through `handshake` (a TLS acceptor, say): the handshake
+/// must end within `limits.header_timeout`, and the connection's deadlines ([`BoundedStream`])
+/// apply to the bytes under it.
 pub async fn serve_with<H, F, Io>(
     listener: TcpListener,
-    platform: Arc<dyn Platform>,
-    clock: Arc<dyn Clock>,
+    api: Api,
     limits: HttpLimits,
     shutdown: CancellationToken,
     handshake: H,
@@ -115,7 +122,6 @@ where
     F: Future<Output = std::io::Result<Io>> + Send + 'static,
     Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let api = Api::new(platform, clock);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let connections = TaskTracker::new();
     loop {

@@ -49,6 +49,7 @@ pub struct Probe {
     runtime: tokio::runtime::Runtime,
 }
 
+/// A ledger that records nothing but numbers the rows, as the codes need ids.
 struct NoLedger;
 
 impl Disclosures for NoLedger {

@@ -1,0 +1,225 @@
+//! The platform service's benchmark, ratios in one run on one PostgreSQL:
+//!
+//! ```text
+//! cargo bench -p miniapp-platformd --bench platform      # the figures (docs/benchmarks.md)
+//! ```
+//!
+//! 1. **pairs**: login codes issued and redeemed per second, 16 clients at once, each pair a
+//!    daemon-API `IssueLoginCode` (gRPC, client credentials) and a backend `jscode2session` (HTTP)
+//!    at one `miniapp-platformd serve` (the release binary, its own process) — against a bare
+//!    client running the same statements the service runs for a pair (read the session, issue the
+//!    code and its session, read the app's secret hash, take the rate bucket, redeem, read the
+//!    session) straight on the engine, over the same pool size, on the same database;
+//! 2. **login**: the p50/p99 of a v2 `wx.login` from a renderer through a daemon in remote mode
+//!    against the same through the embedded platform, beside one platform round trip (a bare
+//!    `IssueLoginCode`); the kinds interleaved in rounds.
+//!
+//! `cargo test` runs it bare as a smoke test (a few pairs and logins, no figures quoted).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use miniapp_broker_proto::platform::v1::{IssueLoginCodeRequest, platform_client::PlatformClient};
+use miniapp_platform::{
+    store::{CodeRecord, PlatformStore, Purpose, Quota, SessionRow, Wanted},
+    tokens::random_token,
+};
+use miniapp_platformd::postgres::{PgOptions, PgStore};
+use support::*;
+
+const CLIENTS: usize = 16;
+
+struct Mode {
+    pair_secs: f64,
+    login_samples: usize,
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let mode = Mode { pair_secs: if full { 5.0 } else { 0.3 }, login_samples: if full { 2000 } else { 20 } };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run(mode));
+}
+
+async fn run(mode: Mode) {
+    let url = miniapp_test_postgres::shared().database().await;
+    let t = tenant(&url).await;
+    let instance = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
+
+    let service = service_pairs(&instance, &t, mode.pair_secs).await;
+    let bare = bare_pairs(&url, mode.pair_secs).await;
+    println!("pairs/s (issue + redeem, {CLIENTS} clients): service {service:.0}, bare statements {bare:.0}");
+    println!("ratio service / bare: {:.2} (target >= 0.7)", service / bare);
+
+    let (remote, embedded, rtt) = logins(&instance, &t, mode.login_samples).await;
+    println!("v2 login p50/p99 (µs): embedded {} / {}", embedded.0, embedded.1);
+    println!("v2 login p50/p99 (µs): remote   {} / {}", remote.0, remote.1);
+    println!("one platform round trip (IssueLoginCode) p50/p99 (µs): {} / {}", rtt.0, rtt.1);
+    println!(
+        "remote p50 - embedded p50 = {} µs (target <= one round trip, {} µs)",
+        remote.0 as i64 - embedded.0 as i64,
+        rtt.0
+    );
+    assert!(service > 0.0 && bare > 0.0 && remote.0 > 0 && embedded.0 > 0, "every figure is measured");
+}
+
+async fn daemon_client(instance: &Instance) -> PlatformClient<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", instance.daemon)).unwrap();
+    PlatformClient::new(endpoint.connect().await.unwrap())
+}
+
+fn issue_request(t: &Tenant, uid: &str) -> tonic::Request<IssueLoginCodeRequest> {
+    let mut request =
+        tonic::Request::new(IssueLoginCodeRequest { app_id: APP.into(), uid: uid.into(), auth_code: String::new() });
+    request.metadata_mut().insert("client-key", t.client_key.parse().unwrap());
+    request.metadata_mut().insert("client-secret", t.client_secret.parse().unwrap());
+    request
+}
+
+/// Pairs per second through the service.
+async fn service_pairs(instance: &Instance, t: &Tenant, secs: f64) -> f64 {
+    let t = Arc::new(Tenant {
+        client_key: t.client_key.clone(),
+        client_secret: t.client_secret.clone(),
+        app_secret: t.app_secret.clone(),
+    });
+    let base = instance.url();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(daemon_client(instance).await);
+    }
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            let (t, base) = (t.clone(), base.clone());
+            tokio::spawn(async move {
+                let (http, uid) = (Http::new(), format!("bench-{i}"));
+                let mut pairs = 0u64;
+                while Instant::now() < until {
+                    let code = client.issue_login_code(issue_request(&t, &uid)).await.unwrap().into_inner().code;
+                    let (_, body) = http.get(&base, &session_path(&t.app_secret, &code)).await;
+                    assert!(body["openid"].is_string(), "{body}");
+                    pairs += 1;
+                }
+                pairs
+            })
+        })
+        .collect();
+    let mut pairs = 0;
+    for task in tasks {
+        pairs += task.await.unwrap();
+    }
+    pairs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Pairs per second of the same statements run straight on the engine (no service).
+async fn bare_pairs(url: &str, secs: f64) -> f64 {
+    let store = Arc::new(PgStore::connect(url, &PgOptions::default()).unwrap());
+    store.migrate().await.unwrap();
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let quota = Quota { per_minute: 60_000, burst: 1000 };
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (app, uid) = ("wx-bare-app", format!("bare-{i}"));
+                let mut pairs = 0u64;
+                while Instant::now() < until {
+                    let now = now_ms();
+                    let _ = PlatformStore::session(&*store, app, &uid).await.unwrap();
+                    let session = SessionRow {
+                        app_id: app.into(),
+                        uid: uid.clone(),
+                        openid: format!("o-{uid}"),
+                        session_key: random_token(16),
+                        created_at_ms: now,
+                        expires_at_ms: now + 3_600_000,
+                    };
+                    let code = random_token(18);
+                    let record = CodeRecord {
+                        app_id: app.into(),
+                        uid: uid.clone(),
+                        openid: session.openid.clone(),
+                        purpose: Purpose::Login { auth_code: None },
+                        expires_at_ms: now + 300_000,
+                        ledger: Vec::new(),
+                    };
+                    PlatformStore::issue_code(&*store, &code, record, Some(&session), 100).await.unwrap();
+                    let _ = PlatformStore::app_secret_hash(&*store, app).await.unwrap();
+                    assert!(PlatformStore::take_attempt(&*store, app, quota, now).await.unwrap());
+                    let taken = PlatformStore::redeem_code(&*store, app, &code, Wanted::Login, now_ms()).await.unwrap();
+                    assert!(matches!(taken, miniapp_platform::store::Redemption::Redeemed(_)));
+                    let _ = PlatformStore::session(&*store, app, &uid).await.unwrap();
+                    pairs += 1;
+                }
+                pairs
+            })
+        })
+        .collect();
+    let mut pairs = 0;
+    for task in tasks {
+        pairs += task.await.unwrap();
+    }
+    pairs as f64 / started.elapsed().as_secs_f64()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// p50 and p99 of `samples`, µs.
+fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_micros();
+    (at(0.50), at(0.99))
+}
+
+/// v2 logins through the remote platform and the embedded one, and bare platform round trips,
+/// interleaved in ten rounds.
+async fn logins(instance: &Instance, t: &Tenant, samples: usize) -> ((u128, u128), (u128, u128), (u128, u128)) {
+    let remote = desktop(t, instance.daemon, 3000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = miniapp_brokerd::start(miniapp_brokerd::Config::ephemeral_in(dir.path())).await.unwrap();
+    let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
+        .user(user("u1"))
+        .connect()
+        .await
+        .unwrap();
+    let launch = host.launch_app(APP, r#"{"apiVersion":"v2"}"#).await.unwrap();
+    let embedded =
+        miniapp_broker_client::RendererClient::connect(server.address(), &launch.launch_token).await.unwrap();
+    let mut client = daemon_client(instance).await;
+    for _ in 0..20 {
+        login(&remote.renderer).await.unwrap();
+        login(&embedded).await.unwrap();
+    }
+    let (mut r, mut e, mut p) = (Vec::new(), Vec::new(), Vec::new());
+    let per_round = (samples / 10).max(1);
+    for _ in 0..10 {
+        for _ in 0..per_round {
+            let started = Instant::now();
+            login(&remote.renderer).await.unwrap();
+            r.push(started.elapsed());
+        }
+        for _ in 0..per_round {
+            let started = Instant::now();
+            login(&embedded).await.unwrap();
+            e.push(started.elapsed());
+        }
+        for _ in 0..per_round {
+            let started = Instant::now();
+            client.issue_login_code(issue_request(t, "rtt")).await.unwrap();
+            p.push(started.elapsed());
+        }
+    }
+    (percentiles(r), percentiles(e), percentiles(p))
+}
