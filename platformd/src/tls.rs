@@ -56,4 +56,3 @@ impl Identity {
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }
-
