@@ -103,10 +103,9 @@ impl ApiError {
     /// The gRPC status code this failure maps to.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::NoHost
-            | ApiError::HostGone
-            | ApiError::StoreUnavailable(_)
-            | ApiError::PlatformUnavailable => Code::Unavailable,
+            ApiError::NoHost | ApiError::HostGone | ApiError::StoreUnavailable(_) | ApiError::PlatformUnavailable => {
+                Code::Unavailable
+            }
             ApiError::NotImplementedByHost(_) | ApiError::AuthCodeNotImplemented => Code::Unimplemented,
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::Cancelled(_) | ApiError::UserCancelled => Code::Cancelled,

@@ -163,7 +163,8 @@ impl RemotePlatform {
                 via_code: true,
             })
             .collect();
-        let ledger = self.store.ledger_add_all(&rows).map_err(|e| PlatformError::Ledger(crate::platform::ledger_error(e)))?;
+        let ledger =
+            self.store.ledger_add_all(&rows).map_err(|e| PlatformError::Ledger(crate::platform::ledger_error(e)))?;
         self.outstanding.insert(code_id(&issued.code), Outstanding { ledger, expires_at_ms: issued.expires_at_ms });
         Ok(())
     }
