@@ -111,6 +111,27 @@ pub fn response_to_json(resp: &v1::ApiResponse) -> Value {
     value.unwrap_or_else(|_| Value::Object(Map::new()))
 }
 
+/// [`response_to_json`] as text, written straight from the response (no [`Value`] in between)
+/// except where a map's keys are sorted for a stable text (getSetting, openSetting).
+pub fn response_to_json_text(resp: &v1::ApiResponse) -> String {
+    let text = match resp.api.as_ref() {
+        Some(R::Login(r)) => serde_json::to_string(r),
+        Some(R::CheckSession(r)) => serde_json::to_string(r),
+        Some(R::GetPhoneNumber(r)) => serde_json::to_string(r),
+        Some(R::GetEmail(r)) => serde_json::to_string(r),
+        Some(R::ChooseAvatar(r)) => serde_json::to_string(r),
+        Some(R::GetNickName(r)) => serde_json::to_string(r),
+        Some(R::GetUserInfo(r)) => serde_json::to_string(r),
+        Some(R::GetUserProfile(r)) => serde_json::to_string(r),
+        Some(R::RequestPayment(r)) => serde_json::to_string(r),
+        Some(R::RequestMidasPaymentGameItem(r)) => serde_json::to_string(r),
+        Some(R::Authorize(r)) => serde_json::to_string(r),
+        Some(R::GetSetting(_) | R::OpenSetting(_)) | None => return response_to_json(resp).to_string(),
+    };
+    // Serializing plain strings and numbers cannot fail.
+    text.unwrap_or_else(|_| "{}".to_owned())
+}
+
 /// The object a mini program's `fail` callback receives:
 /// `{"errMsg":"requestPayment:fail cancel","errno":…}`, plus `hostError` when the host raised it.
 pub fn failure_to_json(f: &v1::ApiFailure) -> Value {
@@ -164,6 +185,25 @@ mod tests {
             response_to_json(&v1::GetSettingRequest::wrap_response(resp)),
             json!({"errMsg": "getSetting:ok", "authSetting": {"SCOPE_EMAIL": false, "scope.userInfo": true}})
         );
+    }
+
+    #[test]
+    fn a_response_as_text_is_the_same_object() {
+        let responses = [
+            v1::LoginRequest::wrap_response(v1::LoginResponse { err_msg: "login:ok".into(), code: "c\"x".into() }),
+            v1::RequestPaymentRequest::wrap_response(v1::RequestPaymentResponse {
+                err_msg: "requestPayment:ok".into(),
+            }),
+            v1::GetSettingRequest::wrap_response(v1::GetSettingResponse {
+                err_msg: "getSetting:ok".into(),
+                auth_setting: [("b".to_owned(), true), ("a".to_owned(), false)].into(),
+            }),
+            v1::ApiResponse { api: None },
+        ];
+        for resp in responses {
+            let text = response_to_json_text(&resp);
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), response_to_json(&resp), "{text}");
+        }
     }
 
     #[test]

@@ -67,6 +67,17 @@ pub enum ApiError {
     /// wx.authorize asked: WeChat's "auth deny".
     #[error("auth deny")]
     AuthDeny,
+    /// The superapp's server, which vouches for the user, was slow, down, answered garbage or
+    /// refused the call (docs/superapp-server.md): nothing was issued or recorded.
+    #[error("{0}")]
+    Superapp(String),
+    /// The superapp's server does not know the signed-in user (checkUser answered false).
+    #[error("user unknown to the superapp server")]
+    UnknownUser,
+    /// The superapp's server refused the host's authCode, or it stands for another user than the
+    /// one the host says is signed in: no code for either.
+    #[error("authCode refused: {0}")]
+    AuthCodeRefused(String),
     /// The store cannot write (`store.max_bytes` reached, the disk full or read-only, an I/O
     /// error): the call needed to record something and did nothing; reads go on.
     #[error("storage unavailable: {0}")]
@@ -109,6 +120,9 @@ impl ApiError {
             ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::PaymentOutcomeUnknown(_) | ApiError::UserChanged => Code::Aborted,
             ApiError::AuthDeny => Code::PermissionDenied,
+            ApiError::Superapp(_) => Code::Unavailable,
+            ApiError::UnknownUser => Code::FailedPrecondition,
+            ApiError::AuthCodeRefused(_) => Code::PermissionDenied,
             ApiError::HostProtocol(_) | ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -138,6 +152,9 @@ impl ApiError {
             ApiError::NoProfileValue(_) => 1015,
             ApiError::UserChanged => 1016,
             ApiError::AuthDeny => 1017,
+            ApiError::Superapp(_) => 1019,
+            ApiError::UnknownUser => 1020,
+            ApiError::AuthCodeRefused(_) => 1021,
             ApiError::StoreUnavailable(_) => 1022,
             ApiError::PlatformUnavailable => 1018,
             ApiError::Replayed(f) => f.errno,
@@ -168,6 +185,9 @@ impl ApiError {
             ApiError::Replayed(_) => "replayed",
             ApiError::UserChanged => "user_changed",
             ApiError::AuthDeny => "auth_deny",
+            ApiError::Superapp(_) => "superapp_unavailable",
+            ApiError::UnknownUser => "unknown_user",
+            ApiError::AuthCodeRefused(_) => "auth_code_refused",
             ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::PlatformUnavailable => "platform_unavailable",
             ApiError::Internal(_) => "internal",
@@ -253,6 +273,9 @@ impl From<PlatformError> for ApiError {
             }
             PlatformError::Store(_) | PlatformError::Ledger(_) => ApiError::Internal(e.to_string()),
             PlatformError::UserData(_) => ApiError::HostProtocol(e.to_string()),
+            PlatformError::Superapp(_) => ApiError::Superapp(e.to_string()),
+            PlatformError::UnknownUser => ApiError::UnknownUser,
+            PlatformError::AuthCodeRefused(reason) => ApiError::AuthCodeRefused(reason),
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod retention;
 pub mod remote_platform;
 pub mod services;
 pub mod store;
-pub mod superapp;
+pub use miniapp_platform::superapp;
 pub mod tokens;
 pub mod transport;
 pub mod user;
@@ -182,7 +182,7 @@ pub async fn start_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> Resu
     let db_path = (!config.ephemeral).then_some(db_path.as_path());
     let platform: Arc<dyn Platform> = match &config.platform.url {
         Some(url) => Arc::new(remote_platform(&config.platform, url, store.clone(), clock.clone())?),
-        None => Arc::new(platform::embedded(&config, db_path, store.clone(), clock.clone()).await?),
+        None => Arc::new(platform::embedded(&config, db_path, &data_dir, store.clone(), clock.clone()).await?),
     };
 
     let backend_listener = match config.backend_http.address().map_err(StartError::Config)? {

@@ -8,13 +8,14 @@ use std::{path::Path, sync::Arc};
 
 pub use miniapp_platform::{
     AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
-    TokenRequest, ValueKind, access_tokens, backend_http, embedded,
+    TokenRequest, ValueKind, access_tokens, backend_http, embedded, superapp::vouch::ProfileField,
 };
 use miniapp_platform::{
     config::{AppSettings, EmbeddedConfig, HttpLimits},
     disclosures::{CodeDisclosure, Disclosures, LedgerError},
     embedded::EmbeddedPlatform,
     store::sqlite::SqliteStore,
+    superapp::SuperappClient,
 };
 
 use crate::{
@@ -60,6 +61,7 @@ pub fn http_limits(config: &BackendHttpConfig) -> HttpLimits {
 pub async fn embedded(
     config: &Config,
     db_path: Option<&Path>,
+    data_dir: &Path,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
 ) -> Result<EmbeddedPlatform, StartError> {
@@ -68,7 +70,23 @@ pub async fn embedded(
     // The same bound as the daemon's connection to the file: whichever writes, the file stops there.
     engine.limit_size(config.store.max_bytes).map_err(|e| StartError::Platform(PlatformError::Store(e)))?;
     let ledger = Arc::new(LedgerHook(store));
-    Ok(EmbeddedPlatform::new(Arc::new(engine), ledger, clock, embedded_config(config)).await?)
+    let platform = EmbeddedPlatform::new(Arc::new(engine), ledger, clock, embedded_config(config)).await?;
+    Ok(platform.with_superapp(superapp_client(config, data_dir)?))
+}
+
+/// The superapp server's client when `[superapp] server_url` is set, with the platform's key pair
+/// (made at first start).
+fn superapp_client(config: &Config, data_dir: &Path) -> Result<Option<Arc<SuperappClient>>, StartError> {
+    let Some(settings) = config.superapp.client_settings() else { return Ok(None) };
+    let key_path = config.superapp.key_path(data_dir);
+    let key = Arc::new(crate::platform_key(&key_path)?);
+    let client = SuperappClient::new(&settings, key).map_err(|e| StartError::Config(e.to_string()))?;
+    tracing::info!(
+        server_url = %settings.server_url,
+        key_file = %key_path.display(),
+        "a superapp server vouches for users"
+    );
+    Ok(Some(Arc::new(client)))
 }
 
 /// The platform's codes in the daemon's disclosure ledger (the ledger's one owner is the daemon's

@@ -218,8 +218,12 @@ fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>, coalesce_ms: u64) ->
 /// A payment's first record wins (the write-ahead record).
 const RECORD_PAYMENT: &str = "INSERT OR IGNORE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-/// A payment's outcome replaces its write-ahead record.
-const SETTLE_PAYMENT: &str = "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
+/// A payment's outcome replaces its write-ahead record in place: the key and its index entry stay
+/// (an INSERT OR REPLACE deleted and re-inserted both).
+const SETTLE_PAYMENT: &str = "UPDATE payments SET api = ?3, ok = ?4, body = ?5, recorded_at_ms = ?6
+     WHERE app_id = ?1 AND idempotency_key = ?2";
+/// A payment's outcome when its write-ahead record is gone (pruned meanwhile).
+const REPLACE_PAYMENT: &str = "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 impl Store {
@@ -269,10 +273,17 @@ impl Store {
     }
 
     /// Records a code's disclosures in one transaction (each a new row or one more of a recent
-    /// identical row); returns the rows' ids.
+    /// identical row); returns the rows' ids. One row (a login's openid) needs no BEGIN and COMMIT
+    /// around it: the connection's lock keeps its statements together, and a crash between them
+    /// leaves nothing half-written.
     pub fn ledger_add_all(&self, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
         let coalesce_ms = self.coalescing();
-        in_transaction(&self.conn(), |conn| rows.iter().map(|row| insert_ledger(conn, row, coalesce_ms)).collect())
+        match rows {
+            [row] => Ok(vec![insert_ledger(&self.conn(), row, coalesce_ms)?]),
+            _ => in_transaction(&self.conn(), |conn| {
+                rows.iter().map(|row| insert_ledger(conn, row, coalesce_ms)).collect()
+            }),
+        }
     }
 
     /// Takes back one disclosure from each row (those of a code that was not issued after all): a
@@ -508,7 +519,7 @@ impl Store {
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write_payment(RECORD_PAYMENT, app_id, key, api, row, now_ms)
+        self.write_payment(RECORD_PAYMENT, app_id, key, api, row, now_ms).map(drop)
     }
 
     /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
@@ -520,7 +531,10 @@ impl Store {
         row: &PaymentRow,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write_payment(SETTLE_PAYMENT, app_id, key, api, row, now_ms)
+        if self.write_payment(SETTLE_PAYMENT, app_id, key, api, row, now_ms)? == 0 {
+            self.write_payment(REPLACE_PAYMENT, app_id, key, api, row, now_ms)?;
+        }
+        Ok(())
     }
 
     fn write_payment(
@@ -531,9 +545,15 @@ impl Store {
         api: &str,
         row: &PaymentRow,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.conn().prepare_cached(sql)?.execute(params![app_id, key, api, row.ok as i64, row.body, now_ms as i64])?;
-        Ok(())
+    ) -> Result<usize, StoreError> {
+        Ok(self.conn().prepare_cached(sql)?.execute(params![
+            app_id,
+            key,
+            api,
+            row.ok as i64,
+            row.body,
+            now_ms as i64
+        ])?)
     }
 
     /// Drops a payment's record (the payment never reached the host; its key is unspent).
@@ -590,6 +610,18 @@ mod tests {
         store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
         assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);
         assert_eq!(store.revoke_grants("a", "u", None).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_settled_payment_replaces_its_write_ahead_record_or_stands_alone() {
+        let store = Store::open(None, false).unwrap();
+        store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![9] }, 1).unwrap();
+        store.settle_payment("a", "k", "requestPayment", &PaymentRow { ok: true, body: vec![1, 2] }, 2).unwrap();
+        assert_eq!(store.payment("a", "k").unwrap(), Some(PaymentRow { ok: true, body: vec![1, 2] }));
+        // The write-ahead record went meanwhile (pruned): the outcome is recorded all the same.
+        store.settle_payment("a", "gone", "requestPayment", &PaymentRow { ok: false, body: vec![3] }, 3).unwrap();
+        assert_eq!(store.payment("a", "gone").unwrap(), Some(PaymentRow { ok: false, body: vec![3] }));
+        assert_eq!(store.payment_count().unwrap(), 2);
     }
 
     #[test]

@@ -36,6 +36,10 @@ use crate::{
     config::{AppSettings, EmbeddedConfig},
     disclosures::{CodeDisclosure, Disclosures},
     store::{CodeRecord, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted},
+    superapp::{
+        SuperappClient,
+        vouch::{self, Held, ProfileField},
+    },
     tokens::{hash_secret, random_key, random_token, secrets_equal},
     user_data::{self, Identity, SessionKey, UserCredentials},
 };
@@ -58,6 +62,10 @@ pub struct EmbeddedPlatform {
     replaced: DashMap<(String, String), VecDeque<(String, u64)>>,
     /// App backends' attempts that proved the app, per app, over both surfaces.
     exchange_quota: Quota,
+    /// The superapp server that vouches for an app's users, if any ([`crate::superapp::vouch`]).
+    superapp: SuperappOf,
+    /// The authCodes sent to the superapp server, so each is redeemed once.
+    spent_auth_codes: vouch::SpentAuthCodes,
     /// Wrong secrets, all apps and unknown app ids together.
     failed_quota: Quota,
 }
@@ -69,6 +77,10 @@ const FAILED_ATTEMPTS: &str = "\0failed-secrets";
 /// What a presented secret is compared with when its app id is not registered (no secret hashes to
 /// it): the same work as for a registered app, so the time does not tell either.
 const UNKNOWN_APP_HASH: [u8; 32] = [0; 32];
+
+/// Which superapp server vouches for the users of an app (by app id): one for every app in the
+/// daemon's embedded platform, the app's tenant's in the platform service, none by default.
+pub type SuperappOf = Arc<dyn Fn(&str) -> Option<Arc<SuperappClient>> + Send + Sync>;
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
 const REPLACED_KEPT: usize = 4;
@@ -149,8 +161,26 @@ impl EmbeddedPlatform {
                 per_minute: config.exchanges_per_minute_per_app,
                 burst: config.exchange_burst_per_app,
             },
+            superapp: Arc::new(|_| None),
+            spent_auth_codes: Default::default(),
             failed_quota: Quota { per_minute: config.failed_exchanges_per_minute, burst: config.failed_exchange_burst },
         })
+    }
+
+    /// This platform with `server` vouching for the users of every app (`[superapp] server_url`
+    /// in the daemon).
+    pub fn with_superapp(self, server: Option<Arc<SuperappClient>>) -> EmbeddedPlatform {
+        match server {
+            Some(server) => self.with_superapps(Arc::new(move |_| Some(server.clone()))),
+            None => self,
+        }
+    }
+
+    /// This platform with `of` naming the server that vouches for each app's users (in the
+    /// platform service: the server URL stored with the app's tenant).
+    pub fn with_superapps(mut self, of: SuperappOf) -> EmbeddedPlatform {
+        self.superapp = of;
+        self
     }
 
     fn keyed(&self, label: &str, a: &str, b: &str) -> String {
@@ -182,7 +212,11 @@ impl EmbeddedPlatform {
         let record = CodeRecord {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
-            openid: self.openid(app_id, uid),
+            // A login's session carries the openid of (app, uid) already: no second HMAC.
+            openid: match session {
+                Some(s) if !s.openid.is_empty() => s.openid.clone(),
+                _ => self.openid(app_id, uid),
+            },
             purpose,
             expires_at_ms: now + self.code_ttl_ms,
             ledger: ledger.clone(),
@@ -324,7 +358,7 @@ impl EmbeddedPlatform {
     /// The one point every redemption passes, whichever surface it came through: the disclosure
     /// ledger records `what` went to `app` through `surface` here (never the value).
     fn redeemed(&self, surface: Surface, app: &AuthorizedApp, _uid: &str, what: Redeemed) {
-        info!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
+        debug!(app_id = app.app_id(), surface = surface.as_str(), redeemed = what.as_str(), "code exchanged");
     }
 
     /// Logs a refusal with the app id only when the platform validated it.
@@ -351,23 +385,31 @@ impl EmbeddedPlatform {
         surface: Surface,
         wanted: Wanted<'_>,
     ) -> Result<CodeRecord, ExchangeFailure> {
+        let record = self.take(app_id, code, wanted).await?;
+        self.stamp(&record, surface)?;
+        Ok(record)
+    }
+
+    /// [`Self::redeem`] without the ledger's stamp: the code is spent, its disclosure not yet
+    /// on record (a value fetched from the superapp server is stamped once it is in hand).
+    async fn take(&self, app_id: &str, code: &str, wanted: Wanted<'_>) -> Result<CodeRecord, ExchangeFailure> {
         if code.is_empty() {
             return Err(ExchangeFailure::Malformed(41008, "code is required"));
         }
         let now = self.clock.now_ms();
-        let found = self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)?;
-        match found {
-            Redemption::Redeemed(record) => {
-                // The value leaves only once its disclosure is on record.
-                self.ledger
-                    .redeemed(&record.ledger, surface, now)
-                    .map_err(|e| ExchangeFailure::System(e.to_string()))?;
-                Ok(record)
-            }
+        match self.store.redeem_code(app_id, code, wanted, now).await.map_err(system)? {
+            Redemption::Redeemed(record) => Ok(record),
             Redemption::Used => Err(ExchangeFailure::CodeUsed),
             Redemption::Expired => Err(ExchangeFailure::CodeExpired),
             Redemption::Invalid => Err(ExchangeFailure::InvalidCode),
         }
+    }
+
+    /// The value leaves only once its disclosure is on record.
+    fn stamp(&self, record: &CodeRecord, surface: Surface) -> Result<(), ExchangeFailure> {
+        self.ledger
+            .redeemed(&record.ledger, surface, self.clock.now_ms())
+            .map_err(|e| ExchangeFailure::System(e.to_string()))
     }
 }
 
@@ -444,12 +486,25 @@ pub fn session_signature(session_key: &str) -> String {
 #[async_trait::async_trait]
 impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
+        // A vouched authCode is spent at the superapp server before anything is started or issued:
+        // the backend gets the openid of the server's userId, not the authCode.
+        let auth_code = match (self.superapp)(app_id) {
+            Some(server) => {
+                let now = self.clock.now_ms();
+                vouch::login(&server, &self.spent_auth_codes, now, uid, auth_code.as_deref()).await?;
+                None
+            }
+            None => auth_code,
+        };
         // The session and the code are one write: both or neither.
         let session = self.session_for_login(app_id, uid).await?;
         self.issue(app_id, uid, Purpose::Login { auth_code }, Some(&session)).await
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
+        if let Some(server) = (self.superapp)(app_id) {
+            vouch::check_user(&server, uid).await?;
+        }
         let session = self.session_for_login(app_id, uid).await?;
         self.store.start_session(&session).await?;
         Ok(session.session_key)
@@ -470,6 +525,25 @@ impl Platform for EmbeddedPlatform {
         value: String,
     ) -> Result<String, PlatformError> {
         self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
+    }
+
+    fn vouches(&self, app_id: &str) -> bool {
+        (self.superapp)(app_id).is_some()
+    }
+
+    async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, PlatformError> {
+        let Some(server) = (self.superapp)(app_id) else {
+            return Err(PlatformError::Superapp("no superapp server is configured".into()));
+        };
+        let temporary = vouch::temporary_code(&server, uid, kind).await?;
+        self.issue(app_id, uid, Purpose::Value { kind, value: temporary }, None).await
+    }
+
+    async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
+        match (self.superapp)(app_id) {
+            Some(server) => vouch::profile(&server, uid, field).await,
+            None => Err(PlatformError::Superapp("no superapp server is configured".into())),
+        }
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> usize {
@@ -547,26 +621,41 @@ impl Platform for EmbeddedPlatform {
         kind: ValueKind,
         openid: Option<&str>,
     ) -> Result<String, ExchangeFailure> {
-        let entry = match self.redeem(app.app_id(), code, surface, Wanted::Value { kind, openid }).await {
-            Ok(entry) => entry,
-            Err(e) => {
-                let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
-                self.refused(surface, Some(app), exchange, &e);
-                return Err(e);
-            }
-        };
-        match entry.purpose {
-            Purpose::Value { value, .. } => {
-                self.redeemed(surface, app, &entry.uid, Redeemed::Value(kind));
+        let exchange = if kind == ValueKind::PhoneNumber { "getPhoneNumber" } else { "getEmail" };
+        let outcome = async {
+            let entry = self.take(app.app_id(), code, Wanted::Value { kind, openid }).await?;
+            let Purpose::Value { value, .. } = &entry.purpose else { return Err(ExchangeFailure::InvalidCode) };
+            // A code standing for the superapp server's temporary code: the value is fetched now,
+            // never stored, and the disclosure stamped only once it is in hand. A failing server
+            // leaves the code spent (codes are redeemed once) and the ledger unstamped.
+            let value = match (Held::decode(value), (self.superapp)(app.app_id())) {
+                (Held::Value(value), _) => value.to_owned(),
+                (Held::TemporaryCode(temporary), Some(server)) => {
+                    vouch::value(&server, &entry.uid, kind, temporary).await?
+                }
+                (Held::TemporaryCode(_), None) => {
+                    return Err(ExchangeFailure::System("no superapp server is configured to redeem this code".into()));
+                }
+            };
+            self.stamp(&entry, surface)?;
+            Ok((entry.uid, value))
+        }
+        .await;
+        match outcome {
+            Ok((uid, value)) => {
+                self.redeemed(surface, app, &uid, Redeemed::Value(kind));
                 Ok(value)
             }
-            Purpose::Login { .. } => Err(ExchangeFailure::InvalidCode),
+            Err(e) => {
+                self.refused(surface, Some(app), exchange, &e);
+                Err(e)
+            }
         }
     }
 
     async fn access_token(&self, app: &AuthorizedApp, request: TokenRequest) -> Result<AccessToken, ExchangeFailure> {
         let token = self.store.issue_token(app.app_id(), request, self.clock.now_ms()).await.map_err(system)?;
-        info!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
+        debug!(app_id = app.app_id(), stable = request != TokenRequest::Fresh, "access token issued");
         Ok(token)
     }
 
@@ -956,5 +1045,29 @@ mod tests {
     fn the_session_signature_is_the_hex_hmac_of_the_empty_message() {
         // HMAC-SHA256 with key "key" over "" (a published test value).
         assert_eq!(session_signature("key"), "5d5d139563c95b5967b9bd9a8c9b233a9dedb45072794cd232dc1b74832607d0");
+    }
+
+    #[tokio::test]
+    async fn each_app_is_vouched_for_by_its_own_superapp_server_or_none() {
+        use crate::superapp::{ClientSettings, PlatformKey};
+        // Nothing listens there: a call to it fails at once.
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let settings = ClientSettings {
+            server_url: format!("http://{down}"),
+            client_key: "k".into(),
+            timeout: std::time::Duration::from_secs(2),
+            max_answer_bytes: 1024,
+            max_in_flight: 2,
+        };
+        let client = Arc::new(SuperappClient::new(&settings, Arc::new(PlatformKey::generate().unwrap())).unwrap());
+        let p = platform(ManualClock::new(0))
+            .await
+            .with_superapps(Arc::new(move |app_id| (app_id == "wxvouched").then(|| client.clone())));
+        assert!(p.vouches("wxvouched") && !p.vouches("wxplain"));
+        assert!(p.login_code("wxplain", "u1", Some("host-auth-code".into())).await.is_ok(), "no server: as before");
+        let refused = p.login_code("wxvouched", "u1", Some("host-auth-code".into())).await;
+        assert!(matches!(refused, Err(PlatformError::Superapp(_))), "{refused:?}");
+        assert!(matches!(p.start_session("wxvouched", "u1").await, Err(PlatformError::Superapp(_))));
+        assert!(p.check_session("wxvouched", "u1").await.is_err(), "no session started");
     }
 }

@@ -21,6 +21,17 @@ pub enum PlatformError {
     /// A remote platform is down, slow past the call's deadline, or refused the caller.
     #[error("platform unavailable: {0}")]
     Unavailable(String),
+    /// The superapp's server, which vouches for the user, was slow, down, answered garbage or
+    /// refused the call (docs/superapp-server.md): nothing was issued or recorded.
+    #[error("superapp server: {0}")]
+    Superapp(String),
+    /// The superapp's server does not know the signed-in user (checkUser answered false).
+    #[error("user unknown to the superapp server")]
+    UnknownUser,
+    /// The superapp's server refused the host's authCode, or it stands for another user than the
+    /// one the host says is signed in: no code for either.
+    #[error("authCode refused: {0}")]
+    AuthCodeRefused(String),
 }
 
 /// Errors from a platform store engine.

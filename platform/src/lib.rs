@@ -25,6 +25,7 @@ pub mod embedded;
 pub mod error;
 pub mod rate;
 pub mod store;
+pub mod superapp;
 pub mod tokens;
 pub mod user_data;
 
@@ -214,7 +215,9 @@ impl ExchangeFailure {
 #[async_trait::async_trait]
 pub trait Platform: Send + Sync + 'static {
     /// wx.login: starts a fresh session for (app, uid) and returns a one-time code for it, with
-    /// the host's v3 authCode bound in when there is one.
+    /// the host's v3 authCode bound in when there is one. When a superapp server vouches, the
+    /// authCode is redeemed there first and must stand for `uid` (without one, checkUser must know
+    /// `uid`); nothing is started or issued otherwise.
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError>;
 
     /// Starts a fresh session for (app, uid) without issuing a code (v3, when the host's own
@@ -301,6 +304,28 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The stable openid of (app, uid).
     fn openid(&self, app_id: &str, uid: &str) -> String;
+
+    /// Whether a superapp server vouches for the users of `app_id` ([`superapp::vouch`]): logins are checked
+    /// there, and phone, e-mail, avatar and nickname come from it instead of the host's profile.
+    fn vouches(&self, _app_id: &str) -> bool {
+        false
+    }
+
+    /// wx.getPhoneNumber / wx.getEmail when a superapp server vouches: a one-time code standing
+    /// for the server's temporary code; the value is fetched only when a backend redeems it.
+    async fn vouched_value_code(&self, _app_id: &str, _uid: &str, _kind: ValueKind) -> Result<String, PlatformError> {
+        Err(PlatformError::Superapp("no superapp server is configured".into()))
+    }
+
+    /// wx.chooseAvatar / wx.getNickName when a superapp server vouches: the value from it.
+    async fn vouched_profile(
+        &self,
+        _app_id: &str,
+        _uid: &str,
+        _field: superapp::vouch::ProfileField,
+    ) -> Result<String, PlatformError> {
+        Err(PlatformError::Superapp("no superapp server is configured".into()))
+    }
 
     /// Registers (or rotates) an app's backend secret; returns the new secret, or `None` when one
     /// exists and `rotate` is false.

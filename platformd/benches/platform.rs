@@ -126,7 +126,7 @@ async fn bare_pairs(url: &str, secs: f64) -> f64 {
     store.migrate().await.unwrap();
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
-    let quota = Quota { per_minute: 60_000, burst: 1000 };
+    let quota = Quota { per_minute: 6_000_000, burst: 100_000 };
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let store = store.clone();
@@ -188,7 +188,11 @@ fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
 async fn logins(instance: &Instance, t: &Tenant, samples: usize) -> ((u128, u128), (u128, u128), (u128, u128)) {
     let remote = desktop(t, instance.daemon, 3000).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = miniapp_brokerd::start(miniapp_brokerd::Config::ephemeral_in(dir.path())).await.unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    // The same limits as the remote desktop's (support::desktop_at): back-to-back logins of one user.
+    config.limits.calls_per_second_per_user = 100_000;
+    config.limits.burst_per_user = 100_000;
+    let server = miniapp_brokerd::start(config).await.unwrap();
     let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
         .user(user("u1"))
         .connect()

@@ -113,6 +113,9 @@ pub async fn platform(db: &Database, args: &ServeArgs) -> Result<Arc<EmbeddedPla
         code_ttl_secs: args.code_ttl_secs,
         session_ttl_secs: args.session_ttl_secs,
         max_codes_per_user: args.max_codes_per_user,
+        key_refresh_secs: EmbeddedConfig::default().key_refresh_secs,
+        failed_exchanges_per_minute: EmbeddedConfig::default().failed_exchanges_per_minute,
+        failed_exchange_burst: EmbeddedConfig::default().failed_exchange_burst,
         exchanges_per_minute_per_app: args.exchanges_per_minute_per_app,
         exchange_burst_per_app: args.exchange_burst_per_app,
         ..EmbeddedConfig::default()
@@ -186,26 +189,26 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
         .with_state(db.probe.clone());
     let http = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| ServeError::Listen(args.listen, e))?;
     let http_addr = http.local_addr().map_err(|e| ServeError::Listen(args.listen, e))?;
-    let stop = shutdown.clone();
-    let api = backend_http::Api::with_routes(dyn_platform.clone(), Arc::new(SystemClock), probes);
-    let limits = HttpLimits::default();
+    let api = backend_http::Api::new(dyn_platform.clone(), Arc::new(SystemClock)).with_routes(probes);
+    let (stop, limits) = (shutdown.clone(), HttpLimits::default());
     match &tls {
         Some(identity) => {
+            // Each handshake runs on its connection's own task, within the loop's header deadline.
             let acceptor = identity.acceptor().map_err(ServeError::Tls)?;
+            let handshake = move |stream| {
+                let acceptor = acceptor.clone();
+                async move { acceptor.accept(stream).await }
+            };
             tasks.spawn(async move {
-                let handshake = move |stream| {
-                    let acceptor = acceptor.clone();
-                    async move { acceptor.accept(stream).await }
-                };
-                if let Err(e) = backend_http::serve_with(http, api, limits, stop, handshake).await {
+                if let Err(e) = backend_http::serve_api_with(http, api, limits, stop, handshake).await {
                     warn!(error = %e, "backend HTTP API stopped");
                 }
             });
         }
         None => {
+            let plain = |stream| std::future::ready(Ok(stream));
             tasks.spawn(async move {
-                let plain = |stream| std::future::ready(Ok(stream));
-                if let Err(e) = backend_http::serve_with(http, api, limits, stop, plain).await {
+                if let Err(e) = backend_http::serve_api_with(http, api, limits, stop, plain).await {
                     warn!(error = %e, "backend HTTP API stopped");
                 }
             });

@@ -1,7 +1,7 @@
 //! TLS for both listeners (rustls, ring): `--tls-cert` and `--tls-key` (PEM). The gRPC listener
-//! takes tonic's own TLS; the backend HTTP listener runs [`Identity::acceptor`]'s handshake as the
-//! platform crate's accept loop's per-connection hook, on the connection's own task, within its
-//! slot and the loop's header deadline, so a client that stalls its handshake holds up no one else.
+//! takes tonic's own TLS; the backend HTTP listener's accept loop (the platform crate's) runs the
+//! [`Identity::acceptor`]'s handshake on each connection's own task, within its header deadline,
+//! so a client that stalls its handshake holds up no one else's.
 
 use std::{path::Path, sync::Arc};
 
@@ -56,4 +56,3 @@ impl Identity {
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }
-

@@ -7,6 +7,11 @@ use crate::{broker::Broker, error::ApiError, platform::ValueKind, registry::AppI
 
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<GetEmailResponse, ApiError> {
     let (hold, email) = profile::value(b, inst, version, Api::GetEmail, "email", |p| p.email).await?;
-    let code = b.platform.value_code(&inst.app_id, hold.uid(), ValueKind::Email, email).await?;
+    let code = match email {
+        profile::Source::Profile(value) => {
+            b.platform.value_code(&inst.app_id, hold.uid(), ValueKind::Email, value).await?
+        }
+        profile::Source::Superapp => b.platform.vouched_value_code(&inst.app_id, hold.uid(), ValueKind::Email).await?,
+    };
     Ok(GetEmailResponse { err_msg: Api::GetEmail.ok_msg(), code })
 }

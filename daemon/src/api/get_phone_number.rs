@@ -10,6 +10,13 @@ use crate::{broker::Broker, error::ApiError, platform::ValueKind, registry::AppI
 pub async fn default(b: &Broker, inst: &AppInstance, version: ApiVersion) -> Result<GetPhoneNumberResponse, ApiError> {
     let (hold, phone) =
         profile::value(b, inst, version, Api::GetPhoneNumber, "phone number", |p| p.phone_number).await?;
-    let code = b.platform.value_code(&inst.app_id, hold.uid(), ValueKind::PhoneNumber, phone).await?;
+    let code = match phone {
+        profile::Source::Profile(value) => {
+            b.platform.value_code(&inst.app_id, hold.uid(), ValueKind::PhoneNumber, value).await?
+        }
+        profile::Source::Superapp => {
+            b.platform.vouched_value_code(&inst.app_id, hold.uid(), ValueKind::PhoneNumber).await?
+        }
+    };
     Ok(GetPhoneNumberResponse { err_msg: Api::GetPhoneNumber.ok_msg(), code })
 }

@@ -31,7 +31,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use miniapp_broker_proto::v1::delegate_call;
 
@@ -86,7 +86,13 @@ pub fn digest_key(parts: &[&str]) -> String {
         hash.update([0]);
     }
     let digest = hash.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = String::with_capacity(32);
+    for b in &digest[..16] {
+        key.push(HEX[usize::from(b >> 4)] as char);
+        key.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    key
 }
 
 fn key_of(request: &ApiRequest) -> String {
@@ -156,7 +162,7 @@ pub async fn run(
     };
     match found {
         Found::Recorded(outcome) => {
-            info!(app_id = %inst.app_id, api = api.name(), "payment retry answered from the record");
+            debug!(app_id = %inst.app_id, api = api.name(), "payment retry answered from the record");
             *outcome
         }
         Found::Joined(rx, _waits) => rx.await.unwrap_or(Err(ApiError::Internal("payment leader vanished".into()))),
@@ -244,7 +250,7 @@ fn settle(b: &Broker, app_id: &str, key: &str, api: Api, handed_off: bool, outco
         warn!(app_id, api = api.name(), error = %e, "could not record a payment outcome");
         return Err(ApiError::Internal("could not record the payment outcome".into()));
     }
-    info!(app_id, api = api.name(), ok = row.ok, "payment outcome recorded");
+    debug!(app_id, api = api.name(), ok = row.ok, "payment outcome recorded");
     outcome
 }
 
@@ -270,5 +276,23 @@ fn replay(api: Api, row: &PaymentRow) -> Outcome {
         let failure = ApiFailure::decode(row.body.as_slice())
             .unwrap_or_else(|_| ApiError::Internal("unreadable stored outcome".into()).failure(api));
         Err(ApiError::Replayed(Box::new(failure)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_derived_key_is_the_digest_in_lowercase_hex() {
+        // Keys derived by earlier versions are stored: the spelling must not change.
+        let mut hash = Sha256::new();
+        for part in ["requestPayment", "prepay_id=1", "n"] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let expected: String = hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(digest_key(&["requestPayment", "prepay_id=1", "n"]), expected);
+        assert_eq!(expected.len(), 32);
     }
 }

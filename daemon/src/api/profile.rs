@@ -3,6 +3,9 @@
 //! version, before the route: `api::gate`), v3-authorized for the scope, and present in the profile. The value comes with the hold
 //! under which the caller issues it, so it goes to no one but the user still signed in, and not
 //! past a decision about the scope made meanwhile (the consent store's [`Cleared`]).
+//!
+//! When a superapp server vouches for users (`[superapp] server_url`), the host's profile is not
+//! read: the caller asks the platform, which fetches the value from that server ([`Source`]).
 
 use miniapp_broker_proto::{Api, v1::UserProfile};
 
@@ -26,6 +29,16 @@ impl Issuing<'_> {
     }
 }
 
+/// Where the value an allowed call hands out comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// The host's pushed profile had it.
+    Profile(String),
+    /// The superapp's server holds it: the platform fetches it (for phone and e-mail, only when
+    /// the app's backend redeems the code).
+    Superapp,
+}
+
 /// The profile field `pick` chooses, once the call is allowed, with the hold on its user.
 pub async fn value<'a>(
     b: &'a Broker,
@@ -34,7 +47,7 @@ pub async fn value<'a>(
     api: Api,
     field: &'static str,
     pick: fn(UserProfile) -> String,
-) -> Result<(Issuing<'a>, String), ApiError> {
+) -> Result<(Issuing<'a>, Source), ApiError> {
     // A remembered refusal was checked before the call got here (`api::gate`), and is checked
     // again below under the decision lock.
     let (ticket, profile) = b.user.ticket()?;
@@ -43,10 +56,15 @@ pub async fn value<'a>(
     } else {
         b.user.hold(&ticket).await?
     };
-    let value = pick(profile);
-    if value.is_empty() {
-        return Err(ApiError::NoProfileValue(field));
-    }
+    // A superapp server that vouches holds the value; else the host's profile must have it.
+    let value = if b.platform.vouches(&inst.app_id) {
+        Source::Superapp
+    } else {
+        match pick(profile) {
+            value if value.is_empty() => return Err(ApiError::NoProfileValue(field)),
+            value => Source::Profile(value),
+        }
+    };
     // Checked again under the lock a decision takes: the host may have refused (or revoked) the
     // scope since the first check, or since getAuthCode granted it.
     let scope = match api.scope() {

@@ -84,9 +84,7 @@ pub fn parse_invoke(api: &str, params_json: &str) -> Result<(Api, v1::ApiRequest
 /// `Invoke`'s answer: the response as WeChat-style JSON, or the failure of the API `name`d.
 pub fn invoke_response(outcome: Result<v1::ApiResponse, (String, ApiError)>) -> v1::InvokeResponse {
     match outcome {
-        Ok(resp) => {
-            v1::InvokeResponse { ok: true, result_json: json::response_to_json(&resp).to_string(), failure: None }
-        }
+        Ok(resp) => v1::InvokeResponse { ok: true, result_json: json::response_to_json_text(&resp), failure: None },
         Err((name, e)) => {
             let failure = e.to_failure(&name);
             v1::InvokeResponse {

@@ -74,13 +74,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>) -> Api {
-        Api::with_routes(platform, clock, Router::new())
+        Api { router: router(platform, clock) }
     }
 
-    /// The API with an embedder's `extra` routes beside its own (a service's health probes; they
-    /// must not shadow the API's paths).
-    pub fn with_routes(platform: Arc<dyn Platform>, clock: Arc<dyn Clock>, extra: Router) -> Api {
-        Api { router: router(platform, clock).merge(extra) }
+    /// The API with an embedder's own routes beside it (a platform service's `/healthz` and
+    /// `/readyz`); they must not shadow the API's paths.
+    pub fn with_routes(self, extra: Router) -> Api {
+        Api { router: self.router.merge(extra) }
     }
 
     /// The answer to one request: a browser's refused, else routed to its endpoint.
@@ -102,15 +102,30 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let api = Api::new(platform, clock);
-    serve_with(listener, api, limits, shutdown, |stream| std::future::ready(Ok(stream))).await
+    serve_with(listener, platform, clock, limits, shutdown, |stream| std::future::ready(Ok(stream))).await
 }
 
-/// [`serve`] for an embedder: `api` may carry extra routes ([`Api::with_routes`]), and each
-/// accepted connection is first passed through `handshake` (a TLS acceptor, say): the handshake
-/// must end within `limits.header_timeout`, and the connection's deadlines ([`BoundedStream`])
-/// apply to the bytes under it.
+/// [`serve`], each accepted connection first passed through `handshake` (a TLS acceptor, say):
+/// the handshake must end within `limits.header_timeout`, and the connection's deadlines
+/// ([`BoundedStream`]) apply to the bytes under it.
 pub async fn serve_with<H, F, Io>(
+    listener: TcpListener,
+    platform: Arc<dyn Platform>,
+    clock: Arc<dyn Clock>,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+    handshake: H,
+) -> std::io::Result<()>
+where
+    H: Fn(BoundedStream) -> F + Clone + Send + 'static,
+    F: Future<Output = std::io::Result<Io>> + Send + 'static,
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve_api_with(listener, Api::new(platform, clock), limits, shutdown, handshake).await
+}
+
+/// [`serve_with`] for an [`Api`] the embedder made ([`Api::with_routes`]).
+pub async fn serve_api_with<H, F, Io>(
     listener: TcpListener,
     api: Api,
     limits: HttpLimits,

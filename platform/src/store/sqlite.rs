@@ -11,7 +11,7 @@
 use std::{
     collections::VecDeque,
     path::Path,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use dashmap::DashMap;
@@ -140,17 +140,28 @@ fn upsert_session(conn: &Connection, row: &SessionRow) -> Result<(), StoreError>
     Ok(())
 }
 
+/// How many codes the sweep looks at before it lets other work on its runtime worker run: the
+/// sweep of a large store is spread over many short steps instead of holding the worker.
+const SWEEP_STEP: usize = 128;
+
 /// The embedded engine. See the module docs.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     location: String,
-    codes: DashMap<String, CodeRecord>,
+    /// Outstanding codes. A code's text is shared (one allocation) by this map, its owner's
+    /// `issued` queue, `expiring` and, once redeemed, `spent`.
+    codes: DashMap<Arc<str>, CodeRecord>,
     /// Redeemed codes (the app each was for, and when it would have expired) until they would have
     /// expired, so that a replay by that app gets "code been used"; any other app hears what a
     /// code that never existed gets.
-    spent: DashMap<String, (String, u64)>,
-    /// The codes issued to each (app, uid), oldest first (some may be redeemed or expired by now).
-    issued: DashMap<(String, String), VecDeque<String>>,
+    spent: DashMap<Arc<str>, (String, u64)>,
+    /// The outstanding codes issued to each (app, uid), oldest first. A code leaves its queue when
+    /// it leaves `codes`, so an empty queue is dropped and the map holds only users with codes.
+    issued: DashMap<(String, String), VecDeque<Arc<str>>>,
+    /// Every code issued, with its expiry, in the order issued: the sweep's work list. Codes live
+    /// one validity period (`code_ttl_secs`) from a clock that moves forward, so the front expires
+    /// first and a sweep touches only what expired (a code that left earlier is skipped then).
+    expiring: Mutex<VecDeque<(u64, Arc<str>)>>,
     tokens: AccessTokens,
     buckets: Buckets,
 }
@@ -186,6 +197,7 @@ impl SqliteStore {
             codes: DashMap::new(),
             spent: DashMap::new(),
             issued: DashMap::new(),
+            expiring: Mutex::new(VecDeque::new()),
             tokens: AccessTokens::default(),
             buckets: Buckets::default(),
         })
@@ -204,6 +216,30 @@ impl SqliteStore {
     /// The session `sql` selects by the app (?1) and one other key (?2), if any.
     fn one_session(&self, sql: &'static str, app_id: &str, key: &str) -> Result<Option<SessionRow>, StoreError> {
         Ok(self.conn().prepare_cached(sql)?.query_row(params![app_id, key], session_row).optional()?)
+    }
+
+    /// Takes `code` (which just left `codes`) out of the queue of the (app, uid) it was issued to,
+    /// dropping the queue when it empties.
+    fn unqueue(&self, app_id: &str, uid: &str, code: &Arc<str>) {
+        let key = (app_id.to_owned(), uid.to_owned());
+        if let Some(mut queue) = self.issued.get_mut(&key) {
+            // The queue holds the very text the map's key does: a pointer compare finds it, at most
+            // `max_codes_per_user` of them (the oldest first, which a redemption usually is).
+            if let Some(at) = queue.iter().position(|c| Arc::ptr_eq(c, code)) {
+                queue.remove(at);
+            }
+            if !queue.is_empty() {
+                return;
+            }
+        }
+        self.issued.remove_if(&key, |_, queue| queue.is_empty());
+    }
+
+    /// The next at most [`SWEEP_STEP`] entries of `expiring` that expired at `now_ms`.
+    fn expired_step(&self, now_ms: u64) -> Vec<(u64, Arc<str>)> {
+        let mut expiring = self.expiring.lock().unwrap_or_else(|e| e.into_inner());
+        let due = expiring.iter().take(SWEEP_STEP).take_while(|(expires, _)| *expires <= now_ms).count();
+        expiring.drain(..due).collect()
     }
 
     /// Runs `sql` on the connection (tests that break the database on purpose).
@@ -298,6 +334,7 @@ impl PlatformStore for SqliteStore {
 
     async fn user_changed(&self, uid: &str) -> Result<usize, StoreError> {
         let ended = self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?;
+        // (Their entries in `expiring` are skipped by the sweep.)
         self.codes.retain(|_, e| e.uid != uid);
         self.issued.retain(|(_, u), _| u != uid);
         Ok(ended)
@@ -314,18 +351,20 @@ impl PlatformStore for SqliteStore {
             upsert_session(&self.conn(), session)?;
         }
         // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
-        // At the cap the oldest entry goes: a code already gone (redeemed, expired, invalidated)
-        // for free, else the oldest outstanding one. Each code leaves the queue once, so an issue
-        // costs O(1) even at the cap (a scan of the queue here cost every login at the cap ~100
-        // map lookups); gone codes further back count until they reach the front or the sweep.
+        // At the cap the oldest outstanding code goes (a code that leaves `codes` otherwise leaves
+        // its queue too), so an issue costs O(1) even at the cap.
+        let code: Arc<str> = Arc::from(code);
+        let expires_at_ms = record.expires_at_ms;
         let mut issued = self.issued.entry((record.app_id.clone(), record.uid.clone())).or_default();
         while issued.len() >= max_per_user.max(1) {
             if let Some(oldest) = issued.pop_front() {
                 self.codes.remove(&oldest);
             }
         }
-        self.codes.insert(code.to_owned(), record);
-        issued.push_back(code.to_owned());
+        self.codes.insert(code.clone(), record);
+        issued.push_back(code.clone());
+        drop(issued);
+        self.expiring.lock().unwrap_or_else(|e| e.into_inner()).push_back((expires_at_ms, code));
         Ok(())
     }
 
@@ -338,6 +377,7 @@ impl PlatformStore for SqliteStore {
     ) -> Result<Redemption, StoreError> {
         let taken = self.codes.remove_if(code, |_, e| wanted.takes(app_id, e) && e.expires_at_ms > now_ms);
         if let Some((code, record)) = taken {
+            self.unqueue(&record.app_id, &record.uid, &code);
             self.spent.insert(code, (record.app_id.clone(), record.expires_at_ms));
             return Ok(Redemption::Redeemed(record));
         }
@@ -351,21 +391,37 @@ impl PlatformStore for SqliteStore {
     }
 
     async fn invalidate_codes(&self, app_id: &str, uid: &str, kind: Option<ValueKind>) -> Result<usize, StoreError> {
-        let before = self.codes.len();
-        self.codes.retain(|_, e| {
-            let of_kind = matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
-            !(of_kind && e.app_id == app_id && e.uid == uid)
-        });
-        Ok(before.saturating_sub(self.codes.len()))
+        // The user's own queue names every outstanding code of theirs: no walk of every code.
+        let key = (app_id.to_owned(), uid.to_owned());
+        let Some(queue) = self.issued.get(&key).map(|q| q.clone()) else { return Ok(0) };
+        let mut dropped = 0;
+        for code in &queue {
+            let of_kind = |e: &CodeRecord| matches!(e.purpose, Purpose::Value { kind: k, .. } if kind.is_none_or(|want| want == k));
+            if self.codes.remove_if(code, |_, e| of_kind(e)).is_some() {
+                self.unqueue(app_id, uid, code);
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
+    /// Walks only what expired, oldest first, [`SWEEP_STEP`] codes at a time, yielding to the
+    /// runtime between steps: the worker is never held for the whole store.
     async fn sweep(&self, now_ms: u64) -> Result<(), StoreError> {
-        self.codes.retain(|_, e| e.expires_at_ms > now_ms);
-        self.spent.retain(|_, (_, expires)| *expires > now_ms);
-        self.issued.retain(|_, issued| {
-            issued.retain(|c| self.codes.contains_key(c));
-            !issued.is_empty()
-        });
+        loop {
+            let step = self.expired_step(now_ms);
+            for (_, code) in &step {
+                if let Some((code, record)) = self.codes.remove_if(code, |_, e| e.expires_at_ms <= now_ms) {
+                    self.unqueue(&record.app_id, &record.uid, &code);
+                }
+                // A redeemed code's tombstone lasts as long as the code would have.
+                self.spent.remove_if(code, |_, (_, until)| *until <= now_ms);
+            }
+            if step.len() < SWEEP_STEP {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         self.tokens.sweep(now_ms);
         self.buckets.sweep(now_ms);
         Ok(())
@@ -470,6 +526,93 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("USING INDEX sessions_openid"), "{plan}");
+    }
+
+    fn code_of(uid: &str, expires_at_ms: u64) -> CodeRecord {
+        CodeRecord {
+            app_id: "a".into(),
+            uid: uid.into(),
+            openid: format!("oa-{uid}"),
+            purpose: Purpose::Login { auth_code: None },
+            expires_at_ms,
+            ledger: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_drops_what_expired_and_its_users_queues() {
+        let store = SqliteStore::open(None, false).unwrap();
+        store.issue_code("old-1", code_of("u", 100), None, 10).await.unwrap();
+        store.issue_code("old-2", code_of("v", 100), None, 10).await.unwrap();
+        store.issue_code("new", code_of("u", 300), None, 10).await.unwrap();
+        assert!(matches!(store.redeem_code("a", "old-2", Wanted::Login, 50).await.unwrap(), Redemption::Redeemed(_)));
+        store.sweep(200).await.unwrap();
+        assert_eq!(store.outstanding_codes().await.unwrap(), 1);
+        assert_eq!(store.redeem_code("a", "old-1", Wanted::Login, 200).await.unwrap(), Redemption::Invalid);
+        assert_eq!(
+            store.redeem_code("a", "old-2", Wanted::Login, 200).await.unwrap(),
+            Redemption::Invalid,
+            "tombstone gone"
+        );
+        assert_eq!(store.issued.len(), 1, "only u, whose newer code is outstanding");
+        assert_eq!(store.expiring.lock().unwrap().len(), 1);
+        store.sweep(300).await.unwrap();
+        assert_eq!(store.outstanding_codes().await.unwrap(), 0);
+        assert!(store.issued.is_empty() && store.spent.is_empty() && store.expiring.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_redeemed_code_leaves_its_users_count_at_once() {
+        let store = SqliteStore::open(None, false).unwrap();
+        for code in ["c1", "c2", "c3"] {
+            store.issue_code(code, code_of("u", 100), None, 3).await.unwrap();
+        }
+        assert!(matches!(store.redeem_code("a", "c2", Wanted::Login, 50).await.unwrap(), Redemption::Redeemed(_)));
+        // Two are outstanding: a fourth fits under the cap of three, and drops none.
+        store.issue_code("c4", code_of("u", 100), None, 3).await.unwrap();
+        assert!(matches!(store.redeem_code("a", "c1", Wanted::Login, 50).await.unwrap(), Redemption::Redeemed(_)));
+        // An invalidated value code leaves it too.
+        let value = |uid: &str| CodeRecord {
+            purpose: Purpose::Value { kind: ValueKind::PhoneNumber, value: "1".into() },
+            ..code_of(uid, 100)
+        };
+        store.issue_code("p1", value("w"), None, 3).await.unwrap();
+        assert_eq!(store.invalidate_codes("a", "w", None).await.unwrap(), 1);
+        assert!(!store.issued.contains_key(&("a".to_owned(), "w".to_owned())));
+    }
+
+    #[test]
+    fn the_sweep_of_a_large_store_lets_other_work_run_between_steps() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let store = Arc::new(SqliteStore::open(None, false).unwrap());
+            let total = SWEEP_STEP * 20;
+            for i in 0..total {
+                store.issue_code(&format!("c{i}"), code_of(&format!("u{i}"), 100), None, 10).await.unwrap();
+            }
+            // Another task on the same (only) worker: what it sees of the store while the sweep runs.
+            let seen = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    loop {
+                        let left = store.codes.len();
+                        seen.push(left);
+                        if left == 0 {
+                            return seen;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            store.sweep(200).await.unwrap();
+            let seen = seen.await.unwrap();
+            assert!(
+                seen.iter().any(|&left| left > 0 && left < total),
+                "the other task ran only before or after the whole sweep: {seen:?}"
+            );
+        });
     }
 
     #[tokio::test]

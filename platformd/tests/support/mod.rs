@@ -59,7 +59,7 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(database_url: &str, http: &str, daemon: &str) -> Instance {
-        Instance::start_with(database_url, http, daemon, &[]).await
+        Instance::start_with(database_url, http, daemon, &["--database-deadline-ms", "500"]).await
     }
 
     /// [`Instance::start`] with more flags (`--tls-cert`, ...).
@@ -67,11 +67,11 @@ impl Instance {
         let mut child = Command::new(BIN)
             .args(["serve", "--database-url", database_url, "--listen", http, "--daemon-listen", daemon])
             .args(extra)
-            .args(["--database-deadline-ms", "500", "--log-json"])
+            .args(["--log-json"])
             // 200 codes of one user outstanding at once (the default keeps the latest 100).
             .args(["--max-codes-per-user", "256"])
             // 400 redemption attempts at once (the per-app limit has its own test).
-            .args(["--exchanges-per-minute-per-app", "60000", "--exchange-burst-per-app", "1000"])
+            .args(["--exchanges-per-minute-per-app", "6000000", "--exchange-burst-per-app", "100000"])
             .env("MINIAPP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -209,6 +209,9 @@ pub async fn desktop_at(t: &Tenant, url: &str, ca_file: Option<&Path>, timeout_m
     config.platform.client_key = Some(t.client_key.clone());
     config.platform.client_secret_file = Some(secret_file);
     config.platform.timeout_ms = timeout_ms;
+    // Hundreds of logins of one user back to back (the per-user rate has its own tests).
+    config.limits.calls_per_second_per_user = 100_000;
+    config.limits.burst_per_user = 100_000;
     let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
     let host = within(
         "host",

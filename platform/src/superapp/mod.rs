@@ -5,12 +5,14 @@
 //! a superapp backend team implements it.
 //!
 //! [`contract`] is the JSON of each call, [`signing`] the platform's key pair and its signature on
-//! every request, [`client`] the calls themselves. This room depends on nothing else in the daemon,
-//! so the platform takes it whole wherever the platform lives.
+//! every request, [`client`] the calls themselves, and [`vouch`] what the platform asks at each step.
+//! It lives in the platform crate so the embedded platform and `miniapp-platformd` call the same
+//! contract; the daemon only maps its `[superapp]` config into [`ClientSettings`].
 
 pub mod client;
 pub mod contract;
 pub mod signing;
+pub mod vouch;
 
 pub use client::{ClientSettings, SuperappClient, SuperappError};
 pub use contract::InfoType;

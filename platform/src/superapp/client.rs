@@ -211,7 +211,7 @@ impl SuperappClient {
             return Err(SuperappError::Status(status.as_u16()));
         }
         let envelope: Envelope<T> =
-            serde_json::from_slice(&body).map_err(|e| SuperappError::Garbage(shortened(&e.to_string())))?;
+            serde_json::from_slice(&body).map_err(|e| SuperappError::Garbage(json_error(&e)))?;
         if envelope.return_code != contract::OK {
             return Err(SuperappError::Refused {
                 code: shortened(&envelope.return_code),
@@ -220,6 +220,18 @@ impl SuperappClient {
         }
         envelope.data.ok_or_else(|| SuperappError::Garbage("returnCode \"0\" without data".into()))
     }
+}
+
+/// Where and how an answer is not the contract's JSON, without serde's quote of the offending
+/// value (which may be a user's phone number or e-mail address).
+fn json_error(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not the call's shape",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
 }
 
 /// An error and its sources in one line (hyper's "client error (Connect)" says little alone).
