@@ -113,9 +113,6 @@ pub async fn platform(db: &Database, args: &ServeArgs) -> Result<Arc<EmbeddedPla
         code_ttl_secs: args.code_ttl_secs,
         session_ttl_secs: args.session_ttl_secs,
         max_codes_per_user: args.max_codes_per_user,
-        key_refresh_secs: EmbeddedConfig::default().key_refresh_secs,
-        failed_exchanges_per_minute: EmbeddedConfig::default().failed_exchanges_per_minute,
-        failed_exchange_burst: EmbeddedConfig::default().failed_exchange_burst,
         exchanges_per_minute_per_app: args.exchanges_per_minute_per_app,
         exchange_burst_per_app: args.exchange_burst_per_app,
         ..EmbeddedConfig::default()
