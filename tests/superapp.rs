@@ -777,7 +777,10 @@ async fn the_vouched_flow_logs_no_value_the_server_handed_out() {
         .with_ansi(false)
         .with_writer(captured.clone())
         .finish();
-    let _logs = tracing::subscriber::set_default(subscriber);
+    // The process's global subscriber (this is the only test here that sets one): a thread-local
+    // one misses lines whose callsite another test's thread reached first, with none set. The
+    // other tests' lines land in the capture too, and must carry no value either.
+    tracing::subscriber::set_global_default(subscriber).expect("no other test sets a global subscriber");
     let carol = DevUser {
         uid: "carol".into(),
         nick_name: "Carol Nickname-7731".into(),

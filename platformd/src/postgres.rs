@@ -560,10 +560,11 @@ impl PgStore {
                 ledger: r.get(7),
             }));
         }
-        // Why not (the refusal path only): a replay hears "code been used" from any instance.
+        // Why not (the refusal path only): the app's own replay hears "code been used" from any
+        // instance; another app's code is, to this app, a code that never existed.
         let rows = self
             .query(
-                "SELECT redeemed_at_ms IS NOT NULL, expires_at_ms <= $4, app_id = $2 AND purpose = $3
+                "SELECT redeemed_at_ms IS NOT NULL AND app_id = $2, expires_at_ms <= $4, app_id = $2 AND purpose = $3
                         AND NOT invalidated AND ($5::TEXT IS NULL OR openid = $5)
                  FROM codes WHERE code_hash = $1",
                 &[&&code_hash[..], &app_id, &(purpose as i16), &now, &openid],

@@ -122,6 +122,8 @@ async fn a_code_is_refused_for_another_app_purpose_or_user_and_then_still_redeem
     };
     assert_eq!(t.value.as_deref(), Some("+86 1"));
     assert_eq!(s.redeem_code(&h, "app", phone, None, "x", NOW).await.unwrap(), Redeemed::Used);
+    // Another app learns nothing of a code it does not own: spent or not, it never existed.
+    assert_eq!(s.redeem_code(&h, "other", phone, None, "x", NOW).await.unwrap(), Redeemed::Invalid);
     // The value left with the redemption.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
