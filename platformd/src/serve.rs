@@ -197,7 +197,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
                 async move { acceptor.accept(stream).await }
             };
             tasks.spawn(async move {
-                if let Err(e) = backend_http::serve_api_with(http, api, limits, stop, handshake).await {
+                if let Err(e) = backend_http::serve_with(http, api, limits, stop, handshake).await {
                     warn!(error = %e, "backend HTTP API stopped");
                 }
             });
@@ -205,7 +205,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
         None => {
             let plain = |stream| std::future::ready(Ok(stream));
             tasks.spawn(async move {
-                if let Err(e) = backend_http::serve_api_with(http, api, limits, stop, plain).await {
+                if let Err(e) = backend_http::serve_with(http, api, limits, stop, plain).await {
                     warn!(error = %e, "backend HTTP API stopped");
                 }
             });

@@ -102,30 +102,14 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with(listener, platform, clock, limits, shutdown, |stream| std::future::ready(Ok(stream))).await
+    serve_with(listener, Api::new(platform, clock), limits, shutdown, |stream| std::future::ready(Ok(stream))).await
 }
 
-/// [`serve`], each accepted connection first passed through `handshake` (a TLS acceptor, say):
-/// the handshake must end within `limits.header_timeout`, and the connection's deadlines
-/// ([`BoundedStream`]) apply to the bytes under it.
+/// [`serve`] for an embedder: `api` may carry routes of its own ([`Api::with_routes`]), and each
+/// accepted connection is first passed through `handshake` (a TLS acceptor, say), which must end
+/// within `limits.header_timeout`; the connection's deadlines ([`BoundedStream`]) apply to the
+/// bytes under it.
 pub async fn serve_with<H, F, Io>(
-    listener: TcpListener,
-    platform: Arc<dyn Platform>,
-    clock: Arc<dyn Clock>,
-    limits: HttpLimits,
-    shutdown: CancellationToken,
-    handshake: H,
-) -> std::io::Result<()>
-where
-    H: Fn(BoundedStream) -> F + Clone + Send + 'static,
-    F: Future<Output = std::io::Result<Io>> + Send + 'static,
-    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    serve_api_with(listener, Api::new(platform, clock), limits, shutdown, handshake).await
-}
-
-/// [`serve_with`] for an [`Api`] the embedder made ([`Api::with_routes`]).
-pub async fn serve_api_with<H, F, Io>(
     listener: TcpListener,
     api: Api,
     limits: HttpLimits,
