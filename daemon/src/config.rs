@@ -309,7 +309,8 @@ impl PlatformConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SuperappConfig {
-    /// `http://host:port` of the superapp's server (a path prefix is kept); empty: none.
+    /// `http://host:port` or `https://host[:port]` of the superapp's server (a path prefix is
+    /// kept; https with the system's roots, `SSL_CERT_FILE` names another bundle); empty: none.
     pub server_url: String,
     /// `X-CLIENT-KEY`: the key the superapp gave this platform.
     pub client_key: String,
@@ -352,9 +353,9 @@ impl SuperappConfig {
                 .into());
         }
         if self.enabled() {
-            if !self.server_url.starts_with("http://") {
+            if !(self.server_url.starts_with("http://") || self.server_url.starts_with("https://")) {
                 return Err(format!(
-                    "superapp.server_url must be an http:// URL (put a TLS proxy in front for https), not {:?}",
+                    "superapp.server_url must be an http:// or https:// URL, not {:?}",
                     self.server_url
                 ));
             }

@@ -26,13 +26,18 @@ use tracing::{info, warn};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use miniapp_platform::{
     AccessToken, AuthorizedApp, Credential, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
-    TokenRequest, ValueKind, user_data::UserCredentials,
+    TokenRequest, ValueKind, superapp::vouch::ProfileField, user_data::UserCredentials,
 };
 
 use crate::{
     clock::Clock,
     store::{NewLedgerRow, Store},
 };
+
+/// The trailer in which the platform names a vouching step's failure (the proto's contract).
+const FAILURE_TRAILER: &str = "platform-failure";
+/// Most apps whose vouching answer is remembered (the map starts over past it).
+const MAX_VOUCHING_KEPT: usize = 10_000;
 
 /// Most code hashes asked about in one `Redemptions` call.
 const REDEMPTIONS_PER_CALL: usize = 1000;
@@ -66,6 +71,9 @@ pub struct RemotePlatform {
     clock: Arc<dyn Clock>,
     /// Codes issued and not yet seen redeemed, by the hex SHA-256 of the code.
     outstanding: DashMap<String, Outstanding>,
+    /// Whether the superapp's server vouches for each app's users, as the platform answered (a
+    /// tenant's server never changes once it is stored, so the answer is kept).
+    vouching: DashMap<String, bool>,
 }
 
 impl std::fmt::Debug for RemotePlatform {
@@ -108,6 +116,7 @@ impl RemotePlatform {
             store,
             clock,
             outstanding: DashMap::new(),
+            vouching: DashMap::new(),
         })
     }
 
@@ -137,9 +146,18 @@ impl RemotePlatform {
     }
 
     fn failed(&self, what: &'static str, status: &Status) -> PlatformError {
-        match status.code() {
-            Code::FailedPrecondition if status.message() == "session expired" => PlatformError::SessionExpired,
-            code => {
+        let reason = status.metadata().get(FAILURE_TRAILER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        match (status.code(), reason) {
+            (Code::FailedPrecondition, "session_expired") => PlatformError::SessionExpired,
+            (Code::FailedPrecondition, _) if status.message() == "session expired" => PlatformError::SessionExpired,
+            // The superapp's server, which the platform asked: the same errors as the embedded
+            // platform's (docs/errors.md 1019-1021).
+            (_, "superapp_unavailable") => PlatformError::Superapp("the platform could not reach it".into()),
+            (_, "unknown_user") => PlatformError::UnknownUser,
+            (_, "auth_code_refused") => {
+                PlatformError::AuthCodeRefused(status.message().trim_start_matches("authCode refused: ").to_owned())
+            }
+            (code, _) => {
                 // The platform's message says nothing personal (it never echoes values).
                 warn!(call = what, code = ?code, message = status.message(), "platform refused or failed");
                 PlatformError::Unavailable(format!("{code:?}"))
@@ -233,10 +251,7 @@ impl Platform for RemotePlatform {
         kind: ValueKind,
         value: String,
     ) -> Result<String, PlatformError> {
-        let (wire, api) = match kind {
-            ValueKind::PhoneNumber => (pv1::ValueKind::PhoneNumber, "getPhoneNumber"),
-            ValueKind::Email => (pv1::ValueKind::Email, "getEmail"),
-        };
+        let (wire, api) = wire_kind(kind);
         let request = self.request(pv1::IssueValueCodeRequest {
             app_id: app_id.to_owned(),
             uid: uid.to_owned(),
@@ -247,6 +262,47 @@ impl Platform for RemotePlatform {
         let issued = self.call("IssueValueCode", client.issue_value_code(request)).await?;
         self.record(app_id, uid, api, &issued)?;
         Ok(issued.code)
+    }
+
+    async fn vouches(&self, app_id: &str) -> Result<bool, PlatformError> {
+        if let Some(known) = self.vouching.get(app_id) {
+            return Ok(*known);
+        }
+        let request = self.request(pv1::VouchingRequest { app_id: app_id.to_owned() });
+        let mut client = self.client.clone();
+        let vouched = self.call("Vouching", client.vouching(request)).await?.vouched;
+        if self.vouching.len() >= MAX_VOUCHING_KEPT {
+            self.vouching.clear();
+        }
+        self.vouching.insert(app_id.to_owned(), vouched);
+        Ok(vouched)
+    }
+
+    async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, PlatformError> {
+        let (wire, api) = wire_kind(kind);
+        let request = self.request(pv1::IssueVouchedValueCodeRequest {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            kind: wire as i32,
+        });
+        let mut client = self.client.clone();
+        let issued = self.call("IssueVouchedValueCode", client.issue_vouched_value_code(request)).await?;
+        self.record(app_id, uid, api, &issued)?;
+        Ok(issued.code)
+    }
+
+    async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
+        let field = match field {
+            ProfileField::Avatar => pv1::ProfileField::Avatar,
+            ProfileField::Nickname => pv1::ProfileField::Nickname,
+        };
+        let request = self.request(pv1::VouchedProfileRequest {
+            app_id: app_id.to_owned(),
+            uid: uid.to_owned(),
+            field: field as i32,
+        });
+        let mut client = self.client.clone();
+        Ok(self.call("VouchedProfile", client.vouched_profile(request)).await?.value)
     }
 
     async fn user_changed(&self, old_uid: &str) -> Result<(), PlatformError> {
@@ -361,6 +417,14 @@ impl Platform for RemotePlatform {
 
     async fn sweep(&self) {
         self.sync_redemptions().await;
+    }
+}
+
+/// A value kind on the wire, and the API that issues its codes (the ledger's `api`).
+fn wire_kind(kind: ValueKind) -> (pv1::ValueKind, &'static str) {
+    match kind {
+        ValueKind::PhoneNumber => (pv1::ValueKind::PhoneNumber, "getPhoneNumber"),
+        ValueKind::Email => (pv1::ValueKind::Email, "getEmail"),
     }
 }
 

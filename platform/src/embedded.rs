@@ -37,7 +37,7 @@ use crate::{
     disclosures::{CodeDisclosure, Disclosures},
     store::{CodeRecord, PlatformStore, Purpose, Quota, Redemption, SessionRow, TokenCheck, Wanted},
     superapp::{
-        SuperappClient,
+        Directory, SuperappClient,
         vouch::{self, Held, ProfileField},
     },
     tokens::{hash_secret, random_key, random_token, secrets_equal},
@@ -78,9 +78,9 @@ const FAILED_ATTEMPTS: &str = "\0failed-secrets";
 /// it): the same work as for a registered app, so the time does not tell either.
 const UNKNOWN_APP_HASH: [u8; 32] = [0; 32];
 
-/// Which superapp server vouches for the users of an app (by app id): one for every app in the
+/// Which superapp server vouches for the users of an app ([`Directory`]): one for every app in the
 /// daemon's embedded platform, the app's tenant's in the platform service, none by default.
-pub type SuperappOf = Arc<dyn Fn(&str) -> Option<Arc<SuperappClient>> + Send + Sync>;
+pub type SuperappOf = Arc<dyn Directory>;
 
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
 const REPLACED_KEPT: usize = 4;
@@ -161,7 +161,7 @@ impl EmbeddedPlatform {
                 per_minute: config.exchanges_per_minute_per_app,
                 burst: config.exchange_burst_per_app,
             },
-            superapp: Arc::new(|_| None),
+            superapp: Arc::new(|_: &str| None),
             spent_auth_codes: Default::default(),
             failed_quota: Quota { per_minute: config.failed_exchanges_per_minute, burst: config.failed_exchange_burst },
         })
@@ -171,7 +171,7 @@ impl EmbeddedPlatform {
     /// in the daemon).
     pub fn with_superapp(self, server: Option<Arc<SuperappClient>>) -> EmbeddedPlatform {
         match server {
-            Some(server) => self.with_superapps(Arc::new(move |_| Some(server.clone()))),
+            Some(server) => self.with_superapps(Arc::new(move |_: &str| Some(server.clone()))),
             None => self,
         }
     }
@@ -488,7 +488,7 @@ impl Platform for EmbeddedPlatform {
     async fn login_code(&self, app_id: &str, uid: &str, auth_code: Option<String>) -> Result<String, PlatformError> {
         // A vouched authCode is spent at the superapp server before anything is started or issued:
         // the backend gets the openid of the server's userId, not the authCode.
-        let auth_code = match (self.superapp)(app_id) {
+        let auth_code = match self.superapp.server_for(app_id).await? {
             Some(server) => {
                 let now = self.clock.now_ms();
                 vouch::login(&server, &self.spent_auth_codes, now, uid, auth_code.as_deref()).await?;
@@ -502,7 +502,7 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
-        if let Some(server) = (self.superapp)(app_id) {
+        if let Some(server) = self.superapp.server_for(app_id).await? {
             vouch::check_user(&server, uid).await?;
         }
         let session = self.session_for_login(app_id, uid).await?;
@@ -527,12 +527,12 @@ impl Platform for EmbeddedPlatform {
         self.issue(app_id, uid, Purpose::Value { kind, value }, None).await
     }
 
-    fn vouches(&self, app_id: &str) -> bool {
-        (self.superapp)(app_id).is_some()
+    async fn vouches(&self, app_id: &str) -> Result<bool, PlatformError> {
+        Ok(self.superapp.server_for(app_id).await?.is_some())
     }
 
     async fn vouched_value_code(&self, app_id: &str, uid: &str, kind: ValueKind) -> Result<String, PlatformError> {
-        let Some(server) = (self.superapp)(app_id) else {
+        let Some(server) = self.superapp.server_for(app_id).await? else {
             return Err(PlatformError::Superapp("no superapp server is configured".into()));
         };
         let temporary = vouch::temporary_code(&server, uid, kind).await?;
@@ -540,7 +540,7 @@ impl Platform for EmbeddedPlatform {
     }
 
     async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
-        match (self.superapp)(app_id) {
+        match self.superapp.server_for(app_id).await? {
             Some(server) => vouch::profile(&server, uid, field).await,
             None => Err(PlatformError::Superapp("no superapp server is configured".into())),
         }
@@ -628,14 +628,16 @@ impl Platform for EmbeddedPlatform {
             // A code standing for the superapp server's temporary code: the value is fetched now,
             // never stored, and the disclosure stamped only once it is in hand. A failing server
             // leaves the code spent (codes are redeemed once) and the ledger unstamped.
-            let value = match (Held::decode(value), (self.superapp)(app.app_id())) {
-                (Held::Value(value), _) => value.to_owned(),
-                (Held::TemporaryCode(temporary), Some(server)) => {
-                    vouch::value(&server, &entry.uid, kind, temporary).await?
-                }
-                (Held::TemporaryCode(_), None) => {
-                    return Err(ExchangeFailure::System("no superapp server is configured to redeem this code".into()));
-                }
+            let value = match Held::decode(value) {
+                Held::Value(value) => value.to_owned(),
+                Held::TemporaryCode(temporary) => match self.superapp.server_for(app.app_id()).await.map_err(system)? {
+                    Some(server) => vouch::value(&server, &entry.uid, kind, temporary).await?,
+                    None => {
+                        return Err(ExchangeFailure::System(
+                            "no superapp server is configured to redeem this code".into(),
+                        ));
+                    }
+                },
             };
             self.stamp(&entry, surface)?;
             Ok((entry.uid, value))
@@ -1062,8 +1064,8 @@ mod tests {
         let client = Arc::new(SuperappClient::new(&settings, Arc::new(PlatformKey::generate().unwrap())).unwrap());
         let p = platform(ManualClock::new(0))
             .await
-            .with_superapps(Arc::new(move |app_id| (app_id == "wxvouched").then(|| client.clone())));
-        assert!(p.vouches("wxvouched") && !p.vouches("wxplain"));
+            .with_superapps(Arc::new(move |app_id: &str| (app_id == "wxvouched").then(|| client.clone())));
+        assert!(p.vouches("wxvouched").await.unwrap() && !p.vouches("wxplain").await.unwrap());
         assert!(p.login_code("wxplain", "u1", Some("host-auth-code".into())).await.is_ok(), "no server: as before");
         let refused = p.login_code("wxvouched", "u1", Some("host-auth-code".into())).await;
         assert!(matches!(refused, Err(PlatformError::Superapp(_))), "{refused:?}");

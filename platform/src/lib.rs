@@ -307,8 +307,8 @@ pub trait Platform: Send + Sync + 'static {
 
     /// Whether a superapp server vouches for the users of `app_id` ([`superapp::vouch`]): logins are checked
     /// there, and phone, e-mail, avatar and nickname come from it instead of the host's profile.
-    fn vouches(&self, _app_id: &str) -> bool {
-        false
+    async fn vouches(&self, _app_id: &str) -> Result<bool, PlatformError> {
+        Ok(false)
     }
 
     /// wx.getPhoneNumber / wx.getEmail when a superapp server vouches: a one-time code standing

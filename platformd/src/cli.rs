@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `superapp add`, `register-app`. These names and flags are
+//! The command line: `serve`, `migrate`, `superapp add`, `superapp public-key`, `register-app`. These names and flags are
 //! what operators script against (docs/platform.md).
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -70,10 +70,18 @@ pub enum SuperappCommand {
         /// Print one JSON object: {"client_key", "client_secret"}.
         #[arg(long)]
         json: bool,
-        /// The superapp's own server (`https://HOST[:PORT]`), which vouches for its users in v3;
-        /// stored with the tenant.
+        /// The superapp's own server (`https://HOST[:PORT]`), which vouches for its users
+        /// (docs/superapp-server.md); stored with the tenant, with the key pair the platform signs
+        /// its requests to it with.
         #[arg(long, value_name = "URL")]
         server_url: Option<String>,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Prints the public key (PEM) the platform signs its requests to the superapp's server with,
+    /// for the superapp to install; makes the key pair if the superapp has none yet.
+    PublicKey {
+        name: String,
         #[command(flatten)]
         db: DatabaseArgs,
     },
@@ -113,6 +121,10 @@ pub struct ServeArgs {
     /// Attempts above the per-minute rate an app may make at once.
     #[arg(long, default_value_t = 60)]
     pub exchange_burst_per_app: u32,
+    /// The deadline of one call to a superapp's server (`superapp add --server-url`), connect to
+    /// last byte.
+    #[arg(long, default_value_t = 3000)]
+    pub superapp_timeout_ms: u64,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -154,6 +166,7 @@ impl ServeArgs {
             max_codes_per_user: 100,
             exchanges_per_minute_per_app: 600,
             exchange_burst_per_app: 60,
+            superapp_timeout_ms: 3000,
             log_json: false,
         }
     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use miniapp_broker_proto::platform::v1::{self as pv1, platform_server};
-use miniapp_platform::{Platform, PlatformError, StoreError, ValueKind};
+use miniapp_platform::{Platform, PlatformError, StoreError, ValueKind, superapp::vouch::ProfileField};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -117,10 +117,34 @@ fn tenant_failure(e: &TenantError) -> Status {
     Status::unavailable("platform database unavailable")
 }
 
+/// The trailer that names a vouching step's failure (and an ended session), as the proto says.
+pub const FAILURE_TRAILER: &str = "platform-failure";
+
+/// A status carrying `reason` in [`FAILURE_TRAILER`].
+fn with_reason(code: tonic::Code, message: String, reason: &'static str) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(FAILURE_TRAILER, tonic::metadata::MetadataValue::from_static(reason));
+    Status::with_metadata(code, message, metadata)
+}
+
 /// A platform failure as the daemon hears it.
 fn platform_failure(e: PlatformError) -> Status {
+    use tonic::Code;
     match e {
-        PlatformError::SessionExpired => Status::failed_precondition("session expired"),
+        PlatformError::SessionExpired => {
+            with_reason(Code::FailedPrecondition, "session expired".into(), "session_expired")
+        }
+        // The superapp server's own words are kept out of the message: a server's text is not the
+        // platform's to pass on (the platform logged it).
+        PlatformError::Superapp(_) => {
+            with_reason(Code::Unavailable, "superapp server unavailable".into(), "superapp_unavailable")
+        }
+        PlatformError::UnknownUser => {
+            with_reason(Code::FailedPrecondition, "user unknown to the superapp server".into(), "unknown_user")
+        }
+        PlatformError::AuthCodeRefused(reason) => {
+            with_reason(Code::FailedPrecondition, format!("authCode refused: {reason}"), "auth_code_refused")
+        }
         PlatformError::UserData(_) => Status::invalid_argument("user_info_json is not a JSON object"),
         PlatformError::Store(StoreError::Unavailable(_)) => {
             warn!(error = %e, "platform database unavailable");
@@ -130,6 +154,23 @@ fn platform_failure(e: PlatformError) -> Status {
             warn!(error = %other, "platform call failed");
             Status::unavailable("platform failed")
         }
+    }
+}
+
+fn profile_field_of(field: i32) -> Result<ProfileField, Status> {
+    match pv1::ProfileField::try_from(field) {
+        Ok(pv1::ProfileField::Avatar) => Ok(ProfileField::Avatar),
+        Ok(pv1::ProfileField::Nickname) => Ok(ProfileField::Nickname),
+        Ok(pv1::ProfileField::Unspecified) => Err(Status::invalid_argument("field is required")),
+        Err(_) => Err(Status::invalid_argument("unknown field")),
+    }
+}
+
+/// The ledger's name of what a value code discloses.
+fn disclosed(kind: ValueKind) -> &'static str {
+    match kind {
+        ValueKind::PhoneNumber => "phone_number",
+        ValueKind::Email => "email",
     }
 }
 
@@ -187,12 +228,55 @@ impl platform_server::Platform for DaemonApi {
             return Err(Status::invalid_argument("kind is required"));
         };
         check_field("value", &r.value)?;
-        let what = match kind {
-            ValueKind::PhoneNumber => "phone_number",
-            ValueKind::Email => "email",
-        };
+        // A superapp whose server vouches has its users' data there, never from a desktop.
+        if self.platform.vouches(&r.app_id).await.map_err(platform_failure)? {
+            info!(app_id = %r.app_id, "a value from the daemon refused: the superapp's server vouches");
+            return Err(Status::failed_precondition(
+                "this superapp's server holds its users' data: use IssueVouchedValueCode",
+            ));
+        }
         let code = self.platform.value_code(&r.app_id, &uid, kind, r.value).await.map_err(platform_failure)?;
-        Ok(Response::new(self.issued(code, &[what])))
+        Ok(Response::new(self.issued(code, &[disclosed(kind)])))
+    }
+
+    async fn vouching(
+        &self,
+        request: Request<pv1::VouchingRequest>,
+    ) -> Result<Response<pv1::VouchingResponse>, Status> {
+        check_field("app_id", &request.get_ref().app_id)?;
+        let superapp = self.superapp(&request).await?;
+        let app_id = &request.get_ref().app_id;
+        match self.tenants.owns(&superapp, app_id).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Status::permission_denied("the app is not registered to this superapp")),
+            Err(e) => return Err(tenant_failure(&e)),
+        }
+        let vouched = self.platform.vouches(app_id).await.map_err(platform_failure)?;
+        Ok(Response::new(pv1::VouchingResponse { vouched }))
+    }
+
+    async fn issue_vouched_value_code(
+        &self,
+        request: Request<pv1::IssueVouchedValueCodeRequest>,
+    ) -> Result<Response<pv1::IssuedCode>, Status> {
+        let uid = self.for_app(&request, &request.get_ref().app_id, &request.get_ref().uid).await?;
+        let Some(kind) = kind_of(request.get_ref().kind)? else {
+            return Err(Status::invalid_argument("kind is required"));
+        };
+        let code =
+            self.platform.vouched_value_code(&request.get_ref().app_id, &uid, kind).await.map_err(platform_failure)?;
+        Ok(Response::new(self.issued(code, &[disclosed(kind)])))
+    }
+
+    async fn vouched_profile(
+        &self,
+        request: Request<pv1::VouchedProfileRequest>,
+    ) -> Result<Response<pv1::VouchedProfileResponse>, Status> {
+        let uid = self.for_app(&request, &request.get_ref().app_id, &request.get_ref().uid).await?;
+        let field = profile_field_of(request.get_ref().field)?;
+        let value =
+            self.platform.vouched_profile(&request.get_ref().app_id, &uid, field).await.map_err(platform_failure)?;
+        Ok(Response::new(pv1::VouchedProfileResponse { value }))
     }
 
     async fn invalidate_codes(

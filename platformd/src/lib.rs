@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod serve;
 pub mod tenants;
 pub mod tls;
+pub mod vouching;
 
 use sha2::{Digest, Sha256};
 

@@ -58,6 +58,12 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
         Command::Superapp { command: SuperappCommand::Add { name, json, server_url, db } } => {
             add_superapp(&db, &name, json, server_url.as_deref()).await
         }
+        Command::Superapp { command: SuperappCommand::PublicKey { name, db } } => {
+            let db = serve::open(&db).await?;
+            let key = miniapp_platformd::vouching::signing_key(db.tenants.as_ref(), &name).await?;
+            print!("{}", key.public_key_pem());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RegisterApp { app_id, superapp, rotate, json, db } => {
             register_app(&db, &app_id, &superapp, rotate, json).await
         }
@@ -89,6 +95,10 @@ async fn add_superapp(
     if !db.tenants.add_superapp(name, &client_key, &hash_secret(&client_secret), server_url).await? {
         return Err(format!("a superapp named {name} exists already (its secret is not shown again)").into());
     }
+    if server_url.is_some() {
+        // Made now, so that `superapp public-key` prints it at once and no call waits for it.
+        miniapp_platformd::vouching::signing_key(db.tenants.as_ref(), name).await?;
+    }
     if json {
         println!("{}", serde_json::json!({ "client_key": client_key, "client_secret": client_secret }));
     } else {
@@ -114,7 +124,8 @@ async fn register_app(
         Claim::NoSuperapp => return Err(format!("no superapp named {superapp} (superapp add {superapp})").into()),
         Claim::OtherSuperapp => return Err(format!("{app_id} is registered to another superapp").into()),
     }
-    let platform = serve::platform(&db, &ServeArgs::for_commands(args.clone())).await?;
+    let tenants = std::sync::Arc::new(miniapp_platformd::tenants::Tenants::new(db.tenants.clone()));
+    let platform = serve::platform(&db, &ServeArgs::for_commands(args.clone()), &tenants).await?;
     let Some(secret) = miniapp_platform::Platform::register_app(&*platform, app_id, rotate).await? else {
         return Err(format!("{app_id} has a secret already; pass --rotate to replace it").into());
     };

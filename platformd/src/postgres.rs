@@ -86,6 +86,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX sessions_expires ON sessions (expires_at_ms);",
     // 2: the superapp's server (`superapp add --server-url`), for v3.
     "ALTER TABLE superapps ADD COLUMN server_url TEXT;",
+    // 3: the key pair the platform signs its requests to that server with (PKCS#8 PEM), made at
+    // first need and shared by every instance.
+    "ALTER TABLE superapps ADD COLUMN signing_key TEXT;",
 ];
 
 /// The advisory lock key migrations hold ("miniapp" in ASCII).
@@ -347,6 +350,31 @@ impl PgStore {
             )
             .await?;
         Ok(n == 1)
+    }
+
+    /// The superapp's server URL (if it has one) and client key; `None` for no such superapp.
+    pub async fn superapp_server(&self, name: &str) -> Result<Option<(Option<String>, String)>, PgError> {
+        let rows = self.query("SELECT server_url, client_key FROM superapps WHERE name = $1", &[&name]).await?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// The superapp's signing key, `fresh` stored first when it has none (the first instance to
+    /// store one wins; every instance then reads that one; `None`: only read). `None` for no such
+    /// superapp, or none stored and none offered.
+    pub async fn signing_key(&self, name: &str, fresh: Option<&str>) -> Result<Option<String>, PgError> {
+        let Some(fresh) = fresh else {
+            let rows = self.query("SELECT signing_key FROM superapps WHERE name = $1", &[&name]).await?;
+            return Ok(rows.first().and_then(|r| r.get(0)));
+        };
+        let rows = self
+            .query(
+                "WITH up AS (UPDATE superapps SET signing_key = $2 WHERE name = $1 AND signing_key IS NULL
+                             RETURNING signing_key)
+                 SELECT COALESCE((SELECT signing_key FROM up), (SELECT signing_key FROM superapps WHERE name = $1))",
+                &[&name, &fresh],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.get(0)))
     }
 
     /// The superapp holding `client_key`, with its secret's hash.

@@ -23,6 +23,7 @@ use crate::{
     postgres::{PgOptions, PgStore},
     tenants::{SqliteTenants, TenantStore, Tenants},
     tls,
+    vouching::TenantServers,
 };
 
 /// How often expired codes, tokens and sessions are swept.
@@ -106,8 +107,13 @@ pub async fn open_for(args: &DatabaseArgs, code_ttl_secs: u64) -> Result<Databas
     Err(ServeError::Config("--database-url must be postgres://… or sqlite://PATH".into()))
 }
 
-/// The platform over `db` with `args`' settings.
-pub async fn platform(db: &Database, args: &ServeArgs) -> Result<Arc<EmbeddedPlatform>, ServeError> {
+/// The platform over `db` with `args`' settings; each app's users vouched for by its tenant's
+/// superapp server, if the tenant has one.
+pub async fn platform(
+    db: &Database,
+    args: &ServeArgs,
+    tenants: &Arc<Tenants>,
+) -> Result<Arc<EmbeddedPlatform>, ServeError> {
     let config = EmbeddedConfig {
         apps: Default::default(),
         code_ttl_secs: args.code_ttl_secs,
@@ -120,7 +126,8 @@ pub async fn platform(db: &Database, args: &ServeArgs) -> Result<Arc<EmbeddedPla
     let platform = EmbeddedPlatform::new(db.store.clone(), Arc::new(NoLedger), Arc::new(SystemClock), config)
         .await
         .map_err(|e| ServeError::Database(e.to_string()))?;
-    Ok(Arc::new(platform))
+    let servers = TenantServers::new(tenants.clone(), Duration::from_millis(args.superapp_timeout_ms.max(1)));
+    Ok(Arc::new(platform.with_superapps(Arc::new(servers))))
 }
 
 /// Refuses a plain listener off loopback unless allowed.
@@ -173,8 +180,8 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
     check_plain(args.daemon_listen, tls.is_some(), args.allow_plain_remote, "--daemon-listen")?;
     let db = open_for(&args.db, args.code_ttl_secs).await?;
     let location = db.store.location();
-    let platform = platform(&db, &args).await?;
     let tenants = Arc::new(Tenants::new(db.tenants.clone()));
+    let platform = platform(&db, &args, &tenants).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 

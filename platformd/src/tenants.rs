@@ -54,6 +54,12 @@ pub trait TenantStore: Send + Sync + 'static {
         server_url: Option<&str>,
     ) -> Result<bool, TenantError>;
     async fn superapp_by_key(&self, client_key: &str) -> Result<Option<(String, Vec<u8>)>, TenantError>;
+    /// The superapp's server URL (`None`: it has none) and its client key; `None` for no such
+    /// superapp.
+    async fn superapp_server(&self, name: &str) -> Result<Option<(Option<String>, String)>, TenantError>;
+    /// The superapp's signing key (PKCS#8 PEM), `fresh` stored first when it has none yet (`None`:
+    /// only read); `None` for no such superapp, or none stored and none offered.
+    async fn signing_key(&self, name: &str, fresh: Option<&str>) -> Result<Option<String>, TenantError>;
     async fn claim_app(&self, app_id: &str, superapp: &str) -> Result<Claim, TenantError>;
     async fn app_superapp(&self, app_id: &str) -> Result<Option<String>, TenantError>;
 }
@@ -111,18 +117,22 @@ impl Tenants {
 
     /// Whether `app_id` is `superapp`'s.
     pub async fn owns(&self, superapp: &str, app_id: &str) -> Result<bool, TenantError> {
+        Ok(self.owner(app_id).await?.is_some_and(|owner| owner == superapp))
+    }
+
+    /// The superapp `app_id` is registered to, if any.
+    pub async fn owner(&self, app_id: &str) -> Result<Option<String>, TenantError> {
         if let Some(owner) = self.owners.get(app_id) {
-            return Ok(owner.as_str() == superapp);
+            return Ok(Some(owner.clone()));
         }
         let Some(owner) = self.store.app_superapp(app_id).await? else {
-            return Ok(false);
+            return Ok(None);
         };
         if self.owners.len() >= MAX_CACHED {
             self.owners.clear();
         }
-        let ours = owner == superapp;
-        self.owners.insert(app_id.to_owned(), owner);
-        Ok(ours)
+        self.owners.insert(app_id.to_owned(), owner.clone());
+        Ok(Some(owner))
     }
 }
 
@@ -140,6 +150,14 @@ impl TenantStore for PgStore {
 
     async fn superapp_by_key(&self, client_key: &str) -> Result<Option<(String, Vec<u8>)>, TenantError> {
         Ok(PgStore::superapp_by_key(self, client_key).await?)
+    }
+
+    async fn superapp_server(&self, name: &str) -> Result<Option<(Option<String>, String)>, TenantError> {
+        Ok(PgStore::superapp_server(self, name).await?)
+    }
+
+    async fn signing_key(&self, name: &str, fresh: Option<&str>) -> Result<Option<String>, TenantError> {
+        Ok(PgStore::signing_key(self, name, fresh).await?)
     }
 
     async fn claim_app(&self, app_id: &str, superapp: &str) -> Result<Claim, TenantError> {
@@ -163,10 +181,19 @@ impl SqliteTenants {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS superapps (
                  name TEXT PRIMARY KEY, client_key TEXT NOT NULL UNIQUE, secret_hash BLOB NOT NULL,
-                 created_at_ms INTEGER NOT NULL, server_url TEXT);
+                 created_at_ms INTEGER NOT NULL, server_url TEXT, signing_key TEXT);
              CREATE TABLE IF NOT EXISTS app_owners (
                  app_id TEXT PRIMARY KEY, superapp TEXT NOT NULL REFERENCES superapps (name));",
         )?;
+        // A file from before superapps had a signing key.
+        let has_key: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('superapps') WHERE name = 'signing_key')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_key {
+            conn.execute_batch("ALTER TABLE superapps ADD COLUMN signing_key TEXT")?;
+        }
         Ok(SqliteTenants { conn: Mutex::new(conn) })
     }
 
@@ -200,6 +227,29 @@ impl TenantStore for SqliteTenants {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?)
+    }
+
+    async fn superapp_server(&self, name: &str) -> Result<Option<(Option<String>, String)>, TenantError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT server_url, client_key FROM superapps WHERE name = ?1", params![name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    async fn signing_key(&self, name: &str, fresh: Option<&str>) -> Result<Option<String>, TenantError> {
+        let conn = self.conn();
+        if let Some(fresh) = fresh {
+            conn.execute(
+                "UPDATE superapps SET signing_key = ?2 WHERE name = ?1 AND signing_key IS NULL",
+                params![name, fresh],
+            )?;
+        }
+        Ok(conn
+            .query_row("SELECT signing_key FROM superapps WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()?
+            .flatten())
     }
 
     async fn claim_app(&self, app_id: &str, superapp: &str) -> Result<Claim, TenantError> {

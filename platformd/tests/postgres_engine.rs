@@ -50,7 +50,7 @@ async fn migrations_run_once_however_many_instances_start_together() {
     let stores: Vec<PgStore> = (0..4).map(|_| PgStore::connect(&url, &PgOptions::default()).unwrap()).collect();
     let ran = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
     let ran: Vec<usize> = ran.into_iter().map(Result::unwrap).collect();
-    let steps = 2;
+    let steps = 3;
     assert_eq!(ran.iter().sum::<usize>(), steps, "each step ran once, on one instance or another: {ran:?}");
     assert!(ran.iter().all(|&n| n == 0 || n == steps), "one instance ran them all, under the lock: {ran:?}");
     assert_eq!(stores[0].migrate().await.unwrap(), 0);
@@ -237,4 +237,24 @@ async fn a_database_that_is_gone_answers_unavailable_within_the_deadline() {
     let outcome = store.ping().await;
     assert!(matches!(outcome, Err(PgError::Unavailable(_))), "{outcome:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn every_instance_signs_for_a_superapp_with_one_key_pair() {
+    let stores = instances(2).await;
+    assert!(stores[0].add_superapp("vouched", "vkey", &hash("secret"), Some("http://127.0.0.1:9")).await.unwrap());
+    let (a, b) = tokio::join!(
+        miniapp_platformd::vouching::signing_key(&stores[0], "vouched"),
+        miniapp_platformd::vouching::signing_key(&stores[1], "vouched"),
+    );
+    let (a, b) = (a.unwrap().public_key_pem(), b.unwrap().public_key_pem());
+    assert_eq!(a, b, "two instances making a key at once keep the first one stored");
+    let again = miniapp_platformd::vouching::signing_key(&stores[1], "vouched").await.unwrap();
+    assert_eq!(again.public_key_pem(), a);
+    assert_eq!(
+        stores[0].superapp_server("vouched").await.unwrap(),
+        Some((Some("http://127.0.0.1:9".to_owned()), "vkey".to_owned()))
+    );
+    let missing = miniapp_platformd::vouching::signing_key(&stores[0], "nobody").await;
+    assert!(matches!(missing, Err(miniapp_platformd::vouching::KeyError::NoSuperapp(_))), "{missing:?}");
 }

@@ -57,7 +57,7 @@ pub async fn value<'a>(
         b.user.hold(&ticket).await?
     };
     // A superapp server that vouches holds the value; else the host's profile must have it.
-    let value = if b.platform.vouches(&inst.app_id) {
+    let value = if b.platform.vouches(&inst.app_id).await? {
         Source::Superapp
     } else {
         match pick(profile) {

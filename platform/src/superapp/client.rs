@@ -2,9 +2,15 @@
 //! one signed JSON POST ([`super::signing`]) with a deadline, a bounded answer and a bounded number
 //! of calls in flight, and every way it can go wrong as one [`SuperappError`].
 //!
-//! hyper-util's client (already under tonic and axum) over plain HTTP: the platform reaches its
-//! superapp's server on the superapp's own network, or through a TLS-terminating proxy; an
-//! `https://` URL is refused when the client is made, not at the first call.
+//! hyper-util's client (already under tonic and axum), over `http://` (the superapp's own network,
+//! or one machine) or `https://` (hyper-rustls with the system's roots; `SSL_CERT_FILE` names
+//! another bundle). A URL of another scheme is refused when the client is made, not at the first
+//! call.
+//!
+//! A client may speak for users of one namespace ([`SuperappClient::for_namespace`]): the platform
+//! service knows a superapp's user `alice` as `acme/alice`, while the superapp's server knows her as
+//! `alice`; the client strips the namespace from every uid it sends, and a userId the server
+//! answers is the platform's uid only with it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,6 +19,7 @@ use axum::{
     http::{Request, Uri, header::CONTENT_TYPE},
 };
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -51,7 +58,7 @@ pub struct ClientSettings {
 /// failure, never a user's data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SuperappError {
-    #[error("superapp server_url {0:?} is not an http:// URL")]
+    #[error("superapp server_url {0:?} is not an http:// or https:// URL")]
     BadUrl(String),
     #[error("superapp server did not answer within {0} ms")]
     Timeout(u64),
@@ -76,7 +83,9 @@ pub struct SuperappClient {
     base: String,
     client_key: String,
     key: Arc<PlatformKey>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `"<namespace>/"` when the platform's uids carry the superapp's name, else empty.
+    namespace: String,
     timeout: Duration,
     max_answer_bytes: usize,
     in_flight: Arc<Semaphore>,
@@ -108,12 +117,29 @@ impl SuperappClient {
     pub fn new(settings: &ClientSettings, key: Arc<PlatformKey>) -> Result<SuperappClient, SuperappError> {
         let base = settings.server_url.trim_end_matches('/').to_owned();
         let uri: Uri = base.parse().map_err(|_| SuperappError::BadUrl(settings.server_url.clone()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.query().is_some() {
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(SuperappError::BadUrl(settings.server_url.clone())),
+        };
+        if uri.host().is_none() || uri.query().is_some() {
             return Err(SuperappError::BadUrl(settings.server_url.clone()));
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.timeout));
+        connector.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = if https {
+            builder.with_native_roots().map_err(|e| SuperappError::Unreachable(format!("no TLS roots: {e}")))?
+        } else {
+            // An http:// server is never reached over TLS, and the roots are not read for it.
+            builder.with_tls_config(
+                rustls_config_without_roots().map_err(|e| SuperappError::Unreachable(format!("TLS: {e}")))?,
+            )
+        };
+        let connector =
+            if https { builder.https_only() } else { builder.https_or_http() }.enable_http1().wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(settings.max_in_flight.min(16))
@@ -127,7 +153,25 @@ impl SuperappClient {
             max_answer_bytes: settings.max_answer_bytes,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
             max_in_flight: settings.max_in_flight.max(1),
+            namespace: String::new(),
         })
+    }
+
+    /// This client for the platform's uids of `namespace` (`<namespace>/<uid>`), see the module
+    /// docs.
+    pub fn for_namespace(mut self, namespace: &str) -> SuperappClient {
+        self.namespace = format!("{namespace}/");
+        self
+    }
+
+    /// The superapp's own user id of the platform's `uid`.
+    pub fn user_id<'a>(&self, uid: &'a str) -> &'a str {
+        uid.strip_prefix(self.namespace.as_str()).unwrap_or(uid)
+    }
+
+    /// Whether the server's `user_id` is the platform's `uid`.
+    pub fn is_user(&self, uid: &str, user_id: &str) -> bool {
+        uid.strip_prefix(self.namespace.as_str()) == Some(user_id)
     }
 
     /// Calls in flight now.
@@ -137,30 +181,32 @@ impl SuperappClient {
 
     /// checkUser: whether the superapp knows the user.
     pub async fn check_user(&self, user_id: &str) -> Result<bool, SuperappError> {
-        self.call(contract::CHECK_USER, &UserRequest { user_id: user_id.to_owned() }).await
+        self.call(contract::CHECK_USER, &UserRequest { user_id: self.user_id(user_id).to_owned() }).await
     }
 
     /// getUserInfoTemporaryCode: a temporary code standing for the user's phone or e-mail.
     pub async fn temporary_code(&self, user_id: &str, kind: InfoType) -> Result<TemporaryCode, SuperappError> {
-        let answer: TemporaryCode =
-            self.call(contract::TEMPORARY_CODE, &TemporaryCodeRequest { user_id: user_id.to_owned(), kind }).await?;
+        let answer: TemporaryCode = self
+            .call(contract::TEMPORARY_CODE, &TemporaryCodeRequest { user_id: self.user_id(user_id).to_owned(), kind })
+            .await?;
         Ok(TemporaryCode { code: field("data.code", answer.code)?, data: answer.data })
     }
 
     /// getUserPhoneNumber / getUserEmail: the value a temporary code stands for.
     pub async fn value(&self, user_id: &str, kind: InfoType, temporary_code: &str) -> Result<String, SuperappError> {
-        let request = ValueRequest { user_id: user_id.to_owned(), temporary_code: temporary_code.to_owned() };
+        let request =
+            ValueRequest { user_id: self.user_id(user_id).to_owned(), temporary_code: temporary_code.to_owned() };
         field("data", self.call(kind.value_path(), &request).await?)
     }
 
     /// getUserAvatar: the user's avatar URL.
     pub async fn avatar(&self, user_id: &str) -> Result<String, SuperappError> {
-        field("data", self.call(contract::AVATAR, &UserRequest { user_id: user_id.to_owned() }).await?)
+        field("data", self.call(contract::AVATAR, &UserRequest { user_id: self.user_id(user_id).to_owned() }).await?)
     }
 
     /// getUserNick: the user's nickname.
     pub async fn nickname(&self, user_id: &str) -> Result<String, SuperappError> {
-        field("data", self.call(contract::NICKNAME, &UserRequest { user_id: user_id.to_owned() }).await?)
+        field("data", self.call(contract::NICKNAME, &UserRequest { user_id: self.user_id(user_id).to_owned() }).await?)
     }
 
     /// access_token/b2b2c: who the host's authCode stands for.
@@ -222,6 +268,14 @@ impl SuperappClient {
     }
 }
 
+/// rustls with no roots, for a client that only ever speaks plain HTTP.
+fn rustls_config_without_roots() -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// Where and how an answer is not the contract's JSON, without serde's quote of the offending
 /// value (which may be a user's phone number or e-mail address).
 fn json_error(e: &serde_json::Error) -> String {
@@ -261,11 +315,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_http_urls_are_taken() {
+    async fn only_http_and_https_urls_are_taken() {
         let key = Arc::new(PlatformKey::generate().unwrap());
-        for bad in ["https://example.invalid", "ftp://x", "not a url", "http://x/?q=1", "/relative"] {
+        for bad in ["ftp://x", "not a url", "http://x/?q=1", "/relative"] {
             assert!(matches!(SuperappClient::new(&settings(bad), key.clone()), Err(SuperappError::BadUrl(_))), "{bad}");
         }
-        assert!(SuperappClient::new(&settings("http://127.0.0.1:1/prefix/"), key).is_ok());
+        assert!(SuperappClient::new(&settings("http://127.0.0.1:1/prefix/"), key.clone()).is_ok());
+        assert!(SuperappClient::new(&settings("https://superapp.example.invalid"), key).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_namespaced_client_speaks_of_the_superapps_own_users() {
+        let key = Arc::new(PlatformKey::generate().unwrap());
+        let plain = SuperappClient::new(&settings("http://127.0.0.1:1"), key.clone()).unwrap();
+        assert_eq!(plain.user_id("alice"), "alice");
+        assert!(plain.is_user("alice", "alice"));
+        let acme = SuperappClient::new(&settings("http://127.0.0.1:1"), key).unwrap().for_namespace("acme");
+        assert_eq!(acme.user_id("acme/alice"), "alice");
+        assert!(acme.is_user("acme/alice", "alice"));
+        assert!(!acme.is_user("acme/alice", "acme/alice"), "the server's id is never namespaced");
+        assert!(!acme.is_user("other/alice", "alice"), "another tenant's user is not this server's");
+        assert!(!acme.is_user("alice", "alice"));
     }
 }

@@ -17,3 +17,27 @@ pub mod vouch;
 pub use client::{ClientSettings, SuperappClient, SuperappError};
 pub use contract::InfoType;
 pub use signing::{PlatformKey, PlatformPublicKey};
+
+use std::sync::Arc;
+
+use crate::StoreError;
+
+/// Which superapp server vouches for the users of an app: the same one for every app (the daemon's
+/// `[superapp]`), the server stored with the app's tenant (the platform service, which looks it up
+/// in its database), or none. Asked on every vouched step, so an app registered while the platform
+/// runs is vouched for from its first login.
+#[async_trait::async_trait]
+pub trait Directory: Send + Sync + 'static {
+    async fn server_for(&self, app_id: &str) -> Result<Option<Arc<SuperappClient>>, StoreError>;
+}
+
+/// A fixed answer per app id, as the embedded platform (one server or none) and tests use it.
+#[async_trait::async_trait]
+impl<F> Directory for F
+where
+    F: Fn(&str) -> Option<Arc<SuperappClient>> + Send + Sync + 'static,
+{
+    async fn server_for(&self, app_id: &str) -> Result<Option<Arc<SuperappClient>>, StoreError> {
+        Ok(self(app_id))
+    }
+}

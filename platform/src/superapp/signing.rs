@@ -103,6 +103,24 @@ impl PlatformKey {
         Ok(PlatformKey::from_private(private))
     }
 
+    /// The private key as PKCS#8 PEM, for an embedder that keeps it elsewhere than a file (the
+    /// platform service: in its database, shared by its instances).
+    pub fn private_key_pem(&self) -> Result<String, KeyError> {
+        Ok(self
+            .signing
+            .as_ref()
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| KeyError::Generate(e.to_string()))?
+            .to_string())
+    }
+
+    /// A key pair from [`PlatformKey::private_key_pem`]'s text; `what` names where it was kept.
+    pub fn from_private_key_pem(what: &str, pem: &str) -> Result<PlatformKey, KeyError> {
+        let private = RsaPrivateKey::from_pkcs8_pem(pem)
+            .map_err(|e| KeyError::BadPrivateKey { path: what.to_owned(), reason: e.to_string() })?;
+        Ok(PlatformKey::from_private(private))
+    }
+
     fn from_private(private: RsaPrivateKey) -> PlatformKey {
         let public = private.to_public_key();
         PlatformKey { signing: SigningKey::new(private), public }

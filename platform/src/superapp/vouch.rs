@@ -128,7 +128,7 @@ pub async fn login(
         return Err(PlatformError::AuthCodeRefused("already redeemed".into()));
     }
     match server.redeem_auth_code(auth_code).await {
-        Ok(grant) if grant.user_id == uid => Ok(()),
+        Ok(grant) if server.is_user(uid, &grant.user_id) => Ok(()),
         Ok(_) => {
             warn!("the superapp server's user for the host's authCode is not the signed-in user");
             Err(PlatformError::AuthCodeRefused("it stands for another user than the signed-in one".into()))
@@ -169,7 +169,7 @@ pub async fn value(
 ) -> Result<String, ExchangeFailure> {
     server.value(uid, info_type(kind), temporary_code).await.map_err(|e| {
         warn!(call = info_type(kind).value_path(), error = %e, "superapp server call failed");
-        ExchangeFailure::System(format!("system busy: superapp server: {e}"))
+        ExchangeFailure::Busy
     })
 }
 
