@@ -93,6 +93,11 @@ struct Chain {
 }
 
 async fn chain(users: Vec<DevUser>) -> Chain {
+    chain_trusting(users, None).await
+}
+
+/// [`chain`] whose superapp server trusts `key` instead of the key `superapp public-key` printed.
+async fn chain_trusting(users: Vec<DevUser>, key: Option<PlatformPublicKey>) -> Chain {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("platform.db").display());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,7 +108,8 @@ async fn chain(users: Vec<DevUser>) -> Chain {
     let pem = public_key(&db).await;
     assert_eq!(pem, public_key(&db).await, "the key pair is made once and kept");
     let client_key = sa["client_key"].as_str().unwrap().to_owned();
-    let server = Arc::new(DevSuperapp::new(users, &client_key, PlatformPublicKey::from_pem(&pem).unwrap()));
+    let trusted = key.unwrap_or_else(|| PlatformPublicKey::from_pem(&pem).unwrap());
+    let server = Arc::new(DevSuperapp::new(users, &client_key, trusted));
     let superapp = Arc::new(Switchable { server, stall: AtomicBool::new(false) });
     let stop = CancellationToken::new();
     serve_switchable(listener, superapp.clone(), stop.clone()).await;
@@ -318,6 +324,47 @@ async fn an_unknown_user_gets_no_login_and_a_stalled_server_fails_each_call_by_i
     c.superapp.stall.store(false, Ordering::SeqCst);
     let code = within("login", d.renderer.call(v1::LoginRequest::default())).await.expect("login once more").code;
     assert!(c.session(&http, &code).await["openid"].is_string());
+    d.server.shutdown().await;
+    c.stop.cancel();
+}
+
+#[tokio::test]
+async fn an_auth_code_is_redeemed_once_and_a_server_refusing_the_signature_fails_the_login() {
+    let c = chain(vec![alice()]).await;
+    let once = c.superapp.server.issue_auth_code("alice", &[]).expect("an authCode");
+    let dir = tempfile::Builder::new().prefix("brokerd-replay").tempdir().unwrap();
+    let secret_file = dir.path().join("client.secret");
+    std::fs::write(&secret_file, &c.client_secret).unwrap();
+    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+    config.platform.url = Some(format!("http://{}", c.instance.daemon));
+    config.platform.client_key = Some(c.client_key.clone());
+    config.platform.client_secret_file = Some(secret_file);
+    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    // A host whose getAuthCode answers the same authCode every time.
+    let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
+        .user(SignedInUser { uid: "alice".into(), profile: Some(UserProfile::default()) })
+        .get_auth_code(move |_app, req: v1::GetAuthCodeRequest| {
+            let once = once.clone();
+            async move {
+                Ok(v1::GetAuthCodeResponse { auth_code: once, auth_success_scopes: req.scopes, ..Default::default() })
+            }
+        });
+    let host = within("host", host.connect()).await.expect("host connects");
+    let launch = host.launch_app(APP, r#"{"apiVersion":"v3"}"#).await.unwrap();
+    let renderer = RendererClient::connect(server.address(), &launch.launch_token).await.unwrap();
+    let code = within("login", renderer.call(v1::LoginRequest::default())).await.expect("the first login").code;
+    assert!(c.session(&Http::new(), &code).await["openid"].is_string());
+    let replay = within("login", renderer.call(v1::LoginRequest::default())).await.unwrap_err();
+    assert_eq!((replay.errno, replay.reason.as_str()), (1021, "auth_code_refused"), "{replay:?}");
+    server.shutdown().await;
+    c.stop.cancel();
+
+    // A server that trusts another key refuses every request: no login.
+    let other = miniapp_brokerd::superapp::PlatformKey::generate().unwrap().public_key();
+    let c = chain_trusting(vec![alice()], Some(other)).await;
+    let d = desktop(&c, "alice", "alice", "v2", 5_000).await;
+    let refused = within("login", d.renderer.call(v1::LoginRequest::default())).await.unwrap_err();
+    assert_eq!((refused.errno, refused.reason.as_str()), (1019, "superapp_unavailable"), "{refused:?}");
     d.server.shutdown().await;
     c.stop.cancel();
 }
