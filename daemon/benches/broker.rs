@@ -1540,6 +1540,7 @@ fn main() {
             || a == "--scale-only"
             || a.starts_with("--idle")
             || a == "--sweep-only"
+            || a == "--backend-only"
             || a == "--sizes"
     });
     let kind_arg = |flag: &str| {
@@ -1607,6 +1608,20 @@ fn main() {
             swept.samples_during,
             swept.without.p99_us,
             swept.during.p99_us / swept.without.p99_us
+        );
+        return;
+    }
+    if args.iter().any(|a| a == "--backend-only") {
+        let http = runtime.block_on(backend_http(&p));
+        println!(
+            "backend HTTP, 64 keep-alive connections: /cgi-bin/token {:.0} req/s against bare {:.0} ({:.2}x); \
+             /sns/jscode2session {:.0} against bare {:.0} ({:.2}x)",
+            http.token.per_sec,
+            http.token_bare.per_sec,
+            http.token.per_sec / http.token_bare.per_sec,
+            http.jscode.per_sec,
+            http.jscode_bare.per_sec,
+            http.jscode.per_sec / http.jscode_bare.per_sec
         );
         return;
     }

@@ -164,7 +164,13 @@ pub struct SqliteStore {
     expiring: Mutex<VecDeque<(u64, Arc<str>)>>,
     tokens: AccessTokens,
     buckets: Buckets,
+    /// Registered apps' secret hashes, once read ([`SqliteStore::caching_app_secrets`]); `None`:
+    /// every check reads the file.
+    secrets: Option<DashMap<String, Vec<u8>>>,
 }
+
+/// Most secret hashes kept in memory (the map starts over past it; the file has the truth).
+const MAX_CACHED_SECRETS: usize = 10_000;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,7 +206,18 @@ impl SqliteStore {
             expiring: Mutex::new(VecDeque::new()),
             tokens: AccessTokens::default(),
             buckets: Buckets::default(),
+            secrets: None,
         })
+    }
+
+    /// This store keeping registered apps' secret hashes in memory once read, so that a backend's
+    /// check reads no file. Only for an embedder whose process alone writes secrets to the file
+    /// (the daemon: its `register-app` goes through its admin API); a file another process writes
+    /// secrets to (a single `miniapp-platformd` instance, whose `register-app` is its own process)
+    /// must be read on every check. Unknown app ids are not kept, so guessing fills nothing.
+    pub fn caching_app_secrets(mut self) -> SqliteStore {
+        self.secrets = Some(DashMap::new());
+        self
     }
 
     /// Bounds the database file to `max_bytes` ([`limit_size`]); returns the bound in bytes.
@@ -286,11 +303,23 @@ impl PlatformStore for SqliteStore {
     }
 
     async fn app_secret_hash(&self, app_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .conn()
+        if let Some(hash) = self.secrets.as_ref().and_then(|kept| kept.get(app_id).map(|h| h.clone())) {
+            return Ok(Some(hash));
+        }
+        // The lock is held until the hash is kept, so a rotation (which drops it under the same
+        // lock) cannot be overtaken by an older read.
+        let conn = self.conn();
+        let stored: Option<Vec<u8>> = conn
             .prepare_cached("SELECT secret_hash FROM app_secrets WHERE app_id = ?1")?
             .query_row(params![app_id], |r| r.get(0))
-            .optional()?)
+            .optional()?;
+        if let (Some(kept), Some(hash)) = (&self.secrets, &stored) {
+            if kept.len() >= MAX_CACHED_SECRETS {
+                kept.clear();
+            }
+            kept.insert(app_id.to_owned(), hash.clone());
+        }
+        Ok(stored)
     }
 
     async fn set_app_secret_hash(&self, app_id: &str, hash: &[u8], replace: bool) -> Result<bool, StoreError> {
@@ -299,7 +328,13 @@ impl PlatformStore for SqliteStore {
         } else {
             "INSERT OR IGNORE INTO app_secrets (app_id, secret_hash) VALUES (?1, ?2)"
         };
-        Ok(self.conn().execute(sql, params![app_id, hash])? == 1)
+        // Held across the write and the cache's update, so a check never keeps the old hash.
+        let conn = self.conn();
+        let written = conn.execute(sql, params![app_id, hash])? == 1;
+        if let Some(kept) = &self.secrets {
+            kept.remove(app_id);
+        }
+        Ok(written)
     }
 
     async fn start_session(&self, session: &SessionRow) -> Result<(), StoreError> {
@@ -478,6 +513,19 @@ mod tests {
             created_at_ms: 1,
             expires_at_ms: 2,
         }
+    }
+
+    #[tokio::test]
+    async fn kept_secret_hashes_follow_a_rotation_and_unknown_apps_are_not_kept() {
+        let store = SqliteStore::open(None, false).unwrap().caching_app_secrets();
+        assert_eq!(store.app_secret_hash("wxnone").await.unwrap(), None);
+        assert!(store.secrets.as_ref().unwrap().is_empty(), "an unknown app id is not kept");
+        assert!(store.set_app_secret_hash("wxa", b"old", false).await.unwrap());
+        assert_eq!(store.app_secret_hash("wxa").await.unwrap().as_deref(), Some(&b"old"[..]));
+        assert!(!store.set_app_secret_hash("wxa", b"new", false).await.unwrap(), "no replace without rotate");
+        assert_eq!(store.app_secret_hash("wxa").await.unwrap().as_deref(), Some(&b"old"[..]));
+        assert!(store.set_app_secret_hash("wxa", b"new", true).await.unwrap());
+        assert_eq!(store.app_secret_hash("wxa").await.unwrap().as_deref(), Some(&b"new"[..]), "the rotation is seen");
     }
 
     #[tokio::test]
