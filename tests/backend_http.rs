@@ -475,6 +475,9 @@ async fn a_broken_store_answers_system_busy() {
     let secret = host.register_app(APP, false).await.unwrap().secret;
     let path = format!("/cgi-bin/token?grant_type=client_credential&appid={APP}&secret={secret}");
     assert!(http.get(&path).await["access_token"].is_string());
+    // An app whose secret has not been checked yet: its first check reads the file.
+    let unchecked = host.register_app(PLAIN, false).await.unwrap().secret;
+    let unchecked = format!("/cgi-bin/token?grant_type=client_credential&appid={PLAIN}&secret={unchecked}");
 
     // The database file is overwritten under the running daemon: its next read fails.
     let db = daemon.dir.path().join("broker.db");
@@ -482,9 +485,11 @@ async fn a_broken_store_answers_system_busy() {
     for wal in ["broker.db-wal", "broker.db-shm"] {
         let _ = std::fs::write(daemon.dir.path().join(wal), vec![0xA5u8; 64 * 1024]);
     }
-    let body = http.get(&path).await;
+    let body = http.get(&unchecked).await;
     assert_eq!(body["errcode"], json!(-1), "{body}");
     assert!(body["errmsg"].as_str().unwrap().starts_with("system error"), "{body}");
+    // A checked app's secret hash is kept in memory, and its tokens are too: it still gets one.
+    assert!(http.get(&path).await["access_token"].is_string());
 }
 
 #[tokio::test]
