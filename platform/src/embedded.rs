@@ -82,6 +82,34 @@ const UNKNOWN_APP_HASH: [u8; 32] = [0; 32];
 /// daemon's embedded platform, the app's tenant's in the platform service, none by default.
 pub type SuperappOf = Arc<dyn Directory>;
 
+/// The most a login's renewal may leave a session's stored expiry short of a full lifetime from
+/// now without writing it again: repeated logins of one user in a short time (a mini app calls
+/// wx.login at each launch) renew the session once, not once each. The slack is a thousandth of
+/// the session's lifetime, at most this.
+pub const MAX_RENEWAL_SLACK_MS: u64 = 60_000;
+
+/// The renewal slack of sessions that live `session_ttl_ms` (see [`MAX_RENEWAL_SLACK_MS`]): a
+/// session's stored expiry is at most this short of its last login's plus the lifetime.
+pub fn renewal_slack_ms(session_ttl_ms: u64) -> u64 {
+    (session_ttl_ms / 1000).min(MAX_RENEWAL_SLACK_MS)
+}
+
+/// The session a login leaves: a row to write (fresh, a new key, or an expiry moved), or the
+/// stored one, whose expiry is within the slack of a renewal's.
+#[derive(Debug)]
+enum Renewal {
+    Write(SessionRow),
+    Unchanged(SessionRow),
+}
+
+impl Renewal {
+    fn row(&self) -> &SessionRow {
+        match self {
+            Renewal::Write(row) | Renewal::Unchanged(row) => row,
+        }
+    }
+}
+
 /// How many replaced keys of one session are remembered for the stale-key diagnostic.
 const REPLACED_KEPT: usize = 4;
 
@@ -187,15 +215,21 @@ impl EmbeddedPlatform {
         keyed(&self.secret, label, a, b)
     }
 
-    /// Issues a code for `purpose`; a login code's `session` is written with the code, after its
-    /// ledger rows (a code is never out without them; rows of a code the store refused go again).
+    /// Issues a code for `purpose`; a login code's `session` is written with the code (unless
+    /// it is a [`Renewal::Unchanged`] one), after its ledger rows (a code is never out without
+    /// them; rows of a code the store refused go again).
     async fn issue(
         &self,
         app_id: &str,
         uid: &str,
         purpose: Purpose,
-        session: Option<&SessionRow>,
+        session: Option<&Renewal>,
     ) -> Result<String, PlatformError> {
+        let (session, write) = match session {
+            Some(Renewal::Write(row)) => (Some(row), Some(row)),
+            Some(Renewal::Unchanged(row)) => (Some(row), None),
+            None => (None, None),
+        };
         let now = self.clock.now_ms();
         let (api, disclosed): (&str, &[Disclosed]) = match &purpose {
             Purpose::Login { .. } if self.union_group(app_id).is_some() => {
@@ -221,7 +255,7 @@ impl EmbeddedPlatform {
             expires_at_ms: now + self.code_ttl_ms,
             ledger: ledger.clone(),
         };
-        if let Err(e) = self.store.issue_code(&code, record, session, self.max_codes_per_user).await {
+        if let Err(e) = self.store.issue_code(&code, record, write, self.max_codes_per_user).await {
             self.ledger.withdrawn(&ledger);
             return Err(e.into());
         }
@@ -232,17 +266,22 @@ impl EmbeddedPlatform {
     /// its key when the key is a WeChat key younger than `key_refresh_ms` (as WeChat, repeated
     /// logins in a short time keep one key), else with a fresh key (`created_at_ms` is the key's
     /// birth). A replaced key's signature is remembered for the stale-key diagnostic.
-    async fn session_for_login(&self, app_id: &str, uid: &str) -> Result<SessionRow, PlatformError> {
+    async fn session_for_login(&self, app_id: &str, uid: &str) -> Result<Renewal, PlatformError> {
         let now = self.clock.now_ms();
         let expires_at_ms = now + self.session_ttl_ms;
         if let Some(live) = self.live_session(app_id, uid).await? {
             let young = now.saturating_sub(live.created_at_ms) < self.key_refresh_ms;
             if young && SessionKey::parse(&live.session_key).is_some() {
-                return Ok(SessionRow { expires_at_ms, ..live });
+                // A renewal that would move the expiry by less than the slack is not written.
+                let slack = renewal_slack_ms(self.session_ttl_ms);
+                if live.expires_at_ms + slack >= expires_at_ms {
+                    return Ok(Renewal::Unchanged(live));
+                }
+                return Ok(Renewal::Write(SessionRow { expires_at_ms, ..live }));
             }
             self.remember_replaced(&live);
         }
-        Ok(self.fresh_session(app_id, uid, now, expires_at_ms))
+        Ok(Renewal::Write(self.fresh_session(app_id, uid, now, expires_at_ms)))
     }
 
     fn fresh_session(&self, app_id: &str, uid: &str, now: u64, expires_at_ms: u64) -> SessionRow {
@@ -506,8 +545,10 @@ impl Platform for EmbeddedPlatform {
             vouch::check_user(&server, uid).await?;
         }
         let session = self.session_for_login(app_id, uid).await?;
-        self.store.start_session(&session).await?;
-        Ok(session.session_key)
+        if let Renewal::Write(row) = &session {
+            self.store.start_session(row).await?;
+        }
+        Ok(session.row().session_key.clone())
     }
 
     async fn check_session(&self, app_id: &str, uid: &str) -> Result<(), PlatformError> {
@@ -815,6 +856,30 @@ mod tests {
 
     async fn app(p: &EmbeddedPlatform, app_id: &str, secret: &str) -> AuthorizedApp {
         p.authenticate(Surface::Exchange, Credential::Secret { app_id, secret }).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn repeated_logins_renew_the_session_once_within_the_slack_and_again_past_it() {
+        let clock = ManualClock::new(1_000);
+        let p = platform(clock.clone()).await;
+        let stored = |p: &EmbeddedPlatform| {
+            let store = p.store.clone();
+            async move { store.session("a", "u1").await.unwrap().unwrap() }
+        };
+        p.login_code("a", "u1", None).await.unwrap();
+        let first = stored(&p).await;
+        assert_eq!(first.expires_at_ms, 1_000 + 3_600_000);
+        // A thousandth of the hour's lifetime (3.6 s) later: the stored row stays as it was.
+        clock.advance_ms(3_000);
+        p.login_code("a", "u1", None).await.unwrap();
+        assert_eq!(stored(&p).await, first, "a renewal within the slack is not written");
+        assert_eq!(p.check_session("a", "u1").await.ok(), Some(()));
+        // Past the slack: renewed, with the same key.
+        clock.advance_ms(1_000);
+        p.login_code("a", "u1", None).await.unwrap();
+        let renewed = stored(&p).await;
+        assert_eq!(renewed.expires_at_ms, 5_000 + 3_600_000);
+        assert_eq!(renewed.session_key, first.session_key, "a young key is kept");
     }
 
     #[tokio::test]
