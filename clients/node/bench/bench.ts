@@ -8,6 +8,9 @@
  *
  * - `renderer_stream`: `RendererClient.call('login')`, a v1 login the host answers at once, on the
  *   client's multiplexed Session stream: renderer → daemon → host → daemon → renderer;
+ * - `daemon_stream`: `RendererClient.call('getSetting')` on a v3 app instance, which the daemon
+ *   answers itself from its store: one stream hop, renderer → daemon → renderer (a diagnostic: the
+ *   mediated call is this hop plus the daemon → host → daemon one);
  * - `renderer_unary`: the same login as the typed unary `OpenApi.Login`, on a grpc-js client made
  *   as `RendererClient` makes its own (channel options, owner check and token per call);
  * - `wx_login`: `createWx(renderer).login()` on the same renderer;
@@ -60,7 +63,7 @@ const PAYLOAD = 'x'.repeat(64);
 /** The targets of the summary's two ratios. */
 export const TARGETS = { mediated_stream_p50_ratio: 2.2, wx_overhead_pct: 5 } as const;
 
-export const KINDS = ['renderer_stream', 'renderer_unary', 'wx_login', 'wx_login_invoke', 'echo_unary', 'echo_stream'] as const;
+export const KINDS = ['renderer_stream', 'daemon_stream', 'renderer_unary', 'wx_login', 'wx_login_invoke', 'echo_unary', 'echo_stream'] as const;
 export type KindName = (typeof KINDS)[number];
 
 export interface BenchOptions {
@@ -296,12 +299,15 @@ export async function runBench(options: BenchOptions): Promise<Summary> {
     const n = Math.max(1, options.clients);
     host.send({ type: 'launch', count: n, appJson: '{"apiVersion":"v1"}', appsOf: 8 } satisfies ToPeer);
     const { tokens } = await bounded('the host to launch the app instances', 60_000, nextMessage(host, 'launched'));
+    host.send({ type: 'launch', count: n, appJson: '{"apiVersion":"v3"}', appsOf: 8 } satisfies ToPeer);
+    const { tokens: v3Tokens } = await bounded('the host to launch the v3 app instances', 60_000, nextMessage(host, 'launched'));
 
     const Echo = (echoService() as unknown as { miniapp: { bench: { v1: { Echo: grpc.ServiceClientConstructor } } } }).miniapp.bench.v1.Echo;
     const kinds: Kind[] = KINDS.map((name) => ({ name, callers: [] }));
     const kind = (name: KindName) => kinds.find((k) => k.name === name)!;
-    for (const token of tokens) {
+    for (const [i, token] of tokens.entries()) {
       const renderer = new RendererClient(daemon.socket, token);
+      const v3Renderer = new RendererClient(daemon.socket, v3Tokens[i]);
       const wx = createWx(renderer);
       const openApi = new v1.OpenApi(target(daemon.socket), CREDENTIALS, CHANNEL_OPTIONS) as unknown as OpenApiClient;
       const wxInvoke = createWx(unaryInvoker(openApi, daemon.socket, token));
@@ -309,11 +315,16 @@ export async function runBench(options: BenchOptions): Promise<Summary> {
       const echoCall = echoClient.Stream() as grpc.ClientDuplexStream<unknown, { id: number }>;
       cleanup.unshift(() => {
         renderer.close();
+        v3Renderer.close();
         openApi.close();
         echoCall.end();
         echoClient.close();
       });
       kind('renderer_stream').callers.push(async () => expectLogin(await renderer.call('login')));
+      kind('daemon_stream').callers.push(async () => {
+        const setting = await v3Renderer.call('getSetting');
+        if (setting.errMsg !== 'getSetting:ok') throw new Error(`getSetting answered ${JSON.stringify(setting)}`);
+      });
       kind('renderer_unary').callers.push(
         () =>
           new Promise<void>((resolve, reject) =>
@@ -386,6 +397,7 @@ export async function runBench(options: BenchOptions): Promise<Summary> {
 
     const stream = figures.renderer_stream_p50_us;
     figures.mediated_stream_p50_ratio = stream / figures.echo_stream_p50_us;
+    figures.daemon_stream_p50_ratio = figures.daemon_stream_p50_us / figures.echo_stream_p50_us;
     figures.mediated_unary_p50_ratio = figures.renderer_unary_p50_us / figures.echo_unary_p50_us;
     figures.wx_overhead_pct = ((figures.wx_login_p50_us - stream) / stream) * 100;
     figures.wx_invoke_overhead_pct = ((figures.wx_login_invoke_p50_us - stream) / stream) * 100;
@@ -443,6 +455,7 @@ export function table(summary: Summary): string {
   lines.push('');
   lines.push(`mediated_stream_p50_ratio ${num(f.mediated_stream_p50_ratio, 2)} (target <= ${TARGETS.mediated_stream_p50_ratio})`);
   lines.push(`wx_overhead_pct           ${num(f.wx_overhead_pct, 1)} (target <= ${TARGETS.wx_overhead_pct}; over the unary Invoke: ${num(f.wx_invoke_overhead_pct, 1)})`);
+  lines.push(`daemon_stream_p50_ratio   ${num(f.daemon_stream_p50_ratio, 2)} (one hop, the daemon answering)`);
   lines.push(`mediated_unary_p50_ratio  ${num(f.mediated_unary_p50_ratio, 2)}`);
   lines.push(`targets ${summary.targets_met ? 'met' : `missed: ${summary.targets_missed.join(', ')}`}`);
   return lines.join('\n');

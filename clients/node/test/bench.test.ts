@@ -16,7 +16,7 @@ test('the benchmark runs end to end and measures every figure (smoke: tiny count
   const out = path.join(dir, 'summary.json');
   try {
     const summary = await runBench({ daemon: daemonBinary(), samples: 60, rounds: 2, warmup: 10, windowMs: 200, clients: 4, out });
-    const expected = ['mediated_stream_p50_ratio', 'wx_overhead_pct', 'mediated_unary_p50_ratio', 'wx_invoke_overhead_pct', 'mediated_stream_throughput_ratio_4'];
+    const expected = ['mediated_stream_p50_ratio', 'wx_overhead_pct', 'mediated_unary_p50_ratio', 'daemon_stream_p50_ratio', 'wx_invoke_overhead_pct', 'mediated_stream_throughput_ratio_4'];
     for (const kind of KINDS) {
       for (const suffix of ['p50_us', 'p99_us', 'throughput_1', 'p50_us_4', 'p99_us_4', 'throughput_4']) expected.push(`${kind}_${suffix}`);
     }
