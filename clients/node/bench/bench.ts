@@ -19,8 +19,8 @@
  * - `echo_unary`, `echo_stream`: a 64-character message to the echo server and back, one unary
  *   call, or one round trip on a bidi stream held open.
  *
- * Latency: one client, back to back, the kinds in interleaved rounds (the order rotating) after a
- * warm-up, so that drift on a shared machine hits them alike. Throughput: 1 and N (64) clients
+ * Latency: one client, back to back, the kinds in many short interleaved rounds (the order
+ * rotating) after a warm-up, so that drift on a shared machine hits them alike. Throughput: 1 and N (64) clients
  * calling back to back, each kind twice for half the window, in turn, after a warm-up; for
  * renderers each client has its own app instance (and Session stream). grpc-js puts clients of
  * one target and options on one connection, so the N clients of a kind share one connection to
@@ -83,8 +83,10 @@ export interface BenchOptions {
   log?: (line: string) => void;
 }
 
-export const FULL: Omit<BenchOptions, 'daemon'> = { samples: 20_000, rounds: 10, warmup: 1_000, windowMs: 4_000, clients: 64 };
-export const QUICK: Omit<BenchOptions, 'daemon'> = { samples: 2_000, rounds: 4, warmup: 200, windowMs: 1_000, clients: 64 };
+// Many short rounds: a chain of processes on few CPUs settles into one placement per stretch of
+// calls, fast or slow, and many rounds give every kind about the same share of each.
+export const FULL: Omit<BenchOptions, 'daemon'> = { samples: 20_000, rounds: 40, warmup: 2_000, windowMs: 4_000, clients: 64 };
+export const QUICK: Omit<BenchOptions, 'daemon'> = { samples: 3_000, rounds: 15, warmup: 1_000, windowMs: 1_000, clients: 64 };
 
 /** The summary: `figures` holds every number (the keys the issue names among them). */
 export interface Summary {
@@ -355,10 +357,15 @@ export async function runBench(options: BenchOptions): Promise<Summary> {
     for (const k of kinds) await sequential(k.callers[0], options.warmup);
     const samples = new Map<KindName, number[]>(KINDS.map((name) => [name, []]));
     const perRound = Math.max(1, Math.ceil(options.samples / options.rounds));
+    // Each round's median per kind, to show how far the rounds spread (drift, a noisy neighbour).
+    const roundMedians: Record<string, number[]> = Object.fromEntries(KINDS.map((name) => [name, []]));
     for (let round = 0; round < options.rounds; round++) {
       for (let i = 0; i < kinds.length; i++) {
         const k = kinds[(i + round) % kinds.length];
-        await sequential(k.callers[0], perRound, samples.get(k.name));
+        const these: number[] = [];
+        await sequential(k.callers[0], perRound, these);
+        samples.get(k.name)!.push(...these);
+        roundMedians[k.name].push(Math.round(quantile(sortedOf(these), 0.5)));
       }
     }
     for (const [name, values] of samples) {
@@ -424,6 +431,7 @@ export async function runBench(options: BenchOptions): Promise<Summary> {
         warmup: options.warmup,
         window_ms: options.windowMs,
         clients: options.clients,
+        round_p50_us: roundMedians,
       },
     };
     if (options.out) fs.writeFileSync(options.out, `${JSON.stringify(summary, null, 2)}\n`);

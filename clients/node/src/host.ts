@@ -362,8 +362,9 @@ export class HostClient extends EventEmitter {
 
 /**
  * A delegate call in the handler's hands: its context, and its cancellation. The `AbortSignal` is
- * made when the handler first reads `ctx.signal` (making one costs more than the rest of a call a
- * handler answers at once), already aborted if the cancel came first. (Exported for its test.)
+ * made when the handler first reads `ctx.signal` (Node makes an AbortController slowly, a large
+ * part of a call that a handler answers at once), already aborted if the cancel came first.
+ * (Exported for its test.)
  */
 export class RunningCall implements CallContext {
   private controller: AbortController | undefined;
