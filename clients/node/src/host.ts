@@ -106,7 +106,7 @@ export class HostClient extends EventEmitter {
   private readonly admin: AdminClient;
   private readonly handlers: HostHandlers;
   private link: Link | undefined;
-  private running = new Map<number, AbortController>();
+  private running = new Map<number, RunningCall>();
   /** Launched apps by instance id, to launch again after a reconnect. */
   private apps = new Map<string, { appId: string; appJson: string }>();
   private user: SignedInUser | undefined;
@@ -225,8 +225,8 @@ export class HostClient extends EventEmitter {
 
   private onCall(link: Link, call: DelegateCall__Output): void {
     const callId = Number(call.callId);
-    const controller = new AbortController();
-    const ctx: CallContext = { app: call.app ?? { appId: '', instanceId: '', apiVersion: '' }, signal: controller.signal, deadlineMs: call.deadlineMs };
+    const controller = new RunningCall(call.app ?? { appId: '', instanceId: '', apiVersion: '' }, call.deadlineMs);
+    const ctx: CallContext = controller;
     let run: (() => Promise<DelegateResult>) | undefined;
     if (call.request === 'api' && call.api?.api && call.api.api in OPEN_APIS) {
       const api = call.api.api as OpenApiName;
@@ -250,7 +250,7 @@ export class HostClient extends EventEmitter {
       .catch((e: unknown) => failureResult(callId, e))
       .then((result) => {
         // After CancelCall (or the link's end) the daemon drops an answer: send none.
-        if (controller.signal.aborted || this.link !== link) return;
+        if (controller.aborted || this.link !== link) return;
         this.running.delete(callId);
         link.write({ result });
       });
@@ -357,6 +357,38 @@ export class HostClient extends EventEmitter {
   private shutdown(): void {
     this.closedByUser = true;
     this.grpc.close();
+  }
+}
+
+/**
+ * A delegate call in the handler's hands: its context, and its cancellation. The `AbortSignal` is
+ * made when the handler first reads `ctx.signal` (Node makes an AbortController slowly, a large
+ * part of a call that a handler answers at once), already aborted if the cancel came first.
+ * (Exported for its test.)
+ */
+export class RunningCall implements CallContext {
+  private controller: AbortController | undefined;
+  private reason: unknown;
+  aborted = false;
+
+  constructor(
+    readonly app: AppInfo__Output,
+    readonly deadlineMs: number,
+  ) {}
+
+  get signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.aborted) this.controller.abort(this.reason);
+    }
+    return this.controller.signal;
+  }
+
+  abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    this.controller?.abort(reason);
   }
 }
 

@@ -30,6 +30,7 @@ const LOADER_OPTIONS: protoLoader.Options = {
 
 type Root = AdminProto & ExchangeProto & HostProto & RendererProto;
 
-const definition = protoLoader.loadSync(FILES, LOADER_OPTIONS);
+/** The loaded descriptors, by full name (the JSON bridge's mapping reads the message fields). */
+export const definition = protoLoader.loadSync(FILES, LOADER_OPTIONS);
 /** The `miniapp.broker.v1` package: service client constructors and message types. */
 export const v1 = (grpc.loadPackageDefinition(definition) as unknown as Root).miniapp.broker.v1;

@@ -1,13 +1,15 @@
 /**
  * The renderer side: a mini app process calling the open APIs of its own app instance, as
  * client/src/renderer.rs does. Calls are multiplexed on one `OpenApi.Session` stream; `invoke` is
- * the JSON bridge. Both retry with backoff while the daemon is unreachable, and a payment keeps
+ * the JSON bridge, on the same stream whenever its params map to a typed request exactly (else
+ * through `OpenApi.Invoke`). Both retry with backoff while the daemon is unreachable, and a payment keeps
  * one idempotency key across those retries, so it never reaches the host twice.
  */
 import { randomBytes } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { isOpenApi, PAYMENT_APIS, type OpenApiName, type ReceivedResponseOf, type RequestOf } from './apis';
 import { Backoff, CHANNEL_OPTIONS, CREDENTIALS, checkServerOwner, target, waitForReady } from './connect';
+import { failureObject, requestFromParams, successObject } from './bridge';
 import { ApiError, isTransportCode, TRANSPORT_REASON, transportError } from './failure';
 import type { ApiRequest } from './generated/miniapp/broker/v1/ApiRequest';
 import type { ApiResponse__Output } from './generated/miniapp/broker/v1/ApiResponse';
@@ -29,7 +31,9 @@ export interface RendererOptions {
 /** What `invoke` returns: `ok` picks the callback (`success` or `fail`), `result` is its argument. */
 export type InvokeResult = WxInvokeResult;
 
-type Waiter = { api: string; resolve: (r: ApiResponse__Output) => void; reject: (e: ApiError) => void };
+/** A call waiting on the stream: it gets the daemon's reply (an answer or the daemon's failure), or
+ * an `ApiError` the client made (the stream ended, the renderer closed). */
+type Waiter = { api: string; resolve: (r: RendererReply__Output) => void; reject: (e: ApiError) => void };
 
 /** One open `OpenApi.Session` stream and the calls waiting on it. */
 class Mux {
@@ -133,7 +137,10 @@ export class RendererClient {
     const api = Object.keys(request).find(isOpenApi);
     if (!api) throw new ApiError({ errMsg: 'unknown:fail the request names no API', errno: 1001, grpcCode: grpc.status.INVALID_ARGUMENT, reason: 'invalid_params', hostError: null });
     const keyed = withPaymentKey(api, request);
-    return this.retrying(api, () => this.streamCall(api, keyed));
+    const reply = await this.retrying(api, () => this.streamCall(api, keyed));
+    if (reply.outcome === 'ok' && reply.ok) return reply.ok;
+    if (reply.outcome === 'failure' && reply.failure) throw new ApiError(reply.failure);
+    throw transportError(api, grpc.status.INTERNAL, 'empty reply');
   }
 
   /** Runs `attempt` again with backoff while it fails for want of the daemon, within the budget. */
@@ -152,7 +159,7 @@ export class RendererClient {
     }
   }
 
-  private streamCall(api: string, request: ApiRequest): Promise<ApiResponse__Output> {
+  private streamCall(api: string, request: ApiRequest): Promise<RendererReply__Output> {
     if (this.closed) return Promise.reject(cancelledError(api));
     const mux = this.openMux();
     const id = this.nextId++;
@@ -172,9 +179,7 @@ export class RendererClient {
       const waiter = mux.pending.get(Number(reply.id));
       if (!waiter) return;
       mux.pending.delete(Number(reply.id));
-      if (reply.outcome === 'ok' && reply.ok) waiter.resolve(reply.ok);
-      else if (reply.outcome === 'failure' && reply.failure) waiter.reject(new ApiError(reply.failure));
-      else waiter.reject(transportError(waiter.api, grpc.status.INTERNAL, 'empty reply'));
+      waiter.resolve(reply);
     });
     // 'status' comes exactly once, whichever way the stream ends; 'error' repeats it for non-OK.
     call.on('error', () => {});
@@ -193,19 +198,30 @@ export class RendererClient {
    * program passed (functions in it are dropped) and returns the object for its `success`
    * callback (`ok`) or its `fail` callback, exactly as the daemon's `OpenApi.Invoke` shapes it.
    * Never throws. A payment without an `idempotencyKey` gets one, kept across retries.
+   *
+   * The call goes on the Session stream, with the object made here as the daemon's bridge makes
+   * it (./bridge), when the params map to a typed request exactly; otherwise (a value of the wrong
+   * type, an unknown API, nested values) through `Invoke`, so the daemon words the refusal.
    */
   async invoke(api: string, params: Record<string, unknown> = {}): Promise<InvokeResult> {
     const clean: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(params ?? {})) if (typeof v !== 'function') clean[k] = v;
     if (PAYMENT_APIS.includes(api) && !clean.idempotencyKey) clean.idempotencyKey = newPaymentKey();
-    const paramsJson = JSON.stringify(clean);
     try {
+      const request = requestFromParams(api, clean);
+      if (request) {
+        const reply = await this.retrying(api, () => this.streamCall(api, request));
+        const answer = reply.outcome === 'ok' && reply.ok ? successObject(api, reply.ok) : undefined;
+        if (answer) return { ok: true, result: answer };
+        if (reply.outcome === 'failure' && reply.failure) return { ok: false, result: failureObject(reply.failure) };
+        throw transportError(api, grpc.status.INTERNAL, reply.ok ? 'answer of the wrong type' : 'empty reply');
+      }
+      const paramsJson = JSON.stringify(clean);
       const response = await this.retrying(api, () => this.invokeOnce(api, paramsJson));
       return { ok: response.ok, result: JSON.parse(response.resultJson) as WxResult };
     } catch (e) {
       const message = e instanceof ApiError ? e.errMsg : `${api}:fail ${e instanceof Error ? e.message : String(e)}`;
-      const errno = e instanceof ApiError ? e.errno : 1005;
-      return { ok: false, result: { errMsg: message, errno } };
+      return { ok: false, result: { errMsg: message, errno: e instanceof ApiError ? bridgeErrno(e) : 1005 } };
     }
   }
 
@@ -238,6 +254,15 @@ export class RendererClient {
     }
     this.client.close();
   }
+}
+
+/**
+ * The errno of a failure the client made, in the object `invoke` answers. A call the daemon
+ * refused with a status (a bad or closed launch token) has no object from the daemon; on either
+ * route it gets 1005, as a refused `Invoke` always did (and as the Rust client's `invoke_json`).
+ */
+function bridgeErrno(e: ApiError): number {
+  return e.reason === 'unauthenticated' ? 1005 : e.errno;
 }
 
 function cancelledError(api: string): ApiError {

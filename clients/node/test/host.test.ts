@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { ApiError, createWx, HostClient, HostConnectError, HostError, RendererClient, UserCancelled, type WxResult } from '../src/index';
+import { RunningCall } from '../src/host';
 import { Daemon, rejection, signal, until, within } from './support';
 
 const APP = 'wxnode00000000002';
@@ -219,4 +220,24 @@ test('a wrong launch token fails every surface at once with a clear answer', asy
   } finally {
     r.close();
   }
+});
+
+test("a handler's signal is made when it is read, and is already aborted if the cancel came first", () => {
+  const app = { appId: 'a', instanceId: 'i', apiVersion: 'v1' };
+  const early = new RunningCall(app, 1000);
+  const reason = new Error('cancelled by the daemon: gone');
+  early.abort(reason);
+  early.abort(new Error('a second cancel is ignored'));
+  assert.equal(early.signal.aborted, true);
+  assert.equal(early.signal.reason, reason);
+
+  const late = new RunningCall(app, 1000);
+  const heard: unknown[] = [];
+  late.signal.addEventListener('abort', () => heard.push(late.signal.reason));
+  assert.equal(late.signal.aborted, false);
+  late.abort(reason);
+  late.abort(new Error('again'));
+  assert.deepEqual(heard, [reason]);
+  assert.equal(late.signal, late.signal, 'one signal per call');
+  assert.deepEqual([late.app, late.deadlineMs], [app, 1000]);
 });

@@ -129,6 +129,8 @@ export class SocketProxy {
   refused = 0;
   /** While set, bytes from the daemon are dropped; the hook hears the type of each dropped frame. */
   swallow: ((frameType: number) => void) | undefined;
+  /** While set, hears the type of each frame from the daemon that is passed on. */
+  observe: ((frameType: number) => void) | undefined;
 
   constructor(
     private readonly upstream: string,
@@ -154,7 +156,10 @@ export class SocketProxy {
           const frame = pending.subarray(0, 9 + length);
           pending = pending.subarray(9 + length);
           if (this.swallow) this.swallow(frame[3]);
-          else client.write(frame);
+          else {
+            this.observe?.(frame[3]);
+            client.write(frame);
+          }
         }
       });
       client.on('data', (chunk: Buffer) => upstream.write(chunk));

@@ -4,7 +4,7 @@
  * daemon's backend HTTP API (`getUtils().codeToSession`) and decrypts `encryptedData` with the
  * session key (`getUtils().decryptSession`, its `Decryptor`); the signature is checked as WeChat
  * documents it, `sha1(rawData + session_key)`. The answers come through the Node client's typed
- * stream calls (`RendererClient.call`) and its `wx` facade (`OpenApi.Invoke`).
+ * stream calls (`RendererClient.call`) and its `wx` facade (`invoke`, the JSON bridge).
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
