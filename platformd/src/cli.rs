@@ -1,9 +1,10 @@
 //! The command line: `serve`, `migrate`, `superapp add`, `superapp public-key`, `register-app`. These names and flags are
 //! what operators script against (docs/platform.md).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use miniapp_platform::config::HttpLimits;
 
 #[derive(Debug, Parser)]
 #[command(name = "miniapp-platformd", version, about = "The miniapp platform as a service")]
@@ -128,6 +129,110 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    #[command(flatten)]
+    pub listeners: ListenerArgs,
+}
+
+const DAEMON_MAX_CONNECTIONS: usize = 256;
+const DAEMON_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+const DAEMON_MAX_CONNECTION_AGE_MS: u64 = 600_000;
+/// Longer than a call may take (30 s).
+const DAEMON_CONNECTION_AGE_GRACE_MS: u64 = 35_000;
+
+/// What one peer can make each listener hold, and for how long (docs/reliability.md).
+#[derive(Debug, Clone, Args)]
+pub struct ListenerArgs {
+    /// Backend HTTP connections open at once; more wait in the kernel's backlog until one closes.
+    #[arg(long, default_value_t = HttpLimits::default().max_connections, value_parser = at_least_one)]
+    pub max_connections: usize,
+    /// A backend HTTP request head (and, with TLS, the handshake before it) must be complete within
+    /// this of the connection waiting for it; past it the connection is closed.
+    #[arg(long, default_value_t = millis(HttpLimits::default().header_timeout), value_parser = positive_ms)]
+    pub header_timeout_ms: u64,
+    /// A backend HTTP connection on which no request starts and none is answered for this long is
+    /// closed.
+    #[arg(long, default_value_t = millis(HttpLimits::default().idle_timeout), value_parser = positive_ms)]
+    pub idle_timeout_ms: u64,
+    /// A backend HTTP answer the peer does not take within this closes its connection.
+    #[arg(long, default_value_t = millis(HttpLimits::default().write_timeout), value_parser = positive_ms)]
+    pub write_timeout_ms: u64,
+    /// Daemon gRPC connections open at once; more wait in the kernel's backlog until one closes.
+    #[arg(long, default_value_t = DAEMON_MAX_CONNECTIONS, value_parser = at_least_one)]
+    pub daemon_max_connections: usize,
+    /// A daemon connection must start its first call (TLS handshake and HTTP/2 preface included)
+    /// within this of being accepted; past it the connection is closed.
+    #[arg(long, default_value_t = DAEMON_HANDSHAKE_TIMEOUT_MS, value_parser = positive_ms)]
+    pub daemon_handshake_timeout_ms: u64,
+    /// A daemon connection is asked to close (HTTP/2 GOAWAY) this long after it opened and closed
+    /// a grace period later; the daemon reconnects on its next call.
+    #[arg(long, default_value_t = DAEMON_MAX_CONNECTION_AGE_MS, value_parser = positive_ms)]
+    pub daemon_max_connection_age_ms: u64,
+    /// How long a daemon connection past its age has to finish its calls before it is closed
+    /// whatever they are doing.
+    #[arg(long, default_value_t = DAEMON_CONNECTION_AGE_GRACE_MS, value_parser = positive_ms)]
+    pub daemon_connection_age_grace_ms: u64,
+}
+
+impl Default for ListenerArgs {
+    fn default() -> ListenerArgs {
+        let http = HttpLimits::default();
+        ListenerArgs {
+            max_connections: http.max_connections,
+            header_timeout_ms: millis(http.header_timeout),
+            idle_timeout_ms: millis(http.idle_timeout),
+            write_timeout_ms: millis(http.write_timeout),
+            daemon_max_connections: DAEMON_MAX_CONNECTIONS,
+            daemon_handshake_timeout_ms: DAEMON_HANDSHAKE_TIMEOUT_MS,
+            daemon_max_connection_age_ms: DAEMON_MAX_CONNECTION_AGE_MS,
+            daemon_connection_age_grace_ms: DAEMON_CONNECTION_AGE_GRACE_MS,
+        }
+    }
+}
+
+impl ListenerArgs {
+    /// The backend HTTP listener's bounds.
+    pub fn http(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+        }
+    }
+}
+
+impl ListenerArgs {
+    /// The daemon gRPC listener's bounds.
+    pub fn daemon(&self) -> crate::daemon_listener::Limits {
+        crate::daemon_listener::Limits {
+            max_connections: self.daemon_max_connections,
+            handshake_timeout: Duration::from_millis(self.daemon_handshake_timeout_ms),
+            max_connection_age: Duration::from_millis(self.daemon_max_connection_age_ms),
+            age_grace: Duration::from_millis(self.daemon_connection_age_grace_ms),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Milliseconds, at least one and at most a day.
+fn positive_ms(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(ms @ 1..=86_400_000) => Ok(ms),
+        Ok(_) => Err("must be between 1 and 86400000 (a day)".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl DatabaseArgs {
@@ -168,6 +273,7 @@ impl ServeArgs {
             exchange_burst_per_app: 60,
             superapp_timeout_ms: 3000,
             log_json: false,
+            listeners: ListenerArgs::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod daemon_api;
+pub mod daemon_listener;
 pub mod engine;
 pub mod local_redemptions;
 pub mod postgres;

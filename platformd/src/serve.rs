@@ -8,7 +8,7 @@ use axum::{Router, extract::State, http::StatusCode, routing};
 use miniapp_platform::{
     Platform, backend_http,
     clock::SystemClock,
-    config::{EmbeddedConfig, HttpLimits},
+    config::EmbeddedConfig,
     disclosures::NoLedger,
     embedded::EmbeddedPlatform,
     store::{PlatformStore, sqlite::SqliteStore},
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::{
     cli::{DatabaseArgs, ServeArgs},
     daemon_api::{DaemonApi, RedemptionSource},
+    daemon_listener,
     local_redemptions::RecordingStore,
     postgres::{PgOptions, PgStore},
     tenants::{SqliteTenants, TenantStore, Tenants},
@@ -194,7 +195,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
     let http = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| ServeError::Listen(args.listen, e))?;
     let http_addr = http.local_addr().map_err(|e| ServeError::Listen(args.listen, e))?;
     let api = backend_http::Api::new(dyn_platform.clone(), Arc::new(SystemClock)).with_routes(probes);
-    let (stop, limits) = (shutdown.clone(), HttpLimits::default());
+    let (stop, limits) = (shutdown.clone(), args.listeners.http());
     match &tls {
         Some(identity) => {
             // Each handshake runs on its connection's own task, within the loop's header deadline.
@@ -225,19 +226,10 @@ pub async fn start(args: ServeArgs) -> Result<Running, ServeError> {
         .map_err(|e| ServeError::Listen(args.daemon_listen, e))?;
     let daemon_addr = daemon_listener.local_addr().map_err(|e| ServeError::Listen(args.daemon_listen, e))?;
     let api = DaemonApi::new(dyn_platform.clone(), tenants, db.redemptions.clone(), args.code_ttl_secs).into_server();
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
-        .concurrency_limit_per_connection(256)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(identity) = &tls {
-        builder = builder.tls_config(identity.tonic()).map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
-    let incoming = tonic::transport::server::TcpIncoming::from(daemon_listener).with_nodelay(Some(true));
-    let stop = shutdown.clone();
-    let router = builder.add_service(api);
+    let served = daemon_listener::serve(daemon_listener, api, tls.as_ref(), args.listeners.daemon(), shutdown.clone())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
     tasks.spawn(async move {
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+        if let Err(e) = served.await {
             warn!(error = %e, "daemon gRPC API stopped");
         }
     });

@@ -7,10 +7,7 @@ mod support;
 
 use miniapp_broker_client::proto::v1;
 use support::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    process::Command,
-};
+use tokio::process::Command;
 
 fn sqlite_url(dir: &tempfile::TempDir) -> String {
     format!("sqlite://{}", dir.path().join("platform.db").display())
@@ -43,65 +40,6 @@ async fn a_sqlite_instance_serves_the_local_chain_and_the_ledger_shows_its_redem
     assert_eq!(logins.iter().map(|r| r.count).sum::<u64>(), 2, "{ledger:?}");
     assert_eq!(logins.iter().map(|r| r.redeemed_count).sum::<u64>(), 1, "{ledger:?}");
     assert!(logins.iter().all(|r| r.redeemed_via == "backend_http"), "{ledger:?}");
-}
-
-/// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl makes the test's certificates (apt-get install openssl)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A test CA and a certificate it signed for 127.0.0.1 and localhost, made by openssl: (the CA's
-/// certificate, the server's chain, its key).
-fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        dir,
-        &[&["req", "-x509"], &ec[..], &["-days", "1", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"]]
-            .concat(),
-    );
-    openssl(
-        dir,
-        &[&["req"], &ec[..], &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "server.csr"]].concat(),
-    );
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    openssl(
-        dir,
-        &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1"]
-            .into_iter()
-            .chain(["-extfile", "san.ext", "-out", "cert.pem"])
-            .collect::<Vec<_>>(),
-    );
-    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
-}
-
-/// GET `path` over TLS (trusting only the CA `ca`), HTTP/1.1: the status line and the body.
-async fn https_get(addr: std::net::SocketAddr, ca: &std::path::Path, path: &str) -> (String, String) {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = within("TLS handshake", connector.connect(name, tcp)).await.expect("the platform's certificate");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    within("HTTPS answer", tls.read_to_string(&mut answer)).await.ok();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
 }
 
 #[tokio::test]
