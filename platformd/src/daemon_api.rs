@@ -73,11 +73,19 @@ impl DaemonApi {
 
     /// The superapp, once it is shown to own `app_id`; the uid as the platform knows it.
     async fn for_app<T>(&self, request: &Request<T>, app_id: &str, uid: &str) -> Result<String, Status> {
+        // Both fields are checked before the credentials are.
         check_field("app_id", app_id)?;
         check_field("uid", uid)?;
+        let superapp = self.owning(request, app_id).await?;
+        Ok(platform_uid(&superapp, uid))
+    }
+
+    /// The superapp, once it is shown to own `app_id`.
+    async fn owning<T>(&self, request: &Request<T>, app_id: &str) -> Result<String, Status> {
+        check_field("app_id", app_id)?;
         let superapp = self.superapp(request).await?;
         match self.tenants.owns(&superapp, app_id).await {
-            Ok(true) => Ok(platform_uid(&superapp, uid)),
+            Ok(true) => Ok(superapp),
             Ok(false) => {
                 info!(superapp, "daemon call refused: the app is not this superapp's");
                 Err(Status::permission_denied("the app is not registered to this superapp"))
@@ -243,14 +251,8 @@ impl platform_server::Platform for DaemonApi {
         &self,
         request: Request<pv1::VouchingRequest>,
     ) -> Result<Response<pv1::VouchingResponse>, Status> {
-        check_field("app_id", &request.get_ref().app_id)?;
-        let superapp = self.superapp(&request).await?;
         let app_id = &request.get_ref().app_id;
-        match self.tenants.owns(&superapp, app_id).await {
-            Ok(true) => {}
-            Ok(false) => return Err(Status::permission_denied("the app is not registered to this superapp")),
-            Err(e) => return Err(tenant_failure(&e)),
-        }
+        self.owning(&request, app_id).await?;
         let vouched = self.platform.vouches(app_id).await.map_err(platform_failure)?;
         Ok(Response::new(pv1::VouchingResponse { vouched }))
     }

@@ -149,15 +149,7 @@ struct Desktop {
 }
 
 async fn desktop(c: &Chain, host_user: &str, auth_as: &str, version: &str, timeout_ms: u64) -> Desktop {
-    let dir = tempfile::Builder::new().prefix("brokerd-vouched").tempdir().unwrap();
-    let secret_file = dir.path().join("client.secret");
-    std::fs::write(&secret_file, &c.client_secret).unwrap();
-    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
-    config.platform.url = Some(format!("http://{}", c.instance.daemon));
-    config.platform.client_key = Some(c.client_key.clone());
-    config.platform.client_secret_file = Some(secret_file);
-    config.platform.timeout_ms = timeout_ms;
-    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    let (dir, server) = c.remote_daemon(timeout_ms).await;
     // The dev-host's getAuthCode issues the superapp server's authCodes for the user it signs in:
     // a host that lies signs in `host_user` while its authCodes are `auth_as`'s.
     let profile = DevHostConfig { user: empty(auth_as), ..Default::default() };
@@ -176,6 +168,21 @@ async fn desktop(c: &Chain, host_user: &str, auth_as: &str, version: &str, timeo
 }
 
 impl Chain {
+    /// A daemon in remote mode pointed at this platform with the tenant's credentials, each call
+    /// to it at most `timeout_ms`; its data dir lives as long as the returned guard.
+    async fn remote_daemon(&self, timeout_ms: u64) -> (tempfile::TempDir, miniapp_brokerd::Server) {
+        let dir = tempfile::Builder::new().prefix("brokerd-vouched").tempdir().unwrap();
+        let secret_file = dir.path().join("client.secret");
+        std::fs::write(&secret_file, &self.client_secret).unwrap();
+        let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
+        config.platform.url = Some(format!("http://{}", self.instance.daemon));
+        config.platform.client_key = Some(self.client_key.clone());
+        config.platform.client_secret_file = Some(secret_file);
+        config.platform.timeout_ms = timeout_ms;
+        let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+        (dir, server)
+    }
+
     fn url(&self) -> String {
         self.instance.url()
     }
@@ -332,14 +339,7 @@ async fn an_unknown_user_gets_no_login_and_a_stalled_server_fails_each_call_by_i
 async fn an_auth_code_is_redeemed_once_and_a_server_refusing_the_signature_fails_the_login() {
     let c = chain(vec![alice()]).await;
     let once = c.superapp.server.issue_auth_code("alice", &[]).expect("an authCode");
-    let dir = tempfile::Builder::new().prefix("brokerd-replay").tempdir().unwrap();
-    let secret_file = dir.path().join("client.secret");
-    std::fs::write(&secret_file, &c.client_secret).unwrap();
-    let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
-    config.platform.url = Some(format!("http://{}", c.instance.daemon));
-    config.platform.client_key = Some(c.client_key.clone());
-    config.platform.client_secret_file = Some(secret_file);
-    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    let (_dir, server) = c.remote_daemon(miniapp_brokerd::Config::default().platform.timeout_ms).await;
     // A host whose getAuthCode answers the same authCode every time.
     let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
         .user(SignedInUser { uid: "alice".into(), profile: Some(UserProfile::default()) })
