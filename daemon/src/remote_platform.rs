@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use miniapp_platform::{
-    AccessToken, AuthorizedApp, Credential, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
+    AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
     TokenRequest, ValueKind, superapp::vouch::ProfileField, user_data::UserCredentials,
 };
 
@@ -59,6 +59,29 @@ pub struct RemoteConfig {
 struct Outstanding {
     ledger: Vec<u64>,
     expires_at_ms: u64,
+}
+
+/// Ledger rows written for a code not yet issued: taken back when dropped, unless
+/// [`LedgerClaim::keep`] says the code was issued.
+struct LedgerClaim<'a> {
+    store: &'a Store,
+    ids: Vec<u64>,
+}
+
+impl LedgerClaim<'_> {
+    fn keep(mut self) -> Vec<u64> {
+        std::mem::take(&mut self.ids)
+    }
+}
+
+impl Drop for LedgerClaim<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty()
+            && let Err(e) = self.store.ledger_remove(&self.ids)
+        {
+            warn!(error = %e, "could not take back the ledger rows of a code that was not issued");
+        }
+    }
 }
 
 /// The remote platform. See the module docs.
@@ -165,26 +188,58 @@ impl RemotePlatform {
         }
     }
 
-    /// Records a code the platform issued: its ledger rows now, its redemption when reported.
-    fn record(&self, app_id: &str, uid: &str, api: &str, issued: &pv1::IssuedCode) -> Result<(), PlatformError> {
+    /// Asks the platform for a code (`call`, an `Issue*Code` RPC) while its ledger rows are
+    /// written: a code of `api` discloses `discloses` (what the platform answers for such a
+    /// code), so the rows go in while the request is in flight instead of after the answer. They
+    /// are taken back when no code comes, or when the call is dropped before it ends; rows of what
+    /// the platform says the code discloses, if that is something else, replace them.
+    async fn issue_code<F>(
+        &self,
+        what: &'static str,
+        app_id: &str,
+        uid: &str,
+        api: &str,
+        discloses: &str,
+        call: F,
+    ) -> Result<String, PlatformError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<pv1::IssuedCode>, Status>>,
+    {
+        let rows = async {
+            // The request goes out first (the channel's tasks run before this one resumes).
+            tokio::task::yield_now().await;
+            self.write_rows(app_id, uid, api, &[discloses])
+        };
+        let (issued, claim) = tokio::join!(self.call(what, call), rows);
+        let mut claim = claim?;
+        let issued = issued?;
+        if issued.discloses.len() != 1 || issued.discloses[0] != discloses {
+            let answered: Vec<&str> = issued.discloses.iter().map(String::as_str).collect();
+            claim = self.write_rows(app_id, uid, api, &answered)?;
+        }
+        self.outstanding
+            .insert(code_id(&issued.code), Outstanding { ledger: claim.keep(), expires_at_ms: issued.expires_at_ms });
+        Ok(issued.code)
+    }
+
+    /// Writes the ledger rows of a code of `api` disclosing `what`, held by a [`LedgerClaim`].
+    fn write_rows(&self, app_id: &str, uid: &str, api: &str, what: &[&str]) -> Result<LedgerClaim<'_>, PlatformError> {
         let now = self.clock.now_ms();
-        let rows: Vec<NewLedgerRow<'_>> = issued
-            .discloses
+        let rows: Vec<NewLedgerRow<'_>> = what
             .iter()
             .map(|what| NewLedgerRow {
                 app_id,
                 uid,
-                what: what.as_str(),
+                what,
                 surface: Surface::RendererApi.as_str(),
                 api,
                 at_ms: now,
                 via_code: true,
             })
             .collect();
-        let ledger =
+        let ids =
             self.store.ledger_add_all(&rows).map_err(|e| PlatformError::Ledger(crate::platform::ledger_error(e)))?;
-        self.outstanding.insert(code_id(&issued.code), Outstanding { ledger, expires_at_ms: issued.expires_at_ms });
-        Ok(())
+        Ok(LedgerClaim { store: &self.store, ids })
     }
 
     /// Asks the platform which outstanding codes were redeemed and stamps their ledger rows;
@@ -227,9 +282,8 @@ impl Platform for RemotePlatform {
             auth_code: auth_code.unwrap_or_default(),
         });
         let mut client = self.client.clone();
-        let issued = self.call("IssueLoginCode", client.issue_login_code(request)).await?;
-        self.record(app_id, uid, "login", &issued)?;
-        Ok(issued.code)
+        let issuing = client.issue_login_code(request);
+        self.issue_code("IssueLoginCode", app_id, uid, "login", Disclosed::Openid.as_str(), issuing).await
     }
 
     async fn start_session(&self, app_id: &str, uid: &str) -> Result<String, PlatformError> {
@@ -259,9 +313,7 @@ impl Platform for RemotePlatform {
             value,
         });
         let mut client = self.client.clone();
-        let issued = self.call("IssueValueCode", client.issue_value_code(request)).await?;
-        self.record(app_id, uid, api, &issued)?;
-        Ok(issued.code)
+        self.issue_code("IssueValueCode", app_id, uid, api, disclosed(kind), client.issue_value_code(request)).await
     }
 
     async fn vouches(&self, app_id: &str) -> Result<bool, PlatformError> {
@@ -286,9 +338,8 @@ impl Platform for RemotePlatform {
             kind: wire as i32,
         });
         let mut client = self.client.clone();
-        let issued = self.call("IssueVouchedValueCode", client.issue_vouched_value_code(request)).await?;
-        self.record(app_id, uid, api, &issued)?;
-        Ok(issued.code)
+        let issuing = client.issue_vouched_value_code(request);
+        self.issue_code("IssueVouchedValueCode", app_id, uid, api, disclosed(kind), issuing).await
     }
 
     async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
@@ -421,6 +472,14 @@ impl Platform for RemotePlatform {
 }
 
 /// A value kind on the wire, and the API that issues its codes (the ledger's `api`).
+/// What a code of `kind` discloses, as the platform names it.
+fn disclosed(kind: ValueKind) -> &'static str {
+    match kind {
+        ValueKind::PhoneNumber => Disclosed::PhoneNumber.as_str(),
+        ValueKind::Email => Disclosed::Email.as_str(),
+    }
+}
+
 fn wire_kind(kind: ValueKind) -> (pv1::ValueKind, &'static str) {
     match kind {
         ValueKind::PhoneNumber => (pv1::ValueKind::PhoneNumber, "getPhoneNumber"),

@@ -42,11 +42,27 @@ struct Mode {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let mode = Mode { pair_secs: if full { 5.0 } else { 0.3 }, login_samples: if full { 2000 } else { 20 } };
+    // The daemons run as `miniapp-brokerd` runs them (main.rs `runtime`): one worker of their own,
+    // apart from the runtime of the renderers and hosts that call them (other processes in a
+    // deployment).
+    let daemons = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .global_queue_interval(4)
+        .enable_all()
+        .build()
+        .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(run(mode));
+    rt.block_on(run(mode, daemons.handle().clone()));
+    drop(rt);
+    daemons.shutdown_timeout(Duration::from_secs(5));
 }
 
-async fn run(mode: Mode) {
+/// A daemon started on the daemons' runtime.
+async fn start_daemon(daemons: &tokio::runtime::Handle, config: miniapp_brokerd::Config) -> miniapp_brokerd::Server {
+    daemons.spawn(miniapp_brokerd::start(config)).await.unwrap().expect("the daemon starts")
+}
+
+async fn run(mode: Mode, daemons: tokio::runtime::Handle) {
     let url = miniapp_test_postgres::shared().database().await;
     let t = tenant(&url).await;
     let instance = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
@@ -56,7 +72,7 @@ async fn run(mode: Mode) {
     println!("pairs/s (issue + redeem, {CLIENTS} clients): service {service:.0}, bare statements {bare:.0}");
     println!("ratio service / bare: {:.2} (target >= 0.7)", service / bare);
 
-    let (remote, embedded, rtt) = logins(&instance, &t, mode.login_samples).await;
+    let (remote, embedded, rtt) = logins(&instance, &t, mode.login_samples, &daemons).await;
     println!("v2 login p50/p99 (µs): embedded {} / {}", embedded.0, embedded.1);
     println!("v2 login p50/p99 (µs): remote   {} / {}", remote.0, remote.1);
     println!("one platform round trip (IssueLoginCode) p50/p99 (µs): {} / {}", rtt.0, rtt.1);
@@ -185,14 +201,20 @@ fn percentiles(mut samples: Vec<Duration>) -> (u128, u128) {
 
 /// v2 logins through the remote platform and the embedded one, and bare platform round trips,
 /// interleaved in ten rounds.
-async fn logins(instance: &Instance, t: &Tenant, samples: usize) -> ((u128, u128), (u128, u128), (u128, u128)) {
-    let remote = desktop(t, instance.daemon, 3000).await;
+async fn logins(
+    instance: &Instance,
+    t: &Tenant,
+    samples: usize,
+    daemons: &tokio::runtime::Handle,
+) -> ((u128, u128), (u128, u128), (u128, u128)) {
+    let (remote_dir, remote_config) = remote_config(t, &format!("http://{}", instance.daemon), None, 3000);
+    let remote = connect_desktop(remote_dir, start_daemon(daemons, remote_config).await).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = miniapp_brokerd::Config::ephemeral_in(dir.path());
-    // The same limits as the remote desktop's (support::desktop_at): back-to-back logins of one user.
+    // The same limits as the remote desktop's (support::remote_config): back-to-back logins of one user.
     config.limits.calls_per_second_per_user = 100_000;
     config.limits.burst_per_user = 100_000;
-    let server = miniapp_brokerd::start(config).await.unwrap();
+    let server = start_daemon(daemons, config).await;
     let host = miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
         .user(user("u1"))
         .connect()

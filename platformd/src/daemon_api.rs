@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use miniapp_broker_proto::platform::v1::{self as pv1, platform_server};
-use miniapp_platform::{Platform, PlatformError, StoreError, ValueKind, superapp::vouch::ProfileField};
+use miniapp_platform::{Disclosed, Platform, PlatformError, StoreError, ValueKind, superapp::vouch::ProfileField};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -177,8 +177,8 @@ fn profile_field_of(field: i32) -> Result<ProfileField, Status> {
 /// The ledger's name of what a value code discloses.
 fn disclosed(kind: ValueKind) -> &'static str {
     match kind {
-        ValueKind::PhoneNumber => "phone_number",
-        ValueKind::Email => "email",
+        ValueKind::PhoneNumber => Disclosed::PhoneNumber.as_str(),
+        ValueKind::Email => Disclosed::Email.as_str(),
     }
 }
 
@@ -204,7 +204,7 @@ impl platform_server::Platform for DaemonApi {
         }
         let auth_code = (!r.auth_code.is_empty()).then_some(r.auth_code);
         let code = self.platform.login_code(&r.app_id, &uid, auth_code).await.map_err(platform_failure)?;
-        Ok(Response::new(self.issued(code, &["openid"])))
+        Ok(Response::new(self.issued(code, &[Disclosed::Openid.as_str()])))
     }
 
     async fn start_session(

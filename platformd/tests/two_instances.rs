@@ -209,6 +209,9 @@ async fn renderers_calling_while_the_platform_is_down_hear_platform_unavailable_
         assert!(started.elapsed() < Duration::from_millis(1500), "{addr}: {:?}", started.elapsed());
         let check = within("checkSession", d.renderer.call(v1::CheckSessionRequest::default())).await;
         assert_eq!(check.expect_err("no platform").err_msg, "checkSession:fail platform unavailable");
+        // The rows written while the code was asked for are taken back: nothing was disclosed.
+        let ledger = within("ledger", d.host.ledger(APP, "u1", 0)).await.unwrap();
+        assert!(ledger.is_empty(), "{addr}: {ledger:?}");
     }
     drop(silent);
 }
@@ -275,6 +278,8 @@ async fn only_a_superapps_own_daemons_issue_its_apps_codes_and_no_credential_rea
     let d = desktop(&wrong, a.daemon, 2000).await;
     let failure = within("login", login(&d.renderer)).await.expect_err("refused credentials issue nothing");
     assert_eq!(failure.err_msg, "login:fail platform unavailable");
+    let ledger = within("ledger", d.host.ledger(APP, "u1", 0)).await.unwrap();
+    assert!(ledger.is_empty(), "a refused code discloses nothing: {ledger:?}");
 
     // Nothing the instance logged carries a client key or secret, right or wrong.
     a.kill().await;

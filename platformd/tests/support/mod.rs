@@ -200,6 +200,18 @@ pub async fn desktop(t: &Tenant, daemon_addr: SocketAddr, timeout_ms: u64) -> De
 
 /// [`desktop`] for a platform at `url` (`https://…` with the CA in `ca_file`).
 pub async fn desktop_at(t: &Tenant, url: &str, ca_file: Option<&Path>, timeout_ms: u64) -> Desktop {
+    let (dir, config) = remote_config(t, url, ca_file, timeout_ms);
+    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    connect_desktop(dir, server).await
+}
+
+/// The config of a daemon in remote mode pointed at the platform at `url`, in its own directory.
+pub fn remote_config(
+    t: &Tenant,
+    url: &str,
+    ca_file: Option<&Path>,
+    timeout_ms: u64,
+) -> (tempfile::TempDir, miniapp_brokerd::Config) {
     let dir = tempfile::Builder::new().prefix("brokerd-remote").tempdir().unwrap();
     let secret_file = dir.path().join("client.secret");
     std::fs::write(&secret_file, &t.client_secret).unwrap();
@@ -212,7 +224,11 @@ pub async fn desktop_at(t: &Tenant, url: &str, ca_file: Option<&Path>, timeout_m
     // Hundreds of logins of one user back to back (the per-user rate has its own tests).
     config.limits.calls_per_second_per_user = 100_000;
     config.limits.burst_per_user = 100_000;
-    let server = miniapp_brokerd::start(config).await.expect("daemon starts in remote mode");
+    (dir, config)
+}
+
+/// A host signed in as u1 and a v2 renderer of the app, on a started daemon.
+pub async fn connect_desktop(dir: tempfile::TempDir, server: miniapp_brokerd::Server) -> Desktop {
     let host = within(
         "host",
         miniapp_broker_client::HostBuilder::new(server.address(), server.host_token())
