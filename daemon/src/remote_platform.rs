@@ -7,8 +7,8 @@
 //! platform unavailable`"; the channel reconnects by itself, so the daemon recovers when the
 //! platform is back.
 //!
-//! The user's disclosure ledger stays the daemon's: a code's rows are written here when the
-//! platform issued it, and stamped when the platform reports it redeemed ([`RemotePlatform::sync_redemptions`],
+//! The user's disclosure ledger stays the daemon's: a code's rows are written here while the
+//! platform is asked for it (taken back if no code comes), and stamped when the platform reports it redeemed ([`RemotePlatform::sync_redemptions`],
 //! run with the periodic sweep and before the ledger is listed).
 
 use std::{sync::Arc, time::Duration};
@@ -471,7 +471,6 @@ impl Platform for RemotePlatform {
     }
 }
 
-/// A value kind on the wire, and the API that issues its codes (the ledger's `api`).
 /// What a code of `kind` discloses, as the platform names it.
 fn disclosed(kind: ValueKind) -> &'static str {
     match kind {
@@ -480,6 +479,7 @@ fn disclosed(kind: ValueKind) -> &'static str {
     }
 }
 
+/// A value kind on the wire, and the API that issues its codes (the ledger's `api`).
 fn wire_kind(kind: ValueKind) -> (pv1::ValueKind, &'static str) {
     match kind {
         ValueKind::PhoneNumber => (pv1::ValueKind::PhoneNumber, "getPhoneNumber"),
