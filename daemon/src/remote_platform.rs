@@ -313,7 +313,8 @@ impl Platform for RemotePlatform {
             value,
         });
         let mut client = self.client.clone();
-        self.issue_code("IssueValueCode", app_id, uid, api, disclosed(kind), client.issue_value_code(request)).await
+        self.issue_code("IssueValueCode", app_id, uid, api, kind.disclosed().as_str(), client.issue_value_code(request))
+            .await
     }
 
     async fn vouches(&self, app_id: &str) -> Result<bool, PlatformError> {
@@ -339,7 +340,7 @@ impl Platform for RemotePlatform {
         });
         let mut client = self.client.clone();
         let issuing = client.issue_vouched_value_code(request);
-        self.issue_code("IssueVouchedValueCode", app_id, uid, api, disclosed(kind), issuing).await
+        self.issue_code("IssueVouchedValueCode", app_id, uid, api, kind.disclosed().as_str(), issuing).await
     }
 
     async fn vouched_profile(&self, app_id: &str, uid: &str, field: ProfileField) -> Result<String, PlatformError> {
@@ -468,14 +469,6 @@ impl Platform for RemotePlatform {
 
     async fn sweep(&self) {
         self.sync_redemptions().await;
-    }
-}
-
-/// What a code of `kind` discloses, as the platform names it.
-fn disclosed(kind: ValueKind) -> &'static str {
-    match kind {
-        ValueKind::PhoneNumber => Disclosed::PhoneNumber.as_str(),
-        ValueKind::Email => Disclosed::Email.as_str(),
     }
 }
 

@@ -49,6 +49,14 @@ impl ValueKind {
         }
     }
 
+    /// What a code of this kind discloses (the ledger's `what`).
+    pub const fn disclosed(self) -> Disclosed {
+        match self {
+            ValueKind::PhoneNumber => Disclosed::PhoneNumber,
+            ValueKind::Email => Disclosed::Email,
+        }
+    }
+
     /// The value a code of a scope stands for; `None` for scopes without codes (avatar, nickname).
     pub fn of_scope(scope: &str) -> Option<ValueKind> {
         [ValueKind::PhoneNumber, ValueKind::Email].into_iter().find(|k| k.scope() == scope)

@@ -174,14 +174,6 @@ fn profile_field_of(field: i32) -> Result<ProfileField, Status> {
     }
 }
 
-/// The ledger's name of what a value code discloses.
-fn disclosed(kind: ValueKind) -> &'static str {
-    match kind {
-        ValueKind::PhoneNumber => Disclosed::PhoneNumber.as_str(),
-        ValueKind::Email => Disclosed::Email.as_str(),
-    }
-}
-
 fn kind_of(kind: i32) -> Result<Option<ValueKind>, Status> {
     match pv1::ValueKind::try_from(kind) {
         Ok(pv1::ValueKind::Unspecified) => Ok(None),
@@ -244,7 +236,7 @@ impl platform_server::Platform for DaemonApi {
             ));
         }
         let code = self.platform.value_code(&r.app_id, &uid, kind, r.value).await.map_err(platform_failure)?;
-        Ok(Response::new(self.issued(code, &[disclosed(kind)])))
+        Ok(Response::new(self.issued(code, &[kind.disclosed().as_str()])))
     }
 
     async fn vouching(
@@ -267,7 +259,7 @@ impl platform_server::Platform for DaemonApi {
         };
         let code =
             self.platform.vouched_value_code(&request.get_ref().app_id, &uid, kind).await.map_err(platform_failure)?;
-        Ok(Response::new(self.issued(code, &[disclosed(kind)])))
+        Ok(Response::new(self.issued(code, &[kind.disclosed().as_str()])))
     }
 
     async fn vouched_profile(
