@@ -8,8 +8,9 @@
 //! platform is back.
 //!
 //! The user's disclosure ledger stays the daemon's: a code's rows are written here while the
-//! platform is asked for it (taken back if no code comes), and stamped when the platform reports it redeemed ([`RemotePlatform::sync_redemptions`],
-//! run with the periodic sweep and before the ledger is listed).
+//! platform is asked for it (taken back if no code comes), and stamped when the platform reports
+//! it redeemed ([`RemotePlatform::sync_redemptions`], run with the periodic sweep and before the
+//! ledger is listed).
 
 use std::{sync::Arc, time::Duration};
 
