@@ -174,12 +174,21 @@ impl Broker {
         slot: CallSlot,
     ) -> (Option<ApiVersion>, Result<ApiResponse, ApiError>) {
         let closed = || async { (None, Err(ApiError::Cancelled("app instance closed"))) };
-        let resolving =
-            version::resolve(&self.host, self.config.default_api_version, instance, self.version_deadline());
-        let version = tokio::select! {
-            biased;
-            _ = instance.closed() => return closed().await,
-            v = resolving => v,
+        if instance.is_closed() {
+            return closed().await;
+        }
+        // A version already known is taken without waiting (nor registering to hear of a close).
+        let version = match instance.resolved(self.host.current_id()) {
+            Some((v, _)) => Ok(v),
+            None => {
+                let resolving =
+                    version::resolve(&self.host, self.config.default_api_version, instance, self.version_deadline());
+                tokio::select! {
+                    biased;
+                    _ = instance.closed() => return closed().await,
+                    v = resolving => v,
+                }
+            }
         };
         let version = match version {
             Ok(v) => v,
@@ -193,10 +202,12 @@ impl Broker {
         if route == api::Route::Payment {
             return (Some(version), work.await);
         }
+        // The work first: one that is done when first polled (a default answered from the store)
+        // never registers to hear of a close; a close that came first was seen above.
         let outcome = tokio::select! {
             biased;
-            _ = instance.closed() => Err(ApiError::Cancelled("app instance closed")),
             done = work => done,
+            _ = instance.closed() => Err(ApiError::Cancelled("app instance closed")),
         };
         (Some(version), outcome)
     }

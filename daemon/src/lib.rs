@@ -128,6 +128,7 @@ impl Server {
             _ = self.broker.shutdown.cancelled() => {}
             result = &mut self.task => {
                 if let Ok(Err(e)) = result { warn!(error = %e, "server stopped"); }
+                self.write_ledger_counts();
                 info!("daemon stopped");
                 return;
             }
@@ -147,6 +148,14 @@ impl Server {
                 self.task.abort();
                 self.backend_http.as_ref().map(JoinHandle::abort);
             }
+        }
+        self.write_ledger_counts();
+    }
+
+    /// The ledger's counts held in memory (a row's repeats within a second) go to the file.
+    fn write_ledger_counts(&self) {
+        if let Err(e) = self.broker.store.write_ledger_counts() {
+            warn!(error = %e, "could not write the ledger's last counts");
         }
     }
 }

@@ -65,10 +65,12 @@ pub async fn embedded(
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
 ) -> Result<EmbeddedPlatform, StartError> {
-    // The daemon alone writes its file's secrets (register-app goes through its admin API).
+    // The daemon alone writes its file's secrets (register-app goes through its admin API) and
+    // sessions.
     let engine = SqliteStore::open(db_path, config.store.synchronous == "full")
         .map_err(|e| StartError::Platform(PlatformError::Store(e)))?
-        .caching_app_secrets();
+        .caching_app_secrets()
+        .caching_sessions();
     // The same bound as the daemon's connection to the file: whichever writes, the file stops there.
     engine.limit_size(config.store.max_bytes).map_err(|e| StartError::Platform(PlatformError::Store(e)))?;
     let ledger = Arc::new(LedgerHook(store));

@@ -10,12 +10,15 @@
 //!
 //! What clients make it hold is bounded: the file grows to `store.max_bytes` at most
 //! ([`Store::limit_size`]), a disclosure identical to a recent one adds to that row's count
-//! instead of adding a row (`privacy.ledger_coalesce_secs`), and the sweep deletes ledger rows and
+//! instead of adding a row (`privacy.ledger_coalesce_secs`; its count is written at most once a
+//! second while repeats keep coming, see `RecentRow`), and the sweep deletes ledger rows and
 //! payment records past their retention a bounded batch at a time (`crate::retention`). A write
 //! the store cannot make (the bound, a full disk, an I/O error) fails with an error
 //! [`StoreError::is_unwritable`] names, and leaves the connection serving reads.
 
 use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
     path::Path,
     sync::{
         Mutex, MutexGuard,
@@ -78,7 +81,101 @@ pub struct Store {
     /// A disclosure identical to a row whose first disclosure is this recent adds to that row
     /// (0: never).
     coalesce_ms: AtomicU64,
+    /// The ledger rows identical disclosures recently added to, and what they added that is not
+    /// written yet. Locked only while `conn` is held.
+    recent: Mutex<RecentRows>,
 }
+
+/// A ledger row identical disclosures add to, kept so that the next one needs no lookup: its id,
+/// what it is of, its first disclosure's time, and the disclosures counted since its count was
+/// last written (at `written_ms`). A row's count and last time are written at most once per
+/// [`COUNT_SLACK_MS`] while identical disclosures keep coming, and whenever the ledger is read,
+/// a row of it is taken back, the sweep runs or the store closes: a crash loses at most the counts
+/// of the repeats since (the row itself, its first time and its redemptions are written before
+/// the call that made them is answered).
+#[derive(Debug, Clone)]
+struct RecentRow {
+    id: u64,
+    app_id: String,
+    uid: String,
+    what: String,
+    surface: String,
+    api: String,
+    via_code: bool,
+    at_ms: u64,
+    written_ms: u64,
+    unwritten: u64,
+    unwritten_last_ms: u64,
+}
+
+impl RecentRow {
+    fn new(id: u64, at_ms: u64, row: &NewLedgerRow<'_>) -> RecentRow {
+        RecentRow {
+            id,
+            app_id: row.app_id.to_owned(),
+            uid: row.uid.to_owned(),
+            what: row.what.to_owned(),
+            surface: row.surface.to_owned(),
+            api: row.api.to_owned(),
+            via_code: row.via_code,
+            at_ms,
+            written_ms: row.at_ms,
+            unwritten: 0,
+            unwritten_last_ms: 0,
+        }
+    }
+
+    fn is_of(&self, row: &NewLedgerRow<'_>) -> bool {
+        self.via_code == row.via_code
+            && self.api == row.api
+            && self.what == row.what
+            && self.surface == row.surface
+            && self.uid == row.uid
+            && self.app_id == row.app_id
+    }
+
+    /// Writes the disclosures counted and not written yet.
+    fn write(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.unwritten > 0 {
+            conn.prepare_cached(ADD_TO_LEDGER_ROW)?.execute(params![
+                self.id as i64,
+                self.unwritten as i64,
+                self.unwritten_last_ms as i64
+            ])?;
+            self.unwritten = 0;
+            self.written_ms = self.unwritten_last_ms;
+        }
+        Ok(())
+    }
+}
+
+/// The recent ledger rows by what they are of (a hash of it; the row itself is compared too).
+#[derive(Debug, Clone, Default)]
+struct RecentRows {
+    rows: HashMap<u64, RecentRow>,
+    keys: RandomState,
+}
+
+impl RecentRows {
+    fn key(&self, row: &NewLedgerRow<'_>) -> u64 {
+        self.keys.hash_one((row.app_id, row.uid, row.what, row.surface, row.api, row.via_code))
+    }
+
+    /// Writes every recent row's unwritten count.
+    fn write(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.rows.values_mut().try_for_each(|r| r.write(conn))
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+    }
+}
+
+/// How long a recent row's count may go unwritten while identical disclosures keep coming.
+const COUNT_SLACK_MS: u64 = 1_000;
+/// Most recent rows kept (the signed-in user's apps and APIs; past it they are written and the
+/// list starts over).
+const MAX_RECENT_ROWS: usize = 1_024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS grants (
@@ -167,11 +264,12 @@ const INSERT_LEDGER: &str = "INSERT INTO ledger (app_id, uid, what, surface, api
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)";
 /// The newest row identical to a disclosure (?3-?6) of (app ?1, uid ?2) whose first disclosure is
 /// at ?7 or later: the one it adds to. Found through `ledger_user`, among the user's recent rows.
-const SAME_LEDGER_ROW: &str = "SELECT id FROM ledger
+const SAME_LEDGER_ROW: &str = "SELECT id, at_ms FROM ledger
      WHERE app_id = ?1 AND uid = ?2 AND at_ms >= ?7 AND what = ?3 AND surface = ?4 AND api = ?5 AND via_code = ?6
      ORDER BY at_ms DESC LIMIT 1";
-const COUNT_LEDGER_ROW: &str =
-    "UPDATE ledger SET count = count + 1, last_at_ms = max(coalesce(last_at_ms, at_ms), ?2) WHERE id = ?1";
+/// Adds ?2 disclosures, the last at ?3, to row ?1.
+const ADD_TO_LEDGER_ROW: &str =
+    "UPDATE ledger SET count = count + ?2, last_at_ms = max(coalesce(last_at_ms, at_ms), ?3) WHERE id = ?1";
 
 /// A ledger row about to be written (the id is the store's).
 #[derive(Debug, Clone, Copy)]
@@ -187,19 +285,40 @@ pub struct NewLedgerRow<'a> {
 
 /// Records a disclosure: adds to the count of an identical row whose first disclosure is less than
 /// `coalesce_ms` old (so a row spans at most that long, and retention by its first time stays
-/// true), else adds a row. Returns the row's id.
-fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>, coalesce_ms: u64) -> Result<u64, StoreError> {
+/// true), else adds a row. Returns the row's id. A row in `recent` is added to without a lookup,
+/// and in memory within [`COUNT_SLACK_MS`] of its last written count.
+fn insert_ledger(
+    conn: &Connection,
+    recent: &mut RecentRows,
+    row: &NewLedgerRow<'_>,
+    coalesce_ms: u64,
+) -> Result<u64, StoreError> {
     if coalesce_ms > 0 {
         let since = row.at_ms.saturating_sub(coalesce_ms - 1);
-        let same: Option<i64> = conn
+        let key = recent.key(row);
+        if let Some(kept) = recent.rows.get_mut(&key) {
+            if kept.is_of(row) && kept.at_ms >= since {
+                kept.unwritten += 1;
+                kept.unwritten_last_ms = kept.unwritten_last_ms.max(row.at_ms);
+                if row.at_ms.saturating_sub(kept.written_ms) >= COUNT_SLACK_MS {
+                    kept.write(conn).inspect_err(|_| kept.unwritten -= 1)?;
+                }
+                return Ok(kept.id);
+            }
+            // Its window passed (or another row of the same hash): it gives way below.
+            kept.write(conn)?;
+            recent.rows.remove(&key);
+        }
+        let same: Option<(i64, i64)> = conn
             .prepare_cached(SAME_LEDGER_ROW)?
             .query_row(
                 params![row.app_id, row.uid, row.what, row.surface, row.api, row.via_code as i64, since as i64],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        if let Some(id) = same {
-            conn.prepare_cached(COUNT_LEDGER_ROW)?.execute(params![id, row.at_ms as i64])?;
+        if let Some((id, at_ms)) = same {
+            conn.prepare_cached(ADD_TO_LEDGER_ROW)?.execute(params![id, 1, row.at_ms as i64])?;
+            keep(conn, recent, key, RecentRow::new(id as u64, at_ms as u64, row));
             return Ok(id as u64);
         }
     }
@@ -212,7 +331,22 @@ fn insert_ledger(conn: &Connection, row: &NewLedgerRow<'_>, coalesce_ms: u64) ->
         row.at_ms as i64,
         row.via_code as i64
     ])?;
-    Ok(conn.last_insert_rowid() as u64)
+    let id = conn.last_insert_rowid() as u64;
+    if coalesce_ms > 0 {
+        keep(conn, recent, recent.key(row), RecentRow::new(id, row.at_ms, row));
+    }
+    Ok(id)
+}
+
+/// Adds `row` to `recent`, writing and dropping the others first when it is full (when they cannot
+/// be written, they stay and `row` is not kept: the next identical disclosure looks it up).
+fn keep(conn: &Connection, recent: &mut RecentRows, key: u64, row: RecentRow) {
+    if recent.rows.len() >= MAX_RECENT_ROWS && recent.write(conn).is_ok() {
+        recent.clear();
+    }
+    if recent.rows.len() < MAX_RECENT_ROWS {
+        recent.rows.insert(key, row);
+    }
 }
 
 /// A payment's first record wins (the write-ahead record).
@@ -225,6 +359,13 @@ const SETTLE_PAYMENT: &str = "UPDATE payments SET api = ?3, ok = ?4, body = ?5, 
 /// A payment's outcome when its write-ahead record is gone (pruned meanwhile).
 const REPLACE_PAYMENT: &str = "INSERT OR REPLACE INTO payments (app_id, idempotency_key, api, ok, body, recorded_at_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+impl Drop for Store {
+    /// The counts the recent ledger rows hold in memory go to the file with the store.
+    fn drop(&mut self) {
+        let _ = self.write_ledger_counts();
+    }
+}
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`.
@@ -243,7 +384,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn: Mutex::new(conn), location, coalesce_ms: AtomicU64::new(0) })
+        Ok(Store { conn: Mutex::new(conn), location, coalesce_ms: AtomicU64::new(0), recent: Mutex::new(RecentRows::default()) })
     }
 
     /// Bounds the database file to `max_bytes` (whole pages, never below what it holds now) and
@@ -272,24 +413,48 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The connection and the recent ledger rows, locked in that order.
+    fn ledger_conn(&self) -> (MutexGuard<'_, Connection>, MutexGuard<'_, RecentRows>) {
+        let conn = self.conn();
+        (conn, self.recent.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes the counts the recent ledger rows hold in memory (the sweep calls it, and every
+    /// ledger read does first).
+    pub fn write_ledger_counts(&self) -> Result<(), StoreError> {
+        let (conn, mut recent) = self.ledger_conn();
+        recent.write(&conn)
+    }
+
     /// Records a code's disclosures in one transaction (each a new row or one more of a recent
     /// identical row); returns the rows' ids. One row (a login's openid) needs no BEGIN and COMMIT
     /// around it: the connection's lock keeps its statements together, and a crash between them
     /// leaves nothing half-written.
     pub fn ledger_add_all(&self, rows: &[NewLedgerRow<'_>]) -> Result<Vec<u64>, StoreError> {
         let coalesce_ms = self.coalescing();
+        let (conn, mut recent) = self.ledger_conn();
         match rows {
-            [row] => Ok(vec![insert_ledger(&self.conn(), row, coalesce_ms)?]),
-            _ => in_transaction(&self.conn(), |conn| {
-                rows.iter().map(|row| insert_ledger(conn, row, coalesce_ms)).collect()
-            }),
+            [row] => Ok(vec![insert_ledger(&conn, &mut recent, row, coalesce_ms)?]),
+            _ => {
+                // A transaction that fails leaves the ledger as it was: the recent rows too.
+                let before = recent.clone();
+                in_transaction(&conn, |conn| {
+                    rows.iter().map(|row| insert_ledger(conn, &mut recent, row, coalesce_ms)).collect()
+                })
+                .inspect_err(|_| *recent = before)
+            }
         }
     }
 
     /// Takes back one disclosure from each row (those of a code that was not issued after all): a
     /// row that counted only it goes.
     pub fn ledger_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
-        in_transaction(&self.conn(), |conn| {
+        let (conn, mut recent) = self.ledger_conn();
+        // The counts written first, so that taking one back sees them; a row that goes leaves
+        // the recent ones with the rest.
+        recent.write(&conn)?;
+        recent.clear();
+        in_transaction(&conn, |conn| {
             let mut less = conn.prepare_cached("UPDATE ledger SET count = count - 1 WHERE id = ?1 AND count > 1")?;
             let mut gone = conn.prepare_cached("DELETE FROM ledger WHERE id = ?1 AND count <= 1")?;
             for id in ids {
@@ -416,7 +581,8 @@ impl Store {
 
     /// Records a disclosure (a new row, or one more of a recent identical row); returns the row's id.
     pub fn ledger_add(&self, row: &NewLedgerRow<'_>) -> Result<u64, StoreError> {
-        insert_ledger(&self.conn(), row, self.coalescing())
+        let (conn, mut recent) = self.ledger_conn();
+        insert_ledger(&conn, &mut recent, row, self.coalescing())
     }
 
     /// Marks that a code of each of the rows was redeemed through `via` at `at_ms`: the first
@@ -449,7 +615,9 @@ impl Store {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<LedgerRow>, StoreError> {
-        let conn = self.conn();
+        let (conn, mut recent) = self.ledger_conn();
+        recent.write(&conn)?;
+        drop(recent);
         let mut stmt = conn.prepare_cached(
             "SELECT id, app_id, uid, what, surface, api, at_ms, via_code, redeemed_at_ms, redeemed_via,
                     count, coalesce(last_at_ms, at_ms), redeemed_count FROM ledger
@@ -480,13 +648,19 @@ impl Store {
 
     /// Drops at most `limit` of the ledger rows first disclosed before `before_ms` (retention),
     /// oldest first; returns how many. A bounded batch holds the store for a bounded time.
+    /// The recent rows' counts are written first; a prune that deletes anything lets them go.
     pub fn ledger_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
-        Ok(self
-            .conn()
+        let (conn, mut recent) = self.ledger_conn();
+        recent.write(&conn)?;
+        let deleted = conn
             .prepare_cached(
                 "DELETE FROM ledger WHERE id IN (SELECT id FROM ledger WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
             )?
-            .execute(params![before_ms as i64, i64::from(limit)])?)
+            .execute(params![before_ms as i64, i64::from(limit)])?;
+        if deleted > 0 {
+            recent.clear();
+        }
+        Ok(deleted)
     }
 
     /// Drops at most `limit` of the payment records recorded before `before_ms` (retention),
@@ -740,6 +914,87 @@ mod tests {
         let b = store.ledger_add(&row("openid", "login", 299, true)).unwrap();
         let c = store.ledger_add(&row("openid", "login", 300, true)).unwrap();
         assert_eq!((a == b, b == c), (true, false));
+    }
+
+    /// Repeats within a second of a row's last written count are counted in memory: every read
+    /// sees them, the file has them within the slack, and a process that dies loses only those.
+    #[test]
+    fn repeats_are_written_within_the_slack_and_every_read_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let in_file = |id: u64| -> (u64, u64) {
+            let conn = Connection::open(&path).unwrap();
+            conn.query_row("SELECT count, coalesce(last_at_ms, at_ms) FROM ledger WHERE id = ?1", [id as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap()
+        };
+        let store = Store::open(Some(&path), false).unwrap();
+        store.coalesce_ledger(3_600_000);
+        let id = store.ledger_add(&row("openid", "login", 1_000, true)).unwrap();
+        for at in [1_100, 1_500, 1_999] {
+            assert_eq!(store.ledger_add(&row("openid", "login", at, true)).unwrap(), id);
+        }
+        assert_eq!(in_file(id), (1, 1_000), "the repeats within the slack are not written yet");
+        assert_eq!(store.ledger_add(&row("openid", "login", 2_000, true)).unwrap(), id);
+        assert_eq!(in_file(id), (5, 2_000), "a second after the last write: written");
+        assert_eq!(store.ledger_add(&row("openid", "login", 2_100, true)).unwrap(), id);
+        let read = store.ledger(None, None, 0).unwrap();
+        assert_eq!((read[0].count, read[0].last_at_ms), (6, 2_100), "a read sees every disclosure");
+        assert_eq!(in_file(id), (6, 2_100), "and writes them first");
+        // The sweep's prune writes them too, and a store that closes.
+        store.ledger_add(&row("openid", "login", 2_200, true)).unwrap();
+        assert_eq!(store.ledger_prune(0, 10).unwrap(), 0);
+        assert_eq!(in_file(id), (7, 2_200));
+        store.ledger_add(&row("openid", "login", 2_300, true)).unwrap();
+        store.write_ledger_counts().unwrap();
+        assert_eq!(in_file(id), (8, 2_300));
+        // A store opened afresh (after a crash, say) finds the row and adds to it.
+        drop(store);
+        let store = Store::open(Some(&path), false).unwrap();
+        store.coalesce_ledger(3_600_000);
+        assert_eq!(store.ledger_add(&row("openid", "login", 2_400, true)).unwrap(), id);
+        assert_eq!(in_file(id), (9, 2_400), "a row looked up is written at once");
+    }
+
+    /// A code's rows that fail to be written leave every count as it was, those kept in memory too.
+    #[test]
+    fn a_failed_codes_rows_leave_the_counts_in_memory_as_they_were() {
+        let store = Store::open(None, false).unwrap();
+        store.coalesce_ledger(3_600_000);
+        let id = store.ledger_add(&row("openid", "login", 10, true)).unwrap();
+        store
+            .conn()
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON ledger WHEN NEW.what = 'unionid'
+                 BEGIN SELECT RAISE(ABORT, 'no'); END;",
+            )
+            .unwrap();
+        assert!(store.ledger_add_all(&[row("openid", "login", 20, true), row("unionid", "login", 20, true)]).is_err());
+        let rows = store.ledger(None, None, 0).unwrap();
+        assert_eq!(rows.iter().map(|r| (r.id, r.count)).collect::<Vec<_>>(), [(id, 1)], "the failed code counted nothing");
+        store.conn().execute_batch("DROP TRIGGER fail").unwrap();
+        let ids = store.ledger_add_all(&[row("openid", "login", 30, true), row("unionid", "login", 30, true)]).unwrap();
+        assert_eq!(ids[0], id);
+        let rows = store.ledger(None, None, 0).unwrap();
+        assert_eq!(rows.iter().map(|r| r.count).collect::<Vec<_>>(), [2, 1]);
+    }
+
+    /// A hostile mix of disclosures (more kinds than are kept) counts every one of them.
+    #[test]
+    fn more_kinds_than_are_kept_are_all_counted() {
+        let store = Store::open(None, false).unwrap();
+        store.coalesce_ledger(3_600_000);
+        let kinds: Vec<String> = (0..MAX_RECENT_ROWS + 16).map(|i| format!("w{i}")).collect();
+        for round in 0..3u64 {
+            for what in &kinds {
+                store.ledger_add(&row(what, "login", 10 + round, false)).unwrap();
+            }
+        }
+        assert!(store.recent.lock().unwrap().rows.len() <= MAX_RECENT_ROWS);
+        let rows = store.ledger(None, None, 0).unwrap();
+        assert_eq!(rows.len(), kinds.len());
+        assert!(rows.iter().all(|r| r.count == 3), "{:?}", rows.iter().map(|r| r.count).collect::<Vec<_>>());
     }
 
     #[test]

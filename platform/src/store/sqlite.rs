@@ -167,10 +167,17 @@ pub struct SqliteStore {
     /// Registered apps' secret hashes, once read ([`SqliteStore::caching_app_secrets`]); `None`:
     /// every check reads the file.
     secrets: Option<DashMap<String, Vec<u8>>>,
+    /// Sessions by (app, uid), once read ([`SqliteStore::caching_sessions`]); `None`: every read
+    /// reads the file. Read, filled, written and dropped under the connection's lock, so a kept
+    /// session is never older than the file's.
+    sessions: Option<DashMap<(String, String), Option<SessionRow>>>,
 }
 
 /// Most secret hashes kept in memory (the map starts over past it; the file has the truth).
 const MAX_CACHED_SECRETS: usize = 10_000;
+
+/// Most sessions kept in memory (the map starts over past it; the file has the truth).
+const MAX_CACHED_SESSIONS: usize = 10_000;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +214,7 @@ impl SqliteStore {
             tokens: AccessTokens::default(),
             buckets: Buckets::default(),
             secrets: None,
+            sessions: None,
         })
     }
 
@@ -218,6 +226,25 @@ impl SqliteStore {
     pub fn caching_app_secrets(mut self) -> SqliteStore {
         self.secrets = Some(DashMap::new());
         self
+    }
+
+    /// This store keeping the sessions it read or wrote in memory, so that a login that renews a
+    /// session reads no file. The same condition as [`caching_app_secrets`](Self::caching_app_secrets):
+    /// only this process writes the file's sessions (the daemon; not a `miniapp-platformd`, where
+    /// several processes may share a database).
+    pub fn caching_sessions(mut self) -> SqliteStore {
+        self.sessions = Some(DashMap::new());
+        self
+    }
+
+    /// Writes `row` (an upsert: an existing row keeps its openid) and drops what is kept of it, both
+    /// under the connection's lock.
+    fn write_session(&self, conn: &Connection, row: &SessionRow) -> Result<(), StoreError> {
+        upsert_session(conn, row)?;
+        if let Some(kept) = &self.sessions {
+            kept.remove(&(row.app_id.clone(), row.uid.clone()));
+        }
+        Ok(())
     }
 
     /// Bounds the database file to `max_bytes` ([`limit_size`]); returns the bound in bytes.
@@ -287,7 +314,11 @@ impl PlatformStore for SqliteStore {
     }
 
     async fn fill_session_openids(&self, openid: &OpenidOf) -> Result<usize, StoreError> {
-        in_transaction(&self.conn(), |conn| {
+        let conn = self.conn();
+        if let Some(kept) = &self.sessions {
+            kept.clear();
+        }
+        in_transaction(&conn, |conn| {
             let missing: Vec<(String, String)> = conn
                 .prepare("SELECT app_id, uid FROM sessions WHERE openid IS NULL")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -338,11 +369,26 @@ impl PlatformStore for SqliteStore {
     }
 
     async fn start_session(&self, session: &SessionRow) -> Result<(), StoreError> {
-        upsert_session(&self.conn(), session)
+        self.write_session(&self.conn(), session)
     }
 
     async fn session(&self, app_id: &str, uid: &str) -> Result<Option<SessionRow>, StoreError> {
-        self.one_session(select_sessions!("WHERE app_id = ?1 AND uid = ?2"), app_id, uid)
+        const SQL: &str = select_sessions!("WHERE app_id = ?1 AND uid = ?2");
+        let Some(kept) = &self.sessions else { return self.one_session(SQL, app_id, uid) };
+        let key = (app_id.to_owned(), uid.to_owned());
+        if let Some(session) = kept.get(&key) {
+            return Ok(session.clone());
+        }
+        // The lock is held until the row is kept, so a write (which drops it under the same lock)
+        // cannot be overtaken by an older read. An absent session is kept too: the first login of
+        // an app reads once.
+        let conn = self.conn();
+        let stored = conn.prepare_cached(SQL)?.query_row(params![app_id, uid], session_row).optional()?;
+        if kept.len() >= MAX_CACHED_SESSIONS {
+            kept.clear();
+        }
+        kept.insert(key, stored.clone());
+        Ok(stored)
     }
 
     async fn session_by_openid(&self, app_id: &str, openid: &str) -> Result<Option<SessionRow>, StoreError> {
@@ -368,7 +414,12 @@ impl PlatformStore for SqliteStore {
     }
 
     async fn user_changed(&self, uid: &str) -> Result<usize, StoreError> {
-        let ended = self.conn().execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?;
+        let conn = self.conn();
+        let ended = conn.execute("DELETE FROM sessions WHERE uid = ?1", params![uid])?;
+        if let Some(kept) = &self.sessions {
+            kept.retain(|(_, u), _| u != uid);
+        }
+        drop(conn);
         // (Their entries in `expiring` are skipped by the sweep.)
         self.codes.retain(|_, e| e.uid != uid);
         self.issued.retain(|(_, u), _| u != uid);
@@ -383,7 +434,7 @@ impl PlatformStore for SqliteStore {
         max_per_user: usize,
     ) -> Result<(), StoreError> {
         if let Some(session) = session {
-            upsert_session(&self.conn(), session)?;
+            self.write_session(&self.conn(), session)?;
         }
         // The (app, uid) entry stays locked until the code is in: concurrent issues count right.
         // At the cap the oldest outstanding code goes (a code that leaves `codes` otherwise leaves
@@ -526,6 +577,27 @@ mod tests {
         assert_eq!(store.app_secret_hash("wxa").await.unwrap().as_deref(), Some(&b"old"[..]));
         assert!(store.set_app_secret_hash("wxa", b"new", true).await.unwrap());
         assert_eq!(store.app_secret_hash("wxa").await.unwrap().as_deref(), Some(&b"new"[..]), "the rotation is seen");
+    }
+
+    /// Kept sessions answer as the file does through every write: absent, started, renewed,
+    /// replaced by a code's issue, ended by a user change.
+    #[tokio::test]
+    async fn kept_sessions_follow_every_write() {
+        for store in [SqliteStore::open(None, false).unwrap(), SqliteStore::open(None, false).unwrap().caching_sessions()] {
+            assert_eq!(store.session("a", "u").await.unwrap(), None);
+            store.start_session(&session("u")).await.unwrap();
+            assert_eq!(store.session("a", "u").await.unwrap(), Some(session("u")), "a started session is seen");
+            let renewed = SessionRow { expires_at_ms: 9, ..session("u") };
+            store.start_session(&renewed).await.unwrap();
+            assert_eq!(store.session("a", "u").await.unwrap(), Some(renewed.clone()), "a renewal is seen");
+            let replaced = SessionRow { session_key: "k2".into(), created_at_ms: 5, ..renewed };
+            store.issue_code("c", code_of("u", 100), Some(&replaced), 10).await.unwrap();
+            assert_eq!(store.session("a", "u").await.unwrap(), Some(replaced), "a code's session is seen");
+            store.start_session(&session("v")).await.unwrap();
+            assert_eq!(store.user_changed("u").await.unwrap(), 1);
+            assert_eq!(store.session("a", "u").await.unwrap(), None, "an ended session is gone");
+            assert_eq!(store.session("a", "v").await.unwrap(), Some(session("v")), "another user's stays");
+        }
     }
 
     #[tokio::test]
