@@ -20,7 +20,7 @@
 //! The outcome is recorded before the key leaves the in-flight table, so a retry always finds one
 //! or the other.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use dashmap::{DashMap, mapref::entry::Entry};
 use miniapp_broker_proto::{
@@ -197,17 +197,21 @@ async fn pay(
     key: &str,
     caller: &CancellationToken,
 ) -> (bool, Outcome) {
-    let session = tokio::select! {
-        biased;
-        _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
-        _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
-        session = b.host.wait_current() => session,
+    let session = match b.host.current() {
+        // A host is there: nothing to wait for (nor to register for).
+        Some(session) if !inst.is_closed() && !caller.is_cancelled() => Ok(session),
+        _ => tokio::select! {
+            biased;
+            _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
+            _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
+            session = b.host.wait_current() => session,
+        },
     };
     let session = match session {
         Ok(session) => session,
         Err(e) => return (false, Err(e)),
     };
-    if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), &written_ahead(api), b.clock.now_ms()) {
+    if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), written_ahead(api), b.clock.now_ms()) {
         return (false, Err(e.into()));
     }
     let app = Broker::app_info(inst, Some(version));
@@ -256,9 +260,18 @@ fn settle(b: &Broker, app_id: &str, key: &str, api: Api, handed_off: bool, outco
 
 /// The record a payment has while the host may be working on it: what a retry gets if the daemon
 /// dies before the outcome replaces it.
-fn written_ahead(api: Api) -> PaymentRow {
-    let unknown = ApiError::PaymentOutcomeUnknown("the daemon stopped while the payment was in flight".into());
-    PaymentRow { ok: false, body: unknown.failure(api).encode_to_vec() }
+fn written_ahead(api: Api) -> &'static PaymentRow {
+    fn make(api: Api) -> PaymentRow {
+        let unknown = ApiError::PaymentOutcomeUnknown("the daemon stopped while the payment was in flight".into());
+        PaymentRow { ok: false, body: unknown.failure(api).encode_to_vec() }
+    }
+    // Made once per API (the two payment APIs): the same bytes for every payment.
+    static PAYMENT: OnceLock<PaymentRow> = OnceLock::new();
+    static MIDAS: OnceLock<PaymentRow> = OnceLock::new();
+    match api {
+        Api::RequestMidasPaymentGameItem => MIDAS.get_or_init(|| make(api)),
+        _ => PAYMENT.get_or_init(|| make(api)),
+    }
 }
 
 /// Whether a failure means the host saw the key (so it is spent).
