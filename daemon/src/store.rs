@@ -184,7 +184,7 @@ CREATE TABLE IF NOT EXISTS grants (
 CREATE TABLE IF NOT EXISTS payments (
     app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
     ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (app_id, idempotency_key)) WITHOUT ROWID;
+    PRIMARY KEY (app_id, idempotency_key));
 CREATE TABLE IF NOT EXISTS refusals (
     app_id TEXT NOT NULL, uid TEXT NOT NULL, scope TEXT NOT NULL, refused_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app_id, uid, scope));
@@ -227,30 +227,12 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     if !has_count {
         conn.execute_batch(&format!("BEGIN IMMEDIATE;{LEDGER_COUNTS}COMMIT;"))?;
     }
-    let payments_sql: String =
-        conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'payments'", [], |r| r.get(0))?;
-    if !payments_sql.contains("WITHOUT ROWID") {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE;{PAYMENTS_WITHOUT_ROWID}COMMIT;"))?;
-    }
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS ledger_user ON ledger (app_id, uid, at_ms);
          CREATE INDEX IF NOT EXISTS payments_at ON payments (recorded_at_ms);",
     )?;
     Ok(())
 }
-
-/// The payments table keyed by its primary key alone (a table of before kept a rowid beside it:
-/// every record was written to two trees, the rows and the key's index). Rebuilt once, every
-/// record kept; the time index is made again by [`migrate`].
-const PAYMENTS_WITHOUT_ROWID: &str = "
-CREATE TABLE payments_new (
-    app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
-    ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (app_id, idempotency_key)) WITHOUT ROWID;
-INSERT INTO payments_new SELECT app_id, idempotency_key, api, ok, body, recorded_at_ms FROM payments;
-DROP TABLE payments;
-ALTER TABLE payments_new RENAME TO payments;
-";
 
 /// The ledger columns a row's count needs, for a table created before rows were coalesced.
 const LEDGER_COUNTS: &str = "
@@ -687,9 +669,8 @@ impl Store {
         Ok(self
             .conn()
             .prepare_cached(
-                "DELETE FROM payments WHERE (app_id, idempotency_key) IN
-                     (SELECT app_id, idempotency_key FROM payments WHERE recorded_at_ms < ?1
-                      ORDER BY recorded_at_ms LIMIT ?2)",
+                "DELETE FROM payments WHERE rowid IN
+                     (SELECT rowid FROM payments WHERE recorded_at_ms < ?1 ORDER BY recorded_at_ms LIMIT ?2)",
             )?
             .execute(params![before_ms as i64, i64::from(limit)])?)
     }
@@ -892,39 +873,6 @@ mod tests {
         assert!(!sql.contains("AUTOINCREMENT") && sql.contains("ledger_at"), "{sql}");
         // Opening again leaves it as it is.
         assert_eq!(Store::open(Some(&path), false).unwrap().ledger(None, None, 0).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_payments_table_with_rowids_keeps_its_records_and_loses_the_rowid() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("broker.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE payments (
-                    app_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, api TEXT NOT NULL,
-                    ok INTEGER NOT NULL, body BLOB NOT NULL, recorded_at_ms INTEGER NOT NULL,
-                    PRIMARY KEY (app_id, idempotency_key));
-                 CREATE INDEX payments_at ON payments (recorded_at_ms);
-                 INSERT INTO payments VALUES ('a', 'old', 'requestPayment', 1, x'01', 10);
-                 INSERT INTO payments VALUES ('a', 'new', 'requestPayment', 0, x'02', 20);",
-            )
-            .unwrap();
-        }
-        let store = Store::open(Some(&path), false).unwrap();
-        assert_eq!(store.payment("a", "old").unwrap(), Some(PaymentRow { ok: true, body: vec![1] }));
-        assert_eq!(store.payment("a", "new").unwrap(), Some(PaymentRow { ok: false, body: vec![2] }));
-        assert_eq!(store.payments_prune(15, 10).unwrap(), 1, "retention goes by the kept times");
-        assert_eq!(store.payment("a", "old").unwrap(), None);
-        store.settle_payment("a", "new", "requestPayment", &PaymentRow { ok: true, body: vec![3] }, 30).unwrap();
-        assert_eq!(store.payment("a", "new").unwrap(), Some(PaymentRow { ok: true, body: vec![3] }));
-        drop(store);
-        let sql: String = Connection::open(&path)
-            .unwrap()
-            .query_row("SELECT group_concat(sql, ';') FROM sqlite_master WHERE tbl_name = 'payments'", [], |r| r.get(0))
-            .unwrap();
-        assert!(sql.contains("WITHOUT ROWID") && sql.contains("payments_at"), "{sql}");
-        assert_eq!(Store::open(Some(&path), false).unwrap().payment_count().unwrap(), 1, "opening again keeps it");
     }
 
     #[test]
