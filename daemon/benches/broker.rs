@@ -35,6 +35,8 @@
 //! (after one checked call per client) and stops: run it twice under
 //! `BROKER_BENCH_WRAPPER="valgrind --tool=callgrind"` for the daemon's instructions per call
 //! (`BROKER_BENCH_ECHO_WRAPPER` does the same for the echo server).
+//! `BROKER_BENCH_STORE=file` runs the daemon on its file-backed store (WAL, the default
+//! `store.synchronous`) instead of `--ephemeral`'s in-memory one.
 //! `--latency=KIND,... [--samples=N] [--current-thread] [--floor]` runs only the latency rounds
 //! (with `BROKER_BENCH_DAEMON_B`, two daemon builds in the same rounds); `--current-thread` drives
 //! the clients from one current-thread runtime instead of the multi-thread one, to see how much of
@@ -575,15 +577,13 @@ impl DaemonProcess {
             None => Command::new(binary),
         };
         let patience = if wrapper.is_empty() { 10 } else { 120 };
+        command.arg("serve").arg("--config").arg(&config).arg("--socket").arg(&socket).arg("--data-dir").arg(&data);
+        // BROKER_BENCH_STORE=file keeps the daemon's store in files under its data dir (what
+        // users run) instead of in memory.
+        if std::env::var("BROKER_BENCH_STORE").as_deref() != Ok("file") {
+            command.arg("--ephemeral");
+        }
         let child = command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--ephemeral")
             .env_remove("RUST_LOG")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDS")

@@ -384,7 +384,12 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn: Mutex::new(conn), location, coalesce_ms: AtomicU64::new(0), recent: Mutex::new(RecentRows::default()) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+            location,
+            coalesce_ms: AtomicU64::new(0),
+            recent: Mutex::new(RecentRows::default()),
+        })
     }
 
     /// Bounds the database file to `max_bytes` (whole pages, never below what it holds now) and
@@ -975,7 +980,11 @@ mod tests {
             .unwrap();
         assert!(store.ledger_add_all(&[row("openid", "login", 20, true), row("unionid", "login", 20, true)]).is_err());
         let rows = store.ledger(None, None, 0).unwrap();
-        assert_eq!(rows.iter().map(|r| (r.id, r.count)).collect::<Vec<_>>(), [(id, 1)], "the failed code counted nothing");
+        assert_eq!(
+            rows.iter().map(|r| (r.id, r.count)).collect::<Vec<_>>(),
+            [(id, 1)],
+            "the failed code counted nothing"
+        );
         store.conn().execute_batch("DROP TRIGGER fail").unwrap();
         let ids = store.ledger_add_all(&[row("openid", "login", 30, true), row("unionid", "login", 30, true)]).unwrap();
         assert_eq!(ids[0], id);

@@ -583,7 +583,9 @@ mod tests {
     /// replaced by a code's issue, ended by a user change.
     #[tokio::test]
     async fn kept_sessions_follow_every_write() {
-        for store in [SqliteStore::open(None, false).unwrap(), SqliteStore::open(None, false).unwrap().caching_sessions()] {
+        for store in
+            [SqliteStore::open(None, false).unwrap(), SqliteStore::open(None, false).unwrap().caching_sessions()]
+        {
             assert_eq!(store.session("a", "u").await.unwrap(), None);
             store.start_session(&session("u")).await.unwrap();
             assert_eq!(store.session("a", "u").await.unwrap(), Some(session("u")), "a started session is seen");
