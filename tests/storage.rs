@@ -302,7 +302,7 @@ async fn a_full_store_fails_the_writes_clearly_and_keeps_serving_reads() {
     let ahead = miniapp_brokerd::store::PaymentRow { ok: false, body: vec![0] };
     for i in 0.. {
         match broker.store.record_payment(APP, &format!("order-f{i}"), "requestPayment", &ahead, T0_MS) {
-            Ok(()) => assert!(i < 100_000, "the payments never filled"),
+            Ok(inserted) => assert!(inserted && i < 100_000, "the payments never filled"),
             Err(e) => {
                 assert!(e.is_unwritable(), "{e}");
                 break;

@@ -688,8 +688,9 @@ impl Store {
             .optional()?)
     }
 
-    /// Records a payment's outcome; the first record for a key wins (the write-ahead record that
-    /// says the host is about to see the key).
+    /// Records a payment if its key has no record yet (the write-ahead record that says the host
+    /// is about to see the key): the first record for a key wins. Returns whether this one did
+    /// (`false`: the key was spent before, and its record stands).
     pub fn record_payment(
         &self,
         app_id: &str,
@@ -697,8 +698,8 @@ impl Store {
         api: &str,
         row: &PaymentRow,
         now_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.write_payment(RECORD_PAYMENT, app_id, key, api, row, now_ms).map(drop)
+    ) -> Result<bool, StoreError> {
+        self.write_payment(RECORD_PAYMENT, app_id, key, api, row, now_ms).map(|inserted| inserted == 1)
     }
 
     /// Replaces a payment's record: its outcome takes the place of the write-ahead record.
@@ -786,8 +787,8 @@ mod tests {
     #[test]
     fn the_first_payment_record_wins_and_revoke_counts() {
         let store = Store::open(None, false).unwrap();
-        store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 1).unwrap();
-        store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![2] }, 2).unwrap();
+        assert!(store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 1).unwrap());
+        assert!(!store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![2] }, 2).unwrap());
         assert!(store.payment("a", "k").unwrap().unwrap().ok);
         store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
         assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);

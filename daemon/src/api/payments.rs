@@ -39,7 +39,7 @@ use super::{request_midas_payment_game_item, request_payment};
 use crate::{
     broker::Broker,
     error::ApiError,
-    host_link::{Expect, HostLink},
+    host_link::{Expect, HostLink, HostSession},
     registry::{AppInstance, CallSlot},
     store::PaymentRow,
     version::ApiVersion,
@@ -111,7 +111,8 @@ fn key_of(request: &ApiRequest) -> String {
 enum Found {
     Recorded(Box<Outcome>),
     Joined(oneshot::Receiver<Outcome>, Option<Arc<DropGuard>>),
-    Leader(Arc<DropGuard>),
+    /// The first caller; with the host session its write-ahead record was written for, if it was.
+    Leader(Arc<DropGuard>, Option<Arc<HostSession>>),
 }
 
 /// The store key of a payment: its API, the signed-in user and the caller's key. The uid is
@@ -151,14 +152,31 @@ pub async fn run(
             // handed off, and this retry gets its answer).
             Found::Joined(rx, pending.callers.upgrade())
         }
-        Entry::Vacant(vacant) => match b.store.payment(&inst.app_id, &key)? {
-            Some(row) => Found::Recorded(Box::new(replay(api, &row))),
-            None => {
-                let waits = Arc::new(caller.clone().drop_guard());
-                vacant.insert(Pending { waiters: Vec::new(), callers: Arc::downgrade(&waits) });
-                Found::Leader(waits)
+        Entry::Vacant(vacant) => {
+            // With a host there (the usual case) the write-ahead record goes in at once: whether
+            // it went in says whether the key was spent before, one statement where a read and
+            // then a write would be two. Without one, nothing is written until a host comes.
+            let host = b.host.current().filter(|_| !inst.is_closed());
+            let ahead = match host {
+                Some(session) => {
+                    let at = b.clock.now_ms();
+                    b.store.record_payment(&inst.app_id, &key, api.name(), written_ahead(api), at)?.then_some(session)
+                }
+                None => None,
+            };
+            let recorded = match ahead {
+                Some(_) => None,
+                None => b.store.payment(&inst.app_id, &key)?,
+            };
+            match recorded {
+                Some(row) => Found::Recorded(Box::new(replay(api, &row))),
+                None => {
+                    let waits = Arc::new(caller.clone().drop_guard());
+                    vacant.insert(Pending { waiters: Vec::new(), callers: Arc::downgrade(&waits) });
+                    Found::Leader(waits, ahead)
+                }
             }
-        },
+        }
     };
     match found {
         Found::Recorded(outcome) => {
@@ -166,12 +184,12 @@ pub async fn run(
             *outcome
         }
         Found::Joined(rx, _waits) => rx.await.unwrap_or(Err(ApiError::Internal("payment leader vanished".into()))),
-        Found::Leader(_waits) => {
+        Found::Leader(_waits, ahead) => {
             let (tx, rx) = oneshot::channel();
             let broker = b.clone();
             let instance = inst.clone();
             tokio::spawn(async move {
-                let (handed_off, outcome) = pay(&broker, &instance, version, api, request, &key, &caller).await;
+                let (handed_off, outcome) = pay(&broker, &instance, version, api, request, &key, &caller, ahead).await;
                 drop(slot);
                 let outcome = settle(&broker, &instance.app_id, &key, api, handed_off, outcome);
                 let waiters = broker.payments.0.remove(&slot_key).map(|(_, p)| p.waiters).unwrap_or_default();
@@ -186,8 +204,10 @@ pub async fn run(
 }
 
 /// The leader's work: waits for a host (called off if the app closes or every caller goes first),
-/// writes the record ahead, hands the payment to the host and waits for its answer. Returns
-/// whether the host may have seen the payment, and the outcome.
+/// writes the record ahead (unless `ahead` says it is written, for that host session), hands the
+/// payment to the host and waits for its answer. Returns whether the host may have seen the
+/// payment, and the outcome.
+#[allow(clippy::too_many_arguments)]
 async fn pay(
     b: &Broker,
     inst: &AppInstance,
@@ -196,24 +216,36 @@ async fn pay(
     request: ApiRequest,
     key: &str,
     caller: &CancellationToken,
+    ahead: Option<Arc<HostSession>>,
 ) -> (bool, Outcome) {
-    let session = match b.host.current() {
-        // A host is there: nothing to wait for (nor to register for).
-        Some(session) if !inst.is_closed() && !caller.is_cancelled() => Ok(session),
-        _ => tokio::select! {
-            biased;
-            _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
-            _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
-            session = b.host.wait_current() => session,
-        },
+    let session = match ahead {
+        // Written ahead for this host: if it has gone meanwhile, the start below fails and the
+        // record is dropped, as for a payment that never reached a host.
+        Some(session) => session,
+        None => {
+            let session = match b.host.current() {
+                // A host is there: nothing to wait for (nor to register for).
+                Some(session) if !inst.is_closed() && !caller.is_cancelled() => Ok(session),
+                _ => tokio::select! {
+                    biased;
+                    _ = inst.closed() => Err(ApiError::Cancelled("app instance closed")),
+                    _ = caller.cancelled() => Err(ApiError::Cancelled("renderer went away")),
+                    session = b.host.wait_current() => session,
+                },
+            };
+            let session = match session {
+                Ok(session) => session,
+                Err(e) => return (false, Err(e)),
+            };
+            let at = b.clock.now_ms();
+            // The key was vacant when the payment began, and it is pending since: nothing else
+            // can have written it.
+            if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), written_ahead(api), at) {
+                return (false, Err(e.into()));
+            }
+            session
+        }
     };
-    let session = match session {
-        Ok(session) => session,
-        Err(e) => return (false, Err(e)),
-    };
-    if let Err(e) = b.store.record_payment(&inst.app_id, key, api.name(), written_ahead(api), b.clock.now_ms()) {
-        return (false, Err(e.into()));
-    }
     let app = Broker::app_info(inst, Some(version));
     let delegated = super::Delegated::new(b, inst, api, version, &request);
     let call = match HostLink::start(&session, app, delegate_call::Request::Api(request), Expect::Api(api)) {
