@@ -175,7 +175,8 @@ mod tests {
         assert_eq!(request_from_json(Api::Login, &deep), Err(JsonError::TooDeep));
         let shallow = r#"{"x":[[["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["]]]}"#;
         assert!(request_from_json(Api::Login, shallow).is_ok(), "brackets inside strings do not count");
-        let wide = format!("{{{}\"z\":1}}", (0..MAX_DEPTH * 2).map(|i| format!("\"k{i}\":[{{}}],")).collect::<String>());
+        let wide =
+            format!("{{{}\"z\":1}}", (0..MAX_DEPTH * 2).map(|i| format!("\"k{i}\":[{{}}],")).collect::<String>());
         assert!(request_from_json(Api::Login, &wide).is_ok(), "siblings are not nesting");
         assert!(request_from_json(Api::Login, "").is_ok());
     }

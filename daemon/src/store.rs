@@ -788,7 +788,9 @@ mod tests {
     fn the_first_payment_record_wins_and_revoke_counts() {
         let store = Store::open(None, false).unwrap();
         assert!(store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 1).unwrap());
-        assert!(!store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![2] }, 2).unwrap());
+        assert!(
+            !store.record_payment("a", "k", "requestPayment", &PaymentRow { ok: false, body: vec![2] }, 2).unwrap()
+        );
         assert!(store.payment("a", "k").unwrap().unwrap().ok);
         store.add_grants("a", "u", &["S1".into(), "S2".into()], 1).unwrap();
         assert_eq!(store.revoke_grants("a", "u", Some("S1")).unwrap(), 1);
