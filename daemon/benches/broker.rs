@@ -35,8 +35,10 @@
 //! (after one checked call per client) and stops: run it twice under
 //! `BROKER_BENCH_WRAPPER="valgrind --tool=callgrind"` for the daemon's instructions per call
 //! (`BROKER_BENCH_ECHO_WRAPPER` does the same for the echo server).
-//! `BROKER_BENCH_STORE=file` runs the daemon on its file-backed store (WAL, the default
-//! `store.synchronous`) instead of `--ephemeral`'s in-memory one.
+//! Every figure but one is taken on the daemon's in-memory store (`--ephemeral`); the payment is
+//! also measured on a file-backed store (SQLite in WAL mode, the default `store.synchronous`:
+//! what users run), and the difference per call is what its two durable writes cost alone.
+//! `BROKER_BENCH_STORE=file` runs every daemon on the file-backed store.
 //! `--latency=KIND,... [--samples=N] [--current-thread] [--floor]` runs only the latency rounds
 //! (with `BROKER_BENCH_DAEMON_B`, two daemon builds in the same rounds); `--current-thread` drives
 //! the clients from one current-thread runtime instead of the multi-thread one, to see how much of
@@ -556,8 +558,17 @@ impl DaemonProcess {
         DaemonProcess::spawn_configured(binary, BENCH_CONFIG)
     }
 
-    /// The daemon with `config_text` as its config file.
+    /// The daemon with `config_text` as its config file, its store where `BROKER_BENCH_STORE`
+    /// says (in memory unless it says `file`).
     fn spawn_configured(binary: &Path, config_text: &str) -> (DaemonProcess, Duration) {
+        let file_store = std::env::var("BROKER_BENCH_STORE").as_deref() == Ok("file");
+        DaemonProcess::spawn_with_store(binary, config_text, file_store)
+    }
+
+    /// The daemon with `config_text` as its config file; `file_store` keeps its store in files
+    /// under its data dir (SQLite in WAL mode, the default `store.synchronous`: what users run)
+    /// instead of in memory (`--ephemeral`).
+    fn spawn_with_store(binary: &Path, config_text: &str, file_store: bool) -> (DaemonProcess, Duration) {
         let dir = tempfile::Builder::new().prefix("brokerd-bench").tempdir().expect("temp dir");
         let socket = dir.path().join("brokerd.sock");
         let data = dir.path().join("data");
@@ -578,9 +589,7 @@ impl DaemonProcess {
         };
         let patience = if wrapper.is_empty() { 10 } else { 120 };
         command.arg("serve").arg("--config").arg(&config).arg("--socket").arg(&socket).arg("--data-dir").arg(&data);
-        // BROKER_BENCH_STORE=file keeps the daemon's store in files under its data dir (what
-        // users run) instead of in memory.
-        if std::env::var("BROKER_BENCH_STORE").as_deref() != Ok("file") {
+        if !file_store {
             command.arg("--ephemeral");
         }
         let child = command
@@ -1317,6 +1326,18 @@ struct SweepLoad {
 /// back (the platform's `login_code`: the session read and upsert, the code), each call timed from
 /// the moment it is ready to run, as a call waiting for the worker is. Samples: every login that
 /// ended while the sweep ran, and as many ending just before it started.
+/// The payment's throughput load through a daemon whose store is in files (what users run), beside
+/// the in-memory store every other figure uses: the difference per call is what the payment's two
+/// durable writes (the write-ahead record, then the outcome) cost on their own.
+fn payment_on_file_store(p: &Params, runtime: &tokio::runtime::Runtime, echo_path: &Path) -> Load {
+    let (daemon, _) = DaemonProcess::spawn_with_store(&daemon_binary(), BENCH_CONFIG, true);
+    let host = Host::connect(&daemon.address(), &daemon.host_token());
+    runtime.block_on(async {
+        let f = fleet(Kind::InvokePayment, CONCURRENCY, echo_path, &daemon, &host).await;
+        throughput(&f, p, daemon.pid()).await
+    })
+}
+
 fn sweep_load(p: &Params) -> SweepLoad {
     use miniapp_platform::{
         Platform,
@@ -1840,6 +1861,11 @@ fn main() {
         http.jscode_bare.per_sec,
         http.jscode_bare.latency.p50_us
     );
+    let payment_file = payment_on_file_store(&p, &runtime, &echo_path);
+    println!(
+        "payment on the file store: {:.0} calls/s with {CONCURRENCY} clients, {:.1} us daemon CPU per call",
+        payment_file.calls_per_sec, payment_file.cpu_us_per_call
+    );
     let swept = sweep_load(&p);
     println!(
         "sweep:    {} expired codes swept in {:.1} ms under 64 logins: p99 {:.1} us during ({} logins), {:.1} us before",
@@ -2025,6 +2051,24 @@ fn main() {
             value: ratio(cpu(Kind::InvokePayment), cpu(Kind::Direct)),
             unit: "x",
             target: Some(("<=", PAYMENT_CPU_RATIO_TARGET)),
+        },
+        Row {
+            key: "daemon_cpu_us_per_invoke_payment_file_call",
+            value: payment_file.cpu_us_per_call,
+            unit: "us",
+            target: None,
+        },
+        Row {
+            key: "invoke_payment_file_cpu_ratio",
+            value: ratio(payment_file.cpu_us_per_call, cpu(Kind::Direct)),
+            unit: "x",
+            target: None,
+        },
+        Row {
+            key: "payment_durable_writes_cpu_us",
+            value: payment_file.cpu_us_per_call - cpu(Kind::InvokePayment),
+            unit: "us",
+            target: None,
         },
         Row { key: "scale_ratio_growth", value: scale_ratio_growth, unit: "x", target: Some(("<=", 0.10)) },
         Row { key: "soak_rss_growth_pct", value: soak_rss_growth_pct, unit: "%", target: Some(("<=", 5.0)) },
