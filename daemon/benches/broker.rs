@@ -19,7 +19,8 @@
 //! For each: p50/p99 latency with one client (the kinds are measured in interleaved rounds so that
 //! drift on a shared machine hits them alike) and throughput with 64 concurrent clients, each on
 //! its own connection (and, for renderers, its own app instance and stream), with the server's
-//! CPU time per call (user + system from /proc/<pid>/stat of the daemon or of the echo server).
+//! CPU time per call (user + system from /proc/<pid>/stat of the daemon or of the echo server),
+//! in windows taken in turn (four in the full run, the order rotating) and summed per kind.
 //! Then the scale curve (1, 16, 256, 1,024 concurrently active clients of the direct, mediated
 //! and default kinds), a soak (the daemon under full load for 60 s, its RSS after 10 s and at
 //! the end), the daemon's RSS growth with 5,000 idle connected renderers (each with an open
@@ -89,7 +90,12 @@ struct Params {
     /// Latency rounds the samples are split into (kinds interleaved per round).
     rounds: usize,
     warmup: usize,
+    /// Seconds of throughput each kind is measured for, in all its windows together.
     throughput_secs: f64,
+    /// Windows the throughput seconds are split into, the kinds taken in turn (a rotating order).
+    throughput_rounds: usize,
+    /// Seconds every client calls before a throughput window opens (split like the window, when
+    /// the window is).
     throughput_warmup_secs: f64,
     startup_runs: usize,
     idle_renderers: usize,
@@ -113,6 +119,7 @@ impl Params {
                 rounds: 1,
                 warmup: 10,
                 throughput_secs: 0.1,
+                throughput_rounds: 1,
                 throughput_warmup_secs: 0.02,
                 startup_runs: 1,
                 idle_renderers: 20,
@@ -128,6 +135,7 @@ impl Params {
                 rounds: 3,
                 warmup: 300,
                 throughput_secs: 1.0,
+                throughput_rounds: 2,
                 throughput_warmup_secs: 0.2,
                 startup_runs: 3,
                 idle_renderers: 5_000,
@@ -143,6 +151,7 @@ impl Params {
                 rounds: 10,
                 warmup: 2_000,
                 throughput_secs: 4.0,
+                throughput_rounds: 4,
                 throughput_warmup_secs: 0.5,
                 startup_runs: 11,
                 idle_renderers: 5_000,
@@ -963,9 +972,60 @@ struct Load {
     cpu_us_per_call: f64,
 }
 
+/// What a fleet did in its throughput windows, summed: calls, seconds, and the server's CPU seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Windows {
+    calls: f64,
+    secs: f64,
+    cpu_secs: f64,
+}
+
+impl Windows {
+    fn add(&mut self, other: Windows) {
+        self.calls += other.calls;
+        self.secs += other.secs;
+        self.cpu_secs += other.cpu_secs;
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            calls_per_sec: self.calls / self.secs.max(f64::MIN_POSITIVE),
+            cpu_us_per_call: self.cpu_secs * 1e6 / self.calls.max(1.0),
+        }
+    }
+}
+
+/// The throughput of each fleet, measured in `p.throughput_rounds` windows per fleet with the
+/// fleets taken in turn, the order rotating each round: a shared machine's slow patch lands on
+/// every kind alike instead of on whichever ran then. `server` names the process whose CPU a
+/// fleet's calls are charged to.
+async fn throughputs(fleets: &[(Kind, Fleet, u32)], p: &Params) -> Vec<(Kind, Load)> {
+    let rounds = p.throughput_rounds.max(1);
+    let split = rounds as f64;
+    let window = Params {
+        throughput_secs: p.throughput_secs / split,
+        throughput_warmup_secs: p.throughput_warmup_secs / split,
+        ..*p
+    };
+    let mut sums = vec![Windows::default(); fleets.len()];
+    for round in 0..rounds {
+        for i in 0..fleets.len() {
+            let at = (i + round) % fleets.len();
+            let (_, fleet, server) = &fleets[at];
+            sums[at].add(throughput_window(fleet, &window, *server).await);
+        }
+    }
+    fleets.iter().zip(sums).map(|((kind, _, _), sum)| (*kind, sum.load())).collect()
+}
+
 /// Calls per second with every client of `fleet` calling back to back, and the CPU time per call
 /// of the process `server` (read from /proc over the same window).
 async fn throughput(fleet: &Fleet, p: &Params, server: u32) -> Load {
+    throughput_window(fleet, p, server).await.load()
+}
+
+/// One window of [`throughput`]: `p.throughput_secs` of calls after `p.throughput_warmup_secs`.
+async fn throughput_window(fleet: &Fleet, p: &Params, server: u32) -> Windows {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = fleet
@@ -990,8 +1050,7 @@ async fn throughput(fleet: &Fleet, p: &Params, server: u32) -> Load {
     for t in tasks {
         t.await.expect("client task");
     }
-    let calls = (c1 - c0) as f64;
-    Load { calls_per_sec: calls / (t1 - t0).as_secs_f64(), cpu_us_per_call: (cpu1 - cpu0) * 1e6 / calls.max(1.0) }
+    Windows { calls: (c1 - c0) as f64, secs: (t1 - t0).as_secs_f64(), cpu_secs: cpu1 - cpu0 }
 }
 
 /// One point of the scale curve: `n` clients calling back to back, each call timed.
@@ -1814,18 +1873,21 @@ fn main() {
         for (k, l) in &lat {
             println!("{:<16} p50 {:>7.1} us  p99 {:>7.1} us  mean {:>7.1} us", k.key(), l.p50_us, l.p99_us, l.mean_us);
         }
-        let mut thr = Vec::new();
+        let mut fleets = Vec::new();
         for kind in Kind::ALL {
             let f = fleet(kind, CONCURRENCY, &echo_path, &daemon, &host).await;
             let server = if kind == Kind::Direct { echo.pid() } else { daemon.pid() };
-            let load = throughput(&f, &p, server).await;
+            fleets.push((kind, f, server));
+        }
+        let thr = throughputs(&fleets, &p).await;
+        drop(fleets);
+        for (kind, load) in &thr {
             println!(
                 "{:<16} {:>9.0} calls/s with {CONCURRENCY} clients, {:>6.1} us server CPU per call",
                 kind.key(),
                 load.calls_per_sec,
                 load.cpu_us_per_call
             );
-            thr.push((kind, load));
         }
         let scale = scale_curve(&p, &echo_path, &daemon, &host).await;
         let soaked = soak(&p, &echo_path).await;
@@ -2199,6 +2261,7 @@ fn main() {
         "payload_bytes": PAYLOAD,
         "latency_samples": p.samples,
         "throughput_secs": p.throughput_secs,
+        "throughput_rounds": p.throughput_rounds,
         "startup_answer_ms": (startup_answer_ms * 1000.0).round() / 1000.0,
         "idle_renderers": idle.renderers,
         "idle_rss_base_kib": idle.rss_base_kib,
