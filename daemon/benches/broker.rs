@@ -20,7 +20,8 @@
 //! drift on a shared machine hits them alike) and throughput with 64 concurrent clients, each on
 //! its own connection (and, for renderers, its own app instance and stream), with the server's
 //! CPU time per call (user + system from /proc/<pid>/stat of the daemon or of the echo server),
-//! in windows taken in turn (four in the full run, the order rotating) and summed per kind.
+//! in windows taken in turn (four in the full run, the order rotating) and summed per kind; the
+//! payment runs in the same rotation through a second daemon on a file-backed store.
 //! Then the scale curve (1, 16, 256, 1,024 concurrently active clients of the direct, mediated
 //! and default kinds), a soak (the daemon under full load for 60 s, its RSS after 10 s and at
 //! the end), the daemon's RSS growth with 5,000 idle connected renderers (each with an open
@@ -999,7 +1000,7 @@ impl Windows {
 /// fleets taken in turn, the order rotating each round: a shared machine's slow patch lands on
 /// every kind alike instead of on whichever ran then. `server` names the process whose CPU a
 /// fleet's calls are charged to.
-async fn throughputs(fleets: &[(Kind, Fleet, u32)], p: &Params) -> Vec<(Kind, Load)> {
+async fn throughputs<K: Copy>(fleets: &[(K, Fleet, u32)], p: &Params) -> Vec<(K, Load)> {
     let rounds = p.throughput_rounds.max(1);
     let split = rounds as f64;
     let window = Params {
@@ -1385,18 +1386,6 @@ struct SweepLoad {
 /// back (the platform's `login_code`: the session read and upsert, the code), each call timed from
 /// the moment it is ready to run, as a call waiting for the worker is. Samples: every login that
 /// ended while the sweep ran, and as many ending just before it started.
-/// The payment's throughput load through a daemon whose store is in files (what users run), beside
-/// the in-memory store every other figure uses: the difference per call is what the payment's two
-/// durable writes (the write-ahead record, then the outcome) cost on their own.
-fn payment_on_file_store(p: &Params, runtime: &tokio::runtime::Runtime, echo_path: &Path) -> Load {
-    let (daemon, _) = DaemonProcess::spawn_with_store(&daemon_binary(), BENCH_CONFIG, true);
-    let host = Host::connect(&daemon.address(), &daemon.host_token());
-    runtime.block_on(async {
-        let f = fleet(Kind::InvokePayment, CONCURRENCY, echo_path, &daemon, &host).await;
-        throughput(&f, p, daemon.pid()).await
-    })
-}
-
 fn sweep_load(p: &Params) -> SweepLoad {
     use miniapp_platform::{
         Platform,
@@ -1857,10 +1846,12 @@ fn main() {
         "startup:  {startup_ms:.2} ms until the socket accepts, {startup_answer_ms:.2} ms until a call is answered"
     );
 
-    // 2-4 through one daemon
+    // 2-4 through one daemon (and the payment through a second one, on a file-backed store)
     let (daemon, _) = DaemonProcess::spawn();
     let host = Host::connect(&daemon.address(), &daemon.host_token());
-    let (lat, thr, scale, soaked) = runtime.block_on(async {
+    let (file_daemon, _) = DaemonProcess::spawn_with_store(&daemon_binary(), BENCH_CONFIG, true);
+    let file_host = Host::connect(&file_daemon.address(), &file_daemon.host_token());
+    let (lat, thr, payment_file, scale, soaked) = runtime.block_on(async {
         let mut singles = Vec::new();
         for kind in Kind::ALL {
             let f = fleet(kind, 1, &echo_path, &daemon, &host).await;
@@ -1873,14 +1864,25 @@ fn main() {
         for (k, l) in &lat {
             println!("{:<16} p50 {:>7.1} us  p99 {:>7.1} us  mean {:>7.1} us", k.key(), l.p50_us, l.p99_us, l.mean_us);
         }
+        // Each kind is labelled with whether it runs on the file-backed store: the payment runs on
+        // both, in the same rotation, so their difference is the durable writes alone.
         let mut fleets = Vec::new();
         for kind in Kind::ALL {
             let f = fleet(kind, CONCURRENCY, &echo_path, &daemon, &host).await;
             let server = if kind == Kind::Direct { echo.pid() } else { daemon.pid() };
-            fleets.push((kind, f, server));
+            fleets.push(((kind, false), f, server));
         }
-        let thr = throughputs(&fleets, &p).await;
+        let f = fleet(Kind::InvokePayment, CONCURRENCY, &echo_path, &file_daemon, &file_host).await;
+        fleets.push(((Kind::InvokePayment, true), f, file_daemon.pid()));
+        let measured = throughputs(&fleets, &p).await;
         drop(fleets);
+        let payment_file = measured.iter().find(|((_, file), _)| *file).map(|(_, load)| *load).unwrap_or_default();
+        let thr: Vec<(Kind, Load)> =
+            measured.into_iter().filter(|((_, file), _)| !file).map(|((kind, _), load)| (kind, load)).collect();
+        println!(
+            "payment on the file store: {:.0} calls/s with {CONCURRENCY} clients, {:.1} us daemon CPU per call",
+            payment_file.calls_per_sec, payment_file.cpu_us_per_call
+        );
         for (kind, load) in &thr {
             println!(
                 "{:<16} {:>9.0} calls/s with {CONCURRENCY} clients, {:>6.1} us server CPU per call",
@@ -1895,9 +1897,10 @@ fn main() {
             "soak:     {:.0} s at {:.0} calls/s: RSS {} KiB after {:.0} s, {} KiB at the end",
             p.soak_secs, soaked.calls_per_sec, soaked.rss_base_kib, p.soak_base_secs, soaked.rss_end_kib
         );
-        (lat, thr, scale, soaked)
+        (lat, thr, payment_file, scale, soaked)
     });
     let daemon_threads = daemon.threads();
+    drop((file_host, file_daemon));
     drop(host);
     drop(daemon);
 
@@ -1922,11 +1925,6 @@ fn main() {
         http.jscode_bytes,
         http.jscode_bare.per_sec,
         http.jscode_bare.latency.p50_us
-    );
-    let payment_file = payment_on_file_store(&p, &runtime, &echo_path);
-    println!(
-        "payment on the file store: {:.0} calls/s with {CONCURRENCY} clients, {:.1} us daemon CPU per call",
-        payment_file.calls_per_sec, payment_file.cpu_us_per_call
     );
     let swept = sweep_load(&p);
     println!(

@@ -375,10 +375,13 @@ impl Store {
             miniapp_platform::store::sqlite::create_private(p)?;
         }
         let (conn, location) = match path {
-            Some(p) => (Connection::open(p)?, p.display().to_string()),
-            None => (Connection::open_in_memory()?, ":memory:".to_owned()),
+            Some(p) => {
+                let conn = Connection::open(p)?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                (conn, p.display().to_string())
+            }
+            None => (miniapp_platform::store::sqlite::open_in_memory()?, ":memory:".to_owned()),
         };
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -782,6 +785,39 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
         }
+    }
+
+    #[test]
+    fn an_in_memory_store_keeps_its_page_cache_bounded_as_payments_accumulate() {
+        // `--ephemeral`: every page in the cache would make each commit after a rebalance walk
+        // them all, a payment costing more the more payments are recorded.
+        let store = Store::open(None, false).unwrap();
+        let body = vec![3u8; 1000];
+        for i in 0..20_000 {
+            let key = format!(
+                "requestPayment:1:u:{:032x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+            );
+            assert!(
+                store
+                    .record_payment("a", &key, "requestPayment", &PaymentRow { ok: true, body: body.clone() }, 1)
+                    .unwrap()
+            );
+        }
+        assert_eq!(store.payment_count().unwrap(), 20_000);
+        let (mut used, mut highest) = (0, 0);
+        // SAFETY: the handle is the store's open connection; the query only reads counters.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_db_status(
+                store.conn().handle(),
+                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                &mut used,
+                &mut highest,
+                0,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(used < 8 * 1024 * 1024, "the page cache holds {used} bytes of 20,000 payments of 1 kB");
     }
 
     #[test]

@@ -73,6 +73,29 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens a database that lives in this process's memory only (`--ephemeral`), whose page cache is
+/// bounded like a file's.
+///
+/// SQLite's own `:memory:` database keeps every page in its page cache, and a commit after a
+/// b-tree rebalance (which renumbers pages through a temporary page number past the end) walks
+/// that whole cache: every such commit costs time in proportion to the database's size. The
+/// `memdb` VFS keeps the pages in memory behind a bounded cache instead, so a commit costs the
+/// same however much the store holds. The journal and temporary tables stay in memory too (no
+/// file is ever created); the name is private to the connection (no leading `/`).
+pub fn open_in_memory() -> rusqlite::Result<Connection> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn =
+        Connection::open_with_flags(format!("file:miniapp-ephemeral-{}-{n}?vfs=memdb", std::process::id()), flags)?;
+    conn.pragma_update(None, "journal_mode", "MEMORY")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(conn)
+}
+
 /// The write-ahead log is truncated to this after each checkpoint: with `max_page_count`, what the
 /// database takes on disk is bounded.
 pub const WAL_BYTES: i64 = 16 * 1024 * 1024;
@@ -196,10 +219,13 @@ impl SqliteStore {
             create_private(p)?;
         }
         let (conn, location) = match path {
-            Some(p) => (Connection::open(p)?, p.display().to_string()),
-            None => (Connection::open_in_memory()?, ":memory:".to_owned()),
+            Some(p) => {
+                let conn = Connection::open(p)?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                (conn, p.display().to_string())
+            }
+            None => (open_in_memory()?, ":memory:".to_owned()),
         };
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
@@ -554,6 +580,41 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes a connection's page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`).
+    pub(crate) fn cache_used(conn: &Connection) -> i64 {
+        let (mut now, mut highest) = (0, 0);
+        // SAFETY: the handle is `conn`'s own, open for the call; the query only reads counters.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_db_status(
+                conn.handle(),
+                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                &mut now,
+                &mut highest,
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "sqlite3_db_status");
+        i64::from(now)
+    }
+
+    #[test]
+    fn an_in_memory_store_keeps_its_page_cache_bounded_as_it_grows() {
+        // A page cache that holds the whole database is walked whole by commits after a
+        // rebalance: bounded, a commit costs the same however much the store holds.
+        let store = SqliteStore::open(None, false).unwrap();
+        let conn = store.conn();
+        conn.execute_batch("CREATE TABLE filler (k BLOB PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        let value = vec![7u8; 4000];
+        for _ in 0..6000 {
+            let key = crate::tokens::random_token(24);
+            conn.execute("INSERT INTO filler (k, v) VALUES (?1, ?2)", params![key, value]).unwrap();
+        }
+        let held: i64 = conn.query_row("SELECT SUM(LENGTH(v)) FROM filler", [], |r| r.get(0)).unwrap();
+        assert!(held >= 24_000_000, "the store holds {held} bytes");
+        let used = cache_used(&conn);
+        assert!(used < 8 * 1024 * 1024, "the page cache holds {used} bytes of a {held}-byte store");
+    }
 
     fn session(uid: &str) -> SessionRow {
         SessionRow {
