@@ -582,7 +582,7 @@ mod tests {
     use super::*;
 
     /// The bytes a connection's page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`).
-    pub(crate) fn cache_used(conn: &Connection) -> i64 {
+    fn cache_used(conn: &Connection) -> i64 {
         let (mut now, mut highest) = (0, 0);
         // SAFETY: the handle is `conn`'s own, open for the call; the query only reads counters.
         let rc = unsafe {
