@@ -2232,8 +2232,15 @@ fn main() {
     print_table(&rows);
     if smoke {
         for row in &rows {
-            // Growths may be zero or negative; everything else is a measured, positive figure.
-            let signed = matches!(row.key, "scale_ratio_growth" | "scale_mean_ratio_growth" | "soak_rss_growth_pct");
+            // Growths and differences may be zero or negative; everything else is a measured,
+            // positive figure.
+            let signed = matches!(
+                row.key,
+                "scale_ratio_growth"
+                    | "scale_mean_ratio_growth"
+                    | "soak_rss_growth_pct"
+                    | "payment_durable_writes_cpu_us"
+            );
             assert!(
                 row.value.is_finite() && (signed || row.value > 0.0),
                 "{} = {}: every figure is measured",
