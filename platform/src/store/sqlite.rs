@@ -81,7 +81,8 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
 /// that whole cache: every such commit costs time in proportion to the database's size. The
 /// `memdb` VFS keeps the pages in memory behind a bounded cache instead, so a commit costs the
 /// same however much the store holds. The journal and temporary tables stay in memory too (no
-/// file is ever created); the name is private to the connection (no leading `/`).
+/// file is ever created); the name is private to the connection (no leading `/`), which holds
+/// it exclusively.
 pub fn open_in_memory() -> rusqlite::Result<Connection> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -93,6 +94,9 @@ pub fn open_in_memory() -> rusqlite::Result<Connection> {
         Connection::open_with_flags(format!("file:miniapp-ephemeral-{}-{n}?vfs=memdb", std::process::id()), flags)?;
     conn.pragma_update(None, "journal_mode", "MEMORY")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // No other connection can open it: holding its lock for good spares every transaction the
+    // lock calls and the rewrite of the header's change counter.
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
     Ok(conn)
 }
 
