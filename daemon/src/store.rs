@@ -805,18 +805,7 @@ mod tests {
             );
         }
         assert_eq!(store.payment_count().unwrap(), 20_000);
-        let (mut used, mut highest) = (0, 0);
-        // SAFETY: the handle is the store's open connection; the query only reads counters.
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_db_status(
-                store.conn().handle(),
-                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
-                &mut used,
-                &mut highest,
-                0,
-            )
-        };
-        assert_eq!(rc, 0);
+        let used = miniapp_platform::store::sqlite::page_cache_bytes(&store.conn()).unwrap();
         assert!(used < 8 * 1024 * 1024, "the page cache holds {used} bytes of 20,000 payments of 1 kB");
     }
 

@@ -100,6 +100,26 @@ pub fn open_in_memory() -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The bytes `conn`'s page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`): what the tests of an
+/// in-memory store's bounded cache read.
+pub fn page_cache_bytes(conn: &Connection) -> rusqlite::Result<i64> {
+    let (mut now, mut highest) = (0, 0);
+    // SAFETY: the handle is `conn`'s own, open for the call; the query only reads counters.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+            &mut now,
+            &mut highest,
+            0,
+        )
+    };
+    match rc {
+        rusqlite::ffi::SQLITE_OK => Ok(i64::from(now)),
+        code => Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)),
+    }
+}
+
 /// The write-ahead log is truncated to this after each checkpoint: with `max_page_count`, what the
 /// database takes on disk is bounded.
 pub const WAL_BYTES: i64 = 16 * 1024 * 1024;
@@ -585,23 +605,6 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
 mod tests {
     use super::*;
 
-    /// The bytes a connection's page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`).
-    fn cache_used(conn: &Connection) -> i64 {
-        let (mut now, mut highest) = (0, 0);
-        // SAFETY: the handle is `conn`'s own, open for the call; the query only reads counters.
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_db_status(
-                conn.handle(),
-                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
-                &mut now,
-                &mut highest,
-                0,
-            )
-        };
-        assert_eq!(rc, 0, "sqlite3_db_status");
-        i64::from(now)
-    }
-
     #[test]
     fn an_in_memory_store_keeps_its_page_cache_bounded_as_it_grows() {
         // A page cache that holds the whole database is walked whole by commits after a
@@ -616,7 +619,7 @@ mod tests {
         }
         let held: i64 = conn.query_row("SELECT SUM(LENGTH(v)) FROM filler", [], |r| r.get(0)).unwrap();
         assert!(held >= 24_000_000, "the store holds {held} bytes");
-        let used = cache_used(&conn);
+        let used = page_cache_bytes(&conn).unwrap();
         assert!(used < 8 * 1024 * 1024, "the page cache holds {used} bytes of a {held}-byte store");
     }
 
