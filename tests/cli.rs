@@ -191,6 +191,28 @@ async fn host_published(host: &HostClient) {
     .await
 }
 
+/// The README's `cargo run --release -- demo` runs the one binary among the workspace's default
+/// members: with a second one there, cargo refuses to choose.
+#[test]
+fn the_readme_run_command_finds_one_binary_to_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = |dir: &Path| -> toml::Value {
+        toml::from_str(&std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest")).expect("manifest TOML")
+    };
+    let workspace = manifest(&root);
+    let members = workspace["workspace"]["default-members"].as_array().expect("default-members");
+    let with_binaries: Vec<&str> = members
+        .iter()
+        .map(|m| m.as_str().expect("a member path"))
+        .filter(|m| {
+            let dir = root.join(m);
+            let declared = manifest(&dir).get("bin").and_then(|b| b.as_array()).is_some_and(|b| !b.is_empty());
+            declared || dir.join("src/main.rs").exists()
+        })
+        .collect();
+    assert_eq!(with_binaries, ["daemon"], "default members with a binary");
+}
+
 #[tokio::test]
 async fn operator_mistakes_get_clear_refusals() {
     let mut daemon = Brokerd::start().await;
