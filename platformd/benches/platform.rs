@@ -8,8 +8,10 @@
 //!    daemon-API `IssueLoginCode` (gRPC, client credentials) and a backend `jscode2session` (HTTP)
 //!    at one `miniapp-platformd serve` (the release binary, its own process) — against a bare
 //!    client running the same statements the service runs for a pair (read the session, issue the
-//!    code and its session, read the app's secret hash, take the rate bucket, redeem, read the
-//!    session) straight on the engine, over the same pool size, on the same database;
+//!    code (with its session only when there is none live, as the service's logins do), read the
+//!    app's secret hash, take the rate bucket, redeem, read the session) straight on the engine,
+//!    over the same pool size, on the same database. The two kinds run in alternating windows,
+//!    and the CPU each pair cost the service, PostgreSQL and the clients is printed beside;
 //! 2. **login**: the p50/p99 of a v2 `wx.login` from a renderer through a daemon in remote mode
 //!    against the same through the embedded platform, beside one platform round trip (a bare
 //!    `IssueLoginCode`); the kinds interleaved in rounds.
@@ -67,13 +69,20 @@ async fn run(mode: Mode, daemons: tokio::runtime::Handle) {
     let t = tenant(&url).await;
     let instance = Instance::start(&url, "127.0.0.1:0", "127.0.0.1:0").await;
 
-    let cpu_before = cpu_secs(instance.child.id().unwrap_or_default());
-    let (service, service_count) = service_pairs(&instance, &t, mode.pair_secs).await;
-    let service_cpu = cpu_secs(instance.child.id().unwrap_or_default()) - cpu_before;
-    let bare = bare_pairs(&url, mode.pair_secs).await;
-    println!("pairs/s (issue + redeem, {CLIENTS} clients): service {service:.0}, bare statements {bare:.0}");
-    // Setting up the clients costs the service little next to the pairs; charged to them all the same.
-    println!("the service's CPU per pair (user + system): {:.1} µs", service_cpu * 1e6 / service_count.max(1) as f64);
+    let pid = instance.child.id().unwrap_or_default();
+    let (service, bare) = pairs(&instance, &t, &url, mode.pair_secs, pid).await;
+    println!(
+        "pairs/s (issue + redeem, {CLIENTS} clients, {ROUNDS} windows each, in turn): service {:.0}, bare statements {:.0}",
+        service.rate(),
+        bare.rate()
+    );
+    let (s, b) = (service.cpu(), bare.cpu());
+    println!(
+        "CPU per pair (user + system, µs): service {:.1}, PostgreSQL {:.1}, clients {:.1}",
+        s.service, s.postgres, s.clients
+    );
+    println!("CPU per bare pair (µs): PostgreSQL {:.1}, the bare client {:.1}", b.postgres, b.clients);
+    let (service, bare) = (service.rate(), bare.rate());
     println!("ratio service / bare: {:.2} (target >= 0.7)", service / bare);
 
     let (remote, embedded, rtt) = logins(&instance, &t, mode.login_samples, &daemons).await;
@@ -101,27 +110,86 @@ fn issue_request(t: &Tenant, uid: &str) -> tonic::Request<IssueLoginCodeRequest>
     request
 }
 
-/// Pairs per second through the service, and how many pairs that was.
-async fn service_pairs(instance: &Instance, t: &Tenant, secs: f64) -> (f64, u64) {
+/// Windows of each kind of pairs, the kinds in turn (the order alternating), so that a drift of
+/// the machine's speed weighs on both alike.
+const ROUNDS: usize = 5;
+
+/// What one kind of pairs did over its windows.
+#[derive(Default)]
+struct Tally {
+    pairs: u64,
+    elapsed: Duration,
+    service: f64,
+    postgres: f64,
+    clients: f64,
+}
+
+impl Tally {
+    fn add(&mut self, pairs: u64, elapsed: Duration, before: &Cpu, after: &Cpu) {
+        self.pairs += pairs;
+        self.elapsed += elapsed;
+        self.service += after.service - before.service;
+        self.postgres += after.postgres - before.postgres;
+        self.clients += after.clients - before.clients;
+    }
+
+    fn rate(&self) -> f64 {
+        self.pairs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Microseconds of CPU per pair.
+    fn cpu(&self) -> Cpu {
+        let per = |secs: f64| secs * 1e6 / self.pairs.max(1) as f64;
+        Cpu { service: per(self.service), postgres: per(self.postgres), clients: per(self.clients) }
+    }
+}
+
+/// Pairs through the service and bare pairs on the same database, `secs` of each in [`ROUNDS`]
+/// windows; the CPU is read around each window while every connection (so every backend) is open.
+async fn pairs(instance: &Instance, t: &Tenant, url: &str, secs: f64, service_pid: u32) -> (Tally, Tally) {
     let t = Arc::new(Tenant {
         client_key: t.client_key.clone(),
         client_secret: t.client_secret.clone(),
         app_secret: t.app_secret.clone(),
     });
-    let base = instance.url();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        clients.push(daemon_client(instance).await);
+        clients.push((daemon_client(instance).await, Http::new()));
     }
-    let until = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
+    let store = Arc::new(PgStore::connect(url, &PgOptions::default()).unwrap());
+    store.migrate().await.unwrap();
+    let window = Duration::from_secs_f64(secs / ROUNDS as f64);
+    let (mut service, mut bare) = (Tally::default(), Tally::default());
+    for round in 0..ROUNDS {
+        for kind in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let before = Cpu::now(service_pid);
+            let started = Instant::now();
+            let done = match kind {
+                0 => service_window(&clients, &t, &instance.url(), started + window).await,
+                _ => bare_window(&store, started + window).await,
+            };
+            let elapsed = started.elapsed();
+            let tally = if kind == 0 { &mut service } else { &mut bare };
+            tally.add(done, elapsed, &before, &Cpu::now(service_pid));
+        }
+    }
+    (service, bare)
+}
+
+/// Pairs through the service until `until`, one task per client.
+async fn service_window(
+    clients: &[(PlatformClient<tonic::transport::Channel>, Http)],
+    t: &Arc<Tenant>,
+    base: &str,
+    until: Instant,
+) -> u64 {
     let tasks: Vec<_> = clients
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(i, mut client)| {
-            let (t, base) = (t.clone(), base.clone());
+        .map(|(i, (client, http))| {
+            let (t, base, mut client, http) = (t.clone(), base.to_owned(), client.clone(), http.clone());
             tokio::spawn(async move {
-                let (http, uid) = (Http::new(), format!("bench-{i}"));
+                let uid = format!("bench-{i}");
                 let mut pairs = 0u64;
                 while Instant::now() < until {
                     let code = client.issue_login_code(issue_request(&t, &uid)).await.unwrap().into_inner().code;
@@ -137,7 +205,32 @@ async fn service_pairs(instance: &Instance, t: &Tenant, secs: f64) -> (f64, u64)
     for task in tasks {
         pairs += task.await.unwrap();
     }
-    (pairs as f64 / started.elapsed().as_secs_f64(), pairs)
+    pairs
+}
+
+/// CPU seconds used so far by the service, by PostgreSQL's processes and by this process (the
+/// clients, bare or not, and the daemons of the login phase).
+struct Cpu {
+    service: f64,
+    postgres: f64,
+    clients: f64,
+}
+
+impl Cpu {
+    fn now(service: u32) -> Cpu {
+        Cpu { service: cpu_secs(service), postgres: postgres_cpu_secs(), clients: cpu_secs(std::process::id()) }
+    }
+}
+
+/// CPU seconds of every process named `postgres` still running (the server and its backends; a
+/// backend that ended meanwhile takes its share with it, so this may undercount a little).
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(cpu_secs)
+        .sum()
 }
 
 /// User + system CPU seconds the process `pid` has used so far (/proc/PID/stat; 0 elsewhere).
@@ -161,12 +254,8 @@ fn cpu_secs(pid: u32) -> f64 {
     }
 }
 
-/// Pairs per second of the same statements run straight on the engine (no service).
-async fn bare_pairs(url: &str, secs: f64) -> f64 {
-    let store = Arc::new(PgStore::connect(url, &PgOptions::default()).unwrap());
-    store.migrate().await.unwrap();
-    let until = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
+/// Pairs of the same statements run straight on the engine (no service) until `until`.
+async fn bare_window(store: &Arc<PgStore>, until: Instant) -> u64 {
     let quota = Quota { per_minute: 6_000_000, burst: 100_000 };
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -176,15 +265,18 @@ async fn bare_pairs(url: &str, secs: f64) -> f64 {
                 let mut pairs = 0u64;
                 while Instant::now() < until {
                     let now = now_ms();
-                    let _ = PlatformStore::session(&*store, app, &uid).await.unwrap();
-                    let session = SessionRow {
+                    // The service writes a login's session only when it starts or renews one (a
+                    // young session's renewal within the slack is not written): so here.
+                    let live = PlatformStore::session(&*store, app, &uid).await.unwrap();
+                    let session = live.clone().unwrap_or_else(|| SessionRow {
                         app_id: app.into(),
                         uid: uid.clone(),
                         openid: format!("o-{uid}"),
                         session_key: random_token(16),
                         created_at_ms: now,
                         expires_at_ms: now + 3_600_000,
-                    };
+                    });
+                    let write = live.is_none().then_some(&session);
                     let code = random_token(18);
                     let record = CodeRecord {
                         app_id: app.into(),
@@ -194,7 +286,7 @@ async fn bare_pairs(url: &str, secs: f64) -> f64 {
                         expires_at_ms: now + 300_000,
                         ledger: Vec::new(),
                     };
-                    PlatformStore::issue_code(&*store, &code, record, Some(&session), 100).await.unwrap();
+                    PlatformStore::issue_code(&*store, &code, record, write, 100).await.unwrap();
                     let _ = PlatformStore::app_secret_hash(&*store, app).await.unwrap();
                     assert!(PlatformStore::take_attempt(&*store, app, quota, now).await.unwrap());
                     let taken = PlatformStore::redeem_code(&*store, app, &code, Wanted::Login, now_ms()).await.unwrap();
@@ -210,7 +302,7 @@ async fn bare_pairs(url: &str, secs: f64) -> f64 {
     for task in tasks {
         pairs += task.await.unwrap();
     }
-    pairs as f64 / started.elapsed().as_secs_f64()
+    pairs
 }
 
 fn now_ms() -> u64 {
