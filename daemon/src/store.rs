@@ -215,8 +215,10 @@ macro_rules! decisions_page {
 /// Brings a database an earlier version created up to [`SCHEMA`]: the ledger's ids lost
 /// AUTOINCREMENT ([`LEDGER_WITHOUT_AUTOINCREMENT`]); ledger rows gained a count, a last time and
 /// a count of redeemed codes ([`LEDGER_COUNTS`]: a row of before is one disclosure, redeemed once
-/// if it was) and an index by (app, user, time) to find the row a disclosure adds to; payments an
-/// index by time for the retention sweep. (The platform's engine migrates its tables.)
+/// if it was) and an index by (app, user, time) to find the row a disclosure adds to; payments lost
+/// their index by time, which every record paid a third b-tree's write for ([`Store::payments_prune`]
+/// walks the records in the order they were written instead). (The platform's engine migrates its
+/// tables.)
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let ledger_sql: String =
         conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'", [], |r| r.get(0))?;
@@ -229,7 +231,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     }
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS ledger_user ON ledger (app_id, uid, at_ms);
-         CREATE INDEX IF NOT EXISTS payments_at ON payments (recorded_at_ms);",
+         DROP INDEX IF EXISTS payments_at;",
     )?;
     Ok(())
 }
@@ -671,14 +673,19 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Drops at most `limit` of the payment records recorded before `before_ms` (retention),
-    /// oldest first; returns how many.
+    /// Drops the payment records recorded before `before_ms` (retention) among the `limit` oldest
+    /// written; returns how many.
+    ///
+    /// Records are taken in the order they were written (rowid order: a new record's rowid is past
+    /// every live one's, and pruning only takes from the front), which is their time order while
+    /// the clock runs forward. So no index by time is kept for this sweep. A record written after
+    /// the clock stepped back may wait behind younger ones for as long as the step was.
     pub fn payments_prune(&self, before_ms: u64, limit: u32) -> Result<usize, StoreError> {
         Ok(self
             .conn()
             .prepare_cached(
-                "DELETE FROM payments WHERE rowid IN
-                     (SELECT rowid FROM payments WHERE recorded_at_ms < ?1 ORDER BY recorded_at_ms LIMIT ?2)",
+                "DELETE FROM payments WHERE rowid IN (SELECT rowid FROM payments ORDER BY rowid LIMIT ?2)
+                     AND recorded_at_ms < ?1",
             )?
             .execute(params![before_ms as i64, i64::from(limit)])?)
     }
@@ -906,6 +913,53 @@ mod tests {
         assert!(!sql.contains("AUTOINCREMENT") && sql.contains("ledger_at"), "{sql}");
         // Opening again leaves it as it is.
         assert_eq!(Store::open(Some(&path), false).unwrap().ledger(None, None, 0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn payment_records_are_pruned_in_the_order_they_were_written() {
+        let store = Store::open(None, false).unwrap();
+        let row = PaymentRow { ok: true, body: vec![1] };
+        // Written at 10, 20, 30, then at 5 after the clock stepped back.
+        for (key, at) in [("a", 10), ("b", 20), ("c", 30), ("d", 5)] {
+            assert!(store.record_payment("app", key, "requestPayment", &row, at).unwrap());
+        }
+        // The two oldest written: only the one recorded before 15 goes.
+        assert_eq!(store.payments_prune(15, 2).unwrap(), 1);
+        assert_eq!(store.payment("app", "a").unwrap(), None);
+        assert!(store.payment("app", "b").unwrap().is_some());
+        // "d", before 15 too, waits behind "b" and "c" until they are past the retention.
+        assert_eq!(store.payments_prune(15, 2).unwrap(), 0);
+        assert!(store.payment("app", "d").unwrap().is_some());
+        assert_eq!(store.payments_prune(31, 10).unwrap(), 3);
+        assert_eq!(store.payment_count().unwrap(), 0);
+        // A record replaced after its write-ahead record was forgotten is written anew, last.
+        store.record_payment("app", "e", "requestPayment", &row, 40).unwrap();
+        store.record_payment("app", "f", "requestPayment", &row, 50).unwrap();
+        store.forget_payment("app", "e").unwrap();
+        store.settle_payment("app", "e", "requestPayment", &row, 60).unwrap();
+        assert_eq!(store.payments_prune(55, 1).unwrap(), 1, "f, written before e's replacement");
+        assert!(store.payment("app", "e").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_payments_table_with_the_index_by_time_loses_it_and_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            let store = Store::open(Some(&path), false).unwrap();
+            store.record_payment("a", "key", "requestPayment", &PaymentRow { ok: true, body: vec![1] }, 4).unwrap();
+            store.conn().execute_batch("CREATE INDEX payments_at ON payments (recorded_at_ms)").unwrap();
+        }
+        let store = Store::open(Some(&path), false).unwrap();
+        assert_eq!(store.payment("a", "key").unwrap(), Some(PaymentRow { ok: true, body: vec![1] }));
+        let indexes: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'payments_at'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(indexes, 0);
+        assert_eq!(store.payments_prune(5, 10).unwrap(), 1);
     }
 
     #[test]
