@@ -281,12 +281,7 @@ fn ask_terminal(app_id: &str, scope: &str) -> bool {
 
 fn hex_code(prefix: &str) -> String {
     let bytes: [u8; 16] = rand::random();
-    let mut s = String::with_capacity(prefix.len() + 32);
-    s.push_str(prefix);
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("{prefix}{}", hex::encode(bytes))
 }
 
 fn user_info(u: &DevUser) -> UserInfo {

@@ -126,11 +126,7 @@ pub struct DevSuperapp {
 
 fn random_hex(prefix: &str) -> String {
     let bytes: [u8; 16] = rand::random();
-    let mut s = String::from(prefix);
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("{prefix}{}", hex::encode(bytes))
 }
 
 /// `158****2850`, `de****ev@example.invalid`: enough for the user to recognise, no more.

@@ -16,7 +16,6 @@ use std::{sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 use miniapp_broker_proto::platform::v1::{self as pv1, platform_client::PlatformClient};
-use sha2::{Digest, Sha256};
 use tonic::{
     Code, Request, Status,
     metadata::{AsciiMetadataValue, MetadataValue},
@@ -27,7 +26,7 @@ use tracing::{info, warn};
 use miniapp_broker_proto::v1::Code2SessionResponse;
 use miniapp_platform::{
     AccessToken, AuthorizedApp, Credential, Disclosed, ExchangeFailure, Platform, PlatformError, SessionInfo, Surface,
-    TokenRequest, ValueKind, superapp::vouch::ProfileField, user_data::UserCredentials,
+    TokenRequest, ValueKind, superapp::vouch::ProfileField, tokens::code_id, user_data::UserCredentials,
 };
 
 use crate::{
@@ -104,11 +103,6 @@ impl std::fmt::Debug for RemotePlatform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemotePlatform").field("outstanding", &self.outstanding.len()).finish_non_exhaustive()
     }
-}
-
-/// The id by which the platform knows a code: its SHA-256, hex.
-pub fn code_id(code: &str) -> String {
-    Sha256::digest(code.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl RemotePlatform {

@@ -519,7 +519,7 @@ fn system(e: crate::StoreError) -> ExchangeFailure {
 /// checksession's signature of a session: hex(hmac_sha256(key = session_key, message = "")).
 pub fn session_signature(session_key: &str) -> String {
     let mac = HmacSha256::new_from_slice(session_key.as_bytes()).expect("HMAC takes any key length");
-    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(mac.finalize().into_bytes())
 }
 
 #[async_trait::async_trait]

@@ -130,7 +130,7 @@ pub fn signature(raw_data: &str, session_key: &str) -> String {
     let mut sha = Sha1::new();
     sha.update(raw_data.as_bytes());
     sha.update(session_key.as_bytes());
-    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha.finalize())
 }
 
 /// The JSON text that is encrypted, laid out as WeChat lays it out: `openId`, the userInfo fields

@@ -303,7 +303,7 @@ impl platform_server::Platform for DaemonApi {
         if ids.len() > MAX_REDEMPTIONS {
             return Err(Status::invalid_argument(format!("at most {MAX_REDEMPTIONS} code ids")));
         }
-        let hashes: Vec<Vec<u8>> = ids.iter().filter_map(|id| crate::code_hash_of_id(id)).collect();
+        let hashes: Vec<Vec<u8>> = ids.iter().filter_map(|id| crate::code_hash_of_id(id).map(|h| h.to_vec())).collect();
         let found = match &self.redemptions {
             RedemptionSource::Pg(pg) => pg.redemptions(&superapp, &hashes).await.map_err(|e| {
                 warn!(error = %e, "redemptions lookup failed");
@@ -313,11 +313,7 @@ impl platform_server::Platform for DaemonApi {
         };
         let redeemed = found
             .into_iter()
-            .map(|(hash, at, via)| pv1::Redemption {
-                code_id: hash.iter().map(|b| format!("{b:02x}")).collect(),
-                redeemed_at_ms: at,
-                surface: via,
-            })
+            .map(|(hash, at, via)| pv1::Redemption { code_id: hex::encode(hash), redeemed_at_ms: at, surface: via })
             .collect();
         Ok(Response::new(pv1::RedemptionsResponse { redeemed }))
     }

@@ -85,14 +85,7 @@ pub fn digest_key(parts: &[&str]) -> String {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
-    let digest = hash.finalize();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut key = String::with_capacity(32);
-    for b in &digest[..16] {
-        key.push(HEX[usize::from(b >> 4)] as char);
-        key.push(HEX[usize::from(b & 0xf)] as char);
-    }
-    key
+    hex::encode(&hash.finalize()[..16])
 }
 
 fn key_of(request: &ApiRequest) -> String {

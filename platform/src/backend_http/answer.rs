@@ -60,5 +60,5 @@ pub(super) fn json_response(status: StatusCode, body: Value) -> Response {
 
 /// A request id as TCMPP's: 32 hex digits, random.
 fn request_id() -> String {
-    random_key()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&random_key()[..16])
 }
