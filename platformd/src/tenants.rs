@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use rusqlite::{OptionalExtension, params};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::postgres::{PgError, PgStore};
+
+/// A superapp's client secret is stored as the platform stores every secret: its SHA-256.
+pub use miniapp_platform::tokens::hash_secret;
 
 /// Why a tenant operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +81,6 @@ impl std::fmt::Debug for Tenants {
 
 /// Most entries each cache holds (a cache past it starts over; the database has the truth).
 const MAX_CACHED: usize = 100_000;
-
-pub fn hash_secret(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.as_bytes()).into()
-}
 
 impl Tenants {
     pub fn new(store: Arc<dyn TenantStore>) -> Tenants {
