@@ -376,17 +376,8 @@ impl Store {
         if let Some(p) = path {
             miniapp_platform::store::sqlite::create_private(p)?;
         }
-        let (conn, location) = match path {
-            Some(p) => {
-                let conn = Connection::open(p)?;
-                conn.pragma_update(None, "journal_mode", "WAL")?;
-                (conn, p.display().to_string())
-            }
-            None => (miniapp_platform::store::sqlite::open_in_memory()?, ":memory:".to_owned()),
-        };
-        conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
+        let (conn, location) = miniapp_platform::store::sqlite::open_connection(path, synchronous_full)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         Ok(Store {

@@ -100,6 +100,25 @@ pub fn open_in_memory() -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The connection of a store at `path` (WAL mode), or of an in-memory one for `None`
+/// ([`open_in_memory`]), with the settings the daemon's store and the platform's share: the
+/// `synchronous` level (`synchronous_full`: every commit waits for the disk, else only a WAL
+/// checkpoint does) and how long a statement waits for another connection's lock. Returns it with
+/// where it is, for status output. The caller makes the file private first ([`create_private`]).
+pub fn open_connection(path: Option<&Path>, synchronous_full: bool) -> rusqlite::Result<(Connection, String)> {
+    let (conn, location) = match path {
+        Some(p) => {
+            let conn = Connection::open(p)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            (conn, p.display().to_string())
+        }
+        None => (open_in_memory()?, ":memory:".to_owned()),
+    };
+    conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok((conn, location))
+}
+
 /// The bytes `conn`'s page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`): what the tests of an
 /// in-memory store's bounded cache read.
 pub fn page_cache_bytes(conn: &Connection) -> rusqlite::Result<i64> {
@@ -242,16 +261,7 @@ impl SqliteStore {
         if let Some(p) = path {
             create_private(p)?;
         }
-        let (conn, location) = match path {
-            Some(p) => {
-                let conn = Connection::open(p)?;
-                conn.pragma_update(None, "journal_mode", "WAL")?;
-                (conn, p.display().to_string())
-            }
-            None => (open_in_memory()?, ":memory:".to_owned()),
-        };
-        conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let (conn, location) = open_connection(path, synchronous_full)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         Ok(SqliteStore {
