@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use rusqlite::{OptionalExtension, params};
-use subtle::ConstantTimeEq;
 
 use crate::postgres::{PgError, PgStore};
 
 /// A superapp's client secret is stored as the platform stores every secret: its SHA-256.
 pub use miniapp_platform::tokens::hash_secret;
+use miniapp_platform::tokens::secrets_equal;
 
 /// Why a tenant operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,7 @@ impl Tenants {
             }
         };
         let given = hash_secret(client_secret);
-        Ok(bool::from(entry.1.as_slice().ct_eq(&given[..])).then_some(entry.0))
+        Ok(secrets_equal(&entry.1, &given).then_some(entry.0))
     }
 
     /// Whether `app_id` is `superapp`'s.
